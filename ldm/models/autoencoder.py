@@ -1,0 +1,225 @@
+"""``AutoencoderKL``: SD's frozen KL-f8 encoder with the paper's trainable (asymmetric) decoder.
+
+One LightningModule for every variant. The variant lives in the config: ``ddconfig`` describes the encoder (and the
+decoder, as in Stable Diffusion); ``decoder_overrides`` changes the decoder alone (``ch``, ``num_res_blocks``,
+``condition``), the slot the original code lacked and filled with a copied file per variant.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+# Known decoder shapes of released checkpoints -> the config that builds them (used in load error messages).
+_VARIANT_CONFIGS = {
+    (128, 2): "configs/autoencoder/autoencoder_kl_32x32x4.yaml (base)",
+    (192, 3): "configs/autoencoder/autoencoder_kl_32x32x4_large.yaml (large 1.5x)",
+    (256, 5): "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml (large 2x)",
+}
+
+
+def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
+    try:
+        ch = state_dict["decoder.conv_out.weight"].shape[1]
+        blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
+    except (KeyError, IndexError, AttributeError):
+        return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
+    has_condition = any(k.startswith("decoder.encoder.") for k in state_dict)
+    nrb = len(blocks) - 1
+    known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
+    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch "
+            f"{'present' if has_condition else 'absent'}: it matches {known}")
+
+
+class AutoencoderKL(pl.LightningModule):
+    """Frozen encoder + trainable decoder.
+
+    Args:
+        ddconfig: encoder/decoder hyper-parameters of SD's ``ddconfig`` (``ch``, ``ch_mult``, ``num_res_blocks``,
+            ``z_channels``, ``double_z``, ...).
+        lossconfig: ``target``/``params`` of the training loss; ``torch.nn.Identity`` for inference.
+        embed_dim: latent channels (4 for SD).
+        decoder_overrides: merged over ``ddconfig`` for the decoder only, e.g. ``{ch: 256, num_res_blocks: 5,
+            condition: true}`` for large 2x. ``condition`` switches the condition branch.
+        pretrained_lr_factor: learning-rate factor of the decoder's pretrained part (the condition branch trains
+            at the full rate). The paper's base recipe uses 0.1, the large ones 1.0.
+        ckpt_path / ignore_keys: weights to start from (any format of :mod:`ldm.checkpoint`; a full SD checkpoint
+            gives its ``first_stage_model``); key prefixes in ``ignore_keys`` keep their fresh initialisation.
+        image_key / mask_key: batch entries of the image (B,3,H,W) in [-1,1] and the mask (B,1,H,W), 1 = generate.
+        scheduler_config / scheduler_config_d: LR schedules of the decoder and discriminator optimizers.
+        num_gpus, colorize_nlabels: accepted for the original configs and ignored (the schedule length comes from
+            the trainer).
+    """
+
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
+                 decoder_overrides: Optional[Mapping[str, Any]] = None, pretrained_lr_factor: float = 1.0,
+                 ckpt_path: Optional[PathLike] = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
+                 mask_key: str = "mask", monitor: Optional[str] = None,
+                 scheduler_config: Optional[Mapping[str, Any]] = None,
+                 scheduler_config_d: Optional[Mapping[str, Any]] = None,
+                 num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None):
+        super().__init__()
+        ddconfig = dict(ddconfig)
+        if not ddconfig.get("double_z", True):
+            raise ValueError("ddconfig.double_z must be true: the KL autoencoder predicts mean and log-variance")
+        self.image_key = image_key
+        self.mask_key = mask_key
+        self.embed_dim = embed_dim
+        self.pretrained_lr_factor = float(pretrained_lr_factor)
+        self.scheduler_config = scheduler_config
+        self.scheduler_config_d = scheduler_config_d
+        if num_gpus is not None or colorize_nlabels is not None:
+            log.info("num_gpus / colorize_nlabels are accepted for old configs and ignored")
+
+        self.encoder = Encoder(**ddconfig)
+        self.decoder_config = {**ddconfig, **dict(decoder_overrides or {})}
+        self.decoder = Decoder(**self.decoder_config)
+        self.loss = instantiate_from_config(lossconfig)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        # pixels per latent pixel along each side
+        self.downsample_factor = 2 ** (len(self.decoder_config["ch_mult"]) - 1)
+        if monitor is not None:
+            self.monitor = monitor
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+
+        # The paper's recipe: SD's encoder side stays frozen, only the decoder (and discriminator) train.
+        for module in (self.encoder, self.quant_conv, self.post_quant_conv):
+            module.requires_grad_(False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def known_unused_keys(self) -> Dict[str, str]:
+        """Checkpoint key prefixes this model drops on load, with the reason logged."""
+        unused = {"decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used"}
+        if not any(k.startswith("loss.") for k in self.state_dict()):
+            unused["loss."] = "training loss weights (LPIPS, discriminator); this model has no loss module"
+        if not self.decoder.has_condition:
+            unused["decoder.encoder."] = "condition branch; this decoder is configured with condition: false"
+        return unused
+
+    def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = ()) -> None:
+        """Load weights from any supported checkpoint. A full Stable Diffusion checkpoint contributes its
+        ``first_stage_model``; a checkpoint without a condition branch (an SD VAE) leaves the branch fresh."""
+        state_dict = read_state_dict(path)
+        if "encoder.conv_in.weight" not in state_dict and "first_stage_model.encoder.conv_in.weight" in state_dict:
+            log.info("%s: full Stable Diffusion checkpoint, using its first_stage_model.* weights", path)
+            state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
+                          if k.startswith("first_stage_model.")}
+        allow_missing = []
+        if self.decoder.has_condition and not any(k.startswith("decoder.encoder.") for k in state_dict):
+            log.info("%s: no condition branch in the checkpoint; decoder.encoder.* starts from scratch", path)
+            allow_missing.append("decoder.encoder.")
+        if not any(k.startswith("loss.") for k in state_dict):
+            allow_missing.append("loss.")  # a training model starting from inference weights
+        load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
+                  allow_missing=allow_missing, hint=self._variant_hint(state_dict))
+        log.info("restored %s from %s", type(self).__name__, path)
+
+    def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
+        cfg = self.decoder_config
+        return (f"{describe_decoder_checkpoint(state_dict)}; this model's decoder has ch={cfg['ch']}, "
+                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}")
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
+        _check_float("x", x)
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Latents (B,embed_dim,h,w) -> image (B,3,f*h,f*w).
+
+        ``image`` (B or 1, 3, f*h, f*w) in [-1,1] and ``mask`` (B or 1, 1, f*h, f*w) in [0,1], 1 = generate,
+        0 = keep: the prior the condition branch reads. Both ``None`` means no prior, which gives the same result
+        as an all-ones mask. A batch-1 image/mask serves every latent of the batch (several samples of one
+        inpainting). A decoder without condition branch ignores them.
+        """
+        image, mask = self.check_decode_inputs(z, image, mask)
+        return self.decoder(self.post_quant_conv(z), image, mask)
+
+    def check_decode_inputs(self, z: torch.Tensor, image: Optional[torch.Tensor],
+                            mask: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Validate the arguments of :meth:`decode`; returns image and mask expanded to the latent batch."""
+        _check_float("z", z)
+        if z.ndim != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"z must be (B, {self.embed_dim}, h, w), got {tuple(z.shape)}")
+        if image is None and mask is None:
+            return None, None
+        if image is None or mask is None:
+            raise ValueError("decode needs both image and mask (or neither, for no prior); got only "
+                             f"{'mask' if image is None else 'image'}")
+        _check_float("image", image)
+        _check_float("mask", mask)
+        f = self.downsample_factor
+        size = (z.shape[-2] * f, z.shape[-1] * f)
+        for name, t, channels in (("image", image, self.decoder_config["out_ch"]), ("mask", mask, 1)):
+            if t.ndim != 4 or t.shape[1] != channels:
+                raise ValueError(f"{name} must be (B, {channels}, H, W), got {tuple(t.shape)}")
+            if tuple(t.shape[-2:]) != size:
+                raise ValueError(f"{name} is {tuple(t.shape[-2:])} but latents {tuple(z.shape[-2:])} decode to "
+                                 f"{size} (image size = {f} x latent size)")
+            if t.shape[0] not in (1, z.shape[0]):
+                raise ValueError(f"{name} batch {t.shape[0]} does not match the latent batch {z.shape[0]} "
+                                 "(use batch 1 to share one image/mask across all latents)")
+        lo, hi = torch.aminmax(mask.detach())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"mask values must lie in [0, 1] (1 = generate, 0 = keep), got [{lo:.3g}, {hi:.3g}]")
+        if not self.decoder.has_condition:
+            return None, None
+        b = z.shape[0]
+        return image.expand(b, -1, -1, -1), mask.to(image.dtype).expand(b, -1, -1, -1)
+
+    def forward(self, input: Union[torch.Tensor, Sequence[torch.Tensor]], mask: Optional[torch.Tensor] = None,
+                sample_posterior: bool = True,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """Encode ``input`` and decode it with itself as the prior. ``input`` may be the original's
+        ``[image, mask]`` pair. Returns ``(reconstruction, posterior)``."""
+        if isinstance(input, (list, tuple)):
+            input, mask = input
+        posterior = self.encode(input)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if mask is None:
+            return self.decode(z), posterior
+        return self.decode(z, input, mask), posterior
+
+    def get_input(self, batch: Mapping[str, torch.Tensor], k: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Image (B,3,H,W) float and mask (B,1,H,W) from a batch; channel-last tensors (the original's layout)
+        are permuted."""
+        x = batch[k or self.image_key]
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        x = x.to(memory_format=torch.contiguous_format).float()
+        if self.mask_key in batch:
+            mask = batch[self.mask_key].float()
+            if mask.ndim == 3:
+                mask = mask[:, None]
+            elif mask.shape[1] != 1 and mask.shape[-1] == 1:
+                mask = mask.permute(0, 3, 1, 2)
+        else:  # no mask in the data: generate everything
+            mask = torch.ones_like(x[:, :1])
+        return x, mask
+
+    def get_last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+
+def _check_float(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
