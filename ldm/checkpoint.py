@@ -35,7 +35,7 @@ TORCH_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 # Globals found in training checkpoints that are metadata, never weights. They are replaced by `_Inert` on load.
 _INERT_MODULE_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
                           "numpy.", "argparse.", "pathlib.", "main.", "ldm.", "taming.")
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class CheckpointError(ValueError):
@@ -64,7 +64,7 @@ def _torch_load_weights_only(path: Path) -> Any:
                 raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: "
                                       f"{str(e).splitlines()[0]}") from None
             name = match.group(1)
-            if not name.startswith(_INERT_MODULE_PREFIXES):
+            if not name.startswith(_INERT_MODULE_PREFIXES) or "is blocked" in str(e):
                 raise CheckpointError(
                     f"{path}: refusing to load: the file contains the pickled Python object {name!r}, which a "
                     "weights file never needs and which could run code. Only tensors (and Lightning metadata) "

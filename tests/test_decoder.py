@@ -1,0 +1,169 @@
+"""The one Decoder: variants from config, parameter counts, the kept-region contract, input validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+from tests.conftest import make_autoencoder
+
+CONFIGS = "configs/autoencoder"
+
+# shared/SPEC.md section 1.6 (encoder, decoder main path, condition branch); SD VAE decoder = 49,490,179.
+PARAM_COUNTS = {
+    "autoencoder_kl_32x32x4": (34_163_592, 49_490_179, 10_786_048),
+    "autoencoder_kl_32x32x4_large": (34_163_592, 135_872_259, 24_264_576),
+    "autoencoder_kl_32x32x4_large2": (34_163_592, 328_833_027, 43_133_440),
+    "autoencoder_kl_woc_32x32x4": (34_163_592, 49_490_179, 0),
+    "autoencoder_kl_woc_32x32x4_large": (34_163_592, 135_872_259, 0),
+    "autoencoder_kl_woc_32x32x4_large2": (34_163_592, 328_833_027, 0),
+}
+
+
+def build_meta(name: str):
+    cfg = OmegaConf.load(f"{CONFIGS}/{name}.yaml")
+    with torch.device("meta"):
+        return instantiate_from_config(cfg.model)
+
+
+def numel(module) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_full_size_parameter_counts(name):
+    model = build_meta(name)
+    enc, dec_main, cond = PARAM_COUNTS[name]
+    assert numel(model.encoder) == enc
+    assert numel(model.decoder.encoder) == cond
+    assert numel(model.decoder) - numel(model.decoder.encoder) == dec_main
+    assert numel(model.quant_conv) == 72 and numel(model.post_quant_conv) == 20
+
+
+@pytest.mark.parametrize("name", ["autoencoder_kl_32x32x4_train", "autoencoder_kl_32x32x4_large_train",
+                                  "autoencoder_kl_32x32x4_large2_train"])
+def test_train_configs_describe_the_same_decoder_as_inference(name):
+    train = OmegaConf.load(f"{CONFIGS}/{name}.yaml").model.params
+    infer = OmegaConf.load(f"{CONFIGS}/{name.replace('_train', '')}.yaml").model.params
+    assert train.ddconfig == infer.ddconfig
+    assert train.decoder_overrides == infer.decoder_overrides
+
+
+def test_released_key_layout_base():
+    """Key names of the released base.ckpt (SPEC 2.1), minus the dead up_layers and the loss."""
+    keys = set(build_meta("autoencoder_kl_32x32x4").state_dict())
+    sd_vae = set(build_meta("autoencoder_kl_woc_32x32x4").state_dict())
+    assert len(sd_vae) == 248  # keys of Stable Diffusion v1's first_stage_model
+    assert keys - sd_vae == {f"decoder.encoder.layers.{i}.{p}" for i in range(5) for p in ("weight", "bias")}
+    for k in ["decoder.up.0.block.2.conv2.weight", "decoder.up.3.upsample.conv.weight", "decoder.mid.attn_1.q.weight",
+              "decoder.up.1.block.0.nin_shortcut.weight", "encoder.down.2.downsample.conv.weight"]:
+        assert k in keys
+    assert "decoder.up.0.upsample.conv.weight" not in keys and "decoder.up.0.block.3.conv1.weight" not in keys
+
+
+@pytest.mark.parametrize("overrides", [dict(condition=False), dict(condition=True),
+                                       dict(condition=True, ch=64, num_res_blocks=2)])
+def test_tiny_variants_decode(overrides):
+    model = make_autoencoder(**overrides)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x).mode()
+        out = model.decode(z, x, torch.ones(2, 1, 32, 32))
+    assert z.shape == (2, 4, 16, 16) and out.shape == (2, 3, 32, 32)
+    assert torch.isfinite(out).all()
+
+
+def _inputs(seed=1, b=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(b, 4, 16, 16, generator=g)
+    mask = torch.zeros(b, 1, 32, 32)
+    mask[:, :, 8:24, 4:20] = 1.0  # a hole to generate; the rest is kept
+    return z, x, mask
+
+
+def test_kept_region_follows_the_image(tiny_autoencoder):
+    z, x, mask = _inputs()
+    x2 = x.clone()
+    x2[:, :, :, 24:] = -x2[:, :, :, 24:]  # change kept pixels only (columns 24.. lie outside the hole)
+    with torch.no_grad():
+        a = tiny_autoencoder.decode(z, x, mask)
+        b = tiny_autoencoder.decode(z, x2, mask)
+    assert (a[..., 24:] - b[..., 24:]).abs().max() > 1e-3
+
+
+def test_masked_pixels_of_the_image_are_never_read(tiny_autoencoder):
+    z, x, mask = _inputs()
+    x2 = torch.where(mask.bool(), torch.rand_like(x), x)  # change only pixels under the hole
+    with torch.no_grad():
+        assert torch.equal(tiny_autoencoder.decode(z, x, mask), tiny_autoencoder.decode(z, x2, mask))
+
+
+def test_all_ones_mask_equals_no_prior(tiny_autoencoder):
+    z, x, _ = _inputs()
+    ones = torch.ones(2, 1, 32, 32)
+    with torch.no_grad():
+        plain = tiny_autoencoder.decode(z)
+        assert torch.equal(tiny_autoencoder.decode(z, x, ones), plain)
+        assert torch.equal(tiny_autoencoder.decode(z, torch.rand_like(x), ones), plain)
+        assert torch.equal(tiny_autoencoder.decode(z, x, ones), tiny_autoencoder.decoder(tiny_autoencoder.post_quant_conv(z)))
+
+
+def test_decoder_without_condition_ignores_the_prior():
+    woc = make_autoencoder(condition=False)
+    z, x, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(woc.decode(z, x, mask), woc.decode(z))
+
+
+def test_batch_one_prior_broadcasts_over_latents(tiny_autoencoder):
+    z, x, mask = _inputs(b=3)
+    with torch.no_grad():
+        shared = tiny_autoencoder.decode(z, x[:1], mask[:1])
+        explicit = tiny_autoencoder.decode(z, x[:1].repeat(3, 1, 1, 1), mask[:1].repeat(3, 1, 1, 1))
+    assert torch.equal(shared, explicit)
+
+
+def test_positional_call_and_forward_pair(tiny_autoencoder):
+    z, x, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(tiny_autoencoder.decode(z, x, mask), tiny_autoencoder.decode(z, image=x, mask=mask))
+        rec, post = tiny_autoencoder([x, mask], sample_posterior=False)
+        assert torch.equal(rec, tiny_autoencoder.decode(post.mode(), x, mask))
+
+
+def test_sampling_is_deterministic_under_a_generator(tiny_autoencoder):
+    _, x, mask = _inputs()
+    with torch.no_grad():
+        a, _ = tiny_autoencoder(x, mask, generator=torch.Generator().manual_seed(7))
+        b, _ = tiny_autoencoder(x, mask, generator=torch.Generator().manual_seed(7))
+        c, _ = tiny_autoencoder(x, mask, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda z, x, m: (z, x[..., :16, :], m), "image is"),
+    (lambda z, x, m: (z, x, m[..., :16]), "mask is"),
+    (lambda z, x, m: (z, x[:, :2], m), "image must be"),
+    (lambda z, x, m: (z, x, m.repeat(1, 3, 1, 1)), "mask must be"),
+    (lambda z, x, m: (z, x, m * 2), r"mask values must lie in \[0, 1\]"),
+    (lambda z, x, m: (z, x, m - 0.5), r"mask values must lie in \[0, 1\]"),
+    (lambda z, x, m: (z, x.repeat(2, 1, 1, 1)[:3], m), "batch 3 does not match"),
+    (lambda z, x, m: (z[:, :3], x, m), "z must be"),
+    (lambda z, x, m: (z, None, m), "needs both image and mask"),
+    (lambda z, x, m: (z, x, None), "needs both image and mask"),
+])
+def test_bad_decode_inputs_are_refused(tiny_autoencoder, change, message):
+    z, x, mask = change(*_inputs())
+    with pytest.raises(ValueError, match=message):
+        tiny_autoencoder.decode(z, x, mask)
+
+
+@pytest.mark.parametrize("which", ["z", "image", "mask"])
+def test_non_float_inputs_are_refused(tiny_autoencoder, which):
+    z, x, mask = _inputs()
+    args = {"z": z, "image": x, "mask": mask}
+    args[which] = (args[which] > 0).to(torch.uint8)
+    with pytest.raises(TypeError, match=f"{which} must be a floating-point tensor"):
+        tiny_autoencoder.decode(args["z"], args["image"], args["mask"])
