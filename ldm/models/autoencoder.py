@@ -7,11 +7,12 @@ decoder, as in Stable Diffusion); ``decoder_overrides`` changes the decoder alon
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
@@ -60,6 +61,8 @@ class AutoencoderKL(pl.LightningModule):
         scheduler_config / scheduler_config_d: LR schedules of the decoder and discriminator optimizers.
         num_gpus, colorize_nlabels: accepted for the original configs and ignored (the schedule length comes from
             the trainer).
+        train_encoder: also train encoder, ``quant_conv`` and ``post_quant_conv`` (a plain KL autoencoder trained
+            from scratch, e.g. stage 1 of the demo); the paper's recipe keeps them frozen (default).
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -68,8 +71,12 @@ class AutoencoderKL(pl.LightningModule):
                  mask_key: str = "mask", monitor: Optional[str] = None,
                  scheduler_config: Optional[Mapping[str, Any]] = None,
                  scheduler_config_d: Optional[Mapping[str, Any]] = None,
-                 num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None):
+                 num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None,
+                 train_encoder: bool = False):
         super().__init__()
+        # one forward per step feeds both the decoder and the discriminator update (see training_step)
+        self.automatic_optimization = False
+        self.train_encoder = bool(train_encoder)
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
             raise ValueError("ddconfig.double_z must be true: the KL autoencoder predicts mean and log-variance")
@@ -97,7 +104,7 @@ class AutoencoderKL(pl.LightningModule):
 
         # The paper's recipe: SD's encoder side stays frozen, only the decoder (and discriminator) train.
         for module in (self.encoder, self.quant_conv, self.post_quant_conv):
-            module.requires_grad_(False)
+            module.requires_grad_(self.train_encoder)
 
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
@@ -214,8 +221,152 @@ class AutoencoderKL(pl.LightningModule):
             mask = torch.ones_like(x[:, :1])
         return x, mask
 
+    # ------------------------------------------------------------------ training
+    def trainable_groups(self) -> List[Dict[str, Any]]:
+        """Parameter groups of the generator optimizer, each ``{"name", "params", "lr_factor"}``.
+
+        ``decoder``: the decoder's main path (pretrained in the recipe) at ``pretrained_lr_factor``; ``condition``:
+        the new condition branch at the full rate; ``encoder`` (only with ``train_encoder``): encoder, quant_conv,
+        post_quant_conv at the full rate.
+        """
+        branch = [p for n, p in self.decoder.named_parameters() if n.startswith("encoder.")]
+        main = [p for n, p in self.decoder.named_parameters() if not n.startswith("encoder.")]
+        groups = [{"name": "decoder", "params": main, "lr_factor": self.pretrained_lr_factor}]
+        if branch:
+            groups.append({"name": "condition", "params": branch, "lr_factor": 1.0})
+        if self.train_encoder:
+            encoder_side = [*self.encoder.parameters(), *self.quant_conv.parameters(),
+                            *self.post_quant_conv.parameters()]
+            groups.append({"name": "encoder", "params": encoder_side, "lr_factor": 1.0})
+        return groups
+
+    def configure_optimizers(self):
+        """Adam(betas 0.5, 0.9) for the decoder groups of :meth:`trainable_groups` and one for the discriminator,
+        each with a LambdaLR per group when ``scheduler_config`` / ``scheduler_config_d`` are set.
+
+        Schedules get ``max_decay_steps`` from ``trainer.estimated_stepping_batches`` (steps = batches) and
+        ``lr_min = 1e-6 / group lr`` (every group ends at 1e-6, as in the original) unless the config sets them; the
+        discriminator's ``start_step`` defaults to the loss's ``disc_start``.
+        """
+        lr = getattr(self, "learning_rate", None)
+        if lr is None:
+            raise RuntimeError("AutoencoderKL.learning_rate is not set: main.py sets it from model.base_learning_rate "
+                               "(scaled by --scale_lr); set model.learning_rate yourself when training without it")
+        groups = [{"params": g["params"], "lr": lr * g["lr_factor"], "name": g["name"]}
+                  for g in self.trainable_groups()]
+        opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9))
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        if self.scheduler_config is None:
+            return [opt_g, opt_d]
+        total = int(self.trainer.estimated_stepping_batches)
+        disc_start = int(getattr(self.loss, "discriminator_iter_start", 0))
+        sched_g = LambdaLR(opt_g, [self._make_schedule(self.scheduler_config, g["lr"], total) for g in groups])
+        sched_d_config = self.scheduler_config_d or self.scheduler_config
+        sched_d = LambdaLR(opt_d, self._make_schedule(sched_d_config, lr, total, start_step=disc_start))
+        log.info("LR schedules over %d steps (discriminator from step %d)", total, disc_start)
+        return [opt_g, opt_d], [{"scheduler": sched_g, "interval": "step"}, {"scheduler": sched_d, "interval": "step"}]
+
+    @staticmethod
+    def _make_schedule(config: Mapping[str, Any], group_lr: float, total_steps: int, start_step: int = 0) -> Any:
+        params = dict(config.get("params") or {})
+        params.setdefault("lr_min", 1e-6 / group_lr)
+        params.setdefault("max_decay_steps", total_steps)
+        if start_step and "start_step" not in params and "LambdaWarmUpCosineScheduler" in config["target"]:
+            params["start_step"] = start_step
+        return instantiate_from_config({"target": config["target"], "params": params})
+
+    def shared_forward(self, x: torch.Tensor, mask: torch.Tensor,
+                       sample_posterior: bool = True) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """Encode (without a graph when the encoder is frozen) and decode with ``x`` as the prior."""
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            posterior = self.encode(x)
+            z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z, x, mask), posterior
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
+
+        ``global_step`` counts batches, as in the original (PL 1.x stepped both optimizers per batch): the
+        discriminator's step is kept out of Lightning's step counter (see :func:`_step_uncounted`).
+        """
+        x, mask = self.get_input(batch)
+        opt_g, opt_d = self.optimizers()
+        step = self.global_step
+        rec, posterior = self.shared_forward(x, mask)
+
+        with self.toggled_optimizer(opt_g):
+            g_loss, log_g = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.get_last_layer(),
+                                                     split="train")
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(g_loss)
+            opt_g.step()
+        logs = dict(log_g)
+        if self.loss.gan_factor(step) > 0:
+            with self.toggled_optimizer(opt_d):
+                d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_loss)
+                _step_uncounted(opt_d)
+            logs.update(log_d)
+            self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+
+        for group in opt_g.param_groups:
+            logs[f"lr/{group['name']}"] = torch.tensor(group["lr"])
+        logs["lr/discriminator"] = torch.tensor(opt_d.param_groups[0]["lr"])
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                scheduler.step()
+        self.log("aeloss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(logs, on_step=True, on_epoch=False)
+        return g_loss.detach()
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        """Deterministic (posterior mode) reconstruction with the batch's (fixed) masks; logs ``val/*`` epoch means,
+        including ``val/kept_mse``: squared error in the kept region (mask 0), images in [0, 1]."""
+        x, mask = self.get_input(batch)
+        rec, posterior = self.shared_forward(x, mask, sample_posterior=False)
+        step = self.global_step
+        _, logs = self.loss.generator_loss(x, rec, posterior, step, split="val")
+        if self.loss.gan_factor(step) > 0:
+            logs.update(self.loss.discriminator_loss(x, rec, step, split="val")[1])
+        keep = 1.0 - mask
+        sq = ((rec.clamp(-1, 1) - x) / 2) ** 2 * keep
+        logs["val/kept_mse"] = sq.sum() / (keep.sum() * x.shape[1]).clamp(min=1)
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, torch.Tensor], only_inputs: bool = False,
+                   **kwargs: Any) -> Dict[str, torch.Tensor]:
+        """Image grids for the image logger, each (B,3,H,W) in [-1,1]: inputs, masks (white = generate), masked
+        inputs (what the condition branch reads), reconstructions, and samples decoded from random latents with
+        the same prior."""
+        x, mask = self.get_input(batch)
+        x, mask = x.to(self.device), mask.to(self.device)
+        images = {"inputs": x, "masks": (mask * 2 - 1).expand_as(x), "masked_inputs": (1 - mask) * x}
+        if not only_inputs:
+            rec, posterior = self.shared_forward(x, mask)
+            images["reconstructions"] = rec
+            images["samples"] = self.decode(torch.randn_like(posterior.mean), x, mask)
+        return images
+
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
+
+
+def _step_uncounted(optimizer: Any) -> None:
+    """Step a LightningOptimizer without advancing ``trainer.global_step``.
+
+    With manual optimization Lightning counts every ``optimizer.step()`` as a global step, so two optimizers
+    would count each batch twice and shift ``disc_start``, the LR schedules and ``max_steps``. The manual loop
+    injects its counter through these two hooks; they are disabled for this one step.
+    """
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    try:
+        optimizer.step()
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after
 
 
 def _check_float(name: str, t: Any) -> None:

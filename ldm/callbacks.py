@@ -1,0 +1,211 @@
+"""Lightning callbacks and plugins of main.py: run directory, image grids, stop-on-signal, atomic checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written to a temporary file in the same folder and renamed: a killed run never leaves a
+    half-written ``last.ckpt`` (Lightning's own writer stages the file in ``/tmp`` and *moves* it, which is a
+    non-atomic copy when /tmp is another file system). Loading is always weights-only."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: PathLike,
+                        storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        _replace_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class SetupCallback(Callback):
+    """Creates the run directory and writes the merged configs (``configs/<now>-project.yaml``,
+    ``configs/<now>-lightning.yaml``) before training starts, on rank 0."""
+
+    def __init__(self, resume: Any, now: str, logdir: PathLike, ckptdir: PathLike, cfgdir: PathLike,
+                 config: Union[DictConfig, Mapping], lightning_config: Union[DictConfig, Mapping]):
+        super().__init__()
+        self.resume = resume
+        self.now = now
+        self.logdir, self.ckptdir, self.cfgdir = Path(logdir), Path(ckptdir), Path(cfgdir)
+        self.config = config
+        self.lightning_config = lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.global_rank != 0 or stage != "fit":
+            return
+        for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
+            d.mkdir(parents=True, exist_ok=True)
+        project = OmegaConf.create(self.config)
+        lightning = OmegaConf.create({"lightning": self.lightning_config})
+        for name, cfg in (("project", project), ("lightning", lightning)):
+            path = self.cfgdir / f"{self.now}-{name}.yaml"
+            _replace_atomically(path, lambda tmp, cfg=cfg: OmegaConf.save(cfg, tmp))
+            log.info("config written to %s", path)
+
+
+class StopOnSignal(Callback):
+    """SIGTERM or Ctrl-C (SIGINT) end the run cleanly: after the current training batch ``last.ckpt`` is written
+    (atomically, through the trainer's checkpoint IO) and the trainer stops. A second Ctrl-C aborts at once.
+
+    Checkpointing between batches (not inside the handler) keeps model, optimizer, scheduler and data-loader
+    states consistent, so ``--resume`` continues exactly where the run stopped. Under DDP the request is shared
+    between processes so that all of them stop at the same batch.
+    """
+
+    def __init__(self, ckpt_path: PathLike):
+        super().__init__()
+        self.ckpt_path = Path(ckpt_path)
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: saving %s after this batch and stopping (Ctrl-C again to abort)",
+                    signal.Signals(signum).name, self.ckpt_path)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # installed after Lightning's own SIGTERM handler, which would only stop the run without saving
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                log.info("StopOnSignal: cannot install signal handlers outside the main thread")
+                return
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        requested = self.received is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            trainer.save_checkpoint(self.ckpt_path)
+            log.warning("saved %s at global step %d; stopping", self.ckpt_path, trainer.global_step)
+            trainer.should_stop = True
+            if self.received is None:
+                self.received = signal.SIGTERM  # another process got the signal
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class ImageLogger(Callback):
+    """Writes PNG grids of ``pl_module.log_images(batch)`` to ``<save_dir>/images/<split>/`` (and to the wandb
+    logger when there is one): every ``batch_frequency`` steps, at steps 1, 2, 4, ... below it when
+    ``increase_log_steps``, and for the first validation batch of each validation run.
+
+    File names are the original's: ``<key>_gs-<global step>_e-<epoch>_b-<batch>.png``. Images are (B,3,H,W) in
+    [-1,1]; at most ``max_images`` per grid, 4 per row.
+    """
+
+    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
+                 rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
+                 log_first_step: bool = False, log_images_kwargs: Optional[Mapping[str, Any]] = None,
+                 save_dir: Optional[PathLike] = None):
+        super().__init__()
+        if batch_frequency < 1:
+            raise ValueError(f"ImageLogger batch_frequency must be >= 1, got {batch_frequency}")
+        self.batch_freq = int(batch_frequency)
+        self.max_images = int(max_images)
+        self.clamp = clamp
+        self.rescale = rescale
+        self.disabled = disabled
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.log_steps = {2 ** n for n in range(int(np.log2(self.batch_freq)) + 1)} if increase_log_steps else set()
+
+    def check_frequency(self, check_idx: int) -> bool:
+        if check_idx == 0 and not self.log_first_step:
+            return False
+        return check_idx % self.batch_freq == 0 or check_idx in self.log_steps
+
+    def _root(self, trainer: pl.Trainer) -> Path:
+        return (self.save_dir or Path(trainer.default_root_dir)) / "images"
+
+    @rank_zero_only
+    def log_local(self, root: Path, split: str, images: Mapping[str, torch.Tensor], global_step: int,
+                  current_epoch: int, batch_idx: int) -> None:
+        for key, batch in images.items():
+            grid = torchvision.utils.make_grid(batch, nrow=4)
+            if self.rescale:
+                grid = (grid + 1.0) / 2.0
+            array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            path = root / split / f"{key}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
+            _replace_atomically(path, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+
+    @rank_zero_only
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                split: str) -> None:
+        if not callable(getattr(pl_module, "log_images", None)) or self.max_images <= 0:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        if was_training:
+            pl_module.train()
+        images = {k: v[: self.max_images].detach().float().cpu() for k, v in images.items()
+                  if isinstance(v, torch.Tensor)}
+        if self.clamp:
+            images = {k: v.clamp(-1.0, 1.0) for k, v in images.items()}
+        self.log_local(self._root(trainer), split, images, pl_module.global_step, pl_module.current_epoch,
+                       batch_idx)
+        for logger in trainer.loggers:
+            if isinstance(logger, pl.loggers.WandbLogger):
+                grids = [torchvision.utils.make_grid((v + 1) / 2 if self.rescale else v, nrow=4)
+                         for v in images.values()]
+                logger.log_image(key=f"{split}/images", images=grids, caption=list(images),
+                                 step=pl_module.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        check_idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if not self.disabled and self.check_frequency(check_idx):
+            self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.disabled and batch_idx == 0 and not trainer.sanity_checking:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")

@@ -1,0 +1,265 @@
+"""Train (and resume) the asymmetric decoder with PyTorch Lightning; the original repo's command line.
+
+    python main.py --base configs/autoencoder/autoencoder_kl_32x32x4_train.yaml -t --gpus 0,1
+    python main.py --base a.yaml b.yaml -t model.params.embed_dim=4 data.params.batch_size=2
+    python main.py --resume logs/<run>            # or logs/<run>/checkpoints/last.ckpt
+
+Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides. Each run writes
+``<logdir>/<timestamp>_<name>/`` with ``configs/`` (merged project and lightning configs), ``checkpoints/``
+(``last.ckpt``, plus the best ones when the model has a ``monitor``), ``images/`` (PNG grids), ``csv/metrics.csv`` and
+a wandb folder (offline unless ``--wandb online``). SIGTERM / Ctrl-C save ``last.ckpt`` after the current batch.
+
+Config sections: ``model`` (target/params + ``base_learning_rate``), ``data`` (usually ``main.DataModuleFromConfig``),
+``lightning`` (``trainer``: Trainer kwargs incl. ``strategy``; ``callbacks``: extra/overridden callbacks;
+``modelcheckpoint``: ModelCheckpoint params; ``wandb``: off / offline / online).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: F401  (config targets)
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.model_helpers import is_overridden
+
+from ldm.callbacks import AtomicCheckpointIO, ImageLogger, SetupCallback, StopOnSignal  # noqa: F401
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger("main")
+
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "64": "64-true"}
+
+
+def str2bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--name", default="", help="run name (suffix of the log folder)")
+    p.add_argument("-r", "--resume", default="", help="resume from a log folder or a checkpoint inside one")
+    p.add_argument("-b", "--base", nargs="*", default=[], metavar="config.yaml",
+                   help="config files, merged left to right; then key.sub=value overrides")
+    p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
+    p.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=False,
+                   help="skip testing after training")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything (the original's 23)")
+    p.add_argument("-f", "--postfix", default="", help="post-postfix of the run name")
+    p.add_argument("-l", "--logdir", default="logs", help="folder of the run folders")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                   help="lr = accumulate_grad_batches * devices * num_nodes * batch_size * base_learning_rate")
+    p.add_argument("--gpus", default=None,
+                   help="GPU ids ('0,1' or '0,') or a count ('2', '-1' = all); absent = CPU")
+    p.add_argument("--num_nodes", type=int, default=None, help="machines (DDP)")
+    p.add_argument("--precision", default=None, choices=sorted(PRECISIONS), help="32, 16-mixed or bf16-mixed")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (batches)")
+    p.add_argument("--max_epochs", "--epoch", dest="max_epochs", type=int, default=None,
+                   help="stop after this many epochs (--epoch is the original's name)")
+    p.add_argument("--wandb", choices=("off", "offline", "online"), default=None,
+                   help="Weights & Biases logging (default: lightning.wandb in the config, else offline)")
+    p.add_argument("--wandb_online", action="store_true", help="same as --wandb online")
+    p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
+                   help="post-mortem debugger on errors")
+    return p
+
+
+def parse_devices(gpus: Optional[str]) -> Tuple[str, Any, int]:
+    """``--gpus`` -> (accelerator, devices, number of devices). None -> one CPU process."""
+    if gpus is None or str(gpus).strip() == "":
+        return "cpu", 1, 1
+    text = str(gpus).strip()
+    if "," in text:
+        ids = [int(i) for i in text.split(",") if i.strip() != ""]
+        return "gpu", ids, len(ids)
+    count = int(text)
+    if count == 0:
+        return "cpu", 1, 1
+    if count < 0:
+        return "gpu", -1, torch.cuda.device_count()
+    return "gpu", count, count
+
+
+def resolve_run(opt: argparse.Namespace, now: str) -> Tuple[Path, str, Optional[Path], List[str]]:
+    """-> (log folder, run name, checkpoint to resume or None, config files to merge)."""
+    if opt.name and opt.resume:
+        raise ValueError("-n/--name and -r/--resume cannot be given together: a resumed run keeps its folder")
+    base = list(opt.base)
+    if not opt.resume:
+        name = opt.name or (Path(base[0]).stem if base else "")
+        nowname = now + (f"_{name}" if name else "") + opt.postfix
+        return Path(opt.logdir) / nowname, nowname, None, base
+    resume = Path(opt.resume)
+    if not resume.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such log folder or checkpoint")
+    if resume.is_file():
+        ckpt = resume
+        logdir = resume.parent.parent  # <run>/checkpoints/<file>.ckpt
+    else:
+        logdir = resume
+        ckpt = logdir / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--resume {resume}: {ckpt} does not exist")
+    saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+    if not saved:
+        raise FileNotFoundError(f"--resume {resume}: no configs in {logdir / 'configs'}; give --base files")
+    return logdir, logdir.name, ckpt, saved + base
+
+
+def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    """Merge YAML files left to right, then dot-list overrides (``key.sub=value``)."""
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--base {f}: no such config file")
+    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
+    if bad:
+        raise ValueError(f"unrecognised arguments {bad}: use the flags of `python main.py --help` or "
+                         "key.sub=value config overrides")
+    return OmegaConf.merge(*[OmegaConf.load(f) for f in files], OmegaConf.from_dotlist(list(overrides)))
+
+
+def make_loggers(mode: str, logdir: Path, nowname: str, config: DictConfig) -> List[Any]:
+    """CSV always; wandb unless ``mode == "off"``, and only if it starts (it is never required)."""
+    loggers: List[Any] = [CSVLogger(save_dir=str(logdir), name="", version="csv")]
+    if mode == "off":
+        return loggers
+    try:
+        from pytorch_lightning.loggers import WandbLogger
+
+        wandb_logger = WandbLogger(name=nowname, id=nowname, save_dir=str(logdir), offline=(mode != "online"),
+                                   project=OmegaConf.select(config, "lightning.wandb_project",
+                                                            default="asymmetric-vqgan"),
+                                   resume="allow")
+        wandb_logger.experiment  # start it now, so that a failure is seen here and not mid-training
+        loggers.append(wandb_logger)
+    except Exception as e:  # noqa: BLE001  (wandb is optional: any failure means no wandb, not no training)
+        log.warning("wandb logging disabled (%s: %s); CSV metrics are in %s", type(e).__name__, e, logdir / "csv")
+    return loggers
+
+
+def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) -> Tuple[Dict[str, Any], int]:
+    """Trainer kwargs from the config's ``lightning.trainer`` and the flags; -> (kwargs, number of devices)."""
+    kwargs = OmegaConf.to_container(trainer_config, resolve=True)
+    gpus = opt.gpus if opt.gpus is not None else kwargs.pop("gpus", None)  # PL 1.x configs say trainer.gpus
+    kwargs.pop("gpus", None)
+    if kwargs.get("accelerator") in ("ddp", "dp", "ddp_spawn"):  # PL 1.x: accelerator named the strategy
+        kwargs.setdefault("strategy", kwargs.pop("accelerator"))
+    accelerator, devices, ndev = parse_devices(gpus)
+    if gpus is not None or "accelerator" not in kwargs:
+        kwargs["accelerator"] = accelerator
+        kwargs["devices"] = devices
+    for key in ("num_nodes", "max_steps", "max_epochs"):
+        if getattr(opt, key) is not None:
+            kwargs[key] = getattr(opt, key)
+    if opt.max_steps is not None and opt.max_epochs is None:
+        kwargs.pop("max_epochs", None)
+        kwargs["max_epochs"] = -1  # --max_steps alone decides the length
+    if opt.precision is not None:
+        kwargs["precision"] = PRECISIONS[opt.precision]
+    elif "precision" in kwargs:
+        kwargs["precision"] = PRECISIONS.get(str(kwargs["precision"]), kwargs["precision"])
+    num_nodes = int(kwargs.get("num_nodes", 1))
+    if (ndev > 1 or num_nodes > 1) and "strategy" not in kwargs:
+        # the generator and discriminator backward passes each leave the other's parameters without gradients
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    kwargs.setdefault("num_sanity_val_steps", 0)  # as the original
+    return kwargs, ndev * num_nodes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.path.insert(0, os.getcwd())  # configs may name classes of this file as `main.X`
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    opt, overrides = get_parser().parse_known_args(argv)
+    logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
+    if not config_files:
+        raise ValueError("no config: give --base config.yaml (or --resume a log folder)")
+    ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
+    pl.seed_everything(opt.seed, workers=True)
+
+    config = load_config(config_files, overrides)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer_kwargs, world = build_trainer_kwargs(opt, lightning_config.get("trainer", OmegaConf.create()))
+    lightning_config.trainer = trainer_kwargs
+    if resume_ckpt is not None and OmegaConf.select(config, "model.params.ckpt_path") is not None:
+        # every weight comes back from the checkpoint; the starting weights file need not exist any more
+        log.info("resuming: not loading model.params.ckpt_path=%s", config.model.params.ckpt_path)
+        config.model.params.ckpt_path = None
+    if "data" in config and "seed" not in config.data.get("params", {}) and \
+            config.data.get("target", "").endswith("DataModuleFromConfig"):
+        config.data.params.seed = opt.seed
+
+    model = instantiate_from_config(config.model)
+    data = instantiate_from_config(config.data)
+    data.setup("fit")  # builds the datasets now: an empty or missing folder fails before any training
+
+    bs = int(config.data.params.batch_size)
+    base_lr = float(config.model.base_learning_rate)
+    accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1))
+    if opt.scale_lr:
+        model.learning_rate = accumulate * world * bs * base_lr
+        log.info("learning rate %.2e = %d (accumulate_grad_batches) * %d (devices x nodes) * %d (batch size) "
+                 "* %.2e (base_learning_rate)", model.learning_rate, accumulate, world, bs, base_lr)
+    else:
+        model.learning_rate = base_lr
+        log.info("learning rate %.2e (not scaled)", model.learning_rate)
+
+    wandb_mode = "online" if opt.wandb_online else opt.wandb or str(lightning_config.get("wandb", "offline"))
+    callbacks_config = {
+        "setup_callback": {"target": "ldm.callbacks.SetupCallback",
+                           "params": {"resume": str(opt.resume), "now": now, "logdir": str(logdir),
+                                      "ckptdir": str(ckptdir), "cfgdir": str(cfgdir), "config": config,
+                                      "lightning_config": lightning_config}},
+        "image_logger": {"target": "ldm.callbacks.ImageLogger",
+                         "params": {"batch_frequency": 750, "max_images": 4, "clamp": True, "save_dir": str(logdir)}},
+    }
+    callbacks_config = OmegaConf.merge(callbacks_config, lightning_config.get("callbacks", OmegaConf.create()))
+    checkpoint_params = {"dirpath": str(ckptdir), "filename": "{epoch:06}", "save_last": True, "save_top_k": 0}
+    if getattr(model, "monitor", None):
+        log.info("keeping the 3 best checkpoints by %s", model.monitor)
+        checkpoint_params.update(monitor=model.monitor, save_top_k=3, filename="{epoch:06}-{step:09}")
+    checkpoint_params = OmegaConf.merge(checkpoint_params,
+                                        lightning_config.get("modelcheckpoint", {}).get("params", {}))
+    callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
+    callbacks += [ModelCheckpoint(**checkpoint_params), StopOnSignal(ckptdir / "last.ckpt")]
+
+    trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, config),
+                         callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=str(logdir))
+    stop = next(c for c in callbacks if isinstance(c, StopOnSignal))
+    try:
+        if opt.train:
+            trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+        if stop.received is not None:
+            return 128 + int(stop.received)
+        if not opt.no_test and "test" in config.data.get("params", {}) and not trainer.interrupted:
+            if is_overridden("test_step", model):
+                trainer.test(model, data, weights_only=True)
+            else:
+                log.info("%s has no test_step; skipping the test stage", type(model).__name__)
+    except Exception:
+        if opt.debug and trainer.global_rank == 0:
+            import pdb
+
+            pdb.post_mortem()
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
