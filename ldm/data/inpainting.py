@@ -1,0 +1,296 @@
+"""Image folders as inpainting training data: ``{"image", "mask", "path"}`` samples for the asymmetric decoder.
+
+Per sample (the original ``ImageNetSR`` recipe): a square crop of side ``int(min_side * U(min_crop_frac, 1))`` at a
+random position, resized to ``size`` with area interpolation, scaled to [-1, 1]; a LaMa mask from ``mask_config``
+(1 = generate, 0 = keep), replaced by an all-ones mask ("no condition") with probability ``no_mask_prob`` (the
+original's ``Cf_r``). Validation (``random_crop=False``) takes the largest centre square instead.
+
+Randomness:
+
+* ``fixed_masks=False`` (training): each sample draws one 62-bit number from torch's default generator (as
+  torchvision's random transforms do) and seeds a ``np.random.Generator`` with ``(seed, that number, global rank)``.
+  DataLoader workers have their own torch generator seeded ``base_seed + worker_id`` (or Lightning's per-rank seed
+  with ``seed_everything(workers=True)``), ``base_seed`` being drawn from the main process's generator for every
+  epoch, so workers, ranks and epochs differ and ``seed_everything(s)`` / ``torch.manual_seed(s)`` reproduces a run
+  for a fixed ``num_workers``. No ``worker_init_fn`` is needed.
+* ``fixed_masks=True`` (validation): every draw of sample ``i`` (crop, no-mask coin, mask) comes from a generator
+  seeded by ``(seed, i)``, so numbers are comparable between runs, processes and worker counts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Unreadable files in a row before giving up: a few are data noise, a long run means a broken dataset.
+_MAX_CONSECUTIVE_SKIPS = 32
+# Small-image warnings per process; ImageNet has thousands of images under 256 px.
+_MAX_SMALL_WARNINGS = 20
+
+
+class UnreadableImageError(ValueError):
+    """A file that cannot be decoded as an image (the message names the file)."""
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Open and fully decode ``path`` (truncated or corrupt files fail here, not later)."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise UnreadableImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    return img
+
+
+def to_rgb_float(img: Image.Image, path: PathLike = "<image>") -> np.ndarray:
+    """``(H, W, 3)`` float32 RGB in [0, 1] from any PIL mode.
+
+    Grey and palette images are expanded to RGB; 16-bit grey (``I;16*``, and ``I`` as Pillow reads 16-bit PNGs) is
+    divided by 65535 (``convert("RGB")`` would clip it to 255); transparent images are composited over white, as a
+    viewer shows them. Pillow reads 16-bit RGB PNGs as 8-bit RGB (high byte).
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        grey = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        raise UnreadableImageError(f"{path}: 32-bit float images (mode F) have no fixed range; convert to 8/16-bit")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1.0 - alpha)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """``(H, W, 3)`` float32 RGB in [0, 1]; raises :class:`UnreadableImageError` naming the file."""
+    with open_image(path) as img:
+        return to_rgb_float(img, path)
+
+
+def _normalise_extensions(extensions: Iterable[str]) -> Tuple[str, ...]:
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    if not exts:
+        raise ValueError("extensions: empty")
+    return exts
+
+
+def find_images(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> List[str]:
+    """Sorted image paths under ``root``, recursively (``root/class/x.JPEG`` and flat folders); hidden entries skipped.
+
+    Sorting makes indices identical across runs and DDP ranks.
+    """
+    exts = _normalise_extensions(extensions)
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"root: image folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"root: not a folder: {root} (pass a list of images as file_list instead)")
+    paths = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths.extend(os.path.join(folder, f) for f in files
+                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
+    if not paths:
+        raise ValueError(f"root: no images with extensions {list(exts)} under {root}")
+    return sorted(paths)
+
+
+def read_file_list(file_list: PathLike, root: Optional[PathLike] = None) -> List[str]:
+    """Paths listed one per line in ``file_list`` (blank lines and ``#`` comments skipped), in file order.
+
+    Relative entries resolve against ``root`` if given, else against the list's folder (the original ImageNet
+    ``filelist.txt`` holds ``synset/name.JPEG`` relative to the data folder). Only the first entry is checked here;
+    later missing files are skipped with a warning when read.
+    """
+    file_list = Path(file_list).expanduser()
+    if not file_list.is_file():
+        raise FileNotFoundError(f"file_list: not found: {file_list}")
+    base = Path(root).expanduser() if root is not None else file_list.parent
+    entries = []
+    with open(file_list, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entries.append(line if os.path.isabs(line) else str(base / line))
+    if not entries:
+        raise ValueError(f"file_list: no image paths in {file_list}")
+    if not os.path.isfile(entries[0]):
+        raise FileNotFoundError(f"file_list: first entry {entries[0]} of {file_list} does not exist "
+                                f"(relative entries resolve against {base}; set root to the data folder)")
+    return entries
+
+
+def _global_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+class ImageFolderInpainting(Dataset):
+    """Square crops of the images under ``root`` (or in ``file_list``) with random inpainting masks.
+
+    Returns ``{"image": (3, size, size) float32 in [-1, 1], "mask": (1, size, size) float32 in {0, 1}
+    (1 = generate), "path": str}``. See the module docstring for the crop/mask recipe and the seeding.
+
+    Args:
+        root: image folder, scanned recursively; with ``file_list``, the base of its relative entries.
+        file_list: text file with one image path per line (e.g. an ImageNet subset), used instead of scanning.
+        size: output side in pixels.
+        mask_config: mask yaml path (repo-relative works from anywhere) or dict, see :class:`MaskGenerator`.
+        no_mask_prob: probability of an all-ones mask (the decoder then gets no condition).
+        random_crop: random crop of random side (training); False: largest centre square (validation).
+        min_crop_frac: the crop side is ``int(min_side * U(min_crop_frac, 1))`` when ``random_crop``.
+        fixed_masks: draw everything for sample ``i`` from ``(seed, i)`` (validation).
+        seed: base seed mixed into every generator.
+        extensions: file suffixes taken when scanning ``root`` (case-insensitive).
+    """
+
+    def __init__(self, root: Optional[PathLike] = None, file_list: Optional[PathLike] = None, size: int = 256,
+                 mask_config: Union[PathLike, Mapping[str, Any]] = DEFAULT_MASK_CONFIG, no_mask_prob: float = 0.5,
+                 random_crop: bool = True, min_crop_frac: float = 0.5, fixed_masks: bool = False, seed: int = 0,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        if not 0.0 <= no_mask_prob <= 1.0:
+            raise ValueError(f"no_mask_prob must be in [0, 1], got {no_mask_prob!r}")
+        if not 0.0 < min_crop_frac <= 1.0:
+            raise ValueError(f"min_crop_frac must be in (0, 1], got {min_crop_frac!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if file_list is not None:
+            self.paths = read_file_list(file_list, root)
+            source = str(file_list)
+        elif root is not None:
+            self.paths = find_images(root, extensions)
+            source = str(root)
+        else:
+            raise ValueError("give root (an image folder) or file_list (a text file of image paths)")
+        self.size = size
+        self.no_mask_prob = float(no_mask_prob)
+        self.random_crop = bool(random_crop)
+        self.min_crop_frac = float(min_crop_frac)
+        self.fixed_masks = bool(fixed_masks)
+        self.seed = seed
+        self.mask_generator = MaskGenerator.from_config(mask_config)
+        self._warned: set = set()
+        self._small_warnings = 0
+        log.info("%s: %d images from %s", type(self).__name__, len(self.paths), source)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if self.fixed_masks:
+            return np.random.default_rng([self.seed, index])
+        draw = int(torch.randint(0, 2 ** 62, ()).item())
+        return np.random.default_rng([self.seed, draw, _global_rank()])
+
+    def _crop_box(self, width: int, height: int, rng: np.random.Generator) -> Tuple[int, int, int, int]:
+        min_side = min(width, height)
+        if not self.random_crop:
+            side = min_side
+            x, y = (width - side) // 2, (height - side) // 2
+        else:
+            side = max(1, int(min_side * rng.uniform(self.min_crop_frac, 1.0)))
+            x = int(rng.integers(0, width - side + 1))
+            y = int(rng.integers(0, height - side + 1))
+        return x, y, x + side, y + side
+
+    def _warn_small(self, path: str, width: int, height: int) -> None:
+        if path in self._warned:
+            return
+        self._warned.add(path)
+        self._small_warnings += 1
+        if self._small_warnings <= _MAX_SMALL_WARNINGS:
+            suffix = " (further small-image warnings suppressed)" if self._small_warnings == _MAX_SMALL_WARNINGS else ""
+            log.warning("%s is %dx%d, smaller than size=%d: upscaling%s", path, width, height, self.size, suffix)
+
+    def _example(self, img: Image.Image, path: str, rng: np.random.Generator) -> Dict[str, Any]:
+        width, height = img.size
+        if min(width, height) < self.size:
+            self._warn_small(path, width, height)
+        crop = to_rgb_float(img.crop(self._crop_box(width, height, rng)), path)
+        if crop.shape[0] != self.size:
+            crop = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        if rng.random() < self.no_mask_prob:
+            mask = np.ones((self.size, self.size), np.float32)
+        else:
+            mask = self.mask_generator(self.size, self.size, rng)
+        image = np.clip(crop, 0.0, 1.0) * 2.0 - 1.0  # resizing in float32 can leave 1 + eps
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
+                "mask": torch.from_numpy(mask[None]),
+                "path": path}
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        if not 0 <= index < len(self.paths):
+            raise IndexError(f"index {index} out of range for {len(self.paths)} images")
+        rng = self._rng(index)
+        for attempt in range(min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                with open_image(path) as img:
+                    return self._example(img, path, rng)
+            except UnreadableImageError as err:
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("skipping unreadable image: %s", err)
+        raise RuntimeError(f"{min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))} unreadable images in a row from "
+                           f"{self.paths[index]}: check the dataset")
+
+
+def _original_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Map the original ``ImageNetSR`` parameter names onto ours (``Cf_r``, ``min_crop_f``)."""
+    for old, new in (("Cf_r", "no_mask_prob"), ("min_crop_f", "min_crop_frac")):
+        if old in kwargs:
+            value = kwargs.pop(old)
+            if new in kwargs and kwargs[new] != value:
+                raise ValueError(f"{old}={value} and {new}={kwargs[new]} disagree; give one")
+            kwargs[new] = value
+    for unused in ("degradation", "downscale_f"):
+        # The original built a low-resolution copy (LR_image) from these and never used it.
+        if kwargs.pop(unused, None) is not None:
+            log.info("%s is ignored: it only shaped the original's unused LR_image", unused)
+    return kwargs
+
+
+class ImageNetSRTrain(ImageFolderInpainting):
+    """Training split under the original's name: random crops, fresh masks, ``no_mask_prob`` (``Cf_r``) 0.5.
+
+    ``root`` is an ImageNet-style folder (``train/<synset>/*.JPEG``) or any image folder; the original's subset
+    (``data/imagenet_train_hr_indices.p``, not public) becomes a ``file_list``.
+    """
+
+    def __init__(self, root: Optional[PathLike] = None, **kwargs: Any):
+        kwargs = _original_kwargs(kwargs)
+        kwargs.setdefault("random_crop", True)
+        kwargs.setdefault("fixed_masks", False)
+        super().__init__(root=root, **kwargs)
+
+
+class ImageNetSRValidation(ImageFolderInpainting):
+    """Validation split under the original's name: centre crops and masks fixed by ``(seed, index)``."""
+
+    def __init__(self, root: Optional[PathLike] = None, **kwargs: Any):
+        kwargs = _original_kwargs(kwargs)
+        kwargs.setdefault("random_crop", False)
+        kwargs.setdefault("fixed_masks", True)
+        super().__init__(root=root, **kwargs)
