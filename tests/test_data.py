@@ -110,9 +110,11 @@ def test_masks_scale_with_resolution(generator):
 
 
 def _kwargs() -> dict:
+    """The ``mask_generator_kwargs`` of the shipped yaml."""
     from omegaconf import OmegaConf
     from ldm.data.masks import resolve_config_path
-    return dict(OmegaConf.to_container(OmegaConf.load(resolve_config_path(DEFAULT_MASK_CONFIG)))["mask_generator_kwargs"])
+    config = OmegaConf.to_container(OmegaConf.load(resolve_config_path(DEFAULT_MASK_CONFIG)))
+    return dict(config["mask_generator_kwargs"])
 
 
 def test_mask_config_forms_and_errors(tmp_path, monkeypatch, generator):

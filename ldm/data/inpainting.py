@@ -50,10 +50,13 @@ class UnreadableImageError(ValueError):
 
 def open_image(path: PathLike) -> Image.Image:
     """Open and fully decode ``path`` (truncated or corrupt files fail here, not later)."""
+    img = None
     try:
         img = Image.open(path)
         img.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        if img is not None:
+            img.close()
         raise UnreadableImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
     return img
 

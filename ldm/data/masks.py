@@ -18,7 +18,6 @@ Randomness comes only from the ``np.random.Generator`` passed in, so a seed fixe
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -27,8 +26,6 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import cv2
 import numpy as np
 from omegaconf import OmegaConf
-
-log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MASK_CONFIG = "configs/autoencoder/random_thick_256.yaml"
