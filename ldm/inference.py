@@ -1,0 +1,120 @@
+"""What the command-line scripts (``inpaint_st.py``, ``txt2img.py``) share: devices, seeding, precision, image I/O
+and atomic PNG writes.
+
+Images are tensors (B,3,H,W) in [-1,1], masks (B,1,H,W) in {0,1} with 1 = generate; files are 8-bit PNGs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterator, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+
+class InputError(ValueError):
+    """A user-supplied file that cannot be used; the message names the file."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` = CUDA when available, else CPU; anything else is passed to ``torch.device`` (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch, and return a CPU ``torch.Generator`` seeded with ``seed``.
+
+    The scripts draw all their noise from such CPU generators, so a seed gives the same latents on every device.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device) -> Iterator[None]:
+    """``autocast``: float16 autocast on CUDA (the original scripts' ``torch.cuda.amp.autocast``); on CPU the
+    models run in float32, since CPU autocast would mean bfloat16, which the original never used. ``full``: float32.
+    """
+    if precision not in ("autocast", "full"):
+        raise ValueError(f"precision must be 'autocast' or 'full', got {precision!r}")
+    if precision == "autocast" and device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.float16):
+            yield
+    else:
+        if precision == "autocast":
+            log.info("autocast has no effect on %s: running in float32", device)
+        yield
+
+
+def open_image(path: PathLike, mode: str) -> Image.Image:
+    """Open an image file fully (so errors surface here) and convert it to ``mode`` ("RGB", "L")."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot be read as an image ({e})") from None
+
+
+def fit_size(width: int, height: int, max_size: int, multiple: int = 64) -> Tuple[int, int]:
+    """The original inpainting script's size rule: scale the longest side down to ``max_size`` (never up), then
+    floor both sides to a multiple of ``multiple``."""
+    if max(width, height) > max_size:
+        factor = max_size / max(width, height)
+        width, height = int(factor * width), int(factor * height)
+    return width - width % multiple, height - height % multiple
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1,3,H,W) float32 in [-1,1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """Grayscale PIL mask -> (1,1,H,W) float32 in {0,1}: ``L / 255 >= 0.5`` is 1 (generate), as the original."""
+    array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8 as the original scripts write: ``clamp((x + 1) / 2) * 255``
+    truncated (not rounded) to integers."""
+    x = torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    return (x.cpu().permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: PathLike) -> Path:
+    """Write an (H,W,3) uint8 array as PNG atomically: a temporary file in the same folder, then ``os.replace``,
+    so ``path`` is either absent, the old file, or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

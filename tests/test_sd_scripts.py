@@ -1,0 +1,190 @@
+"""inpaint_st.py and txt2img.py end to end on tiny random checkpoints written here in the original key layouts."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inpaint_st
+import txt2img
+from ldm.checkpoint import read_state_dict, save_state_dict
+
+from .conftest import REPO
+from .test_ddpm import TINY_INPAINT, TINY_T2I, build, original_layout
+
+DECODER = REPO / "configs/tiny/autoencoder_kl_tiny.yaml"
+DECODER_WOC = REPO / "configs/tiny/autoencoder_kl_woc_tiny.yaml"
+
+
+def decoder_original_layout(seed: int = 1) -> dict:
+    """A tiny asymmetric autoencoder as the paper's release stores it: with the dead deconvs and loss weights."""
+    sd = dict(build(DECODER, seed=seed).state_dict())
+    sd["decoder.up_layers.0.deconv.weight"] = torch.zeros(64, 32, 4, 4)
+    sd["loss.logvar"] = torch.zeros(())
+    return sd
+
+
+def write_png(path, size, mode="RGB", seed=0):
+    rng = np.random.RandomState(seed)
+    if mode == "RGB":
+        array = rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    else:
+        array = np.zeros((size[1], size[0]), dtype=np.uint8)
+        array[: size[1] // 2, size[0] // 4:] = 255
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    ckpts = {
+        "sd_inpaint": save_state_dict(original_layout(build(TINY_INPAINT)), root / "sd-inpaint.ckpt"),
+        "sd_t2i": save_state_dict(original_layout(build(TINY_T2I)), root / "sd-t2i.safetensors"),
+        "decoder": save_state_dict(decoder_original_layout(), root / "decoder.ckpt"),
+    }
+    ckpts["decoder_st"] = save_state_dict(read_state_dict(ckpts["decoder"]), root / "decoder.safetensors")
+    indir = root / "in"
+    indir.mkdir()
+    write_png(indir / "a.png", (80, 70))  # -> 64x64
+    write_png(indir / "a_mask.png", (80, 70), "L")
+    write_png(indir / "b.png", (200, 70), seed=1)  # --max_size 160 -> 160x56 -> floored to 128x0: too small
+    write_png(indir / "b_mask.png", (200, 70), "L")
+    write_png(indir / "c.png", (300, 140), seed=2)  # --max_size 160 -> 160x74 -> 128x64
+    write_png(indir / "c_mask.png", (300, 140), "L")
+    write_png(indir / "orphan_mask.png", (64, 64), "L")
+    write_png(indir / "lonely.png", (64, 64))
+    (indir / "broken.png").write_bytes(b"not a png at all")
+    write_png(indir / "broken_mask.png", (64, 64), "L")
+    write_png(indir / "mism.png", (64, 64))
+    write_png(indir / "mism_mask.png", (32, 32), "L")
+    return root, indir, ckpts
+
+
+def inpaint_args(files, outdir, *extra):
+    root, indir, ckpts = files
+    return ["--indir", str(indir), "--outdir", str(outdir), "--config", str(DECODER), "--ckpt", str(ckpts["decoder"]),
+            "--config_d", str(TINY_INPAINT), "--ckpt_d", str(ckpts["sd_inpaint"]), "--steps", "2",
+            "--max_size", "160", "--device", "cpu", *extra]
+
+
+def read(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def inpaint_ref(files, tmp_path_factory):
+    """One default run over the input folder: (exit status, outdir, stderr)."""
+    out = tmp_path_factory.mktemp("inpaint") / "out"
+    return inpaint_st.main(inpaint_args(files, out)), out
+
+
+def test_inpaint_st_end_to_end(inpaint_ref):
+    status, out = inpaint_ref
+    assert status == 1  # some inputs are bad; the good pairs are written
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
+    assert read(out / "a.png").shape == (64, 64, 3) and read(out / "c.png").shape == (64, 128, 3)
+
+
+def test_inpaint_st_reports_bad_pairs_keeps_outputs_and_repeats(files, inpaint_ref, tmp_path, capsys):
+    _, ref = inpaint_ref
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes((ref / "a.png").read_bytes())
+    os.utime(out / "a.png", (0, 0))
+    assert inpaint_st.main(inpaint_args(files, out)) == 1
+    captured = capsys.readouterr()
+    for name in ("orphan_mask.png", "lonely.png", "broken.png", "mism_mask.png", "b.png"):
+        assert name in captured.err, name
+    assert "too small" in captured.err  # b: 200x70 scaled to 160x56, floored to 128x0
+    assert "1 pairs already have outputs" in captured.out
+    assert os.stat(out / "a.png").st_mtime == 0  # kept without --overwrite
+    np.testing.assert_array_equal(read(out / "c.png"), read(ref / "c.png"))  # same seed, same output
+
+    assert inpaint_st.main(inpaint_args(files, out, "--overwrite", "--n_samples", "2")) == 1
+    assert os.stat(out / "a.png").st_mtime == 0  # --n_samples 2 writes a_0.png, a_1.png
+    assert {"a_0.png", "a_1.png", "c_0.png", "c_1.png"} <= {p.name for p in out.iterdir()}
+    assert not np.array_equal(read(out / "a_0.png"), read(out / "a_1.png"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_inpaint_st_decoder_formats_and_vanilla(files, inpaint_ref, tmp_path):
+    root, indir, ckpts = files
+    _, ref = inpaint_ref
+    args = inpaint_args(files, tmp_path / "st", "--ckpt", str(ckpts["decoder_st"]))
+    assert inpaint_st.main(args) == 1
+    np.testing.assert_array_equal(read(tmp_path / "st" / "a.png"), read(ref / "a.png"))
+    # the SD checkpoint's own VAE: no decoder file needed, another result
+    assert inpaint_st.main(inpaint_args(files, tmp_path / "vanilla", "--vanilla_decoder", "--ckpt", "absent")) == 1
+    assert not np.array_equal(read(tmp_path / "vanilla" / "a.png"), read(ref / "a.png"))
+
+
+def test_inpaint_st_bad_setup(files, tmp_path, capsys):
+    root, indir, ckpts = files
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = inpaint_args(files, tmp_path / "o")
+    args[args.index("--indir") + 1] = str(empty)
+    assert inpaint_st.main(args) == 2
+    assert "no NAME.png + NAME_mask.png pair" in capsys.readouterr().err
+    args = inpaint_args(files, tmp_path / "o")
+    args[args.index("--ckpt_d") + 1] = str(tmp_path / "sd-v1-5-inpainting.ckpt")
+    assert inpaint_st.main(args) == 2
+    assert "sd-v1-5-inpainting.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def t2i_args(files, outdir, *extra):
+    root, indir, ckpts = files
+    return ["--plms", "--config", str(TINY_T2I), "--ckpt", str(ckpts["sd_t2i"]), "--config_c", str(DECODER),
+            "--ckpt_c", str(ckpts["decoder"]), "--H", "32", "--W", "48", "--f", "2", "--ddim_steps", "4",
+            "--n_iter", "1", "--n_samples", "2", "--outdir", str(outdir), "--device", "cpu", "--prompt", "a cat",
+            *extra]
+
+
+def test_txt2img_end_to_end(files, tmp_path):
+    out = tmp_path / "t2i"
+    assert txt2img.main(t2i_args(files, out)) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert read(out / "samples" / "00000.png").shape == (32, 48, 3)
+    assert read(out / "grid-0000.png").shape == (36, 2 * 50 + 2, 3)  # make_grid pads 2 px
+    # numbering continues; same seed gives the same samples
+    assert txt2img.main(t2i_args(files, out)) == 0
+    assert (out / "grid-0001.png").exists()
+    np.testing.assert_array_equal(read(out / "samples" / "00002.png"), read(out / "samples" / "00000.png"))
+    assert not np.array_equal(read(out / "samples" / "00001.png"), read(out / "samples" / "00000.png"))
+
+    # a conditioned decoder without a prior decodes exactly like its woc config ("generate everything")
+    woc = tmp_path / "woc"
+    args = t2i_args(files, woc)
+    args[args.index("--config_c") + 1] = str(DECODER_WOC)
+    assert txt2img.main(args) == 0
+    np.testing.assert_array_equal(read(woc / "samples" / "00000.png"), read(out / "samples" / "00000.png"))
+
+
+def test_txt2img_from_file_ddim_and_flags(files, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\na bird\n")
+    out = tmp_path / "file"
+    assert txt2img.main(t2i_args(files, out, "--from-file", str(prompts), "--skip_grid") + ["--ddim_eta", "0"]) == 0
+    assert len(list((out / "samples").iterdir())) == 3 and not list(out.glob("grid-*"))
+    args = [a for a in t2i_args(files, tmp_path / "ddim", "--ddim_eta", "0.5", "--skip_save") if a != "--plms"]
+    assert txt2img.main(args) == 0
+    assert list((tmp_path / "ddim").glob("grid-*.png")) and not list((tmp_path / "ddim" / "samples").iterdir())
+
+    args = t2i_args(files, tmp_path / "bad")
+    args[args.index("--f") + 1] = "8"
+    assert txt2img.main(args) == 2
+    assert "--f 8" in capsys.readouterr().err
+    args = t2i_args(files, tmp_path / "bad")
+    args[args.index("--H") + 1] = "30"
+    assert txt2img.main(args) == 2
+    assert "--H 30 must be a multiple of 4" in capsys.readouterr().err
+    args = t2i_args(files, tmp_path / "bad")
+    args[args.index("--ddim_steps") + 1] = "3"
+    assert txt2img.main(args) == 2
+    assert "3 uniform steps do not fit 1000 timesteps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        txt2img.main(t2i_args(files, tmp_path / "bad", "--ddim_eta", "1.0"))  # PLMS needs eta 0
