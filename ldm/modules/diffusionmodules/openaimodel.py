@@ -12,7 +12,6 @@ legacy False; in_channels 4 (text-to-image) or 9 (inpainting: latent + mask + ma
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence
 
 import torch
@@ -22,8 +21,6 @@ from torch import nn
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (avg_pool_nd, checkpoint, conv_nd, linear, normalization,
                                                timestep_embedding, zero_module)
-
-log = logging.getLogger(__name__)
 
 
 class TimestepBlock(nn.Module):

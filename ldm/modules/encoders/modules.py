@@ -13,14 +13,11 @@ does, with the rest of the SD checkpoint.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 Texts = Union[str, Sequence[str]]
 
