@@ -110,6 +110,10 @@ def test_unet_rejects_bad_input():
         model(torch.zeros(1, 9, 18, 16), torch.tensor([1]), context)
     with pytest.raises(ValueError, match="timesteps"):
         model(torch.zeros(2, 9, 16, 16), torch.tensor([1, 2, 3]), context.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 9, 16, 16), torch.tensor([1]))
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 9, 16, 16), torch.tensor([1]), torch.zeros(1, 3, 25))
     with pytest.raises(ValueError, match="class-conditional"):
         model(torch.zeros(1, 9, 16, 16), torch.tensor([1]), context, y=torch.tensor([0]))
     with pytest.raises(ValueError, match="batch"):

@@ -240,6 +240,7 @@ class UNetModel(nn.Module):
         self.channel_mult = channel_mult
         self.conv_resample = conv_resample
         self.num_classes = num_classes
+        self.context_dim = context_dim
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
@@ -324,6 +325,10 @@ class UNetModel(nn.Module):
         factor = 2 ** (len(self.channel_mult) - 1)
         if any(s % factor for s in x.shape[2:]):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}")
+        if self.context_dim is not None and (context is None or context.ndim != 3
+                                             or context.shape[-1] != self.context_dim):
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must be (B, M, {self.context_dim}) for the cross-attention, got {got}")
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
         timesteps = torch.as_tensor(timesteps, device=x.device)

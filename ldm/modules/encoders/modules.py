@@ -35,10 +35,12 @@ START_OF_TEXT, END_OF_TEXT = 49406, 49407
 def clip_bpe_tokenizer():
     """open-clip-torch's ``SimpleTokenizer`` over its bundled CLIP BPE vocabulary (built once, ~1 s).
 
-    Its text cleaning (``ftfy.fix_text``, HTML unescape, whitespace collapse, lower case) and split pattern are the
-    ones of the Hugging Face ``CLIPTokenizer`` SD v1 used, with two edge cases that differ: HTML entities
-    (``&amp;``) are unescaped here, and the literal strings ``<|startoftext|>`` / ``<|endoftext|>`` inside a prompt
-    are ordinary text here (HF maps them to the special ids).
+    Text cleaning here: ``ftfy.fix_text``, HTML unescape, whitespace collapse, lower case; then the same split
+    pattern and BPE as Hugging Face's ``CLIPTokenizer``, which SD v1 used (transformers 4.x: ``ftfy.fix_text``,
+    whitespace, lower case; transformers 5: NFC, whitespace, lower case). Ids agree on ordinary prompts (tested
+    against transformers' tokenizer, accents, emoji and truncation included). Edge cases that differ: HTML
+    entities (``&amp;`` becomes ``&`` here), text that ftfy repairs (mojibake), and the literal strings
+    ``<|startoftext|>`` / ``<|endoftext|>`` inside a prompt, which are ordinary text here and special ids in HF.
     """
     from open_clip.tokenizer import SimpleTokenizer
 
