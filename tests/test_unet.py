@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, UNetModel
 from ldm.modules.diffusionmodules.util import (GroupNorm32, make_beta_schedule, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, timestep_embedding)
 from ldm.modules.ema import LitEma
@@ -141,6 +141,35 @@ def test_use_checkpoint_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_attention_block_matches_explicit_softmax(new_order):
+    """The non-transformer attention (LDM configs without cross-attention): SDPA against the original's formula,
+    softmax(q^T k / sqrt(ch)) over positions, for both qkv channel layouts."""
+    block = randomize_(AttentionBlock(64, num_heads=4, use_new_attention_order=new_order))
+    x = torch.randn(2, 64, 4, 4)
+    qkv = block.qkv(block.norm(x.reshape(2, 64, 16)))
+    if new_order:
+        q, k, v = (t.reshape(8, 16, 16) for t in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(8, 48, 16).split(16, dim=1)
+    weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(16), dim=-1)
+    h = torch.einsum("bts,bcs->bct", weight, v).reshape(2, 64, 16)
+    expected = (x.reshape(2, 64, 16) + block.proj_out(h)).reshape(2, 64, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_unet_without_cross_attention_runs():
+    """LDM-style options (self-attention blocks, resblock up/down, scale-shift norm, classes): shapes only."""
+    model = UNetModel(image_size=16, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
+                      attention_resolutions=[2], channel_mult=[1, 2], num_head_channels=16, num_classes=5,
+                      use_scale_shift_norm=True, resblock_updown=True).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), y=torch.tensor([0, 4]))
+    assert out.shape == (2, 3, 16, 16)
+    assert "label_emb.weight" in model.state_dict() and "input_blocks.2.0.op.weight" not in model.state_dict()
 
 
 # ------------------------------------------------------------------------------------------ util.py
