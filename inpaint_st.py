@@ -84,7 +84,7 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torc
             mask: torch.Tensor, opt: argparse.Namespace, device: torch.device) -> np.ndarray:
     """Inpaint one image: (1,3,H,W), (1,1,H,W) -> (n_samples, H, W, 3) uint8. Same seed, same output."""
     n = opt.n_samples
-    generator = seed_everything(opt.seed)
+    generator = seed_everything(opt.seed, device)
     image = image.to(device).expand(n, -1, -1, -1)
     mask = mask.to(device).expand(n, -1, -1, -1)
     f = model.first_stage_model.downsample_factor

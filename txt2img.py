@@ -130,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    generator = seed_everything(opt.seed)
+    generator = seed_everything(opt.seed, device)
     outdir = Path(opt.outdir)
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)

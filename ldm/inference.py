@@ -36,15 +36,15 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch, and return a CPU ``torch.Generator`` seeded with ``seed``.
+def seed_everything(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """Seed Python, NumPy and torch, and return a ``torch.Generator`` on ``device`` seeded with ``seed``.
 
-    The scripts draw all their noise from such CPU generators, so a seed gives the same latents on every device.
+    The scripts draw all their noise from it: the same seed gives the same output on the same device.
     """
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-    return torch.Generator(device="cpu").manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @contextlib.contextmanager
