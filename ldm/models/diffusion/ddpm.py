@@ -309,6 +309,7 @@ class LatentInpaintDiffusion(LatentDiffusion):
 
     ``concat_keys`` gives the order of the concatenated inputs (original: ``("mask", "masked_image")``), and
     ``masked_image_key`` which of them is encoded by the first stage; the others are resized to latent size.
+    ``finetune_keys`` (training only) is accepted and ignored.
     """
 
     def __init__(self, concat_keys: Sequence[str] = ("mask", "masked_image"), masked_image_key: str = "masked_image",

@@ -118,8 +118,8 @@ class ScheduledSampler:
                corrector_kwargs: Optional[Mapping[str, Any]] = None, verbose: bool = True,
                x_T: Optional[torch.Tensor] = None, log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Optional[Conditioning] = None,
-               generator: Optional[torch.Generator] = None, progress: bool = True,
-               **kwargs: Any) -> Tuple[torch.Tensor, Dict[str, List[torch.Tensor]]]:
+               generator: Optional[torch.Generator] = None,
+               progress: bool = True) -> Tuple[torch.Tensor, Dict[str, List[torch.Tensor]]]:
         """Sample latents (batch_size, *shape) with ``S`` steps. Returns ``(samples, intermediates)``, the latter
         ``{"x_inter": [...], "pred_x0": [...]}`` every ``log_every_t`` steps.
 
