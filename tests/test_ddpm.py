@@ -170,3 +170,86 @@ def test_bad_constructor_arguments():
     bad.params.personalization_config = {}
     with pytest.raises(TypeError, match="personalization_config"):
         instantiate_from_config(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole sampling chain against diffusers' pipelines, built from the same weights with diffusers' own converters.
+
+def diffusers_parts(model, config_path):
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    original_config = OmegaConf.to_container(OmegaConf.load(config_path))
+    sd = model.state_dict()
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, sd)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, unet_config))
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original_config, sd)
+    vae = DiffusersVAE(**vae_config)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, vae_config))
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=None, tokenizer=None, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+
+
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+@pytest.mark.filterwarnings("ignore:Passing `image` as torch tensor:FutureWarning")
+@torch.no_grad()
+def test_inpainting_chain_matches_diffusers_inpaint_pipeline(inpaint_model):
+    """inpaint_st.py's chain (mask + masked-image latents, CFG in one batch, DDIM eta 1 with the noise drawn from one
+    generator) equals StableDiffusionInpaintPipeline given the same weights, embeddings, x_T and generator."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    model = inpaint_model
+    torch.manual_seed(5)
+    image = torch.rand(2, 3, 32, 48) * 2 - 1  # diffusers warns that [-1, 1] tensors are deprecated, and takes them
+    mask = torch.zeros(2, 1, 32, 48)
+    mask[:, :, 8:24, 10:30] = 1
+    c = model.get_learned_conditioning(["a cat", "a dog"])
+    uc = model.get_unconditional_conditioning(2, "")
+    x_T = torch.randn(2, 4, 16, 24)
+
+    g = torch.Generator().manual_seed(11)
+    c_cat = model.inpaint_conditioning(image, mask, generator=g)
+    ours, _ = DDIMSampler(model).sample(5, 2, (4, 16, 24), {"c_concat": [c_cat], "c_crossattn": [c]}, eta=1.0,
+                                        unconditional_guidance_scale=7.5, x_T=x_T, generator=g, verbose=False,
+                                        unconditional_conditioning={"c_concat": [c_cat], "c_crossattn": [uc]},
+                                        progress=False)
+
+    pipe = StableDiffusionInpaintPipeline(scheduler=DDIMScheduler(clip_sample=False, **SCHEDULER),
+                                          **diffusers_parts(model, TINY_INPAINT))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt_embeds=c, negative_prompt_embeds=uc, image=image, mask_image=mask, height=32, width=48,
+               num_inference_steps=5, guidance_scale=7.5, eta=1.0, generator=torch.Generator().manual_seed(11),
+               latents=x_T, output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_txt2img_chain_matches_diffusers_pipeline_with_pndm():
+    """txt2img.py --plms: PLMS with CFG equals StableDiffusionPipeline with PNDMScheduler(skip_prk_steps=True).
+
+    (The step count must divide 1000: otherwise the original's uniform spacing visits one step more than asked,
+    which diffusers does not.)"""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from ldm.models.diffusion.plms import PLMSSampler
+
+    model = build(TINY_T2I)
+    torch.manual_seed(6)
+    c = model.get_learned_conditioning(["a cat", "a dog"])
+    uc = model.get_unconditional_conditioning(2, "")
+    x_T = torch.randn(2, 4, 16, 16)
+    ours, _ = PLMSSampler(model).sample(10, 2, (4, 16, 16), c, unconditional_guidance_scale=5.0,
+                                        unconditional_conditioning=uc, x_T=x_T, verbose=False, progress=False)
+    pipe = StableDiffusionPipeline(scheduler=PNDMScheduler(skip_prk_steps=True, **SCHEDULER),
+                                   **diffusers_parts(model, TINY_T2I))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt_embeds=c, negative_prompt_embeds=uc, height=32, width=32, num_inference_steps=10,
+               guidance_scale=5.0, latents=x_T, output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
