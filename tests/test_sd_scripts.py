@@ -121,6 +121,26 @@ def test_inpaint_st_decoder_formats_and_vanilla(files, inpaint_ref, tmp_path):
     assert not np.array_equal(read(tmp_path / "vanilla" / "a.png"), read(ref / "a.png"))
 
 
+def test_decoder_as_diffusers_folder(files, inpaint_ref, tmp_path):
+    """A diffusers AsymmetricAutoencoderKL folder works as --ckpt / --ckpt_c, with the same result as its weights
+    saved in our key layout."""
+    pytest.importorskip("ldm.diffusers_interop")
+    from diffusers import AsymmetricAutoencoderKL
+
+    torch.manual_seed(2)
+    folder = tmp_path / "asym-tiny"
+    AsymmetricAutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, down_block_out_channels=(32, 64),
+                            layers_per_down_block=1, up_block_types=("UpDecoderBlock2D",) * 2,
+                            up_block_out_channels=(32, 64), layers_per_up_block=2).save_pretrained(folder)
+    ours = save_state_dict(read_state_dict(folder), tmp_path / "converted.safetensors")
+    for ckpt, out in ((folder, "from_folder"), (ours, "from_file")):
+        assert inpaint_st.main(inpaint_args(files, tmp_path / out, "--ckpt", str(ckpt))) == 1
+        assert txt2img.main(t2i_args(files, tmp_path / out, "--ckpt_c", str(ckpt))) == 0
+    for name in ("a.png", "samples/00000.png"):
+        np.testing.assert_array_equal(read(tmp_path / "from_folder" / name), read(tmp_path / "from_file" / name))
+    assert not np.array_equal(read(tmp_path / "from_folder" / "a.png"), read(inpaint_ref[1] / "a.png"))
+
+
 def test_inpaint_st_bad_setup(files, tmp_path, capsys):
     root, indir, ckpts = files
     empty = tmp_path / "empty"
