@@ -131,7 +131,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/autoencoder/autoencoder_kl_32x32x4.yaml",
                    help="config of the asymmetric decoder")
     p.add_argument("--ckpt", default="base.ckpt",
-                   help="decoder checkpoint: original .ckpt, .safetensors or a diffusers AsymmetricAutoencoderKL folder")
+                   help="decoder weights: the original .ckpt, a .safetensors, or a diffusers "
+                        "AsymmetricAutoencoderKL folder")
     p.add_argument("--config_d", default="configs/autoencoder/v1-inpainting-inference.yaml",
                    help="config of the SD inpainting model")
     p.add_argument("--ckpt_d", default="sd-v1-5-inpainting.ckpt", help="SD inpainting checkpoint (.ckpt/.safetensors)")

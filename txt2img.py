@@ -78,7 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config_c", default="configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml",
                    help="config of the asymmetric decoder")
     p.add_argument("--ckpt_c", default="base.ckpt",
-                   help="decoder checkpoint: original .ckpt, .safetensors or a diffusers AsymmetricAutoencoderKL folder")
+                   help="decoder weights: the original .ckpt, a .safetensors, or a diffusers "
+                        "AsymmetricAutoencoderKL folder")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")

@@ -1,4 +1,5 @@
-"""LatentDiffusion / LatentInpaintDiffusion: SD v1 checkpoint layout, loading, conditioning as the original builds it."""
+"""LatentDiffusion / LatentInpaintDiffusion: SD v1 checkpoint layout, loading, and conditioning as the original
+builds it."""
 from __future__ import annotations
 
 import copy
