@@ -37,6 +37,7 @@ from ldm.util import instantiate_from_config
 
 log = logging.getLogger("main")
 
+RUN_TIMESTAMP_ENV = "LDM_RUN_TIMESTAMP"
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "64": "64-true"}
 
@@ -164,12 +165,13 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
     if gpus is not None or "accelerator" not in kwargs:
         kwargs["accelerator"] = accelerator
         kwargs["devices"] = devices
+    elif isinstance(kwargs.get("devices"), (int, list)):  # devices set in the config (e.g. CPU processes)
+        ndev = kwargs["devices"] if isinstance(kwargs["devices"], int) else len(kwargs["devices"])
     for key in ("num_nodes", "max_steps", "max_epochs"):
         if getattr(opt, key) is not None:
             kwargs[key] = getattr(opt, key)
     if opt.max_steps is not None and opt.max_epochs is None:
-        kwargs.pop("max_epochs", None)
-        kwargs["max_epochs"] = -1  # --max_steps alone decides the length
+        kwargs.pop("max_epochs", None)  # --max_steps alone decides the length
     if opt.precision is not None:
         kwargs["precision"] = PRECISIONS[opt.precision]
     elif "precision" in kwargs:
@@ -185,7 +187,8 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.path.insert(0, os.getcwd())  # configs may name classes of this file as `main.X`
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    # DDP re-runs this script once per extra device; they inherit the timestamp, so every rank names the same folder
+    now = os.environ.setdefault(RUN_TIMESTAMP_ENV, datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
     opt, overrides = get_parser().parse_known_args(argv)
     logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
     if not config_files:
@@ -220,7 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model.learning_rate = base_lr
         log.info("learning rate %.2e (not scaled)", model.learning_rate)
 
-    wandb_mode = "online" if opt.wandb_online else opt.wandb or str(lightning_config.get("wandb", "offline"))
+    wandb_mode = "online" if opt.wandb_online else opt.wandb or lightning_config.get("wandb", "offline")
+    wandb_mode = {False: "off", True: "offline"}.get(wandb_mode, wandb_mode)  # YAML reads a bare off as false
+    if wandb_mode not in ("off", "offline", "online"):
+        raise ValueError(f"lightning.wandb must be off, offline or online, got {wandb_mode!r}")
     callbacks_config = {
         "setup_callback": {"target": "ldm.callbacks.SetupCallback",
                            "params": {"resume": str(opt.resume), "now": now, "logdir": str(logdir),

@@ -301,14 +301,16 @@ class AutoencoderKL(pl.LightningModule):
             self.manual_backward(g_loss)
             opt_g.step()
         logs = dict(log_g)
+        opt_d.zero_grad(set_to_none=True)
         if self.loss.gan_factor(step) > 0:
             with self.toggled_optimizer(opt_d):
                 d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
-                opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_loss)
-                _step_uncounted(opt_d)
             logs.update(log_d)
             self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        # before disc_start there are no gradients and Adam leaves the discriminator as it is; stepping anyway
+        # keeps optimizer and scheduler steps paired
+        _step_uncounted(opt_d)
 
         for group in opt_g.param_groups:
             logs[f"lr/{group['name']}"] = torch.tensor(group["lr"])
