@@ -1,0 +1,547 @@
+"""Our checkpoints <-> diffusers ``AsymmetricAutoencoderKL`` / ``AutoencoderKL`` folders.
+
+Key mapping (ours = the original LDM names, which the paper's release uses; diffusers names on the right):
+
+==========================================  ====================================================
+``{enc,dec}oder.conv_in`` / ``conv_out``    unchanged
+``encoder.down.{i}.block.{j}``              ``encoder.down_blocks.{i}.resnets.{j}``
+``encoder.down.{i}.downsample``             ``encoder.down_blocks.{i}.downsamplers.0``
+``decoder.up.{i}.block.{j}``                ``decoder.up_blocks.{n-1-i}.resnets.{j}`` (diffusers counts from the
+                                            lowest resolution, we count from the highest)
+``decoder.up.{i}.upsample``                 ``decoder.up_blocks.{n-1-i}.upsamplers.0``
+``*.nin_shortcut``                          ``*.conv_shortcut``
+``*.mid.block_{1,2}``                       ``*.mid_block.resnets.{0,1}``
+``*.mid.attn_1.{q,k,v,proj_out,norm}``      ``*.mid_block.attentions.0.{to_q,to_k,to_v,to_out.0,group_norm}``; the 1x1
+                                            conv weights (C,C,1,1) are Linear weights (C,C) there
+``*.norm_out``                              ``*.conv_norm_out``
+``decoder.encoder.layers.{k}``              ``decoder.condition_encoder.layers.{k}``
+``quant_conv``, ``post_quant_conv``         unchanged
+``decoder.up_layers.*``, ``loss.*``         dropped (never used by the decoder; training-only)
+==========================================  ====================================================
+
+diffusers' ``MaskConditionEncoder`` always builds 5 layers (it is written for 4-level decoders). A decoder with
+fewer levels uses only the first ``levels + 1``; diffusers looks features up by shape, and the extra layers run at
+resolutions below every blend point, so they are never read. They are written as zeros and dropped on the way back.
+
+Architectures are read from the tensors themselves (:class:`AutoencoderLayout`), so converting needs no config; a
+config, when given, is checked against them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ldm.checkpoint import CheckpointError, PathLike, StateDict, read_state_dict
+from ldm.modules.diffusionmodules.condition import default_condition_widths
+
+log = logging.getLogger(__name__)
+
+ASYMMETRIC_CLASS = "AsymmetricAutoencoderKL"
+SYMMETRIC_CLASS = "AutoencoderKL"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
+DIFFUSERS_CONDITION_LAYERS = 5
+NORM_GROUPS = 32  # our GroupNorm (ldm Normalize) always uses 32 groups
+SD_SCALING_FACTOR = 0.18215
+
+# Keys of the original release that no decoder reads, with the reason (logged when dropped).
+UNUSED_PREFIXES = {
+    "decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used",
+    "loss.": "training loss weights (LPIPS, discriminator)",
+}
+
+# (ours, diffusers) fragments that rename the same way in both directions; level indices are handled separately.
+_RENAMES: Tuple[Tuple[str, str], ...] = (
+    (".nin_shortcut.", ".conv_shortcut."),
+    (".mid.block_1.", ".mid_block.resnets.0."),
+    (".mid.block_2.", ".mid_block.resnets.1."),
+    (".mid.attn_1.norm.", ".mid_block.attentions.0.group_norm."),
+    (".mid.attn_1.q.", ".mid_block.attentions.0.to_q."),
+    (".mid.attn_1.k.", ".mid_block.attentions.0.to_k."),
+    (".mid.attn_1.v.", ".mid_block.attentions.0.to_v."),
+    (".mid.attn_1.proj_out.", ".mid_block.attentions.0.to_out.0."),
+    (".norm_out.", ".conv_norm_out."),
+)
+# diffusers before 0.14 named the attention projections differently; from_pretrained still accepts them.
+_LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+_ATTENTION_WEIGHT = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_OURS_LEVEL = re.compile(r"^(encoder\.down|decoder\.up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.")
+_DIFFUSERS_LEVEL = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(resnets\.(\d+)|downsamplers\.0|"
+                              r"upsamplers\.0)\.")
+
+
+def diffusers_condition_widths(first: int, last: int) -> List[int]:
+    """Widths of diffusers' 5 ``MaskConditionEncoder`` layers for ``block_out_channels`` ``[first, ..., last]``:
+    doubling from ``first``, capped at ``last``, and ``last`` for the lowest resolution.
+
+    >>> diffusers_condition_widths(128, 512)
+    [128, 256, 512, 512, 512]
+    """
+    widths, width = [], first
+    for _ in range(DIFFUSERS_CONDITION_LAYERS - 1):
+        width = min(width, last)
+        widths.append(width)
+        width *= 2
+    return widths + [last]
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderLayout:
+    """What a converter needs to know about a KL autoencoder, in the terms both libraries share.
+
+    Widths are per level, highest resolution first; ``*_blocks`` = ResNet blocks per level (our
+    ``num_res_blocks``: the decoder has ``decoder_blocks + 1`` per level, as in both libraries);
+    ``condition_widths`` = the condition branch's layer widths, ``None`` without the branch.
+    """
+
+    in_channels: int
+    out_channels: int
+    latent_channels: int
+    encoder_widths: Tuple[int, ...]
+    encoder_blocks: int
+    decoder_widths: Tuple[int, ...]
+    decoder_blocks: int
+    condition_widths: Optional[Tuple[int, ...]]
+
+    @property
+    def symmetric(self) -> bool:
+        """Decoder as wide and deep as the encoder and without condition branch: diffusers' plain AutoencoderKL."""
+        return (self.condition_widths is None and self.decoder_widths == self.encoder_widths
+                and self.decoder_blocks == self.encoder_blocks)
+
+    @property
+    def diffusers_class(self) -> str:
+        if self.condition_widths is not None:
+            return ASYMMETRIC_CLASS
+        if self.symmetric:
+            return SYMMETRIC_CLASS
+        raise CheckpointError(
+            "a decoder without condition branch that differs from the encoder "
+            f"(encoder widths {list(self.encoder_widths)} x {self.encoder_blocks} blocks, decoder "
+            f"{list(self.decoder_widths)} x {self.decoder_blocks}) has no diffusers class: AsymmetricAutoencoderKL "
+            "needs the condition branch, AutoencoderKL a decoder equal to the encoder")
+
+    def describe(self) -> str:
+        cond = (f"condition branch {list(self.condition_widths)}" if self.condition_widths is not None
+                else "no condition branch")
+        return (f"encoder widths {list(self.encoder_widths)} x {self.encoder_blocks} blocks; decoder widths "
+                f"{list(self.decoder_widths)} x {self.decoder_blocks} (+1) blocks, {cond}; "
+                f"latent channels {self.latent_channels}")
+
+    # ------------------------------------------------------------------ our side
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "AutoencoderLayout":
+        """Read the layout off a state dict in our keys (``encoder.*``, ``decoder.*``, ``quant_conv.*`` ...)."""
+        def shape(key: str) -> Tuple[int, ...]:
+            if key not in state_dict:
+                raise CheckpointError(f"not an autoencoder state dict in our key layout: {key} is missing "
+                                      f"(first keys: {', '.join(sorted(state_dict)[:4])})")
+            return tuple(state_dict[key].shape)
+
+        attn = [k for k in state_dict if re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k)]
+        if attn:
+            raise CheckpointError(f"attention inside the resolution levels ({attn[0]}, attn_resolutions non-empty) "
+                                  "has no diffusers counterpart")
+
+        def levels(prefix: str) -> Tuple[List[int], int]:
+            found = {}
+            for k in state_dict:
+                m = re.match(re.escape(prefix) + r"(\d+)\.block\.(\d+)\.", k)
+                if m:
+                    found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            if not found or sorted(found) != list(range(len(found))):
+                raise CheckpointError(f"cannot read the levels of {prefix}* from the checkpoint keys")
+            blocks = {len(v) for v in found.values()}
+            if len(blocks) != 1:
+                raise CheckpointError(f"{prefix}*: levels have different numbers of blocks")
+            widths = [shape(f"{prefix}{i}.block.0.conv1.weight")[0] for i in range(len(found))]
+            return widths, blocks.pop()
+
+        enc_widths, enc_blocks = levels("encoder.down.")
+        dec_widths, dec_blocks = levels("decoder.up.")
+        if shape("encoder.conv_in.weight")[0] != enc_widths[0]:
+            raise CheckpointError("encoder.conv_in is narrower than the first level (ch_mult[0] != 1): diffusers' "
+                                  "Encoder cannot hold it")
+        latent = shape("quant_conv.weight")[0] // 2
+        z_enc = shape("encoder.conv_out.weight")[0] // 2
+        z_dec = shape("decoder.conv_in.weight")[1]
+        if not latent == z_enc == z_dec == shape("post_quant_conv.weight")[0]:
+            raise CheckpointError(f"latent channels differ (encoder {z_enc}, quant_conv {latent}, decoder {z_dec}): "
+                                  "diffusers has one latent_channels")
+        n_cond = len({k.split(".")[3] for k in state_dict if k.startswith("decoder.encoder.layers.")})
+        cond = tuple(shape(f"decoder.encoder.layers.{k}.weight")[0] for k in range(n_cond)) if n_cond else None
+        return cls(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
+                   latent_channels=latent, encoder_widths=tuple(enc_widths), encoder_blocks=enc_blocks,
+                   decoder_widths=tuple(dec_widths), decoder_blocks=dec_blocks - 1, condition_widths=cond)
+
+    @classmethod
+    def from_ldm_config(cls, ddconfig: Mapping[str, Any], decoder_overrides: Optional[Mapping[str, Any]] = None,
+                        embed_dim: Optional[int] = None) -> "AutoencoderLayout":
+        """The layout an ``AutoencoderKL(ddconfig, decoder_overrides=..., embed_dim=...)`` builds."""
+        dec = {**ddconfig, **dict(decoder_overrides or {})}
+        if ddconfig.get("attn_resolutions") or dec.get("attn_resolutions"):
+            raise CheckpointError("attn_resolutions must be empty: attention inside the levels has no diffusers "
+                                  "counterpart")
+        cond = None
+        if dec.get("condition", False):
+            cond = tuple(dec.get("condition_widths") or default_condition_widths(dec["ch"], dec["ch_mult"]))
+        return cls(in_channels=ddconfig["in_channels"], out_channels=dec["out_ch"],
+                   latent_channels=embed_dim or ddconfig["z_channels"],
+                   encoder_widths=tuple(ddconfig["ch"] * m for m in ddconfig["ch_mult"]),
+                   encoder_blocks=ddconfig["num_res_blocks"],
+                   decoder_widths=tuple(dec["ch"] * m for m in dec["ch_mult"]),
+                   decoder_blocks=dec["num_res_blocks"], condition_widths=cond)
+
+    def to_ldm_config(self, resolution: int = 256) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """``(ddconfig, decoder_overrides)`` for our ``AutoencoderKL`` (``embed_dim`` = ``latent_channels``)."""
+        def ch_and_mult(widths: Sequence[int], what: str) -> Tuple[int, List[int]]:
+            if any(w % widths[0] for w in widths):
+                raise CheckpointError(f"{what} widths {list(widths)} are not multiples of the first one")
+            return widths[0], [w // widths[0] for w in widths]
+
+        ch, ch_mult = ch_and_mult(self.encoder_widths, "encoder")
+        dch, dmult = ch_and_mult(self.decoder_widths, "decoder")
+        ddconfig = dict(double_z=True, z_channels=self.latent_channels, resolution=resolution,
+                        in_channels=self.in_channels, out_ch=self.out_channels, ch=ch, ch_mult=ch_mult,
+                        num_res_blocks=self.encoder_blocks, attn_resolutions=[], dropout=0.0)
+        overrides: Dict[str, Any] = dict(ch=dch, ch_mult=dmult, num_res_blocks=self.decoder_blocks,
+                                         condition=self.condition_widths is not None)
+        if self.condition_widths is not None and list(self.condition_widths) != default_condition_widths(dch, dmult):
+            overrides["condition_widths"] = list(self.condition_widths)
+        return ddconfig, overrides
+
+    # ------------------------------------------------------------------ diffusers side
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "AutoencoderLayout":
+        """Read a diffusers ``config.json`` (AsymmetricAutoencoderKL or AutoencoderKL); refuse what we cannot build."""
+        name = config.get("_class_name", ASYMMETRIC_CLASS if "up_block_out_channels" in config else SYMMETRIC_CLASS)
+        if name not in (ASYMMETRIC_CLASS, SYMMETRIC_CLASS):
+            raise CheckpointError(f"diffusers class {name!r} is not an {ASYMMETRIC_CLASS} or {SYMMETRIC_CLASS}")
+        problems = []
+        if config.get("act_fn", "silu") != "silu":
+            problems.append(f"act_fn {config['act_fn']!r} (ours: silu)")
+        if config.get("norm_num_groups", NORM_GROUPS) != NORM_GROUPS:
+            problems.append(f"norm_num_groups {config['norm_num_groups']} (ours: {NORM_GROUPS})")
+        for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not config.get(key, True):
+                problems.append(f"{key} false (ours always has it)")
+        if name == ASYMMETRIC_CLASS:
+            enc, enc_blocks = config["down_block_out_channels"], config["layers_per_down_block"]
+            dec, dec_blocks = config["up_block_out_channels"], config["layers_per_up_block"]
+        else:
+            enc = dec = config["block_out_channels"]
+            enc_blocks = dec_blocks = config["layers_per_block"]
+        down_types = config.get("down_block_types", ["DownEncoderBlock2D"] * len(enc))
+        up_types = config.get("up_block_types", ["UpDecoderBlock2D"] * len(dec))
+        if list(down_types) != ["DownEncoderBlock2D"] * len(enc):
+            problems.append(f"down_block_types {list(down_types)} (ours: DownEncoderBlock2D per level)")
+        if list(up_types) != ["UpDecoderBlock2D"] * len(dec):
+            problems.append(f"up_block_types {list(up_types)} (ours: UpDecoderBlock2D per level)")
+        if problems:
+            raise CheckpointError(f"diffusers {name} config has no counterpart here: " + "; ".join(problems))
+        cond = None
+        if name == ASYMMETRIC_CLASS:
+            if len(dec) + 1 > DIFFUSERS_CONDITION_LAYERS:
+                raise CheckpointError(f"{len(dec)} decoder levels: diffusers' condition encoder only serves up to "
+                                      f"{DIFFUSERS_CONDITION_LAYERS - 1}")
+            cond = tuple(diffusers_condition_widths(dec[0], dec[-1])[:len(dec) + 1])
+        return cls(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+                   latent_channels=config.get("latent_channels", 4), encoder_widths=tuple(enc),
+                   encoder_blocks=enc_blocks, decoder_widths=tuple(dec), decoder_blocks=dec_blocks,
+                   condition_widths=cond)
+
+    def to_diffusers_config(self, sample_size: int = 256, scaling_factor: float = SD_SCALING_FACTOR
+                            ) -> Dict[str, Any]:
+        """``config.json`` contents (without ``_class_name``/``_diffusers_version``) of :attr:`diffusers_class`."""
+        common = dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                      down_block_types=["DownEncoderBlock2D"] * len(self.encoder_widths),
+                      up_block_types=["UpDecoderBlock2D"] * len(self.decoder_widths), act_fn="silu",
+                      latent_channels=self.latent_channels, norm_num_groups=NORM_GROUPS, sample_size=sample_size,
+                      scaling_factor=scaling_factor)
+        if self.diffusers_class == SYMMETRIC_CLASS:
+            return dict(common, block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks)
+        self._check_condition_fits_diffusers()
+        return dict(common, down_block_out_channels=list(self.encoder_widths),
+                    layers_per_down_block=self.encoder_blocks, up_block_out_channels=list(self.decoder_widths),
+                    layers_per_up_block=self.decoder_blocks)
+
+    def _check_condition_fits_diffusers(self) -> List[int]:
+        """diffusers derives the branch widths from the decoder widths; ours must be a prefix of them."""
+        theirs = diffusers_condition_widths(self.decoder_widths[0], self.decoder_widths[-1])
+        ours = list(self.condition_widths or ())
+        if len(ours) > len(theirs) or ours != theirs[:len(ours)]:
+            raise CheckpointError(f"condition branch widths {ours} differ from the ones diffusers builds for decoder "
+                                  f"widths {list(self.decoder_widths)}: {theirs}")
+        if ours[0] == ours[1]:
+            # diffusers keys features by shape: two full-resolution layers of one width would overwrite each other
+            raise CheckpointError(f"condition branch widths {ours}: the first two layers have the same width, which "
+                                  "diffusers cannot tell apart")
+        return theirs
+
+
+# ---------------------------------------------------------------------- key mapping
+def _ldm_key_to_diffusers(key: str, n_up: int) -> str:
+    if key.startswith("decoder.encoder.layers."):
+        return "decoder.condition_encoder." + key[len("decoder.encoder."):]
+    m = _OURS_LEVEL.match(key)
+    if m:
+        part, level, block, j = m.groups()
+        if part == "encoder.down":
+            new = f"encoder.down_blocks.{level}."
+        else:
+            new = f"decoder.up_blocks.{n_up - 1 - int(level)}."
+        new += f"resnets.{j}." if j is not None else f"{block}rs.0."  # downsample -> downsamplers.0
+        key = new + key[m.end():]
+    for ours, theirs in _RENAMES:
+        key = key.replace(ours, theirs)
+    return key
+
+
+def _normalize_legacy_attention(key: str) -> str:
+    if ".attentions.0." in key:
+        for old, new in _LEGACY_ATTENTION.items():
+            key = key.replace(old, new)
+    return key
+
+
+def _diffusers_key_to_ldm(key: str, n_up: int) -> str:
+    if key.startswith("decoder.condition_encoder.layers."):
+        return "decoder.encoder." + key[len("decoder.condition_encoder."):]
+    m = _DIFFUSERS_LEVEL.match(key)
+    if m:
+        part, level, block, j = m.groups()
+        if part == "encoder.down_blocks":
+            new = f"encoder.down.{level}."
+        else:
+            new = f"decoder.up.{n_up - 1 - int(level)}."
+        new += f"block.{j}." if j is not None else block[:-len("rs.0")] + "."  # downsamplers.0 -> downsample
+        key = new + key[m.end():]
+    for ours, theirs in _RENAMES:
+        key = key.replace(theirs, ours)
+    return key
+
+
+def _drop_unused(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    kept = dict(state_dict)
+    for prefix, reason in UNUSED_PREFIXES.items():
+        dropped = [k for k in kept if k.startswith(prefix)]
+        for k in dropped:
+            del kept[k]
+        if dropped:
+            log.info("dropped %d keys under %r: %s", len(dropped), prefix, reason)
+    return kept
+
+
+def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]] = None,
+                     decoder_overrides: Optional[Mapping[str, Any]] = None, *, sample_size: Optional[int] = None,
+                     scaling_factor: float = SD_SCALING_FACTOR) -> Tuple[StateDict, Dict[str, Any]]:
+    """Our (or the original release's) autoencoder state dict -> ``(diffusers state dict, diffusers config)``.
+
+    The architecture is read from the tensors; ``ddconfig``/``decoder_overrides`` (as in our configs), when given,
+    must describe the same one (a config with ``condition: false`` accepts a checkpoint that carries the branch:
+    diffusers keeps it, and decoding without image/mask ignores it). ``config["_class_name"]`` is
+    ``AsymmetricAutoencoderKL`` with a condition branch, ``AutoencoderKL`` for a plain SD-style VAE.
+    """
+    sd = _drop_unused(state_dict)
+    layout = AutoencoderLayout.from_state_dict(sd)
+    if ddconfig is not None:
+        _check_layout_matches_config(layout, ddconfig, decoder_overrides)
+    config = {"_class_name": layout.diffusers_class,
+              **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), scaling_factor)}
+
+    n_up = len(layout.decoder_widths)
+    out: StateDict = {}
+    for key, tensor in sd.items():
+        if not key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+            raise CheckpointError(f"unexpected key {key!r}: not part of an autoencoder")
+        new = _ldm_key_to_diffusers(key, n_up)
+        if _ATTENTION_WEIGHT.search(new):
+            tensor = tensor[:, :, 0, 0]  # 1x1 conv -> Linear
+        out[new] = tensor
+    if layout.condition_widths is not None:
+        theirs = layout._check_condition_fits_diffusers()
+        ref = sd["decoder.encoder.layers.0.weight"]
+        for k in range(len(layout.condition_widths), DIFFUSERS_CONDITION_LAYERS):
+            # never read by diffusers for this decoder depth (see module docstring): zeros
+            out[f"decoder.condition_encoder.layers.{k}.weight"] = ref.new_zeros(theirs[k], theirs[k - 1], 4, 4)
+            out[f"decoder.condition_encoder.layers.{k}.bias"] = ref.new_zeros(theirs[k])
+    return out, config
+
+
+def diffusers_to_ldm(diffusers_state_dict: Mapping[str, torch.Tensor], diffusers_config: Mapping[str, Any]
+                     ) -> Tuple[StateDict, Dict[str, Any]]:
+    """Inverse of :func:`ldm_to_diffusers`: ``(state dict in our keys, decoder_overrides)``.
+
+    ``decoder_overrides`` (``ch``, ``ch_mult``, ``num_res_blocks``, ``condition`` and, only when they are not the
+    default ones, ``condition_widths``) go over the SD ``ddconfig`` in our autoencoder configs;
+    :func:`diffusers_config_to_ldm` gives the ``ddconfig`` too.
+    """
+    layout = AutoencoderLayout.from_diffusers_config(diffusers_config)
+    n_up = len(layout.decoder_widths)
+    n_cond = len(layout.condition_widths or ())
+    out: StateDict = {}
+    dead = 0
+    for key, tensor in diffusers_state_dict.items():
+        m = re.match(r"decoder\.condition_encoder\.layers\.(\d+)\.", key)
+        if m and int(m.group(1)) >= n_cond:
+            dead += 1
+            continue
+        key = _normalize_legacy_attention(key)
+        if _ATTENTION_WEIGHT.search(key) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # Linear -> 1x1 conv
+        out[_diffusers_key_to_ldm(key, n_up)] = tensor
+    if dead:
+        log.info("dropped %d condition-encoder tensors past layer %d: diffusers builds them for 4 levels, a "
+                 "%d-level decoder never reads them", dead, n_cond - 1, n_up)
+    return out, layout.to_ldm_config()[1]
+
+
+def diffusers_config_to_ldm(diffusers_config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(ddconfig, decoder_overrides)`` of our ``AutoencoderKL`` for a diffusers config (``embed_dim`` =
+    ``ddconfig["z_channels"]``)."""
+    layout = AutoencoderLayout.from_diffusers_config(diffusers_config)
+    return layout.to_ldm_config(resolution=diffusers_config.get("sample_size", 256))
+
+
+def _check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str, Any],
+                                 decoder_overrides: Optional[Mapping[str, Any]]) -> None:
+    expected = AutoencoderLayout.from_ldm_config(ddconfig, decoder_overrides)
+    if expected.condition_widths is None and layout.condition_widths is not None:
+        log.info("the config has condition: false but the checkpoint carries a condition branch; it is kept "
+                 "(decode without image/mask to ignore it)")
+        expected = dataclasses.replace(expected, condition_widths=layout.condition_widths)
+    if expected != layout:
+        diffs = [f"{f.name}: config {getattr(expected, f.name)}, checkpoint {getattr(layout, f.name)}"
+                 for f in dataclasses.fields(expected) if getattr(expected, f.name) != getattr(layout, f.name)]
+        raise CheckpointError("the checkpoint does not match the config: " + "; ".join(diffs))
+
+
+# ---------------------------------------------------------------------- folders
+def _weights_file(folder: Path) -> List[Path]:
+    for name in (WEIGHTS_NAME, WEIGHTS_NAME_BIN):
+        if (folder / name).is_file():
+            return [folder / name]
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a diffusers weight index ({e})") from None
+        return [folder / s for s in shards]
+    raise CheckpointError(f"{folder}: no weights: expected {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN}, or sharded "
+                          f"{WEIGHTS_INDEX_NAME}) next to {CONFIG_NAME}")
+
+
+def read_diffusers_config(folder: PathLike) -> Dict[str, Any]:
+    """``config.json`` of a diffusers model folder (a pipeline folder's ``vae/`` is used when given the pipeline)."""
+    return json.loads(_model_folder(Path(folder)).joinpath(CONFIG_NAME).read_text())
+
+
+def _model_folder(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"diffusers model folder not found: {folder}")
+    if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
+        log.info("%s is a pipeline folder: reading its vae/", folder)
+        folder = folder / "vae"
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder}: not a diffusers model folder: {CONFIG_NAME} is missing (expected "
+                              f"{CONFIG_NAME} + {WEIGHTS_NAME}, as written by save_pretrained)")
+    return folder
+
+
+def read_diffusers_folder(folder: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
+    """A diffusers ``AsymmetricAutoencoderKL``/``AutoencoderKL`` folder (``config.json`` + weights) ->
+    ``(state dict in our keys, decoder_overrides)``. Weights: ``.safetensors`` (also sharded) or a ``.bin`` read
+    with ``weights_only=True``."""
+    folder = _model_folder(Path(folder))
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: not valid JSON ({e})") from None
+    state_dict: StateDict = {}
+    for path in _weights_file(folder):
+        state_dict.update(read_state_dict(path))
+    if config.get("scaling_factor", SD_SCALING_FACTOR) != SD_SCALING_FACTOR:
+        log.warning("%s: scaling_factor %s differs from SD's %s; our SD configs set scale_factor themselves",
+                    folder, config["scaling_factor"], SD_SCALING_FACTOR)
+    try:
+        return diffusers_to_ldm(state_dict, config)
+    except KeyError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: missing entry {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+
+
+def check_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
+    """Build the diffusers model of ``config`` on the meta device (no memory) and require exactly its keys and
+    shapes, so that ``from_pretrained`` never fills a missing weight with random numbers."""
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = [f"{k}: {tuple(state_dict[k].shape)} vs {expected[k]}" for k in sorted(expected)
+                  if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointError(f"converted weights do not fit diffusers {cls.__name__}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, other shapes {mis_shaped[:5]}")
+
+
+def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]],
+                           decoder_overrides: Optional[Mapping[str, Any]], folder: PathLike, *,
+                           overwrite: bool = False, sample_size: Optional[int] = None,
+                           scaling_factor: float = SD_SCALING_FACTOR) -> Path:
+    """Write our state dict as a folder that ``diffusers.AsymmetricAutoencoderKL.from_pretrained`` (or
+    ``AutoencoderKL`` for a VAE without condition branch) loads: ``config.json`` + ``.safetensors``.
+
+    ``ddconfig``/``decoder_overrides`` may be ``None`` (architecture read from the tensors). The folder appears
+    complete or not at all: it is written next to its destination and renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists (pass overwrite=True / --overwrite to replace it)")
+    sd, config = ldm_to_diffusers(state_dict, ddconfig, decoder_overrides, sample_size=sample_size,
+                                  scaling_factor=scaling_factor)
+    check_diffusers_state_dict(sd, config)
+    try:
+        from importlib.metadata import version
+
+        config["_diffusers_version"] = version("diffusers")
+    except Exception:  # noqa: BLE001 - the version is informative only
+        pass
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    old = None
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # safetensors wants contiguous tensors with their own storage
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("wrote diffusers %s to %s", config["_class_name"], folder)
+    return folder
