@@ -74,7 +74,8 @@ def build_lpips(vgg_path: Optional[Union[str, Path]] = None) -> nn.Module:
         raise ValueError(f"{vgg_path}: not a torchvision VGG16 state dict (missing "
                          f"{sorted(expected - set(renamed))[:4]} ...)")
     model.load_state_dict({**renamed, **lins}, strict=False)
-    missing = set(model.state_dict()) - set(renamed) - set(lins) - {"scaling_layer.shift", "scaling_layer.scale"}
+    # lpips registers the calibration layers twice (lin0..lin4 and the list lins.*, same tensors); the file has lin*
+    missing = {k for k in model.state_dict() if k.startswith("lin") and not k.startswith("lins.")} - set(lins)
     if missing:
         raise ValueError(f"{lin_path}: LPIPS linear layers incomplete, missing {sorted(missing)}")
     model.requires_grad_(False)

@@ -1,0 +1,261 @@
+"""Training path on tiny models: schedules, the loss against hand-computed values, one forward per step, what the
+two optimizer steps change and what they must leave alone."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.lr_scheduler import LambdaWarmUpCosineScheduler, LambdaWarmUpCosineScheduler_D
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.losses import LPIPSWithDiscriminator
+from ldm.modules.losses.contperceptual import VGG16_FILE, build_lpips
+from tests.conftest import TINY_DDCONFIG
+
+SCHED = {"target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler",
+         "params": {"warm_up_steps": 2, "lr_start": 0.01, "lr_max": 1.0}}
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+def test_scheduler_generator_values():
+    s = LambdaWarmUpCosineScheduler(warm_up_steps=5000, lr_min=0.001, lr_max=1.0, lr_start=0.01,
+                                    max_decay_steps=105000)
+    assert s(0) == pytest.approx(0.01)
+    assert s(2500) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert s(5000) == pytest.approx(1.0)
+    assert s(55000) == pytest.approx(0.001 + 0.5 * 0.999 * (1 + math.cos(math.pi * 0.5)))
+    assert s(105000) == pytest.approx(0.001)
+    assert s(10 ** 7) == pytest.approx(0.001)  # held after the end
+
+
+def test_scheduler_discriminator_offset_matches_original_formula():
+    start, warm, total, lr_min = 50001, 5000, 172824, 1e-6 / 3.6e-4
+    s = LambdaWarmUpCosineScheduler_D(warm_up_steps=warm, lr_min=lr_min, lr_max=1.0, lr_start=0.01,
+                                      max_decay_steps=total, start_step=start)
+    assert LambdaWarmUpCosineScheduler_D is LambdaWarmUpCosineScheduler
+    assert s(0) == 0.0 and s(start) == 0.0
+    assert s(start + 1) == pytest.approx(0.01 + 0.99 / warm)
+    n = 120000
+    t = (n - start - warm) / (total - start - warm)
+    assert s(n) == pytest.approx(lr_min + 0.5 * (1 - lr_min) * (1 + math.cos(math.pi * t)))
+    assert s(total) == pytest.approx(lr_min)
+
+
+def test_scheduler_state_survives_weights_only_checkpoint(tmp_path):
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = LambdaLR(opt, LambdaWarmUpCosineScheduler(2, 1e-3, 1.0, 0.01, 10))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    torch.save({"sched": sched.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)["sched"]
+    opt2 = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched2 = LambdaLR(opt2, LambdaWarmUpCosineScheduler(2, 1e-3, 1.0, 0.01, 999))
+    sched2.load_state_dict(state)
+    assert sched2.lr_lambdas[0].lr_max_decay_steps == 10 and sched2.last_epoch == 3
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def _posterior(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DiagonalGaussianDistribution(torch.randn(b, 8, 2, 2, generator=g) * 0.5)
+
+
+def test_generator_loss_hand_computed_without_gan():
+    loss = LPIPSWithDiscriminator(disc_start=100, logvar_init=0.5, kl_weight=0.01, perceptual_weight=0)
+    x = torch.tensor([[[[0.0, 1.0], [-1.0, 0.5]]]]).expand(2, 3, 2, 2).contiguous()
+    y = x * 0.5
+    post = _posterior()
+    calls = []
+    loss.discriminator.register_forward_hook(lambda *a: calls.append(1))
+    total, logs = loss.generator_loss(x, y, post, global_step=10)
+    lv = 0.5
+    nll = (torch.abs(x - y) / math.exp(lv) + lv).sum() / 2
+    mean, logvar = post.mean, post.logvar
+    kl = (0.5 * (mean ** 2 + logvar.exp() - 1 - logvar)).sum() / 2
+    assert logs["train/nll_loss"] == pytest.approx(nll.item(), rel=1e-6)
+    assert logs["train/kl_loss"] == pytest.approx(kl.item(), rel=1e-6)
+    assert total.item() == pytest.approx((nll + 0.01 * kl).item(), rel=1e-6)
+    assert logs["train/rec_loss"] == pytest.approx(torch.abs(x - y).mean().item())
+    assert not calls, "before disc_start the discriminator must not run"
+
+
+def test_generator_loss_with_gan_and_adaptive_weight():
+    torch.manual_seed(0)
+    loss = LPIPSWithDiscriminator(disc_start=0, kl_weight=1e-6, disc_weight=0.8, perceptual_weight=0)
+    last = torch.nn.Parameter(torch.randn(3, 3, 1, 1))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec = torch.nn.functional.conv2d(torch.rand(2, 3, 32, 32), last)
+    post = _posterior()
+    total, logs = loss.generator_loss(x, rec, post, global_step=0, last_layer=last)
+    nll = torch.abs(x - rec).sum() / 2
+    g = -loss.discriminator(rec).mean()
+    gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, last, retain_graph=True)[0].norm()
+    d_weight = (gn / (gg + 1e-4)).clamp(0, 1e4) * 0.8
+    kl = post.kl().sum() / 2
+    assert logs["train/d_weight"] == pytest.approx(d_weight.item(), rel=1e-5)
+    assert logs["train/g_loss"] == pytest.approx(g.item(), rel=1e-5)
+    assert total.item() == pytest.approx((nll + 1e-6 * kl + d_weight * g).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "vanilla"])
+def test_discriminator_loss_hand_computed(kind):
+    torch.manual_seed(0)
+    loss = LPIPSWithDiscriminator(disc_start=5, disc_factor=2.0, perceptual_weight=0, disc_loss=kind).eval()
+    x, rec = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    real, fake = loss.discriminator(x), loss.discriminator(rec)
+    if kind == "hinge":
+        expected = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+    else:
+        expected = 0.5 * (torch.nn.functional.softplus(-real).mean() + torch.nn.functional.softplus(fake).mean())
+    d_loss, logs = loss.discriminator_loss(x, rec, global_step=5)
+    assert d_loss.item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
+    assert loss.discriminator_loss(x, rec, global_step=4)[0].item() == 0.0
+    assert logs["train/logits_real"] == pytest.approx(real.mean().item(), rel=1e-5)
+
+
+def test_lpips_missing_vgg_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=VGG16_FILE) as e:
+        LPIPSWithDiscriminator(disc_start=0, perceptual_weight=1.0, vgg_path=str(tmp_path / VGG16_FILE))
+    assert "perceptual_weight: 0" in str(e.value) and str(tmp_path) in str(e.value)
+    assert LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0).perceptual_loss is None
+
+
+def test_lpips_reads_torchvision_vgg_layout(tmp_path):
+    """A torchvision-layout VGG16 file (random here) lands in lpips' slices; LPIPS stays frozen, in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16().features
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / VGG16_FILE)
+    model = build_lpips(tmp_path / VGG16_FILE)
+    assert torch.equal(model.net.slice1[0].weight, features[0].weight)
+    assert torch.equal(getattr(model.net.slice5, "28").weight, features[28].weight)
+    assert not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model(x, x).abs().max() < 1e-6 and model(x, -x).shape == (2, 1, 1, 1)
+    loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=1.0, vgg_path=str(tmp_path / VGG16_FILE))
+    loss.train()
+    assert not loss.perceptual_loss.training and loss.discriminator.training
+
+
+def test_lpips_rejects_a_file_that_is_not_vgg16(tmp_path):
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a torchvision VGG16"):
+        build_lpips(tmp_path / "other.pth")
+
+
+# ---------------------------------------------------------------------------------------------------- training step
+class _Masked(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.rand(3, 32, 32, generator=g) * 2 - 1,
+                "mask": (torch.rand(1, 32, 32, generator=g) > 0.5).float()}
+
+
+def _model(disc_start=0, train_encoder=False, pretrained_lr_factor=1.0, **overrides):
+    torch.manual_seed(0)
+    loss = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+            "params": {"disc_start": disc_start, "perceptual_weight": 0, "kl_weight": 1e-6}}
+    model = AutoencoderKL(TINY_DDCONFIG, loss, 4, decoder_overrides=overrides, scheduler_config=SCHED,
+                          scheduler_config_d=SCHED, pretrained_lr_factor=pretrained_lr_factor,
+                          train_encoder=train_encoder)
+    model.learning_rate = 1e-3
+    return model
+
+
+def _fit(model, steps=2):
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(_Masked(), batch_size=2))
+    return trainer
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("overrides", [{"condition": False}, {"condition": True}, {"condition": True, "ch": 64}],
+                         ids=["vanilla", "condition", "wider"])
+def test_two_steps_train_decoder_and_discriminator_only(overrides):
+    model = _model(**overrides)
+    frozen = {name: _snapshot(getattr(model, name)) for name in ("encoder", "quant_conv", "post_quant_conv")}
+    decoder, disc = _snapshot(model.decoder), _snapshot(model.loss.discriminator)
+    forwards = {"encoder": 0, "decoder": 0}
+    model.encoder.register_forward_hook(lambda *a: forwards.__setitem__("encoder", forwards["encoder"] + 1))
+    model.decoder.register_forward_hook(lambda *a: forwards.__setitem__("decoder", forwards["decoder"] + 1))
+
+    trainer = _fit(model, steps=2)
+
+    assert trainer.global_step == 2, "the discriminator step must not count as a global step"
+    assert forwards == {"encoder": 2, "decoder": 2}, "one encoder and one decoder forward per training step"
+    for name, before in frozen.items():
+        after = getattr(model, name).state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"{name} changed"
+    after = model.decoder.state_dict()
+    changed = [k for k in decoder if not torch.equal(decoder[k], after[k])]
+    assert len(changed) == len(decoder), f"decoder tensors left unchanged: {set(decoder) - set(changed)}"
+    after = model.loss.discriminator.state_dict()
+    assert any(not torch.equal(disc[k], after[k]) for k in disc if k.endswith("weight"))
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_discriminator_untouched_before_disc_start():
+    model = _model(disc_start=100, condition=True)
+    disc = _snapshot(model.loss.discriminator)
+    _fit(model, steps=2)
+    after = model.loss.discriminator.state_dict()
+    assert all(torch.equal(disc[k], after[k]) for k in disc)
+
+
+def test_param_groups_and_learning_rates():
+    model = _model(pretrained_lr_factor=0.1, condition=True)
+    trainer = _fit(model, steps=1)
+    opt_g, opt_d = trainer.optimizers
+    names = [g["name"] for g in opt_g.param_groups]
+    assert names == ["decoder", "condition"]
+    assert opt_g.defaults["betas"] == (0.5, 0.9) and opt_d.defaults["betas"] == (0.5, 0.9)
+    assert [g["initial_lr"] for g in opt_g.param_groups] == pytest.approx([1e-4, 1e-3])
+    branch = {id(p) for p in model.decoder.encoder.parameters()}
+    assert {id(p) for p in opt_g.param_groups[1]["params"]} == branch
+    assert not branch & {id(p) for p in opt_g.param_groups[0]["params"]}
+    # each group ends at 1e-6 absolute (lr_min = 1e-6 / group lr); max_steps = 1 is the schedule's end
+    sched_g, sched_d = (c.scheduler for c in trainer.lr_scheduler_configs)
+    assert [f.lr_min * g["initial_lr"] for f, g in zip(sched_g.lr_lambdas, opt_g.param_groups)] == \
+        pytest.approx([1e-6, 1e-6])
+    assert sched_d.lr_lambdas[0].start_step == 0 and sched_d.lr_lambdas[0].lr_max_decay_steps == 1
+
+
+def test_train_encoder_option_trains_everything():
+    model = _model(train_encoder=True, condition=False)
+    encoder = _snapshot(model.encoder)
+    trainer = _fit(model, steps=2)
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["decoder", "encoder"]
+    after = model.encoder.state_dict()
+    assert any(not torch.equal(encoder[k], after[k]) for k in encoder)
+
+
+def test_log_images_keys_and_shapes():
+    model = _model(condition=True).eval()
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "mask": torch.ones(2, 1, 32, 32)}
+    batch["mask"][:, :, :16] = 0
+    images = model.log_images(batch)
+    assert set(images) == {"inputs", "masks", "masked_inputs", "reconstructions", "samples"}
+    assert all(v.shape == (2, 3, 32, 32) for v in images.values())
+    assert torch.equal(images["masked_inputs"][:, :, 16:], torch.zeros(2, 3, 16, 32))
+
+
+def test_configure_optimizers_needs_a_learning_rate():
+    model = _model()
+    del model.learning_rate
+    with pytest.raises(RuntimeError, match="learning_rate"):
+        AutoencoderKL.configure_optimizers(model)
