@@ -1,0 +1,130 @@
+"""Region metrics of the paper: how much a decoder distorts what it should keep, and how it does elsewhere.
+
+All functions take ``pred`` and ``target`` as (B,3,H,W) float tensors in [0, 1] and ``mask`` as (B,1,H,W) with
+1 = generated (hole), 0 = kept; the mask is binarised at 0.5 as the original evaluation does.
+
+``pre_error`` (shared/SPEC.md sections 5 and 7): per image, the squared error over the kept region, summed over
+all three channels. The original code reports that sum (``pre_error_sum``); its magnitude does not match the
+paper's table, whose numbers match the per-element mean ``pre_error = pre_error_sum / (3*H*W)`` (note: divided by
+all pixels of the image, not only the kept ones). Both are returned; tables label which is which.
+
+PSNR of a region is ``10 log10(1 / MSE)`` with the MSE over that region's pixels and channels; identical images
+give ``inf`` (:func:`json_safe` writes it as the string ``"inf"``). A region with no pixels gives ``nan``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+
+REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_kept", "psnr_generated")
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be (B,C,H,W)")
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != pred.shape[0] or mask.shape[-2:] != pred.shape[-2:]:
+        raise ValueError(f"mask {tuple(mask.shape)} must be (B,1,H,W) matching images {tuple(pred.shape)}")
+    return (mask >= 0.5).to(pred.dtype)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> the 8-bit values an image file holds, back in [0, 1] (truncation, as the original saves)."""
+    return (x.clamp(0, 1) * 255).to(torch.uint8).to(x.dtype) / 255
+
+
+def pre_error_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) squared error summed over the kept region and all channels (the original code's number)."""
+    keep = 1 - _check(pred, target, mask)
+    return ((pred - target) * keep).pow(2).flatten(1).sum(1)
+
+
+def pre_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) ``pre_error_sum / (C*H*W)``: the magnitude of the paper's table."""
+    return pre_error_sum(pred, target, mask) / pred[0].numel()
+
+
+def region_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, region: str) -> torch.Tensor:
+    """(B,) mean squared error over the ``"kept"`` (mask 0) or ``"generated"`` (mask 1) pixels; nan if empty."""
+    m = _check(pred, target, mask)
+    if region == "kept":
+        m = 1 - m
+    elif region != "generated":
+        raise ValueError(f"region must be 'kept' or 'generated', got {region!r}")
+    count = m.flatten(1).sum(1) * pred.shape[1]
+    total = ((pred - target).pow(2) * m).flatten(1).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB; ``inf`` where the MSE is 0, ``nan`` where it is nan."""
+    mse = torch.as_tensor(mse, dtype=torch.float64)
+    with torch.no_grad():
+        out = 10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-300))
+    return torch.where(mse == 0, torch.full_like(out, float("inf")), out)
+
+
+def region_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-image (B,) values of every key in :data:`REGION_KEYS`."""
+    out = {"pre_error": pre_error(pred, target, mask), "pre_error_sum": pre_error_sum(pred, target, mask)}
+    for region in ("kept", "generated"):
+        mse = region_mse(pred, target, mask, region)
+        out[f"mse_{region}"] = mse
+        out[f"psnr_{region}"] = psnr_from_mse(mse)
+    return out
+
+
+class RegionMetricAccumulator:
+    """Collects :func:`region_metrics` over batches; :meth:`summary` gives dataset-level numbers.
+
+    ``pre_error*`` and ``mse_*`` are means over images (as the original averages per-image errors); ``psnr_*`` is
+    computed from the mean region MSE, so identical images give ``inf`` and one perfect image does not make the
+    whole set infinite.
+    """
+
+    def __init__(self) -> None:
+        self.values: Dict[str, List[float]] = {k: [] for k in REGION_KEYS}
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        batch = region_metrics(pred.float(), target.float(), mask.float())
+        for k, v in batch.items():
+            self.values[k].extend(float(x) for x in v.double().cpu())
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.values["pre_error"])
+
+    def summary(self) -> Dict[str, float]:
+        if not len(self):
+            raise ValueError("no images were evaluated")
+        out = {k: _nanmean(self.values[k]) for k in ("pre_error", "pre_error_sum", "mse_kept", "mse_generated")}
+        for region in ("kept", "generated"):
+            out[f"psnr_{region}"] = float(psnr_from_mse(torch.tensor(out[f"mse_{region}"])))
+        out["n_images"] = len(self)
+        return out
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def json_safe(obj):
+    """Replace inf/nan floats (not valid JSON) by the strings "inf"/"-inf" and None, recursively."""
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
