@@ -332,7 +332,8 @@ def _diffusers_key_to_ldm(key: str, n_up: int) -> str:
     return key
 
 
-def _drop_unused(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+def drop_unused_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Without the original release's keys that no decoder reads (:data:`UNUSED_PREFIXES`), logged."""
     kept = dict(state_dict)
     for prefix, reason in UNUSED_PREFIXES.items():
         dropped = [k for k in kept if k.startswith(prefix)]
@@ -353,10 +354,10 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[
     diffusers keeps it, and decoding without image/mask ignores it). ``config["_class_name"]`` is
     ``AsymmetricAutoencoderKL`` with a condition branch, ``AutoencoderKL`` for a plain SD-style VAE.
     """
-    sd = _drop_unused(state_dict)
+    sd = drop_unused_keys(state_dict)
     layout = AutoencoderLayout.from_state_dict(sd)
     if ddconfig is not None:
-        _check_layout_matches_config(layout, ddconfig, decoder_overrides)
+        check_layout_matches_config(layout, ddconfig, decoder_overrides)
     config = {"_class_name": layout.diffusers_class,
               **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), scaling_factor)}
 
@@ -414,8 +415,9 @@ def diffusers_config_to_ldm(diffusers_config: Mapping[str, Any]) -> Tuple[Dict[s
     return layout.to_ldm_config(resolution=diffusers_config.get("sample_size", 256))
 
 
-def _check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str, Any],
-                                 decoder_overrides: Optional[Mapping[str, Any]]) -> None:
+def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str, Any],
+                                decoder_overrides: Optional[Mapping[str, Any]]) -> None:
+    """Raise :class:`CheckpointError` listing every field where the tensors' layout and our config differ."""
     expected = AutoencoderLayout.from_ldm_config(ddconfig, decoder_overrides)
     if expected.condition_widths is None and layout.condition_widths is not None:
         log.info("the config has condition: false but the checkpoint carries a condition branch; it is kept "
