@@ -543,7 +543,9 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None and old.is_dir():
+            shutil.rmtree(old)
+        elif old is not None:
+            old.unlink()
     log.info("wrote diffusers %s to %s", config["_class_name"], folder)
     return folder

@@ -219,6 +219,18 @@ def test_condition_widths_follow_diffusers_rule():
     assert diffusers_condition_widths(32, 64) == [32, 64, 64, 64, 64]
 
 
+def test_woc_config_keeps_the_checkpoints_branch(cli, tmp_path):
+    """The "woc" configs (condition: false) name the same released checkpoints: converting with one keeps the
+    branch, and diffusers' decode(z) without image/mask ignores it."""
+    ours = build_ours("tiny")
+    src = save_state_dict(ours.state_dict(), tmp_path / "base.ckpt")
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "hf"), "--config",
+                     str(REPO / "configs/tiny/autoencoder_kl_woc_tiny.yaml")]) == 0
+    sd, overrides = read_diffusers_folder(tmp_path / "hf")
+    assert overrides["condition"] is True
+    assert_same_tensors(sd, ours.state_dict())
+
+
 # ---------------------------------------------------------------------- refusals
 def test_mapping_refuses_what_diffusers_cannot_hold():
     sd = dict(build_ours("tiny").state_dict())
