@@ -271,12 +271,12 @@ class AutoencoderLayout:
                       scaling_factor=scaling_factor)
         if self.diffusers_class == SYMMETRIC_CLASS:
             return dict(common, block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks)
-        self._check_condition_fits_diffusers()
+        self.check_condition_fits_diffusers()
         return dict(common, down_block_out_channels=list(self.encoder_widths),
                     layers_per_down_block=self.encoder_blocks, up_block_out_channels=list(self.decoder_widths),
                     layers_per_up_block=self.decoder_blocks)
 
-    def _check_condition_fits_diffusers(self) -> List[int]:
+    def check_condition_fits_diffusers(self) -> List[int]:
         """diffusers derives the branch widths from the decoder widths; ours must be a prefix of them."""
         theirs = diffusers_condition_widths(self.decoder_widths[0], self.decoder_widths[-1])
         ours = list(self.condition_widths or ())
@@ -371,7 +371,7 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[
             tensor = tensor[:, :, 0, 0]  # 1x1 conv -> Linear
         out[new] = tensor
     if layout.condition_widths is not None:
-        theirs = layout._check_condition_fits_diffusers()
+        theirs = layout.check_condition_fits_diffusers()
         ref = sd["decoder.encoder.layers.0.weight"]
         for k in range(len(layout.condition_widths), DIFFUSERS_CONDITION_LAYERS):
             # never read by diffusers for this decoder depth (see module docstring): zeros
