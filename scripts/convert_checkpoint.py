@@ -1,4 +1,4 @@
-"""Convert autoencoder checkpoints between the original release, our files and diffusers folders.
+r"""Convert autoencoder checkpoints between the original release, our files and diffusers folders.
 
     # the paper's release (or our .ckpt/.safetensors) -> a diffusers AsymmetricAutoencoderKL folder
     python scripts/convert_checkpoint.py to-diffusers larger1.5.ckpt models/asym-x-1-5 \
