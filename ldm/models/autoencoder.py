@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -97,6 +98,7 @@ class AutoencoderKL(pl.LightningModule):
         self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
         # pixels per latent pixel along each side
         self.downsample_factor = 2 ** (len(self.decoder_config["ch_mult"]) - 1)
+        self._tiling: Optional[Tuple[int, int]] = None  # (tile, overlap) in image pixels; see enable_tiling
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
@@ -155,7 +157,26 @@ class AutoencoderKL(pl.LightningModule):
         inpainting). A decoder without condition branch ignores them.
         """
         image, mask = self.check_decode_inputs(z, image, mask)
+        if self._tiling is not None:
+            f = self.downsample_factor
+            return tiled_decode(lambda zt, it, mt: self.decoder(self.post_quant_conv(zt), it, mt), z, image, mask,
+                                tile=self._tiling[0] // f, overlap=self._tiling[1] // f, scale=f)
         return self.decoder(self.post_quant_conv(z), image, mask)
+
+    def enable_tiling(self, tile_sample_size: int = 512, overlap: int = 128) -> None:
+        """Decode latents larger than ``tile_sample_size`` image pixels in overlapping tiles (see
+        :mod:`ldm.modules.diffusionmodules.tiling`): peak memory stays that of one tile; results differ slightly
+        from an untiled decode (per-tile GroupNorm statistics). Sizes in image pixels, multiples of the
+        downsampling factor, ``0 <= overlap < tile_sample_size``."""
+        f = self.downsample_factor
+        if tile_sample_size % f or overlap % f or not 0 <= overlap < tile_sample_size:
+            raise ValueError(f"tile_sample_size ({tile_sample_size}) and overlap ({overlap}) must be multiples of {f} "
+                             "with 0 <= overlap < tile_sample_size")
+        self._tiling = (int(tile_sample_size), int(overlap))
+
+    def disable_tiling(self) -> None:
+        """Decode in one piece again (the default)."""
+        self._tiling = None
 
     def check_decode_inputs(self, z: torch.Tensor, image: Optional[torch.Tensor],
                             mask: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
