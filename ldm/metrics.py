@@ -10,13 +10,18 @@ all pixels of the image, not only the kept ones). Both are returned; tables labe
 
 PSNR of a region is ``10 log10(1 / MSE)`` with the MSE over that region's pixels and channels; identical images
 give ``inf`` (:func:`json_safe` writes it as the string ``"inf"``). A region with no pixels gives ``nan``.
+
+Whole-image metrics of the paper's evaluation: :func:`ssim`, LPIPS (:func:`load_lpips`, :func:`lpips_distance`) and
+FID (:func:`load_fid`); the last two need weight files on disk and report which file is missing instead.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Mapping
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_kept", "psnr_generated")
 
@@ -110,6 +115,103 @@ class RegionMetricAccumulator:
         return out
 
 
+def default_inception_path() -> Path:
+    """Where torch-fidelity caches the FID Inception weights: ``$TORCH_HOME/hub/checkpoints/<INCEPTION_FILE>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def build_fid(weights_path: Optional[Union[str, Path]] = None):
+    """torchmetrics ``FrechetInceptionDistance`` (2048 features, inputs float in [0, 1]) from a local weights file.
+
+    The file is first read with ``weights_only=True`` (torch-fidelity itself unpickles it fully): a file that
+    holds anything but tensors is refused before torch-fidelity opens it. Missing file -> FileNotFoundError naming
+    the file, the folder and the download address.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    path = Path(weights_path) if weights_path is not None else default_inception_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"FID needs the Inception weights {INCEPTION_FILE}, not found at {path}. Download "
+                                f"{INCEPTION_URL} into {path.parent} (or pass its path with --fid_weights)")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable; say which
+        raise ValueError(f"{path}: not a plain Inception state dict readable with weights_only=True ({err})") from err
+    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+
+
+class ImageMetrics:
+    """Every metric of the evaluation over batches: region metrics (:class:`RegionMetricAccumulator`), SSIM,
+    LPIPS and FID.
+
+    ``update(pred, target, mask)`` takes (B,3,H,W) in [0, 1] and the (B,1,H,W) mask (1 = generated). LPIPS and FID
+    are built once; when their weights file is missing (or ``lpips=False`` / ``fid=False``) they are skipped and
+    :meth:`summary` says why under ``"missing"``. FID compares the set of ``pred`` with the set of ``target`` and
+    needs at least two images.
+    """
+
+    def __init__(self, *, lpips: bool = True, fid: bool = True, lpips_vgg_path: Optional[Union[str, Path]] = None,
+                 fid_weights_path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu"):
+        self.device = torch.device(device)
+        self.region = RegionMetricAccumulator()
+        self.ssim: List[float] = []
+        self.lpips_values: List[float] = []
+        self.missing: Dict[str, str] = {}
+        self.lpips_model = None
+        self.fid_metric = None
+        if lpips:
+            from ldm.modules.losses.contperceptual import build_lpips
+
+            try:
+                self.lpips_model = build_lpips(lpips_vgg_path).to(self.device)
+            except (FileNotFoundError, ValueError) as err:
+                self.missing["lpips"] = str(err)
+        else:
+            self.missing["lpips"] = "not requested"
+        if fid:
+            try:
+                self.fid_metric = build_fid(fid_weights_path).to(self.device)
+            except (FileNotFoundError, ValueError) as err:
+                self.missing["fid"] = str(err)
+        else:
+            self.missing["fid"] = "not requested"
+        for name, reason in self.missing.items():
+            if reason != "not requested":
+                log.warning("%s skipped: %s", name, reason)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Add a batch; returns its per-image (B,) region metrics plus ``ssim`` (and ``lpips`` when available)."""
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        pred, target = pred.float().to(self.device), target.float().to(self.device)
+        batch = self.region.update(pred, target, mask.to(self.device))
+        batch["ssim"] = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+        self.ssim.extend(float(v) for v in batch["ssim"].cpu())
+        if self.lpips_model is not None:
+            batch["lpips"] = self.lpips_model(pred * 2 - 1, target * 2 - 1).flatten()
+            self.lpips_values.extend(float(v) for v in batch["lpips"].cpu())
+        if self.fid_metric is not None:
+            self.fid_metric.update(target, real=True)
+            self.fid_metric.update(pred, real=False)
+        return batch
+
+    def summary(self) -> Dict[str, Any]:
+        """Dataset-level numbers: region metrics, ``ssim``, ``lpips``, ``fid`` (None when skipped), ``missing``."""
+        out: Dict[str, Any] = self.region.summary()
+        out["ssim"] = _nanmean(self.ssim)
+        out["lpips"] = _nanmean(self.lpips_values) if self.lpips_model is not None else None
+        out["fid"] = None
+        missing = dict(self.missing)
+        if self.fid_metric is not None:
+            if len(self.region) < 2:
+                missing["fid"] = "FID needs at least 2 images"
+            else:
+                out["fid"] = float(self.fid_metric.compute())
+        out["missing"] = missing
+        return out
+
+
 def _nanmean(values: Iterable[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
@@ -128,3 +230,62 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+# ---------------------------------------------------------------------------------------------- network metrics
+# LPIPS and FID need network weights that cannot be downloaded here. Each loader returns (metric, None) or
+# (None, message naming the missing file and where to put it), so a report still gets every other metric.
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def default_inception_path() -> Path:
+    """Where torch-fidelity / torchmetrics cache the FID Inception weights: ``$TORCH_HOME/hub/checkpoints/``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) SSIM of whole images in [0, 1] (torchmetrics, Gaussian window 11, sigma 1.5)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
+
+
+def load_lpips(vgg_path: Optional[Union[str, Path]] = None,
+               device: Union[str, torch.device] = "cpu") -> Tuple[Optional[nn.Module], Optional[str]]:
+    """LPIPS(VGG), the paper's perceptual metric (LaMa's ``PerceptualLoss(net-lin, vgg)`` = lpips v0.1), built by
+    the one loader the training loss uses; ``(None, message)`` when the VGG16 trunk file is missing."""
+    from ldm.modules.losses.contperceptual import build_lpips
+
+    try:
+        return build_lpips(vgg_path).to(device), None
+    except FileNotFoundError as err:
+        return None, str(err)
+
+
+def lpips_distance(model: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) LPIPS of whole images given in [0, 1] (rescaled to [-1, 1], as LPIPS expects)."""
+    return model(pred.float() * 2 - 1, target.float() * 2 - 1).flatten()
+
+
+def load_fid(inception_path: Optional[Union[str, Path]] = None,
+             device: Union[str, torch.device] = "cpu") -> Tuple[Optional[nn.Module], Optional[str]]:
+    """torchmetrics ``FrechetInceptionDistance`` (InceptionV3 pool3, 2048-d) on the torch-fidelity weights file.
+
+    Its real-image statistics survive ``reset()`` (``reset_real_features=False``), so one set of real images serves
+    every decoder. ``(None, message)`` when the weights file is missing.
+    """
+    path = Path(inception_path) if inception_path is not None else default_inception_path()
+    if not path.is_file():
+        return None, (f"FID needs the InceptionV3 weights {INCEPTION_FILE}, not found at {path}. Download "
+                      f"{INCEPTION_URL} and put it there (or pass its path with --inception_weights).")
+    # torch-fidelity reads the file with weights_only=False; reading it weights-only first refuses pickled code
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or "fc.weight" not in state:
+        raise ValueError(f"{path}: not torch-fidelity's InceptionV3 state dict (no fc.weight)")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=True,
+                                   feature_extractor_weights_path=str(path))
+    return fid.to(device), None

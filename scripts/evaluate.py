@@ -1,0 +1,466 @@
+"""Evaluate decoders with the paper's metrics: pre_error, error and PSNR in the kept and generated regions, LPIPS,
+SSIM and FID. Writes ``metrics.json``, ``metrics.md`` (one row per decoder) and ``examples.png`` to ``--outdir``.
+
+Two modes:
+
+reconstruction -- encode each image with the frozen encoder and decode it with the image and a fixed mask (the
+paper's protocol). Masks come from the project's mask generator, seeded per image (``--seed``, image index), or from
+``--mask_dir`` (``NAME_mask.png`` next to ``NAME.*``), so every decoder sees the same masks::
+
+    python scripts/evaluate.py reconstruction --images data/val --size 256 \\
+        --decoder vanilla=configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml:stable_vqgan.ckpt \\
+        --decoder base=configs/autoencoder/autoencoder_kl_32x32x4.yaml:base.ckpt --outdir outputs/eval
+
+results -- images already produced (e.g. by ``inpaint_st.py``): ``--indir`` holds ``NAME.png`` + ``NAME_mask.png``
+(inpaint_st.py's input), each ``--predictions LABEL=DIR`` holds ``NAME.png``. Originals and masks are resized by
+inpaint_st.py's own rule (``--max_size``, sides floored to multiples of 64) so they match its outputs::
+
+    python scripts/evaluate.py results --indir inputs --predictions vanilla=out_sd --predictions base=out_base
+
+Images are compared in [0, 1] after 8-bit quantisation (what the saved files hold). ``pre_error`` is the per-element
+mean the paper's table reports, ``pre_error_sum`` the original code's per-image sum (see ``ldm/metrics.py``). PSNR of
+identical regions is ``inf``, written as the string "inf" in JSON. LPIPS needs torchvision's VGG16 file and FID the
+torch-fidelity InceptionV3 file: when missing, the report says which file and where, and gives the other metrics.
+The report is written only when every image was evaluated (atomically); a failure leaves no report.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from inpaint_st import find_pairs, load_pair  # noqa: E402
+from ldm import metrics  # noqa: E402
+from ldm.callbacks import _replace_atomically  # noqa: E402
+from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
+from ldm.data.inpainting import UnreadableImageError, find_images, load_image  # noqa: E402
+from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
+from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
+                           save_png, seed_everything)
+
+log = logging.getLogger("evaluate")
+MASK_SUFFIX = "_mask"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+@dataclass
+class Sample:
+    """One evaluation item: ``image`` (3,H,W) in [0,1], ``mask`` (1,H,W) in {0,1} (1 = generate)."""
+    name: str
+    image: torch.Tensor
+    mask: torch.Tensor
+
+
+def parse_spec(spec: str, flag: str, with_ckpt: bool) -> Tuple[str, str, Optional[str]]:
+    """``NAME=CONFIG:CKPT`` (``--decoder``) or ``NAME=DIR`` (``--predictions``) -> (name, path, ckpt)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise InputError(f"{flag} {spec!r}: expected {'NAME=CONFIG:CKPT' if with_ckpt else 'NAME=DIR'}")
+    if not with_ckpt:
+        return name, rest, None
+    config, sep, ckpt = rest.rpartition(":")
+    if not sep or not config.endswith((".yaml", ".yml")):
+        # no checkpoint given: random weights are never what an evaluation wants
+        raise InputError(f"{flag} {spec!r}: expected NAME=CONFIG.yaml:CKPT (config and checkpoint)")
+    return name, config, ckpt
+
+
+def on_8bit_grid(x: torch.Tensor) -> torch.Tensor:
+    """[0,1] values rounded to k/255: an 8-bit file's pixels exactly as a prediction read from a PNG holds them
+    (rounded, not truncated: a loaded pixel k may come back as k - 1e-7 after [-1,1] round trips)."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(C,H,W) -> (C,size,size): shorter side to ``size`` (antialiased bicubic, or nearest for masks), centre crop.
+    ``size`` 0 keeps the image, cropped to multiples of 8 (the latent grid)."""
+    c, h, w = x.shape
+    if size == 0:
+        h8, w8 = h - h % 8, w - w % 8
+        top, left = (h - h8) // 2, (w - w8) // 2
+        return x[:, top:top + h8, left:left + w8]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        if mode == "nearest":
+            x = F.interpolate(x[None], size=(nh, nw), mode="nearest")[0]
+        else:
+            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+            x = x.clamp(0, 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size]
+
+
+def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
+    """Images of ``--images`` (``*_mask`` files excluded) with their fixed masks, in sorted order."""
+    paths = [Path(p) for p in find_images(opt.images) if not Path(p).stem.endswith(MASK_SUFFIX)]
+    if not paths:
+        raise InputError(f"--images {opt.images}: no images (only *_mask files)")
+    if opt.limit:
+        paths = paths[:opt.limit]
+    generator = None if opt.mask_dir else MaskGenerator.from_config(opt.mask_config)
+    samples, names = [], set()
+    for index, path in enumerate(tqdm(paths, desc="loading images", disable=opt.quiet)):
+        if path.stem in names:
+            raise InputError(f"{path}: two images named {path.stem!r} (names key the masks and the report)")
+        names.add(path.stem)
+        try:
+            image = torch.from_numpy(load_image(path)).permute(2, 0, 1)
+        except UnreadableImageError as err:
+            raise InputError(str(err)) from None
+        if opt.mask_dir:
+            mask_path = Path(opt.mask_dir) / f"{path.stem}{MASK_SUFFIX}.png"
+            mask = mask_to_tensor(open_image(mask_path, "L"))[0]
+            if mask.shape[-2:] != image.shape[-2:]:
+                raise InputError(f"{mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} but {path} is "
+                                 f"{image.shape[-1]}x{image.shape[-2]}")
+            image = resize_center_crop(image, opt.size, "bicubic")
+            mask = resize_center_crop(mask, opt.size, "nearest")
+        else:
+            image = resize_center_crop(image, opt.size, "bicubic")
+            # seeded by (seed, index): the same mask for every decoder and every run
+            rng = np.random.default_rng([opt.seed, index])
+            mask = torch.from_numpy(generator(image.shape[-2], image.shape[-1], rng))[None]
+        if min(image.shape[-2:]) < 8:
+            raise InputError(f"{path}: too small ({image.shape[-1]}x{image.shape[-2]}) for the 8x latent grid")
+        samples.append(Sample(path.stem, on_8bit_grid(image), mask.float()))
+    return samples
+
+
+def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Dict[str, torch.Tensor]]]:
+    """Originals and masks of ``--indir`` and, per ``--predictions`` label, the predicted images by name."""
+    indir = Path(opt.indir)
+    if not indir.is_dir():
+        raise InputError(f"--indir {indir}: not a folder")
+    pairs, problems = find_pairs(indir)
+    if problems:
+        raise InputError("; ".join(problems))
+    if not pairs:
+        raise InputError(f"--indir {indir}: no NAME.png + NAME_mask.png pairs")
+    if opt.limit:
+        pairs = pairs[:opt.limit]
+    samples = []
+    for pair in tqdm(pairs, desc="loading originals", disable=opt.quiet):
+        image, mask = load_pair(pair, opt.max_size)
+        samples.append(Sample(pair.name, on_8bit_grid(metrics.to_unit(image[0])), mask[0]))
+    predictions: Dict[str, Dict[str, torch.Tensor]] = {}
+    for spec in opt.predictions:
+        label, folder, _ = parse_spec(spec, "--predictions", with_ckpt=False)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"--predictions {spec}: {folder} is not a folder")
+        missing = [f"{folder / (s.name + '.png')}" for s in samples if not (folder / f"{s.name}.png").is_file()]
+        if missing:
+            raise InputError(f"--predictions {label}: {len(missing)} of {len(samples)} predictions missing: "
+                             + ", ".join(missing[:5]))
+        predictions[label] = {}
+        for s in samples:
+            path = folder / f"{s.name}.png"
+            pred = on_8bit_grid(torch.from_numpy(np.asarray(open_image(path, "RGB"), dtype=np.float32) / 255)
+                                ).permute(2, 0, 1)
+            if pred.shape != s.image.shape:
+                raise InputError(f"{path}: {pred.shape[-1]}x{pred.shape[-2]} but the original "
+                                 f"{indir / (s.name + '.png')} resized by inpaint_st's rule (--max_size "
+                                 f"{opt.max_size}) is {s.image.shape[-1]}x{s.image.shape[-2]}")
+            predictions[label][s.name] = pred
+    return samples, predictions
+
+
+def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[List[Sample]]:
+    """Consecutive runs of same-sized samples, at most ``batch_size`` long."""
+    batch: List[Sample] = []
+    for s in samples:
+        if batch and (len(batch) == batch_size or batch[0].image.shape != s.image.shape):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+@dataclass
+class Scorer:
+    """Every metric for one decoder; LPIPS/FID models are shared between decoders."""
+    lpips_model: Optional[torch.nn.Module]
+    fid: Optional[torch.nn.Module]
+    region: metrics.RegionMetricAccumulator = field(default_factory=metrics.RegionMetricAccumulator)
+    ssim: List[float] = field(default_factory=list)
+    lpips: List[float] = field(default_factory=list)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+        """``pred``/``target`` (B,3,H,W) in [0,1], ``mask`` (B,1,H,W)."""
+        self.region.update(pred, target, mask)
+        self.ssim.extend(metrics.ssim(pred, target).double().cpu().tolist())
+        if self.lpips_model is not None:
+            self.lpips.extend(metrics.lpips_distance(self.lpips_model, pred, target).double().cpu().tolist())
+        if self.fid is not None:
+            self.fid.update(pred.float(), real=False)
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        out: Dict[str, Optional[float]] = dict(self.region.summary())
+        out["ssim"] = float(np.mean(self.ssim))
+        out["lpips"] = float(np.mean(self.lpips)) if self.lpips_model is not None else None
+        out["fid"] = None
+        if self.fid is not None:
+            if len(self.ssim) < 2:
+                log.warning("FID needs at least 2 images; not computed")
+            else:
+                out["fid"] = float(self.fid.compute())
+            self.fid.reset()  # keeps the real-image statistics for the next decoder
+        return out
+
+
+def network_metrics(opt: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.nn.Module],
+                                                                            Optional[torch.nn.Module], Dict[str, str]]:
+    """LPIPS model, FID metric and, for each one that is off, why."""
+    missing: Dict[str, str] = {}
+    lpips_model = fid = None
+    if opt.no_lpips:
+        missing["lpips"] = "switched off (--no_lpips)"
+    else:
+        lpips_model, why = metrics.load_lpips(opt.lpips_vgg, device)
+        if why:
+            missing["lpips"] = why.split(" (or set lossconfig")[0] + " (or pass --lpips_vgg PATH)."
+    if opt.no_fid:
+        missing["fid"] = "switched off (--no_fid)"
+    else:
+        fid, why = metrics.load_fid(opt.inception_weights, device)
+        if why:
+            missing["fid"] = why
+    for name, why in missing.items():
+        log.warning("%s not computed: %s", name.upper(), why)
+    return lpips_model, fid, missing
+
+
+def stack(batch: Sequence[Sample], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (torch.stack([s.image for s in batch]).to(device), torch.stack([s.mask for s in batch]).to(device))
+
+
+# ------------------------------------------------------------------------------------------------ modes
+def reconstruct(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Encode the image, decode with image + mask as the prior; (B,3,H,W) in [0,1] after 8-bit quantisation."""
+    x = image * 2 - 1
+    if opt.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    posterior = model.encode(x)
+    z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
+    rec = model.decode(z, x, mask)
+    return metrics.quantize_uint8(metrics.to_unit(rec.float()))
+
+
+def run_reconstruction(opt: argparse.Namespace, device: torch.device):
+    specs = [parse_spec(s, "--decoder", with_ckpt=True) for s in opt.decoder]
+    for name, config, ckpt in specs:
+        for path, what in ((config, "config"), (ckpt, "checkpoint")):
+            if not Path(path).exists():
+                raise InputError(f"--decoder {name}: {what} not found: {path}")
+    samples = reconstruction_samples(opt)
+    lpips_model, fid, missing = network_metrics(opt, device)
+    if fid is not None:
+        for batch in batches(samples, opt.batch_size):
+            fid.update(stack(batch, device)[0], real=True)
+    results, examples = {}, {}
+    for name, config, ckpt in specs:
+        model = load_model(config, ckpt, device=device)
+        if opt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if opt.tile:
+            model.enable_tiling(opt.tile, opt.tile_overlap)
+        if opt.compile:
+            model.decoder = torch.compile(model.decoder)
+        generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
+        scorer = Scorer(lpips_model, fid)
+        examples[name] = []
+        with torch.inference_mode(), precision_scope(opt.precision, device):
+            for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"decoder {name}", disable=opt.quiet):
+                image, mask = stack(batch, device)
+                pred = reconstruct(model, image, mask, opt, generator)
+                scorer.update(pred, image, mask)
+                examples[name].extend(pred[:max(0, opt.n_examples - len(examples[name]))].cpu())
+        results[name] = {"config": config, "checkpoint": ckpt, **scorer.summary()}
+        del model
+    return samples, results, examples, missing
+
+
+def run_results(opt: argparse.Namespace, device: torch.device):
+    samples, predictions = results_samples(opt)
+    lpips_model, fid, missing = network_metrics(opt, device)
+    if fid is not None:
+        for batch in batches(samples, opt.batch_size):
+            fid.update(stack(batch, device)[0], real=True)
+    results, examples = {}, {}
+    for label, preds in predictions.items():
+        scorer = Scorer(lpips_model, fid)
+        with torch.inference_mode():
+            for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"predictions {label}",
+                              disable=opt.quiet):
+                image, mask = stack(batch, device)
+                pred = torch.stack([preds[s.name] for s in batch]).to(device)
+                scorer.update(pred, image, mask)
+        results[label] = {"folder": dict(parse_spec(s, "--predictions", False)[:2] for s in opt.predictions)[label],
+                          **scorer.summary()}
+        examples[label] = [preds[s.name] for s in samples[:opt.n_examples]]
+    return samples, results, examples, missing
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown_table(results: Dict[str, Dict], missing: Dict[str, str]) -> str:
+    """One row per decoder, as the paper's tables."""
+    def num(v, fmt):
+        if v is None:
+            return "n/a"
+        if isinstance(v, str) or v == float("inf"):
+            return "inf"
+        return format(v, fmt)
+
+    lines = ["| decoder | images | pre_error (x1e-5) | pre_error_sum | PSNR kept (dB) | PSNR generated (dB) | "
+             "MSE generated | LPIPS | SSIM | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        pe = None if r["pre_error"] is None else r["pre_error"] * 1e5
+        lines.append(f"| {name} | {r['n_images']} | {num(pe, '.2f')} | {num(r['pre_error_sum'], '.4g')} | "
+                     f"{num(r['psnr_kept'], '.2f')} | {num(r['psnr_generated'], '.2f')} | "
+                     f"{num(r['mse_generated'], '.4g')} | {num(r['lpips'], '.4f')} | {num(r['ssim'], '.4f')} | "
+                     f"{num(r['fid'], '.2f')} |")
+    lines.append("")
+    lines.append("pre_error: squared error in the kept region (mask 0) per element, images in [0, 1] "
+                 "(= pre_error_sum / (3*H*W), the magnitude of the paper's table); pre_error_sum: the original "
+                 "code's per-image sum. PSNR from the mean region MSE.")
+    for name, why in missing.items():
+        lines.append(f"\n{name.upper()} not computed: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def error_map(pred: torch.Tensor, target: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
+    """(3,H,W) grey map of the absolute error, amplified ``gain`` times."""
+    return ((pred - target).abs().mean(0, keepdim=True) * gain).clamp(0, 1).expand(3, -1, -1)
+
+
+def example_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Tensor]], label_h: int = 14
+                   ) -> np.ndarray:
+    """Rows = images; columns: input, masked input (holes grey), each decoder, each decoder's error map x4."""
+    names = list(examples)
+    n = min(len(v) for v in examples.values()) if examples else 0
+    columns = ["input", "mask"] + names + [f"|err| x4 {k}" for k in names]
+    rows = []
+    for i in range(n):
+        s = samples[i]
+        tiles = [s.image, s.image * (1 - s.mask) + 0.5 * s.mask]
+        tiles += [examples[k][i] for k in names]
+        tiles += [error_map(examples[k][i], s.image) for k in names]
+        rows.append(torch.cat(tiles, dim=-1))
+    width = max(r.shape[-1] for r in rows)
+    rows = [F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows]
+    grid = (torch.cat(rows, dim=-2).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + label_h), "white")
+    canvas.paste(Image.fromarray(grid), (0, label_h))
+    draw, col_w = ImageDraw.Draw(canvas), samples[0].image.shape[-1]
+    for j, text in enumerate(columns):
+        draw.text((j * col_w + 2, 1), text[: max(4, col_w // 6)], fill="black")
+    return np.asarray(canvas)
+
+
+def write_report(outdir: Path, report: Dict, table: str, figure: Optional[np.ndarray]) -> None:
+    outdir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(metrics.json_safe(report), indent=2, allow_nan=False) + "\n"
+    _replace_atomically(outdir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    _replace_atomically(outdir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
+    if figure is not None:
+        save_png(figure, outdir / "examples.png")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="mode", required=True)
+    rec = sub.add_parser("reconstruction", help="encode + decode images with fixed masks")
+    rec.add_argument("--images", required=True, help="folder of images (recursive; *_mask files are skipped)")
+    rec.add_argument("--decoder", action="append", required=True, metavar="NAME=CONFIG:CKPT",
+                     help="a decoder to evaluate (repeat for several: one report row each)")
+    rec.add_argument("--mask_dir", help="folder with NAME_mask.png per image (default: generated masks)")
+    rec.add_argument("--mask_config", default=str(DEFAULT_MASK_CONFIG), help="mask generator yaml")
+    rec.add_argument("--size", type=int, default=256,
+                     help="shorter side resized to SIZE, centre crop SIZExSIZE; 0 = native size (cropped to x8)")
+    rec.add_argument("--sample_posterior", action="store_true",
+                     help="decode a posterior sample (seeded by --seed) instead of its mode")
+    rec.add_argument("--precision", choices=("full", "autocast"), default="full",
+                     help="autocast = float16 on CUDA (no effect on CPU)")
+    rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+    rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    rec.add_argument("--tile", type=int, default=0,
+                     help="decode in tiles of TILE image pixels (model.enable_tiling); 0 = off")
+    rec.add_argument("--tile_overlap", type=int, default=128, help="tile overlap in image pixels")
+    res = sub.add_parser("results", help="score images produced elsewhere (e.g. inpaint_st.py outputs)")
+    res.add_argument("--indir", required=True, help="NAME.png + NAME_mask.png (inpaint_st.py's input folder)")
+    res.add_argument("--predictions", action="append", required=True, metavar="LABEL=DIR",
+                     help="folder of NAME.png predictions (repeat for several)")
+    res.add_argument("--max_size", type=int, default=640, help="inpaint_st.py's --max_size the outputs were made with")
+    for q in (rec, res):
+        q.add_argument("--outdir", required=True, help="metrics.json, metrics.md, examples.png go here")
+        q.add_argument("--batch_size", type=int, default=8)
+        q.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+        q.add_argument("--seed", type=int, default=0, help="mask and posterior seed")
+        q.add_argument("--device", default="auto")
+        q.add_argument("--n_examples", type=int, default=4, help="rows of examples.png (0 = no figure)")
+        q.add_argument("--lpips_vgg", help="torchvision vgg16-397923af.pth (default: torch hub cache)")
+        q.add_argument("--inception_weights", help=f"{metrics.INCEPTION_FILE} (default: torch hub cache)")
+        q.add_argument("--no_lpips", action="store_true")
+        q.add_argument("--no_fid", action="store_true")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt = p.parse_args(argv)
+    if opt.batch_size < 1:
+        p.error("--batch_size must be >= 1")
+    if opt.mode == "reconstruction" and opt.size not in (0,) and (opt.size < 8 or opt.size % 8):
+        p.error(f"--size {opt.size}: must be 0 or a multiple of 8")
+    return opt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    opt = parse_args(argv)
+    device = pick_device(opt.device)
+    try:
+        run = run_reconstruction if opt.mode == "reconstruction" else run_results
+        samples, results, examples, missing = run(opt, device)
+    except (InputError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        print("no report written", file=sys.stderr)
+        return 2
+    report = {
+        "complete": True,
+        "mode": opt.mode,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "images": [s.name for s in samples],
+        "image_size": list(samples[0].image.shape[-2:]) if len({s.image.shape for s in samples}) == 1 else "mixed",
+        "protocol": {k: v for k, v in vars(opt).items() if k not in ("quiet",)},
+        "missing_metrics": missing,
+        "decoders": results,
+    }
+    table = markdown_table(results, missing)
+    figure = example_figure(samples, examples) if opt.n_examples > 0 else None
+    write_report(Path(opt.outdir), report, table, figure)
+    print(table)
+    print(f"wrote {Path(opt.outdir) / 'metrics.json'}, metrics.md" + (", examples.png" if figure is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""scripts/evaluate.py end to end on tiny random-weight decoders and tmp folders, plus the network-metric loaders
+and bad-input refusals."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm import metrics
+from ldm.checkpoint import save_state_dict
+from scripts import evaluate
+from tests.conftest import make_autoencoder
+
+TINY = "configs/tiny/autoencoder_kl_tiny.yaml"
+TINY_WOC = "configs/tiny/autoencoder_kl_woc_tiny.yaml"
+
+
+def write_png(path, size, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    if mode == "RGB":  # smooth enough that the tiny autoencoder's errors are not the whole story
+        yy, xx = np.mgrid[:size[1], :size[0]]
+        base = np.stack([xx * 255 / size[0], yy * 255 / size[1], np.full_like(xx, 128.0)], -1)
+        array = np.clip(base + rng.normal(0, 10, shape), 0, 255).astype(np.uint8)
+    else:
+        array = np.zeros(shape, np.uint8)
+        array[size[1] // 4: size[1] // 2, size[0] // 3: size[0] * 2 // 3] = 255
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"asym": save_state_dict(make_autoencoder(condition=True, num_res_blocks=2).state_dict(), root / "asym.ckpt"),
+            "vanilla": save_state_dict(make_autoencoder(condition=False, num_res_blocks=2).state_dict(), root / "vanilla.ckpt")}
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for i, size in enumerate([(40, 36), (48, 48), (36, 44)]):
+        write_png(root / f"img{i}.png", size, seed=i)
+    return root
+
+
+def run_rec(image_dir, ckpts, outdir, *extra):
+    return evaluate.main(["reconstruction", "--images", str(image_dir), "--size", "32", "--outdir", str(outdir),
+                          "--decoder", f"vanilla={TINY_WOC}:{ckpts['vanilla']}",
+                          "--decoder", f"asym={TINY}:{ckpts['asym']}", "--quiet", "--batch_size", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def rec_report(image_dir, ckpts, tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("rec")
+    assert run_rec(image_dir, ckpts, outdir) == 0
+    return outdir, json.loads((outdir / "metrics.json").read_text())
+
+
+def test_reconstruction_report(rec_report, image_dir, ckpts):
+    outdir, report = rec_report
+    assert report["complete"] is True and report["images"] == ["img0", "img1", "img2"]
+    assert report["image_size"] == [32, 32]
+    assert set(report["decoders"]) == {"vanilla", "asym"}
+    for r in report["decoders"].values():
+        assert r["n_images"] == 3
+        assert 0 < r["pre_error"] < 1 and 0 <= r["ssim"] <= 1
+        assert math.isclose(r["pre_error_sum"], r["pre_error"] * 3 * 32 * 32, rel_tol=1e-6)
+        assert r["lpips"] is None and r["fid"] is None  # no weights on this machine's default paths
+    assert "vgg16-397923af.pth" in report["missing_metrics"]["lpips"]
+    assert metrics.INCEPTION_FILE in report["missing_metrics"]["fid"]
+    table = (outdir / "metrics.md").read_text()
+    assert table.count("\n| vanilla |") == 1 and table.count("\n| asym |") == 1
+    figure = Image.open(outdir / "examples.png")
+    assert figure.size == (6 * 32, 3 * 32 + 14)  # input, mask, 2 decoders, 2 error maps; 3 rows + labels
+
+
+def test_reconstruction_matches_a_direct_computation(rec_report, image_dir, ckpts):
+    """The asym row equals pre_error of the model's own decode with the generated masks (same seeds)."""
+    _, report = rec_report
+    opt = evaluate.parse_args(["reconstruction", "--images", str(image_dir), "--size", "32", "--outdir", "x",
+                               "--decoder", f"a={TINY}:{ckpts['asym']}", "--quiet"])
+    samples = evaluate.reconstruction_samples(opt)
+    model = make_autoencoder(condition=True, num_res_blocks=2)
+    image = torch.stack([s.image for s in samples])
+    mask = torch.stack([s.mask for s in samples])
+    assert 0 < mask.mean() < 1
+    with torch.no_grad():
+        z = model.encode(image * 2 - 1).mode()
+        pred = metrics.quantize_uint8(metrics.to_unit(model.decode(z, image * 2 - 1, mask)))
+    expected = metrics.pre_error(pred, image, mask).mean().item()
+    assert math.isclose(report["decoders"]["asym"]["pre_error"], expected, rel_tol=1e-4)
+    # masks are fixed by (seed, index): a second call gives the same ones
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(samples, evaluate.reconstruction_samples(opt)))
+
+
+def test_reconstruction_with_mask_folder_and_tiling(image_dir, ckpts, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, size in enumerate([(40, 36), (48, 48), (36, 44)]):
+        write_png(masks / f"img{i}_mask.png", size, mode="L")
+    assert run_rec(image_dir, ckpts, tmp_path / "out", "--mask_dir", str(masks), "--tile", "16",
+                   "--tile_overlap", "4", "--n_examples", "0", "--channels_last") == 0
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["decoders"]["asym"]["n_images"] == 3
+    assert not (tmp_path / "out" / "examples.png").exists()
+
+
+def test_results_mode_identical_predictions_give_zero_error_and_inf_psnr(tmp_path):
+    indir, same = tmp_path / "in", tmp_path / "same"
+    indir.mkdir(), same.mkdir()
+    for i in range(2):
+        write_png(indir / f"p{i}.png", (64, 64), seed=i)
+        write_png(indir / f"p{i}_mask.png", (64, 64), mode="L")
+        write_png(same / f"p{i}.png", (64, 64), seed=i)
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    for i in range(2):
+        arr = np.asarray(Image.open(indir / f"p{i}.png")).astype(np.int16)
+        arr[:8] = 255 - arr[:8]  # rows 0-7 lie in the kept region
+        Image.fromarray(arr.astype(np.uint8)).save(noisy / f"p{i}.png")
+    out = tmp_path / "out"
+    assert evaluate.main(["results", "--indir", str(indir), "--predictions", f"same={same}",
+                          "--predictions", f"noisy={noisy}", "--outdir", str(out), "--quiet"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    same_r, noisy_r = report["decoders"]["same"], report["decoders"]["noisy"]
+    assert same_r["pre_error"] == 0 and same_r["psnr_kept"] == "inf" and same_r["psnr_generated"] == "inf"
+    assert same_r["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert noisy_r["pre_error"] > 0 and noisy_r["psnr_generated"] == "inf"
+    assert "| same | 2 | 0.00 |" in (out / "metrics.md").read_text()
+
+
+def test_results_mode_bad_inputs(tmp_path, capsys):
+    indir, preds = tmp_path / "in", tmp_path / "pred"
+    indir.mkdir(), preds.mkdir()
+    out = tmp_path / "out"
+
+    def run(*extra):
+        return evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--outdir",
+                              str(out), "--quiet", *extra])
+
+    assert run() == 2 and "no NAME.png + NAME_mask.png pairs" in capsys.readouterr().err
+    write_png(indir / "a.png", (64, 64))
+    write_png(indir / "a_mask.png", (64, 64), mode="L")
+    write_png(indir / "b.png", (64, 64))
+    assert run() == 2 and "image without its mask b_mask.png" in capsys.readouterr().err
+    (indir / "b.png").unlink()
+    assert run() == 2 and str(preds / "a.png") in capsys.readouterr().err  # prediction missing
+    write_png(preds / "a.png", (128, 64))
+    err = (run(), capsys.readouterr().err)
+    assert err[0] == 2 and "128x64" in err[1] and "64x64" in err[1]  # size mismatch names both
+    write_png(indir / "c.png", (64, 64))
+    write_png(indir / "c_mask.png", (32, 32), mode="L")
+    assert run() == 2 and "c_mask.png: mask is 32x32" in capsys.readouterr().err
+    assert not out.exists()  # nothing written by any failed run
+
+
+def test_reconstruction_bad_inputs(image_dir, ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate.main(["reconstruction", "--images", str(image_dir), "--outdir", str(out), "--quiet",
+                          "--decoder", f"a={TINY}:{tmp_path / 'missing.ckpt'}"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["reconstruction", "--images", "x", "--outdir", "o", "--decoder", "a", "--size", "30"])
+    assert run_rec(image_dir, ckpts, out, "--mask_dir", str(tmp_path)) == 2
+    assert "img0_mask.png: file not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_rec(empty, ckpts, out) == 2 and "no images" in capsys.readouterr().err
+    assert evaluate.main(["reconstruction", "--images", str(image_dir), "--outdir", str(out), "--quiet",
+                          "--decoder", f"a={TINY}"]) == 2
+    assert "NAME=CONFIG.yaml:CKPT" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_lpips_with_a_weights_file(tmp_path):
+    """LPIPS is computed when the VGG16 file exists (random weights here: only identity and symmetry are known)."""
+    import torchvision
+
+    vgg = torchvision.models.vgg16(weights=None).features.state_dict()
+    path = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in vgg.items()}, path)
+    model, why = metrics.load_lpips(path)
+    assert why is None
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(metrics.lpips_distance(model, a, a), torch.zeros(2), atol=1e-6)
+        d = metrics.lpips_distance(model, a, b)
+        assert d.shape == (2,) and (d > 0).all()
+        torch.testing.assert_close(d, metrics.lpips_distance(model, b, a))
+
+
+def test_fid_missing_or_wrong_file(tmp_path):
+    fid, why = metrics.load_fid(tmp_path / "none.pth")
+    assert fid is None and metrics.INCEPTION_FILE in why and str(tmp_path / "none.pth") in why
+    bad = tmp_path / "bad.pth"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="fc.weight"):
+        metrics.load_fid(bad)
+
+
+def test_ssim_known_values():
+    a = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(metrics.ssim(a, a), torch.ones(2))
+    assert (metrics.ssim(a, 1 - a) < 0.5).all()
