@@ -11,17 +11,19 @@ all pixels of the image, not only the kept ones). Both are returned; tables labe
 PSNR of a region is ``10 log10(1 / MSE)`` with the MSE over that region's pixels and channels; identical images
 give ``inf`` (:func:`json_safe` writes it as the string ``"inf"``). A region with no pixels gives ``nan``.
 
-Whole-image metrics of the paper's evaluation: :func:`ssim`, LPIPS (:func:`load_lpips`, :func:`lpips_distance`) and
-FID (:func:`load_fid`); the last two need weight files on disk and report which file is missing instead.
+:class:`ImageMetrics` adds the whole-image metrics of the paper's evaluation (SSIM, LPIPS, FID); LPIPS and FID need
+weight files on disk and, when they are missing, say which file and where instead.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
-from torch import nn
+
+log = logging.getLogger(__name__)
 
 REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_kept", "psnr_generated")
 
@@ -113,6 +115,11 @@ class RegionMetricAccumulator:
             out[f"psnr_{region}"] = float(psnr_from_mse(torch.tensor(out[f"mse_{region}"])))
         out["n_images"] = len(self)
         return out
+
+
+# FID's InceptionV3 weights as torch-fidelity / torchmetrics fetch them (no network here: the user brings the file)
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
 def default_inception_path() -> Path:
@@ -230,62 +237,3 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
-
-
-# ---------------------------------------------------------------------------------------------- network metrics
-# LPIPS and FID need network weights that cannot be downloaded here. Each loader returns (metric, None) or
-# (None, message naming the missing file and where to put it), so a report still gets every other metric.
-
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-
-
-def default_inception_path() -> Path:
-    """Where torch-fidelity / torchmetrics cache the FID Inception weights: ``$TORCH_HOME/hub/checkpoints/``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,) SSIM of whole images in [0, 1] (torchmetrics, Gaussian window 11, sigma 1.5)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
-
-
-def load_lpips(vgg_path: Optional[Union[str, Path]] = None,
-               device: Union[str, torch.device] = "cpu") -> Tuple[Optional[nn.Module], Optional[str]]:
-    """LPIPS(VGG), the paper's perceptual metric (LaMa's ``PerceptualLoss(net-lin, vgg)`` = lpips v0.1), built by
-    the one loader the training loss uses; ``(None, message)`` when the VGG16 trunk file is missing."""
-    from ldm.modules.losses.contperceptual import build_lpips
-
-    try:
-        return build_lpips(vgg_path).to(device), None
-    except FileNotFoundError as err:
-        return None, str(err)
-
-
-def lpips_distance(model: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,) LPIPS of whole images given in [0, 1] (rescaled to [-1, 1], as LPIPS expects)."""
-    return model(pred.float() * 2 - 1, target.float() * 2 - 1).flatten()
-
-
-def load_fid(inception_path: Optional[Union[str, Path]] = None,
-             device: Union[str, torch.device] = "cpu") -> Tuple[Optional[nn.Module], Optional[str]]:
-    """torchmetrics ``FrechetInceptionDistance`` (InceptionV3 pool3, 2048-d) on the torch-fidelity weights file.
-
-    Its real-image statistics survive ``reset()`` (``reset_real_features=False``), so one set of real images serves
-    every decoder. ``(None, message)`` when the weights file is missing.
-    """
-    path = Path(inception_path) if inception_path is not None else default_inception_path()
-    if not path.is_file():
-        return None, (f"FID needs the InceptionV3 weights {INCEPTION_FILE}, not found at {path}. Download "
-                      f"{INCEPTION_URL} and put it there (or pass its path with --inception_weights).")
-    # torch-fidelity reads the file with weights_only=False; reading it weights-only first refuses pickled code
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or "fc.weight" not in state:
-        raise ValueError(f"{path}: not torch-fidelity's InceptionV3 state dict (no fc.weight)")
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=True,
-                                   feature_extractor_weights_path=str(path))
-    return fid.to(device), None

@@ -19,7 +19,8 @@ inpaint_st.py's own rule (``--max_size``, sides floored to multiples of 64) so t
 
 Images are compared in [0, 1] after 8-bit quantisation (what the saved files hold). ``pre_error`` is the per-element
 mean the paper's table reports, ``pre_error_sum`` the original code's per-image sum (see ``ldm/metrics.py``). PSNR of
-identical regions is ``inf``, written as the string "inf" in JSON. LPIPS needs torchvision's VGG16 file and FID the
+identical regions is ``inf``, written as the string "inf" in JSON. FID compares each decoder's set of outputs with
+the set of originals. LPIPS needs torchvision's VGG16 file and FID the
 torch-fidelity InceptionV3 file: when missing, the report says which file and where, and gives the other metrics.
 The report is written only when every image was evaluated (atomically); a failure leaves no report.
 """
@@ -30,7 +31,7 @@ import datetime
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -194,58 +195,10 @@ def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[List[Sample]
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-@dataclass
-class Scorer:
-    """Every metric for one decoder; LPIPS/FID models are shared between decoders."""
-    lpips_model: Optional[torch.nn.Module]
-    fid: Optional[torch.nn.Module]
-    region: metrics.RegionMetricAccumulator = field(default_factory=metrics.RegionMetricAccumulator)
-    ssim: List[float] = field(default_factory=list)
-    lpips: List[float] = field(default_factory=list)
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
-        """``pred``/``target`` (B,3,H,W) in [0,1], ``mask`` (B,1,H,W)."""
-        self.region.update(pred, target, mask)
-        self.ssim.extend(metrics.ssim(pred, target).double().cpu().tolist())
-        if self.lpips_model is not None:
-            self.lpips.extend(metrics.lpips_distance(self.lpips_model, pred, target).double().cpu().tolist())
-        if self.fid is not None:
-            self.fid.update(pred.float(), real=False)
-
-    def summary(self) -> Dict[str, Optional[float]]:
-        out: Dict[str, Optional[float]] = dict(self.region.summary())
-        out["ssim"] = float(np.mean(self.ssim))
-        out["lpips"] = float(np.mean(self.lpips)) if self.lpips_model is not None else None
-        out["fid"] = None
-        if self.fid is not None:
-            if len(self.ssim) < 2:
-                log.warning("FID needs at least 2 images; not computed")
-            else:
-                out["fid"] = float(self.fid.compute())
-            self.fid.reset()  # keeps the real-image statistics for the next decoder
-        return out
-
-
-def network_metrics(opt: argparse.Namespace, device: torch.device) -> Tuple[Optional[torch.nn.Module],
-                                                                            Optional[torch.nn.Module], Dict[str, str]]:
-    """LPIPS model, FID metric and, for each one that is off, why."""
-    missing: Dict[str, str] = {}
-    lpips_model = fid = None
-    if opt.no_lpips:
-        missing["lpips"] = "switched off (--no_lpips)"
-    else:
-        lpips_model, why = metrics.load_lpips(opt.lpips_vgg, device)
-        if why:
-            missing["lpips"] = why.split(" (or set lossconfig")[0] + " (or pass --lpips_vgg PATH)."
-    if opt.no_fid:
-        missing["fid"] = "switched off (--no_fid)"
-    else:
-        fid, why = metrics.load_fid(opt.inception_weights, device)
-        if why:
-            missing["fid"] = why
-    for name, why in missing.items():
-        log.warning("%s not computed: %s", name.upper(), why)
-    return lpips_model, fid, missing
+def image_metrics(opt: argparse.Namespace, device: torch.device) -> metrics.ImageMetrics:
+    """One decoder's accumulator of every metric (LPIPS / FID skipped, with the reason, when weights are missing)."""
+    return metrics.ImageMetrics(lpips=not opt.no_lpips, fid=not opt.no_fid, lpips_vgg_path=opt.lpips_vgg,
+                                fid_weights_path=opt.fid_weights, device=device)
 
 
 def stack(batch: Sequence[Sample], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -272,10 +225,6 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
             if not Path(path).exists():
                 raise InputError(f"--decoder {name}: {what} not found: {path}")
     samples = reconstruction_samples(opt)
-    lpips_model, fid, missing = network_metrics(opt, device)
-    if fid is not None:
-        for batch in batches(samples, opt.batch_size):
-            fid.update(stack(batch, device)[0], real=True)
     results, examples = {}, {}
     for name, config, ckpt in specs:
         model = load_model(config, ckpt, device=device)
@@ -286,7 +235,7 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
         if opt.compile:
             model.decoder = torch.compile(model.decoder)
         generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
-        scorer = Scorer(lpips_model, fid)
+        scorer = image_metrics(opt, device)
         examples[name] = []
         with torch.inference_mode(), precision_scope(opt.precision, device):
             for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"decoder {name}", disable=opt.quiet):
@@ -296,18 +245,14 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
                 examples[name].extend(pred[:max(0, opt.n_examples - len(examples[name]))].cpu())
         results[name] = {"config": config, "checkpoint": ckpt, **scorer.summary()}
         del model
-    return samples, results, examples, missing
+    return samples, results, examples
 
 
 def run_results(opt: argparse.Namespace, device: torch.device):
     samples, predictions = results_samples(opt)
-    lpips_model, fid, missing = network_metrics(opt, device)
-    if fid is not None:
-        for batch in batches(samples, opt.batch_size):
-            fid.update(stack(batch, device)[0], real=True)
     results, examples = {}, {}
     for label, preds in predictions.items():
-        scorer = Scorer(lpips_model, fid)
+        scorer = image_metrics(opt, device)
         with torch.inference_mode():
             for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"predictions {label}",
                               disable=opt.quiet):
@@ -317,11 +262,11 @@ def run_results(opt: argparse.Namespace, device: torch.device):
         results[label] = {"folder": dict(parse_spec(s, "--predictions", False)[:2] for s in opt.predictions)[label],
                           **scorer.summary()}
         examples[label] = [preds[s.name] for s in samples[:opt.n_examples]]
-    return samples, results, examples, missing
+    return samples, results, examples
 
 
 # ------------------------------------------------------------------------------------------------ report
-def markdown_table(results: Dict[str, Dict], missing: Dict[str, str]) -> str:
+def markdown_table(results: Dict[str, Dict]) -> str:
     """One row per decoder, as the paper's tables."""
     def num(v, fmt):
         if v is None:
@@ -342,7 +287,7 @@ def markdown_table(results: Dict[str, Dict], missing: Dict[str, str]) -> str:
     lines.append("pre_error: squared error in the kept region (mask 0) per element, images in [0, 1] "
                  "(= pre_error_sum / (3*H*W), the magnitude of the paper's table); pre_error_sum: the original "
                  "code's per-image sum. PSNR from the mean region MSE.")
-    for name, why in missing.items():
+    for name, why in next(iter(results.values()))["missing"].items():
         lines.append(f"\n{name.upper()} not computed: {why}")
     return "\n".join(lines) + "\n"
 
@@ -420,7 +365,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         q.add_argument("--device", default="auto")
         q.add_argument("--n_examples", type=int, default=4, help="rows of examples.png (0 = no figure)")
         q.add_argument("--lpips_vgg", help="torchvision vgg16-397923af.pth (default: torch hub cache)")
-        q.add_argument("--inception_weights", help=f"{metrics.INCEPTION_FILE} (default: torch hub cache)")
+        q.add_argument("--fid_weights", help=f"{metrics.INCEPTION_FILE} (default: torch hub cache)")
         q.add_argument("--no_lpips", action="store_true")
         q.add_argument("--no_fid", action="store_true")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -438,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = pick_device(opt.device)
     try:
         run = run_reconstruction if opt.mode == "reconstruction" else run_results
-        samples, results, examples, missing = run(opt, device)
+        samples, results, examples = run(opt, device)
     except (InputError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         print("no report written", file=sys.stderr)
@@ -451,10 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "images": [s.name for s in samples],
         "image_size": list(samples[0].image.shape[-2:]) if len({s.image.shape for s in samples}) == 1 else "mixed",
         "protocol": {k: v for k, v in vars(opt).items() if k not in ("quiet",)},
-        "missing_metrics": missing,
         "decoders": results,
     }
-    table = markdown_table(results, missing)
+    table = markdown_table(results)
     figure = example_figure(samples, examples) if opt.n_examples > 0 else None
     write_report(Path(opt.outdir), report, table, figure)
     print(table)

@@ -71,8 +71,7 @@ def test_reconstruction_report(rec_report, image_dir, ckpts):
         assert 0 < r["pre_error"] < 1 and 0 <= r["ssim"] <= 1
         assert math.isclose(r["pre_error_sum"], r["pre_error"] * 3 * 32 * 32, rel_tol=1e-6)
         assert r["lpips"] is None and r["fid"] is None  # no weights on this machine's default paths
-    assert "vgg16-397923af.pth" in report["missing_metrics"]["lpips"]
-    assert metrics.INCEPTION_FILE in report["missing_metrics"]["fid"]
+        assert "vgg16-397923af.pth" in r["missing"]["lpips"] and metrics.INCEPTION_FILE in r["missing"]["fid"]
     table = (outdir / "metrics.md").read_text()
     assert table.count("\n| vanilla |") == 1 and table.count("\n| asym |") == 1
     figure = Image.open(outdir / "examples.png")
@@ -184,26 +183,29 @@ def test_lpips_with_a_weights_file(tmp_path):
     vgg = torchvision.models.vgg16(weights=None).features.state_dict()
     path = tmp_path / "vgg16.pth"
     torch.save({f"features.{k}": v for k, v in vgg.items()}, path)
-    model, why = metrics.load_lpips(path)
-    assert why is None
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(metrics.lpips_distance(model, a, a), torch.zeros(2), atol=1e-6)
-        d = metrics.lpips_distance(model, a, b)
-        assert d.shape == (2,) and (d > 0).all()
-        torch.testing.assert_close(d, metrics.lpips_distance(model, b, a))
+    mask = torch.zeros(2, 1, 32, 32)
+    acc = metrics.ImageMetrics(fid=False, lpips_vgg_path=path)
+    same, diff = acc.update(a, a, mask)["lpips"], acc.update(a, b, mask)["lpips"]
+    torch.testing.assert_close(same, torch.zeros(2), atol=1e-6, rtol=0)
+    assert (diff > 0).all()
+    torch.testing.assert_close(diff, acc.update(b, a, mask)["lpips"])
+    assert set(acc.summary()["missing"]) == {"fid"}
 
 
 def test_fid_missing_or_wrong_file(tmp_path):
-    fid, why = metrics.load_fid(tmp_path / "none.pth")
-    assert fid is None and metrics.INCEPTION_FILE in why and str(tmp_path / "none.pth") in why
+    acc = metrics.ImageMetrics(lpips=False, fid_weights_path=tmp_path / "none.pth")
+    why = acc.missing["fid"]
+    assert metrics.INCEPTION_FILE in why and str(tmp_path / "none.pth") in why
     bad = tmp_path / "bad.pth"
-    torch.save({"x": torch.zeros(1)}, bad)
-    with pytest.raises(ValueError, match="fc.weight"):
-        metrics.load_fid(bad)
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="weights_only"):
+        metrics.build_fid(bad)
 
 
 def test_ssim_known_values():
     a = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(metrics.ssim(a, a), torch.ones(2))
-    assert (metrics.ssim(a, 1 - a) < 0.5).all()
+    acc = metrics.ImageMetrics(lpips=False, fid=False)
+    mask = torch.zeros(2, 1, 32, 32)
+    torch.testing.assert_close(acc.update(a, a, mask)["ssim"], torch.ones(2))
+    assert (acc.update(a, 1 - a, mask)["ssim"] < 0.5).all()
