@@ -31,7 +31,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # 
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from ldm.callbacks import AtomicCheckpointIO, ImageLogger, SetupCallback, StopOnSignal  # noqa: F401
+from ldm.callbacks import (AtomicCheckpointIO, ImageLogger, SetupCallback, StopOnSignal,  # noqa: F401
+                           TrainingStopped)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
 from ldm.util import instantiate_from_config
 
@@ -79,6 +80,21 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
                    help="post-mortem debugger on errors")
     return p
+
+
+BOOL_FLAGS = ("-t", "--train", "--no-test", "--scale_lr", "-d", "--debug")
+BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+
+
+def _explicit_bools(argv: Sequence[str]) -> List[str]:
+    """``-t key=value``: argparse would read ``key=value`` as the optional value of ``-t``; give it ``true``."""
+    out: List[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in BOOL_FLAGS and nxt is not None and not nxt.startswith("-") and nxt.lower() not in BOOL_WORDS:
+            out.append("true")
+    return out
 
 
 def parse_devices(gpus: Optional[str]) -> Tuple[str, Any, int]:
@@ -189,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.path.insert(0, os.getcwd())  # configs may name classes of this file as `main.X`
     # DDP re-runs this script once per extra device; they inherit the timestamp, so every rank names the same folder
     now = os.environ.setdefault(RUN_TIMESTAMP_ENV, datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
-    opt, overrides = get_parser().parse_known_args(argv)
+    opt, overrides = get_parser().parse_known_args(_explicit_bools(sys.argv[1:] if argv is None else list(argv)))
     logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
     if not config_files:
         raise ValueError("no config: give --base config.yaml (or --resume a log folder)")
@@ -247,12 +263,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, config),
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=str(logdir))
-    stop = next(c for c in callbacks if isinstance(c, StopOnSignal))
     try:
         if opt.train:
-            trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
-        if stop.received is not None:
-            return 128 + int(stop.received)
+            try:
+                trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+            except TrainingStopped as stopped:
+                log.warning("%s", stopped)
+                return 128 + int(stopped.signum)  # the shell's exit status for death by that signal
         if not opt.no_test and "test" in config.data.get("params", {}) and not trainer.interrupted:
             if is_overridden("test_step", model):
                 trainer.test(model, data, weights_only=True)

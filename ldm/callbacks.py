@@ -80,9 +80,21 @@ class SetupCallback(Callback):
             log.info("config written to %s", path)
 
 
+class TrainingStopped(Exception):
+    """Raised out of ``trainer.fit`` after :class:`StopOnSignal` saved ``last.ckpt``; ``signum`` says why."""
+
+    def __init__(self, signum: int, ckpt_path: PathLike):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {ckpt_path}")
+        self.signum = signum
+
+
 class StopOnSignal(Callback):
     """SIGTERM or Ctrl-C (SIGINT) end the run cleanly: after the current training batch ``last.ckpt`` is written
-    (atomically, through the trainer's checkpoint IO) and the trainer stops. A second Ctrl-C aborts at once.
+    (atomically, through the trainer's checkpoint IO) and :class:`TrainingStopped` leaves ``trainer.fit``. A second
+    Ctrl-C aborts at once.
+
+    The run stops by an exception, not ``trainer.should_stop``: the latter would finish the epoch and let the
+    epoch-end checkpoint overwrite this one with a state that resumes at the *next* epoch.
 
     Checkpointing between batches (not inside the handler) keeps model, optimizer, scheduler and data-loader
     states consistent, so ``--resume`` continues exactly where the run stopped. Under DDP the request is shared
@@ -119,14 +131,20 @@ class StopOnSignal(Callback):
         if requested:
             trainer.save_checkpoint(self.ckpt_path)
             log.warning("saved %s at global step %d; stopping", self.ckpt_path, trainer.global_step)
-            trainer.should_stop = True
             if self.received is None:
                 self.received = signal.SIGTERM  # another process got the signal
+            raise TrainingStopped(self.received, self.ckpt_path)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handlers()
 
 
 class ImageLogger(Callback):

@@ -1,0 +1,176 @@
+"""main.py end to end on a temporary folder of generated images: run folder contents, kill + resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+import main
+from ldm.callbacks import AtomicCheckpointIO
+
+
+class Recorder(pl.Callback):
+    """Appends one JSON line per training batch (step, generator lrs, image paths); sends itself SIGTERM at
+    ``kill_at`` (the way a cluster scheduler stops a job)."""
+
+    def __init__(self, path: str, kill_at: int = -1):
+        self.path, self.kill_at = path, kill_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        record = {"step": trainer.global_step, "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
+                  "paths": [Path(p).name for p in batch["path"]]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if trainer.global_step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """10 RGB images of 40x40 (random smooth colours) and 2 for validation."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("val", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            small = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((40, 40), Image.BILINEAR).save(tmp_path / split / f"{i}.png")
+    return tmp_path
+
+
+@pytest.fixture
+def config_file(image_folder, tiny_ddconfig):
+    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
+               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml"}}
+    config = {
+        "model": {"base_learning_rate": 1e-5, "target": "ldm.models.autoencoder.AutoencoderKL",
+                  "params": {"embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": tiny_ddconfig,
+                             "decoder_overrides": {"condition": True}, "pretrained_lr_factor": 0.1,
+                             "scheduler_config": {"target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler",
+                                                  "params": {"warm_up_steps": 2, "lr_start": 0.01, "lr_max": 1.0}},
+                             "lossconfig": {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                                            "params": {"disc_start": 3, "perceptual_weight": 0,
+                                                       "kl_weight": 1e-6}}}},
+        "data": {"target": "main.DataModuleFromConfig",
+                 "params": {"batch_size": 2, "num_workers": 0,
+                            "train": {**dataset, "params": {**dataset["params"],
+                                                            "root": str(image_folder / "train")}},
+                            "validation": {**dataset, "params": {**dataset["params"], "random_crop": False,
+                                                                 "fixed_masks": True,
+                                                                 "root": str(image_folder / "val")}}}},
+        "lightning": {"callbacks": {"image_logger": {"params": {"batch_frequency": 2, "max_images": 2}}},
+                      "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
+                                  "enable_progress_bar": False}},
+    }
+    path = image_folder / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(config), path)
+    return path
+
+
+def _run(tmp_path, monkeypatch, name, *args):
+    monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, f"2020-01-01T00-00-0{len(list(tmp_path.glob('logs/*')))}")
+    return main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", *args])
+
+
+def test_main_trains_and_writes_the_run_folder(tmp_path, config_file, monkeypatch):
+    rc = _run(tmp_path, monkeypatch, "e2e", "--base", str(config_file), "-t", "-n", "e2e", "--max_steps", "6")
+    assert rc == 0
+    (run,) = (tmp_path / "logs").glob("*_e2e")
+    assert len(list((run / "configs").glob("*-project.yaml"))) == 1
+    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml")))
+    assert lightning.lightning.trainer.max_steps == 6 and lightning.lightning.trainer.accelerator == "cpu"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert any(k.startswith("decoder.encoder.") for k in ckpt["state_dict"])
+    best = [p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    assert best, "a monitored metric keeps its best checkpoints"
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("train/rec_loss", "train/disc_loss", "lr/decoder", "lr/condition", "val/rec_loss",
+                   "val/kept_mse"):
+        assert column in header
+    images = {p.name.split("_gs-")[0] for p in (run / "images" / "train").glob("*.png")}
+    assert images == {"inputs", "masks", "masked_inputs", "reconstructions", "samples"}
+    assert list((run / "images" / "val").glob("reconstructions_*.png"))
+    assert not list(run.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_file, monkeypatch):
+    common = ["--base", str(config_file), "-t", "--max_steps", "9",
+              "lightning.callbacks.recorder.target=tests.test_main.Recorder"]
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    assert _run(tmp_path, monkeypatch, "full", *common, "-n", "full",
+                f"lightning.callbacks.recorder.params.path={full}") == 0
+    rc = _run(tmp_path, monkeypatch, "part", *common, "-n", "part",
+              f"lightning.callbacks.recorder.params.path={part}", "lightning.callbacks.recorder.params.kill_at=6")
+    assert rc == 128 + signal.SIGTERM
+    (run,) = (tmp_path / "logs").glob("*_part")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, pytest keeps working
+
+    # the resumed run reads its saved configs (with the recorder, still writing part.jsonl)
+    assert main.main(["--resume", str(run), "--wandb", "off", "-t", "--max_steps", "9"]) == 0
+    full_lines = [json.loads(line) for line in full.read_text().splitlines()]
+    part_lines = [json.loads(line) for line in part.read_text().splitlines()]
+    assert [r["step"] for r in part_lines] == list(range(9))
+    # same global steps, same learning rates, same images in the same order (mid-epoch: 5 batches per epoch)
+    for a, b in zip(full_lines, part_lines):
+        assert a["step"] == b["step"] and a["paths"] == b["paths"]
+        assert a["lr"] == pytest.approx(b["lr"])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+
+
+def test_bad_command_lines(tmp_path, config_file, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        _run(tmp_path, monkeypatch, "x", "--base", str(tmp_path / "nope.yaml"), "-t")
+    with pytest.raises(ValueError, match="--frobnicate"):
+        _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "--frobnicate")
+    with pytest.raises(FileNotFoundError, match="no such log folder"):
+        _run(tmp_path, monkeypatch, "x", "--resume", str(tmp_path / "missing_run"))
+    with pytest.raises(ValueError, match="cannot be given together"):
+        _run(tmp_path, monkeypatch, "x", "--resume", str(tmp_path), "-n", "a")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises((ValueError, FileNotFoundError), match="empty"):
+        _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t",
+             f"data.params.train.params.root={tmp_path / 'empty'}")
+    assert not list((tmp_path / "logs").glob("*/checkpoints/*.ckpt"))
+
+
+def test_device_flags():
+    assert main.parse_devices(None) == ("cpu", 1, 1)
+    assert main.parse_devices("0,1") == ("gpu", [0, 1], 2)
+    assert main.parse_devices("0,") == ("gpu", [0], 1)
+    assert main.parse_devices("3") == ("gpu", 3, 3)
+    opt = main.get_parser().parse_args(["--gpus", "0,1", "--num_nodes", "2", "--precision", "16"])
+    kwargs, world = main.build_trainer_kwargs(opt, OmegaConf.create({"max_epochs": 12}))
+    assert world == 4 and kwargs["strategy"] == "ddp_find_unused_parameters_true"
+    assert kwargs["precision"] == "16-mixed" and kwargs["devices"] == [0, 1] and kwargs["max_epochs"] == 12
+    # PL 1.x config keys of the original
+    opt = main.get_parser().parse_args(["--max_steps", "5"])
+    kwargs, world = main.build_trainer_kwargs(opt, OmegaConf.create({"gpus": "0,", "accelerator": "ddp",
+                                                                      "max_epochs": 12}))
+    assert kwargs["accelerator"] == "gpu" and kwargs["strategy"] == "ddp" and "max_epochs" not in kwargs
+    assert world == 1 and kwargs["max_steps"] == 5
+
+
+def test_checkpoint_io_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
