@@ -7,6 +7,7 @@ decoder, as in Stable Diffusion); ``decoder_overrides`` changes the decoder alon
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm import metrics
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
@@ -322,40 +324,41 @@ class AutoencoderKL(pl.LightningModule):
             self.manual_backward(g_loss)
             opt_g.step()
         logs = dict(log_g)
-        opt_d.zero_grad(set_to_none=True)
         if self.loss.gan_factor(step) > 0:
             with self.toggled_optimizer(opt_d):
                 d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
+                opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_loss)
+                _step_uncounted(opt_d)
             logs.update(log_d)
             self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
-        # before disc_start there are no gradients and Adam leaves the discriminator as it is; stepping anyway
-        # keeps optimizer and scheduler steps paired
-        _step_uncounted(opt_d)
 
         for group in opt_g.param_groups:
             logs[f"lr/{group['name']}"] = torch.tensor(group["lr"])
         logs["lr/discriminator"] = torch.tensor(opt_d.param_groups[0]["lr"])
         schedulers = self.lr_schedulers()
         if schedulers is not None:
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-                scheduler.step()
+            with warnings.catch_warnings():
+                # the discriminator's schedule advances (at lr 0) before its optimizer first steps at disc_start
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                    scheduler.step()
         self.log("aeloss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict(logs, on_step=True, on_epoch=False)
         return g_loss.detach()
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         """Deterministic (posterior mode) reconstruction with the batch's (fixed) masks; logs ``val/*`` epoch means,
-        including ``val/kept_mse``: squared error in the kept region (mask 0), images in [0, 1]."""
+        including the kept-region errors ``val/pre_error`` and ``val/kept_mse`` (:mod:`ldm.metrics`, [0, 1])."""
         x, mask = self.get_input(batch)
         rec, posterior = self.shared_forward(x, mask, sample_posterior=False)
         step = self.global_step
         _, logs = self.loss.generator_loss(x, rec, posterior, step, split="val")
         if self.loss.gan_factor(step) > 0:
             logs.update(self.loss.discriminator_loss(x, rec, step, split="val")[1])
-        keep = 1.0 - mask
-        sq = ((rec.clamp(-1, 1) - x) / 2) ** 2 * keep
-        logs["val/kept_mse"] = sq.sum() / (keep.sum() * x.shape[1]).clamp(min=1)
+        rec01, x01 = metrics.to_unit(rec), metrics.to_unit(x)
+        logs["val/pre_error"] = metrics.pre_error(rec01, x01, mask).mean()
+        logs["val/kept_mse"] = metrics.region_mse(rec01, x01, mask, "kept").nanmean()
         self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
 
     @torch.no_grad()
