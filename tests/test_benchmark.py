@@ -1,0 +1,55 @@
+"""scripts/benchmark.py: the quick mode runs every path (ours, diffusers, tiled, training step) on the tiny config
+and writes its report; FLOP counts equal a hand count. No timing assertions: numbers go to the report."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from scripts import benchmark
+
+
+def test_quick_mode_writes_a_complete_report(tmp_path):
+    out = tmp_path / "bench"
+    assert benchmark.main(["--quick", "--in_process", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    results = report["results"]
+    assert not [r for r in results if "error" in r]
+    kinds = {(r["impl"], r["kind"], r["condition"], r["size"], r["tiled"]) for r in results}
+    assert ("diffusers", "decode", True, 64, False) in kinds and ("ours", "decode", False, 128, True) in kinds
+    assert ("ours", "train_step", True, 32, False) in kinds and len(results) == 12
+    assert all(r["latency_ms"] > 0 and len(r["times_ms"]) == 1 for r in results)
+    assert all(r["gflop"] > 0 for r in results if r["impl"] == "ours")
+    assert report["matmul"]["tflops"] > 0 and report["machine"]["torch"] == torch.__version__
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| tiny |") == 7  # one row per case, ours and diffusers side by side
+
+
+def test_cpu_case_in_a_subprocess_reports_peak_memory():
+    case = dict(variant="tiny", impl="ours", condition=True, size=64, tiled=False, kind="decode")
+    opt = dict(device="cpu", batch=1, dtype="fp32", channels_last=True, compile=False, warmup=0, repeats=1,
+               tile=64, tile_overlap=16, threads=1)
+    result = benchmark.run_case_subprocess(case, opt, timeout=300)
+    assert "error" not in result, result.get("error")
+    # at least the 3x64x64 float32 output plus the 32-channel full-resolution activations
+    assert result["peak_mib"] > 32 * 64 * 64 * 4 / 2 ** 20
+
+
+def test_flop_count_equals_a_hand_count():
+    """Convolutions (2 * out elements * in/groups * k*k) plus the mid attention's two matmuls (2 * 2*T*T*C)."""
+    model = benchmark.build_model("tiny")
+    z, image, mask = benchmark.make_inputs(32, model.downsample_factor, 1, "cpu")
+    counts = []
+
+    def hook(module, inputs, output):
+        counts.append(2 * output.numel() * module.in_channels // module.groups * module.kernel_size[0]
+                      * module.kernel_size[1])
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model.decoder(model.post_quant_conv(z), image, mask)
+    tokens, channels = z.shape[-1] * z.shape[-2], model.decoder.mid.attn_1.q.in_channels
+    expected = sum(counts) + 2 * (2 * tokens * tokens * channels)
+    assert benchmark.count_flops("tiny", 32, 1, True, None, 0) == expected
