@@ -233,7 +233,7 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
         if opt.tile:
             model.enable_tiling(opt.tile, opt.tile_overlap)
         if opt.compile:
-            model.decoder = torch.compile(model.decoder)
+            model.decoder.compile()  # in place: parameter names unchanged
         generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
         scorer = image_metrics(opt, device)
         examples[name] = []
