@@ -102,7 +102,8 @@ def test_main_trains_and_writes_the_run_folder(tmp_path, config_file, monkeypatc
 
 
 def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_file, monkeypatch):
-    common = ["--base", str(config_file), "-t", "--max_steps", "9", "lightning.callbacks.image_logger.params.disabled=true",
+    common = ["--base", str(config_file), "-t", "--max_steps", "9",
+              "lightning.callbacks.image_logger.params.disabled=true",
               "lightning.callbacks.recorder.target=tests.test_main.Recorder"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert _run(tmp_path, monkeypatch, "full", *common, "-n", "full",
