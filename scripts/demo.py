@@ -9,7 +9,7 @@
    region per element, images in [0, 1]), error in the generated region, PSNR in each region; a table on stdout,
    outputs/demo/report.json and a side-by-side figure outputs/demo/comparison.png.
 
-    python scripts/demo.py [--out outputs/demo] [--stage1-steps 1200] [--stage2-steps 800]
+    python scripts/demo.py [--out outputs/demo] [--stage1-steps 1500] [--stage2-steps 1000]
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ STAGE2_CONFIG = REPO / "configs/demo/autoencoder_asymmetric.yaml"
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle_left",
                 "motorcycle_right", "camera", "grass", "gravel", "brick", "coins")
 HELDOUT_PHOTOS = ("chelsea", "coffee")
-PHOTO_SIDE = 256  # short side of each photo before cropping
-TRAIN_CROP = 96  # training crops; the dataset takes a random 48..96 square of each and resizes it to 64
-EVAL_SIZE = 64
+PHOTO_SIDE = 128  # short side of each photo before cropping
+TRAIN_CROP = 48  # training crops; the dataset takes a random 24..48 square of each and resizes it to 32
+EVAL_SIZE = 32
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -78,7 +78,8 @@ def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Pa
     """Random ``TRAIN_CROP`` crops of the training photos and a grid of ``EVAL_SIZE`` crops of the held-out ones."""
     train_dir, heldout_dir = data_dir / "train", data_dir / "heldout"
     done = data_dir / ".complete"
-    if done.is_file() and done.read_text() == f"{n_train} {seed}\n":
+    stamp = f"{n_train} {seed} {PHOTO_SIDE} {TRAIN_CROP} {EVAL_SIZE}\n"
+    if done.is_file() and done.read_text() == stamp:
         return train_dir, heldout_dir
     rng = np.random.default_rng(seed)
     photos = [resize_short_side(load_photo(n), PHOTO_SIDE) for n in TRAIN_PHOTOS]
@@ -89,14 +90,14 @@ def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Pa
         write_png(train_dir / f"{TRAIN_PHOTOS[i % len(photos)]}_{i:05d}.png", img[y:y + TRAIN_CROP, x:x + TRAIN_CROP])
     for name in HELDOUT_PHOTOS:
         img = resize_short_side(load_photo(name), PHOTO_SIDE)
-        ys = np.linspace(0, img.shape[0] - EVAL_SIZE, 4).astype(int)
-        xs = np.linspace(0, img.shape[1] - EVAL_SIZE, 6).astype(int)
+        ys = np.linspace(0, img.shape[0] - EVAL_SIZE, 6).astype(int)
+        xs = np.linspace(0, img.shape[1] - EVAL_SIZE, 8).astype(int)
         for y in ys:
             for x in xs:
                 write_png(heldout_dir / f"{name}_{y:03d}_{x:03d}.png", img[y:y + EVAL_SIZE, x:x + EVAL_SIZE])
-    done.write_text(f"{n_train} {seed}\n")
+    done.write_text(stamp)
     print(f"data: {n_train} training crops of {len(TRAIN_PHOTOS)} photos in {train_dir}, "
-          f"{len(HELDOUT_PHOTOS) * 24} held-out crops of {', '.join(HELDOUT_PHOTOS)} in {heldout_dir}")
+          f"{len(HELDOUT_PHOTOS) * 48} held-out crops of {', '.join(HELDOUT_PHOTOS)} in {heldout_dir}")
     return train_dir, heldout_dir
 
 
@@ -164,7 +165,7 @@ def format_table(table: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def side_by_side(tensors: Dict[str, torch.Tensor], path: Path, rows: int = 6, scale: int = 3) -> None:
+def side_by_side(tensors: Dict[str, torch.Tensor], path: Path, rows: int = 8, scale: int = 4) -> None:
     """Rows of held-out crops: input | mask | masked input | vanilla | asymmetric | |error| x4 of both."""
     x, mask = tensors["image"], tensors["mask"]
     idx = torch.linspace(0, len(x) - 1, rows).long()
@@ -197,8 +198,8 @@ def side_by_side(tensors: Dict[str, torch.Tensor], path: Path, rows: int = 6, sc
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="output folder (data, logs, report)")
-    parser.add_argument("--stage1-steps", type=int, default=1200)
-    parser.add_argument("--stage2-steps", type=int, default=800)
+    parser.add_argument("--stage1-steps", type=int, default=1500)
+    parser.add_argument("--stage2-steps", type=int, default=1000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(4, os.cpu_count() or 1))
