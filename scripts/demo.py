@@ -9,7 +9,7 @@
    region per element, images in [0, 1]), error in the generated region, PSNR in each region; a table on stdout,
    outputs/demo/report.json and a side-by-side figure outputs/demo/comparison.png.
 
-    python scripts/demo.py [--out outputs/demo] [--stage1-steps 1500] [--stage2-steps 1000]
+    python scripts/demo.py [--out outputs/demo] [--stage1-steps 1500] [--stage2-steps 1600]
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="output folder (data, logs, report)")
     parser.add_argument("--stage1-steps", type=int, default=1500)
-    parser.add_argument("--stage2-steps", type=int, default=1000)
+    parser.add_argument("--stage2-steps", type=int, default=1600)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(4, os.cpu_count() or 1))
