@@ -132,7 +132,7 @@ def build_fid(weights_path: Optional[Union[str, Path]] = None):
 
     The file is first read with ``weights_only=True`` (torch-fidelity itself unpickles it fully): a file that
     holds anything but tensors is refused before torch-fidelity opens it. Missing file -> FileNotFoundError naming
-    the file, the folder and the download address.
+    the file, the folder and the download address; a corrupt file or one with other keys -> ValueError naming it.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -141,10 +141,38 @@ def build_fid(weights_path: Optional[Union[str, Path]] = None):
         raise FileNotFoundError(f"FID needs the Inception weights {INCEPTION_FILE}, not found at {path}. Download "
                                 f"{INCEPTION_URL} into {path.parent} (or pass its path with --fid_weights)")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means the file is unusable; say which
-        raise ValueError(f"{path}: not a plain Inception state dict readable with weights_only=True ({err})") from err
-    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+        raise ValueError(f"{path}: not a readable Inception weights file (a plain state dict readable with "
+                         f"weights_only=True expected; {_first_line(err)})") from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a readable Inception weights file (expected a state dict of tensors, "
+                         f"got {type(state).__name__})")
+    try:
+        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+    except (RuntimeError, KeyError) as err:  # torch-fidelity's load_state_dict: wrong keys or shapes
+        raise ValueError(f"{path}: not a readable Inception weights file for FID ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception message (torch's unpickling and state-dict errors run for pages)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _build_lpips(vgg_path: Optional[Union[str, Path]]):
+    """``build_lpips`` with every way a weights file can be unusable turned into FileNotFoundError / ValueError
+    naming the file (torch.load raises UnpicklingError, EOFError, RuntimeError, ... for a corrupt file)."""
+    from ldm.modules.losses.contperceptual import build_lpips, default_vgg16_path
+
+    try:
+        return build_lpips(vgg_path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file: say which file, not a traceback
+        path = Path(vgg_path) if vgg_path is not None else default_vgg16_path()
+        raise ValueError(f"{path}: not a readable VGG16 weights file ({type(err).__name__}: "
+                         f"{_first_line(err)})") from err
 
 
 class ImageMetrics:
@@ -167,10 +195,8 @@ class ImageMetrics:
         self.lpips_model = None
         self.fid_metric = None
         if lpips:
-            from ldm.modules.losses.contperceptual import build_lpips
-
             try:
-                self.lpips_model = build_lpips(lpips_vgg_path).to(self.device)
+                self.lpips_model = _build_lpips(lpips_vgg_path).to(self.device)
             except (FileNotFoundError, ValueError) as err:
                 self.missing["lpips"] = str(err)
         else:

@@ -209,3 +209,23 @@ def test_ssim_known_values():
     mask = torch.zeros(2, 1, 32, 32)
     torch.testing.assert_close(acc.update(a, a, mask)["ssim"], torch.ones(2))
     assert (acc.update(a, 1 - a, mask)["ssim"] < 0.5).all()
+
+
+def test_corrupt_weight_files_make_that_metric_na_and_keep_the_others(image_dir, ckpts, tmp_path, capsys):
+    """A garbage --lpips_vgg file (UnpicklingError inside torch.load) and an Inception file with foreign keys
+    (RuntimeError inside torch-fidelity) are reported as n/a naming the file; the run and other metrics go on."""
+    bad_vgg = tmp_path / "bad.pth"
+    bad_vgg.write_bytes(b"garbage")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"a": torch.zeros(2)}, foreign)
+    out = tmp_path / "out"
+    assert run_rec(image_dir, ckpts, out, "--lpips_vgg", str(bad_vgg), "--fid_weights", str(foreign),
+                   "--n_examples", "0") == 0
+    report = json.loads((out / "metrics.json").read_text())
+    for r in report["decoders"].values():
+        assert r["lpips"] is None and r["fid"] is None and r["pre_error"] > 0 and r["ssim"] > 0
+        assert f"{bad_vgg}: not a readable VGG16 weights file" in r["missing"]["lpips"]
+        assert f"{foreign}: not a readable Inception weights file" in r["missing"]["fid"]
+    table = (out / "metrics.md").read_text()
+    assert f"LPIPS not computed: {bad_vgg}: not a readable VGG16 weights file" in table
+    assert "| n/a | " in table
