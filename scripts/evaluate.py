@@ -49,7 +49,7 @@ from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
 from ldm.callbacks import _replace_atomically  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
-from ldm.data.inpainting import UnreadableImageError, find_images, load_image  # noqa: E402
+from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
                            save_png, seed_everything)
@@ -107,14 +107,52 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return x[:, top:top + size, left:left + size]
 
 
+def require_folder(path: str, flag: str) -> Path:
+    """``path`` as a Path, or an InputError naming ``flag`` when it is missing or not a folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise InputError(f"{flag} {path}: not found")
+    if not folder.is_dir():
+        raise InputError(f"{flag} {path}: not a folder")
+    return folder
+
+
+def check_mask_folder(mask_dir: Path, paths: Sequence[Path]) -> None:
+    """Every image has ``NAME_mask.png`` in ``mask_dir`` and every ``*_mask.png`` there has its image: counts that
+    differ mean the folders do not belong together, so refuse rather than evaluate a subset silently."""
+    suffix = f"{MASK_SUFFIX}.png"
+    masks = {p.name[: -len(suffix)]: p for p in mask_dir.iterdir() if p.is_file() and p.name.endswith(suffix)}
+    names = {p.stem: p for p in paths}
+    extra, missing = sorted(masks.keys() - names.keys()), sorted(names.keys() - masks.keys())
+    if extra or missing:
+        problems = []
+        if extra:
+            problems.append(f"{len(extra)} masks without an image in --images: "
+                            + ", ".join(str(masks[n]) for n in extra[:5]) + (" ..." if len(extra) > 5 else ""))
+        if missing:
+            problems.append(f"{len(missing)} images without a mask: "
+                            + ", ".join(str(mask_dir / f"{n}{suffix}") for n in missing[:5])
+                            + " not found" + (" ..." if len(missing) > 5 else ""))
+        raise InputError(f"--mask_dir {mask_dir}: {len(masks)} masks for {len(names)} images; " + "; ".join(problems))
+
+
 def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
     """Images of ``--images`` (``*_mask`` files excluded) with their fixed masks, in sorted order."""
-    paths = [Path(p) for p in find_images(opt.images) if not Path(p).stem.endswith(MASK_SUFFIX)]
+    folder = require_folder(opt.images, "--images")
+    mask_dir = require_folder(opt.mask_dir, "--mask_dir") if opt.mask_dir else None
+    try:
+        found = find_images(folder)
+    except ValueError:
+        found = []
+    paths = [Path(p) for p in found if not Path(p).stem.endswith(MASK_SUFFIX)]
     if not paths:
-        raise InputError(f"--images {opt.images}: no images (only *_mask files)")
+        raise InputError(f"--images {opt.images}: no images (extensions {', '.join(IMAGE_EXTENSIONS)}; "
+                         f"*_mask files are not counted)")
+    if mask_dir is not None:
+        check_mask_folder(mask_dir, paths)
     if opt.limit:
         paths = paths[:opt.limit]
-    generator = None if opt.mask_dir else MaskGenerator.from_config(opt.mask_config)
+    generator = None if mask_dir is not None else MaskGenerator.from_config(opt.mask_config)
     samples, names = [], set()
     for index, path in enumerate(tqdm(paths, desc="loading images", disable=opt.quiet)):
         if path.stem in names:
@@ -124,8 +162,8 @@ def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
             image = torch.from_numpy(load_image(path)).permute(2, 0, 1)
         except UnreadableImageError as err:
             raise InputError(str(err)) from None
-        if opt.mask_dir:
-            mask_path = Path(opt.mask_dir) / f"{path.stem}{MASK_SUFFIX}.png"
+        if mask_dir is not None:
+            mask_path = mask_dir / f"{path.stem}{MASK_SUFFIX}.png"
             mask = mask_to_tensor(open_image(mask_path, "L"))[0]
             if mask.shape[-2:] != image.shape[-2:]:
                 raise InputError(f"{mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} but {path} is "
@@ -145,9 +183,7 @@ def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
 
 def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Dict[str, torch.Tensor]]]:
     """Originals and masks of ``--indir`` and, per ``--predictions`` label, the predicted images by name."""
-    indir = Path(opt.indir)
-    if not indir.is_dir():
-        raise InputError(f"--indir {indir}: not a folder")
+    indir = require_folder(opt.indir, "--indir")
     pairs, problems = find_pairs(indir)
     if problems:
         raise InputError("; ".join(problems))
@@ -162,9 +198,7 @@ def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Di
     predictions: Dict[str, Dict[str, torch.Tensor]] = {}
     for spec in opt.predictions:
         label, folder, _ = parse_spec(spec, "--predictions", with_ckpt=False)
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise InputError(f"--predictions {spec}: {folder} is not a folder")
+        folder = require_folder(folder, "--predictions")
         missing = [f"{folder / (s.name + '.png')}" for s in samples if not (folder / f"{s.name}.png").is_file()]
         if missing:
             raise InputError(f"--predictions {label}: {len(missing)} of {len(samples)} predictions missing: "
@@ -384,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run = run_reconstruction if opt.mode == "reconstruction" else run_results
         samples, results, examples = run(opt, device)
-    except (InputError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (InputError, CheckpointError, OSError, ValueError) as err:  # OSError: unreadable inputs, not a folder
         print(f"error: {err}", file=sys.stderr)
         print("no report written", file=sys.stderr)
         return 2

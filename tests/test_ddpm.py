@@ -173,6 +173,32 @@ def test_bad_constructor_arguments():
         instantiate_from_config(bad)
 
 
+
+@pytest.mark.parametrize("spatial, legacy, up_heads", [(True, False, 2), (True, True, 2), (False, False, 2),
+                                                       (False, True, 4)])
+def test_unet_head_counts_follow_the_original(spatial, legacy, up_heads):
+    """num_heads_upsample reaches only the output blocks' AttentionBlock, and only where the original lets it
+    (legacy, no num_head_channels); SpatialTransformer uses num_heads at every level, as CompVis' UNetModel."""
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, UNetModel
+
+    unet = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                     attention_resolutions=[1], channel_mult=[1], num_heads=2, num_heads_upsample=4,
+                     use_spatial_transformer=spatial, context_dim=16 if spatial else None, legacy=legacy)
+
+    def heads(block):
+        if isinstance(block, SpatialTransformer):
+            attn = block.transformer_blocks[0].attn1
+            return attn.heads, attn.dim_head
+        return block.num_heads, 32 // block.num_heads
+
+    kind = SpatialTransformer if spatial else AttentionBlock
+    down = [m for m in [*unet.input_blocks.modules(), *unet.middle_block.modules()] if isinstance(m, kind)]
+    up = [m for m in unet.output_blocks.modules() if isinstance(m, kind)]
+    assert len(down) == 2 and len(up) == 2
+    assert [heads(m) for m in down] == [(2, 16)] * 2
+    assert [heads(m) for m in up] == [(up_heads, 32 // up_heads)] * 2
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole sampling chain against diffusers' pipelines, built from the same weights with diffusers' own converters.
 

@@ -166,7 +166,7 @@ def test_reconstruction_bad_inputs(image_dir, ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["reconstruction", "--images", "x", "--outdir", "o", "--decoder", "a", "--size", "30"])
     assert run_rec(image_dir, ckpts, out, "--mask_dir", str(tmp_path)) == 2
-    assert "img0_mask.png: file not found" in capsys.readouterr().err
+    assert "3 images without a mask: " + str(tmp_path / "img0_mask.png") in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_rec(empty, ckpts, out) == 2 and "no images" in capsys.readouterr().err
@@ -229,3 +229,45 @@ def test_corrupt_weight_files_make_that_metric_na_and_keep_the_others(image_dir,
     table = (out / "metrics.md").read_text()
     assert f"LPIPS not computed: {bad_vgg}: not a readable VGG16 weights file" in table
     assert "| n/a | " in table
+
+
+def test_mask_folder_whose_count_differs_from_the_images_is_refused(image_dir, ckpts, tmp_path, capsys):
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    masks.mkdir()
+    for i, size in enumerate([(40, 36), (48, 48), (36, 44)]):
+        write_png(masks / f"img{i}_mask.png", size, mode="L")
+    write_png(masks / "extra_mask.png", (40, 36), mode="L")
+    assert run_rec(image_dir, ckpts, out, "--mask_dir", str(masks)) == 2
+    err = capsys.readouterr().err
+    assert "--mask_dir" in err and "4 masks for 3 images" in err and str(masks / "extra_mask.png") in err
+    (masks / "img1_mask.png").unlink()
+    assert run_rec(image_dir, ckpts, out, "--mask_dir", str(masks)) == 2
+    err = capsys.readouterr().err
+    assert str(masks / "extra_mask.png") in err and str(masks / "img1_mask.png") in err
+    assert not out.exists()
+
+
+def test_folder_flags_are_named_in_errors(image_dir, ckpts, tmp_path, capsys):
+    """A file or a missing path where a folder is expected: exit 2, the flag's name in the message, no report."""
+    a_file, gone, out = image_dir / "img0.png", tmp_path / "gone", tmp_path / "out"
+    assert run_rec(a_file, ckpts, out) == 2
+    assert f"--images {a_file}: not a folder" in capsys.readouterr().err
+    assert run_rec(gone, ckpts, out) == 2
+    assert f"--images {gone}: not found" in capsys.readouterr().err
+    assert run_rec(image_dir, ckpts, out, "--mask_dir", str(a_file)) == 2
+    assert f"--mask_dir {a_file}: not a folder" in capsys.readouterr().err
+
+    def results(indir, preds):
+        return evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--outdir", str(out),
+                              "--quiet"])
+
+    assert results(a_file, image_dir) == 2
+    assert f"--indir {a_file}: not a folder" in capsys.readouterr().err
+    indir = tmp_path / "in"
+    indir.mkdir()
+    write_png(indir / "a.png", (64, 64))
+    write_png(indir / "a_mask.png", (64, 64), mode="L")
+    assert results(indir, a_file) == 2
+    err = capsys.readouterr().err
+    assert f"--predictions {a_file}: not a folder" in err and "root:" not in err
+    assert not out.exists()

@@ -247,10 +247,12 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
 
-        def attention(ch: int, heads_for_block: int) -> nn.Module:
-            # head count / width exactly as the original derives them (including the legacy rule)
+        def attention(ch: int, upsample: bool = False) -> nn.Module:
+            # head count / width exactly as the original derives them (including the legacy rule). As there,
+            # num_heads_upsample reaches only the output blocks' AttentionBlock; their SpatialTransformer uses
+            # num_heads like every other level (CompVis openaimodel.py, UNetModel.__init__, output blocks).
             if num_head_channels == -1:
-                heads, dim_head = heads_for_block, ch // heads_for_block
+                heads, dim_head = num_heads, ch // num_heads
             else:
                 heads, dim_head = ch // num_head_channels, num_head_channels
             if legacy:
@@ -258,7 +260,8 @@ class UNetModel(nn.Module):
             if use_spatial_transformer:
                 return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
                                           use_linear=use_linear_in_transformer, use_checkpoint=use_checkpoint)
-            return AttentionBlock(ch, use_checkpoint=use_checkpoint, num_heads=heads_for_block,
+            return AttentionBlock(ch, use_checkpoint=use_checkpoint,
+                                  num_heads=num_heads_upsample if upsample else heads,
                                   num_head_channels=dim_head, use_new_attention_order=use_new_attention_order)
 
         def resblock(ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
@@ -282,7 +285,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads))
+                    layers.append(attention(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -292,7 +295,7 @@ class UNetModel(nn.Module):
                 input_block_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch, num_heads), resblock(ch, ch))
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -300,7 +303,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads_upsample))
+                    layers.append(attention(ch, upsample=True))
                 if level and i == num_res_blocks:
                     layers.append(resblock(ch, ch, up=True) if resblock_updown
                                   else Upsample(ch, conv_resample, dims=dims, out_channels=ch))
