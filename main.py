@@ -252,7 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True, "save_dir": str(logdir)}},
     }
     callbacks_config = OmegaConf.merge(callbacks_config, lightning_config.get("callbacks", OmegaConf.create()))
-    checkpoint_params = {"dirpath": str(ckptdir), "filename": "{epoch:06}", "save_last": True, "save_top_k": 0}
+    # no version counter: a resumed run finds last.ckpt from before the kill and must overwrite it, not add last-v1
+    checkpoint_params = {"dirpath": str(ckptdir), "filename": "{epoch:06}", "save_last": True, "save_top_k": 0,
+                         "enable_version_counter": False}
     if getattr(model, "monitor", None):
         log.info("keeping the 3 best checkpoints by %s", model.monitor)
         checkpoint_params.update(monitor=model.monitor, save_top_k=3, filename="{epoch:06}-{step:09}")

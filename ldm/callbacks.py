@@ -15,7 +15,7 @@ import torchvision
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,11 @@ class StopOnSignal(Callback):
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if requested:
+            for callback in trainer.checkpoint_callbacks:
+                # the saved state (and a resumed run) must know that this file is the newest "last" checkpoint
+                if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None \
+                        and Path(callback.dirpath).resolve() == self.ckpt_path.parent.resolve():
+                    callback.last_model_path = str(self.ckpt_path)
             trainer.save_checkpoint(self.ckpt_path)
             log.warning("saved %s at global step %d; stopping", self.ckpt_path, trainer.global_step)
             if self.received is None:

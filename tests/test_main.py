@@ -175,3 +175,23 @@ def test_checkpoint_io_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def _kill_and_resume(tmp_path, config_file, monkeypatch, name, kill_at, steps, *extra):
+    """Run ``name`` until SIGTERM at ``kill_at``, then resume it to ``steps``; -> the run folder."""
+    common = ["-t", "--max_steps", str(steps), "lightning.callbacks.image_logger.params.disabled=true", *extra]
+    rc = _run(tmp_path, monkeypatch, name, "--base", str(config_file), "-n", name, *common,
+              "lightning.callbacks.recorder.target=tests.test_main.Recorder",
+              f"lightning.callbacks.recorder.params.path={tmp_path / (name + '.jsonl')}",
+              f"lightning.callbacks.recorder.params.kill_at={kill_at}")
+    assert rc == 128 + signal.SIGTERM
+    (run,) = (tmp_path / "logs").glob(f"*_{name}")
+    assert main.main(["--resume", str(run), "--wandb", "off", *common]) == 0
+    return run
+
+
+def test_resume_without_monitor_keeps_writing_last_ckpt(tmp_path, config_file, monkeypatch):
+    """Killed in epoch 0 before any checkpoint, resumed: the newest state goes to last.ckpt, not last-v1.ckpt."""
+    run = _kill_and_resume(tmp_path, config_file, monkeypatch, "nomon", 2, 4, "model.params.monitor=null")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
