@@ -81,6 +81,14 @@ def parse_spec(spec: str, flag: str, with_ckpt: bool) -> Tuple[str, str, Optiona
     return name, config, ckpt
 
 
+def refuse_duplicates(names: Sequence[str], flag: str) -> None:
+    """Names key the report's rows: a repeated one would silently replace the earlier row."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"{flag}: name(s) {', '.join(repeated)} given more than once (each name is one report row; "
+                         "give every decoder its own name)")
+
+
 def on_8bit_grid(x: torch.Tensor) -> torch.Tensor:
     """[0,1] values rounded to k/255: an 8-bit file's pixels exactly as a prediction read from a PNG holds them
     (rounded, not truncated: a loaded pixel k may come back as k - 1e-7 after [-1,1] round trips)."""
@@ -183,6 +191,7 @@ def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
 
 def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Dict[str, torch.Tensor]]]:
     """Originals and masks of ``--indir`` and, per ``--predictions`` label, the predicted images by name."""
+    refuse_duplicates([parse_spec(s, "--predictions", with_ckpt=False)[0] for s in opt.predictions], "--predictions")
     indir = require_folder(opt.indir, "--indir")
     pairs, problems = find_pairs(indir)
     if problems:
@@ -254,6 +263,7 @@ def reconstruct(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor,
 
 def run_reconstruction(opt: argparse.Namespace, device: torch.device):
     specs = [parse_spec(s, "--decoder", with_ckpt=True) for s in opt.decoder]
+    refuse_duplicates([name for name, _, _ in specs], "--decoder")
     for name, config, ckpt in specs:
         for path, what in ((config, "config"), (ckpt, "checkpoint")):
             if not Path(path).exists():
@@ -356,12 +366,18 @@ def example_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Ten
 
 
 def write_report(outdir: Path, report: Dict, table: str, figure: Optional[np.ndarray]) -> None:
+    """metrics.json (``"complete": true``) is written last: an earlier run's is removed first, so whenever a
+    metrics.json exists, metrics.md and examples.png (or its absence, with ``--n_examples 0``) belong to it."""
     outdir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metrics.json_safe(report), indent=2, allow_nan=False) + "\n"
-    _replace_atomically(outdir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
-    _replace_atomically(outdir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
+    (outdir / "metrics.json").unlink(missing_ok=True)
     if figure is not None:
         save_png(figure, outdir / "examples.png")
+    elif (outdir / "examples.png").exists():  # an earlier run's figure would show other decoders / images
+        (outdir / "examples.png").unlink()
+        log.info("removed %s of an earlier run (--n_examples 0)", outdir / "examples.png")
+    _replace_atomically(outdir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
+    _replace_atomically(outdir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

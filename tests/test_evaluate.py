@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +272,51 @@ def test_folder_flags_are_named_in_errors(image_dir, ckpts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--predictions {a_file}: not a folder" in err and "root:" not in err
     assert not out.exists()
+
+
+def test_repeated_decoder_or_prediction_names_are_refused(image_dir, ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_rec(image_dir, ckpts, out, "--decoder", f"asym={TINY}:{ckpts['asym']}") == 2
+    assert "--decoder: name(s) asym given more than once" in capsys.readouterr().err
+    indir, preds = results_folders(tmp_path)
+    assert evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--predictions",
+                          f"x={indir}", "--outdir", str(out), "--quiet"]) == 2
+    assert "--predictions: name(s) x given more than once" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def results_folders(tmp_path, n=2):
+    indir, preds = tmp_path / "in", tmp_path / "pred"
+    indir.mkdir(), preds.mkdir()
+    for i in range(n):
+        write_png(indir / f"p{i}.png", (64, 64), seed=i)
+        write_png(indir / f"p{i}_mask.png", (64, 64), mode="L")
+        write_png(preds / f"p{i}.png", (64, 64), seed=i + 10)
+    return indir, preds
+
+
+def test_rerun_never_leaves_a_stale_figure_and_writes_metrics_json_last(tmp_path, monkeypatch):
+    import os
+
+    indir, preds = results_folders(tmp_path)
+    out = tmp_path / "out"
+    real_replace, written = os.replace, []
+
+    def recording_replace(src, dst):
+        # when a file lands, an earlier run's metrics.json must already be gone unless it is the one landing
+        written.append((Path(dst).name, (out / "metrics.json").exists()))
+        return real_replace(src, dst)
+
+    def run(*extra):
+        return evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--outdir", str(out),
+                              "--quiet", *extra])
+
+    assert run() == 0 and (out / "examples.png").exists()
+    monkeypatch.setattr(os, "replace", recording_replace)
+    assert run("--n_examples", "1") == 0
+    assert written == [("examples.png", False), ("metrics.md", False), ("metrics.json", False)]
+    written.clear()
+    assert run("--n_examples", "0") == 0
+    assert not (out / "examples.png").exists()  # the earlier figure is not left next to the new numbers
+    assert written == [("metrics.md", False), ("metrics.json", False)]
+    assert json.loads((out / "metrics.json").read_text())["complete"] is True
