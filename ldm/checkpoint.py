@@ -14,16 +14,18 @@ Formats read by :func:`read_state_dict`:
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ldm.util import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ TORCH_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _INERT_MODULE_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
                           "numpy.", "argparse.", "pathlib.", "main.", "ldm.", "taming.")
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# Plain containers and value types that metadata (OmegaConf configs, hyper-parameter dicts) pickles by reference: data, not code.
+_SAFE_CONTAINERS = [dict, list, set, tuple, int, float, str, bool, bytes, complex, collections.OrderedDict]
 
 
 class CheckpointError(ValueError):
@@ -56,13 +60,13 @@ def _torch_load_weights_only(path: Path) -> Any:
     inert: list = []
     for _ in range(64):
         try:
-            with torch.serialization.safe_globals(inert):
+            with torch.serialization.safe_globals(_SAFE_CONTAINERS + inert):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
         except pickle.UnpicklingError as e:
             match = _UNSUPPORTED_GLOBAL.search(str(e))
             if match is None:
-                raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: "
-                                      f"{str(e).splitlines()[0]}") from None
+                raise CheckpointError(f"{path}: not a weights checkpoint this loader can read safely "
+                                      f"({_unpickler_reason(e)})") from None
             name = match.group(1)
             if not name.startswith(_INERT_MODULE_PREFIXES) or "is blocked" in str(e):
                 raise CheckpointError(
@@ -70,9 +74,19 @@ def _torch_load_weights_only(path: Path) -> Any:
                     "weights file never needs and which could run code. Only tensors (and Lightning metadata) "
                     "are accepted; re-save the weights as .safetensors from a trusted environment.") from None
             inert.append((type(name.rsplit(".", 1)[-1], (_Inert,), {}), name))
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+        except (RuntimeError, KeyError, EOFError, OSError) as e:  # torch's reader on a file that is no checkpoint
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     raise CheckpointError(f"{path}: too many unknown pickled globals; not a weights checkpoint")
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The unpickler's own reason, without torch's advice to retry with ``weights_only=False``."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line[len("WeightsUnpickler error:"):].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return rest or "unreadable pickle"
+    return lines[-1] if lines else type(error).__name__
 
 
 def _is_zip(path: Path) -> bool:
@@ -127,23 +141,17 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     """Write tensors atomically as ``.safetensors`` or as a Lightning-style ``.ckpt``/``.pt`` (``{"state_dict": ...}``)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
 
-            # safetensors refuses tensors that share memory: give each its own storage
-            save_file({k: v.clone() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
-        elif path.suffix in TORCH_SUFFIXES:
-            torch.save({"state_dict": tensors, **({"metadata": dict(metadata)} if metadata else {})}, tmp)
-        else:
-            raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors or .ckpt")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        # safetensors refuses tensors that share memory: give each its own storage
+        write_atomically(path, lambda tmp: save_file({k: v.clone() for k, v in tensors.items()}, tmp,
+                                                     metadata=dict(metadata or {})))
+    elif path.suffix in TORCH_SUFFIXES:
+        payload = {"state_dict": tensors, **({"metadata": dict(metadata)} if metadata else {})}
+        write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; use .safetensors or .ckpt")
     return path
 
 
@@ -207,7 +215,8 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, sourc
 def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
                eval_mode: bool = True) -> nn.Module:
     """Instantiate ``config`` (a path to a YAML, an OmegaConf/dict with ``target``, or with a ``model`` section)
-    and load ``ckpt_path`` into it through the model's ``init_from_ckpt`` (or :func:`load_into`)."""
+    and load ``ckpt_path`` into it through the model's ``init_from_ckpt`` (or :func:`load_into`), strictly: an
+    autoencoder whose config has a condition branch needs one in the file."""
     from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
@@ -221,7 +230,12 @@ def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[
         config = config["model"]
     model = instantiate_from_config(config)
     if ckpt_path is not None:
-        if hasattr(model, "init_from_ckpt"):
+        from ldm.models.autoencoder import AutoencoderKL
+
+        if isinstance(model, AutoencoderKL):
+            # a model to use: every part, the condition branch included, must come from the file
+            model.init_from_ckpt(ckpt_path, fresh_condition=False)
+        elif hasattr(model, "init_from_ckpt"):
             model.init_from_ckpt(ckpt_path)
         else:
             load_into(model, read_state_dict(ckpt_path), source=ckpt_path)

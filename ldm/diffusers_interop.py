@@ -42,6 +42,7 @@ import torch
 
 from ldm.checkpoint import CheckpointError, PathLike, StateDict, read_state_dict
 from ldm.modules.diffusionmodules.condition import default_condition_widths
+from ldm.util import default_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +531,7 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp's 0700 would hide the folder from the group
     old = None
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

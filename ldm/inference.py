@@ -9,13 +9,14 @@ import contextlib
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterator, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ldm.util import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,5 @@ def save_png(array: np.ndarray, path: PathLike) -> Path:
     """Write an (H,W,3) uint8 array as PNG atomically: a temporary file in the same folder, then ``os.replace``,
     so ``path`` is either absent, the old file, or the complete new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
     return path

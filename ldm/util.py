@@ -1,8 +1,11 @@
-"""Config plumbing shared by every entry point: ``target`` / ``params`` instantiation."""
+"""Shared by every entry point: ``target`` / ``params`` instantiation and atomic file writes."""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
@@ -45,3 +48,35 @@ def default(val: Any, d: Any) -> Any:
     if exists(val):
         return val
     return d() if callable(d) else d
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file / folder under the current umask (``mkstemp`` and
+    ``mkdtemp`` use 0600 / 0700, which would leave outputs unreadable by the user's group)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk, then rename it over ``path``:
+    ``path`` is always absent, the old file or the complete new one, never half-written. The new file gets the
+    usual permissions (umask), not ``mkstemp``'s 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

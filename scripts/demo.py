@@ -19,7 +19,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -32,7 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ldm.callbacks import _replace_atomically  # noqa: E402
+from ldm.util import write_atomically  # noqa: E402
 from ldm.checkpoint import load_model  # noqa: E402
 from ldm.data.inpainting import ImageFolderInpainting  # noqa: E402
 from ldm import metrics  # noqa: E402
@@ -71,7 +70,7 @@ def resize_short_side(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
-    _replace_atomically(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1))
+    write_atomically(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1))
 
 
 def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Path, Path]:
@@ -223,7 +222,7 @@ def main(argv: Sequence[str] = None) -> int:
     ratio = table["vanilla"]["pre_error"] / max(table["asymmetric"]["pre_error"], 1e-12)
     print(f"kept-region error: the asymmetric decoder's pre_error is {ratio:.0f}x below the vanilla decoder's")
     report = {name: metrics.json_safe(table[name]) for name in ("vanilla", "asymmetric")}
-    _replace_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     side_by_side(tensors, out / "comparison.png")
     print(f"\nwrote {out / 'report.json'} and {out / 'comparison.png'} "
           f"(columns: input, mask, masked input, vanilla, asymmetric, |error| x4 vanilla, asymmetric); "

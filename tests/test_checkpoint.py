@@ -113,6 +113,7 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, tiny_autoencoder):
 
 @pytest.mark.parametrize("name, content, error, message", [
     ("garbage.ckpt", b"not a checkpoint at all", CheckpointError, "garbage.ckpt"),
+    ("text.ckpt", b"hello world", CheckpointError, "text.ckpt: not a readable PyTorch checkpoint"),
     ("broken.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", CheckpointError, "broken.safetensors"),
     ("weights.npz", b"PK", CheckpointError, "unknown checkpoint format"),
 ])
@@ -138,3 +139,86 @@ def test_load_model_from_config_file(tmp_path, tiny_autoencoder):
     model = load_model(tmp_path / "tiny.yaml", tmp_path / "tiny.safetensors")
     assert not model.training
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_autoencoder.state_dict().values()))
+
+
+def test_load_model_refuses_a_checkpoint_without_the_configured_condition_branch(tmp_path):
+    """A plain VAE into a conditioned config would leave the branch random and ruin the kept region: training may
+    start that way (init_from_ckpt), a model to use may not (load_model)."""
+    vae = make_autoencoder(condition=False, seed=4)
+    save_state_dict(vae.state_dict(), tmp_path / "vae.safetensors")
+    config = {"target": "ldm.models.autoencoder.AutoencoderKL",
+              "params": {"ddconfig": TINY_DDCONFIG, "lossconfig": {"target": "torch.nn.Identity"}, "embed_dim": 4,
+                         "decoder_overrides": {"condition": True}}}
+    with pytest.raises(CheckpointError, match=r"vae.safetensors: has no condition branch .*condition: false"):
+        load_model(config, tmp_path / "vae.safetensors")
+    config["params"]["decoder_overrides"]["condition"] = False
+    assert not load_model(config, tmp_path / "vae.safetensors").decoder.has_condition
+
+
+def test_hyper_parameter_metadata_loads_without_running_code(tmp_path, tiny_autoencoder):
+    """Lightning checkpoints carry plain containers and Lightning objects as metadata."""
+    import collections
+
+    import pytorch_lightning as pl
+
+    sd = tiny_autoencoder.state_dict()
+    torch.save({"state_dict": sd, "hyper_parameters": {"ddconfig": {"ch": 32, "ch_mult": [1, 2]}},
+                "order": collections.OrderedDict(b=2.0), "seen": {1, 2},
+                "callbacks": {pl.callbacks.ModelCheckpoint: {"best_model_path": "x"}}},
+               tmp_path / "hp.ckpt")
+    back = read_state_dict(tmp_path / "hp.ckpt")
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path, tiny_autoencoder):
+    old = os.umask(0o022)
+    try:
+        path = save_state_dict(tiny_autoencoder.state_dict(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_pickle_the_safe_loader_cannot_read_gets_no_advice_to_disable_it(tmp_path, monkeypatch):
+    import pickle
+
+    def unreadable(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                     "`False` will likely succeed.\nWeightsUnpickler error: Unsupported operand 149")
+
+    (tmp_path / "odd.ckpt").write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(CheckpointError, match=r"odd.ckpt: not a weights checkpoint this loader can read safely "
+                                              r"\(Unsupported operand 149\)") as info:
+        read_state_dict(tmp_path / "odd.ckpt")
+    assert "weights_only" not in str(info.value)
+
+
+def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias(tmp_path):
+    """The release was saved with taming's LPIPS (lin0..lin4 only); the lpips package also registers them as
+    lins.0..4. Fine-tuning from it must not fail on the alias, and the calibration weights must come across."""
+    import torchvision
+
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.modules.losses.contperceptual import VGG16_FILE
+
+    torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()},
+               tmp_path / VGG16_FILE)
+
+    def training_model(seed):
+        torch.manual_seed(seed)
+        return AutoencoderKL(ddconfig=TINY_DDCONFIG, embed_dim=4, decoder_overrides={"condition": True},
+                             lossconfig={"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                                         "params": {"disc_start": 0, "perceptual_weight": 1.0,
+                                                    "vgg_path": str(tmp_path / VGG16_FILE)}})
+
+    src = training_model(1)
+    with torch.no_grad():
+        src.loss.perceptual_loss.lin0.model[1].weight.fill_(0.25)
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith("loss.perceptual_loss.lins.")}
+    torch.save({"state_dict": sd}, tmp_path / "release.ckpt")
+    dst = training_model(2)
+    dst.init_from_ckpt(tmp_path / "release.ckpt")
+    assert torch.equal(dst.loss.perceptual_loss.lins[0].model[1].weight, torch.full_like(
+        dst.loss.perceptual_loss.lins[0].model[1].weight, 0.25))
+    assert torch.equal(dst.decoder.conv_out.weight, src.decoder.conv_out.weight)

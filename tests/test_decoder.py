@@ -149,6 +149,7 @@ def test_sampling_is_deterministic_under_a_generator(tiny_autoencoder):
     (lambda z, x, m: (z, x, m.repeat(1, 3, 1, 1)), "mask must be"),
     (lambda z, x, m: (z, x, m * 2), r"mask values must lie in \[0, 1\]"),
     (lambda z, x, m: (z, x, m - 0.5), r"mask values must lie in \[0, 1\]"),
+    (lambda z, x, m: (z, x, torch.where(m > 0, torch.nan, m)), r"mask values must lie in \[0, 1\]"),
     (lambda z, x, m: (z, x.repeat(2, 1, 1, 1)[:3], m), "batch 3 does not match"),
     (lambda z, x, m: (z[:, :3], x, m), "z must be"),
     (lambda z, x, m: (z, None, m), "needs both image and mask"),
@@ -167,3 +168,30 @@ def test_non_float_inputs_are_refused(tiny_autoencoder, which):
     args[which] = (args[which] > 0).to(torch.uint8)
     with pytest.raises(TypeError, match=f"{which} must be a floating-point tensor"):
         tiny_autoencoder.decode(args["z"], args["image"], args["mask"])
+
+
+@pytest.mark.parametrize("which", ["z", "image"])
+def test_inputs_of_another_float_dtype_are_named(tiny_autoencoder, which):
+    z, x, mask = _inputs()
+    args = {"z": z, "image": x, "mask": mask}
+    args[which] = args[which].double()
+    with pytest.raises(TypeError, match=f"{which} is torch.float64 but the model's weights are torch.float32"):
+        tiny_autoencoder.decode(args["z"], args["image"], args["mask"])
+    with pytest.raises(TypeError, match="x is torch.float64"):
+        tiny_autoencoder.encode(x.double())
+
+
+@pytest.mark.parametrize("name", ["autoencoder_kl_32x32x4", "autoencoder_kl_woc_32x32x4"])
+def test_real_base_configs_build_and_decode(name):
+    """The shipped inference configs themselves (not tiny stand-ins), at 64 px: full-size random weights."""
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(f"{CONFIGS}/{name}.yaml").model).eval()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    with torch.no_grad():
+        z = model.encode(x).mode()
+        out = model.decode(z, x, mask)
+        plain = model.decode(z)
+    assert z.shape == (1, 4, 8, 8) and out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(out, plain) != model.decoder.has_condition  # the prior matters only with the branch

@@ -120,9 +120,11 @@ class AutoencoderKL(pl.LightningModule):
             unused["decoder.encoder."] = "condition branch; this decoder is configured with condition: false"
         return unused
 
-    def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = ()) -> None:
+    def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = (), fresh_condition: bool = True) -> None:
         """Load weights from any supported checkpoint. A full Stable Diffusion checkpoint contributes its
-        ``first_stage_model``; a checkpoint without a condition branch (an SD VAE) leaves the branch fresh."""
+        ``first_stage_model``. A checkpoint without a condition branch (an SD VAE) leaves the branch fresh when
+        ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoint.load_model``)
+        that is an error, since a random branch would overwrite the kept region."""
         state_dict = read_state_dict(path)
         if "encoder.conv_in.weight" not in state_dict and "first_stage_model.encoder.conv_in.weight" in state_dict:
             log.info("%s: full Stable Diffusion checkpoint, using its first_stage_model.* weights", path)
@@ -130,10 +132,19 @@ class AutoencoderKL(pl.LightningModule):
                           if k.startswith("first_stage_model.")}
         allow_missing = []
         if self.decoder.has_condition and not any(k.startswith("decoder.encoder.") for k in state_dict):
+            if not fresh_condition:
+                raise CheckpointError(
+                    f"{path}: has no condition branch (decoder.encoder.*), but the config builds a decoder with "
+                    f"condition: true ({describe_decoder_checkpoint(state_dict)}). For a plain VAE decoder use a "
+                    "config with condition: false (configs/autoencoder/autoencoder_kl_woc_32x32x4*.yaml) or "
+                    "--vanilla_decoder; for the paper's decoder pass its checkpoint (base.ckpt, larger1.5.ckpt, "
+                    "larger2.ckpt or a diffusers AsymmetricAutoencoderKL folder).")
             log.info("%s: no condition branch in the checkpoint; decoder.encoder.* starts from scratch", path)
             allow_missing.append("decoder.encoder.")
         if not any(k.startswith("loss.") for k in state_dict):
             allow_missing.append("loss.")  # a training model starting from inference weights
+        # the lpips package registers lin0..lin4 a second time as lins.0..4; taming's LPIPS (the original's) does not
+        allow_missing.append("loss.perceptual_loss.lins.")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
                   allow_missing=allow_missing, hint=self._variant_hint(state_dict))
         log.info("restored %s from %s", type(self).__name__, path)
@@ -147,6 +158,7 @@ class AutoencoderKL(pl.LightningModule):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
         _check_float("x", x)
+        self._check_dtype("x", x)
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
@@ -180,10 +192,19 @@ class AutoencoderKL(pl.LightningModule):
         """Decode in one piece again (the default)."""
         self._tiling = None
 
+    def _check_dtype(self, name: str, t: torch.Tensor) -> None:
+        """Outside autocast, inputs must have the weights' dtype (else the first conv fails with a message that
+        names no argument)."""
+        weight = self.post_quant_conv.weight
+        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} is {t.dtype} but the model's weights are {weight.dtype}: convert one to the "
+                            "other (or run under torch.autocast)")
+
     def check_decode_inputs(self, z: torch.Tensor, image: Optional[torch.Tensor],
                             mask: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Validate the arguments of :meth:`decode`; returns image and mask expanded to the latent batch."""
         _check_float("z", z)
+        self._check_dtype("z", z)
         if z.ndim != 4 or z.shape[1] != self.embed_dim:
             raise ValueError(f"z must be (B, {self.embed_dim}, h, w), got {tuple(z.shape)}")
         if image is None and mask is None:
@@ -193,6 +214,7 @@ class AutoencoderKL(pl.LightningModule):
                              f"{'mask' if image is None else 'image'}")
         _check_float("image", image)
         _check_float("mask", mask)
+        self._check_dtype("image", image)
         f = self.downsample_factor
         size = (z.shape[-2] * f, z.shape[-1] * f)
         for name, t, channels in (("image", image, self.decoder_config["out_ch"]), ("mask", mask, 1)):
@@ -205,7 +227,7 @@ class AutoencoderKL(pl.LightningModule):
                 raise ValueError(f"{name} batch {t.shape[0]} does not match the latent batch {z.shape[0]} "
                                  "(use batch 1 to share one image/mask across all latents)")
         lo, hi = torch.aminmax(mask.detach())
-        if lo < 0 or hi > 1:
+        if not (lo >= 0 and hi <= 1):  # written so that NaN fails too
             raise ValueError(f"mask values must lie in [0, 1] (1 = generate, 0 = keep), got [{lo:.3g}, {hi:.3g}]")
         if not self.decoder.has_condition:
             return None, None
