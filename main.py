@@ -6,8 +6,9 @@
 
 Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides. Each run writes
 ``<logdir>/<timestamp>_<name>/`` with ``configs/`` (merged project and lightning configs), ``checkpoints/``
-(``last.ckpt``, plus the best ones when the model has a ``monitor``), ``images/`` (PNG grids), ``csv/metrics.csv`` and
-a wandb folder (offline unless ``--wandb online``). SIGTERM / Ctrl-C save ``last.ckpt`` after the current batch.
+(``last.ckpt``, refreshed at every epoch end, plus the best ones when the model has a ``monitor``), ``images/``
+(PNG grids), ``csv/metrics.csv`` and a wandb folder (offline unless ``--wandb online``). SIGTERM / Ctrl-C save
+``last.ckpt`` after the current batch.
 
 Config sections: ``model`` (target/params + ``base_learning_rate``), ``data`` (usually ``main.DataModuleFromConfig``),
 ``lightning`` (``trainer``: Trainer kwargs incl. ``strategy``; ``callbacks``: extra/overridden callbacks;
@@ -31,8 +32,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # 
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from ldm.callbacks import (AtomicCheckpointIO, ImageLogger, SetupCallback, StopOnSignal,  # noqa: F401
-                           TrainingStopped)
+from ldm.callbacks import (AtomicCheckpointIO, EpochLastCheckpoint, ImageLogger, SetupCallback,  # noqa: F401
+                           StopOnSignal, TrainingStopped)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
 from ldm.util import instantiate_from_config
 
@@ -261,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint_params = OmegaConf.merge(checkpoint_params,
                                         lightning_config.get("modelcheckpoint", {}).get("params", {}))
     callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
-    callbacks += [ModelCheckpoint(**checkpoint_params), StopOnSignal(ckptdir / "last.ckpt")]
+    callbacks += [EpochLastCheckpoint(**checkpoint_params), StopOnSignal(ckptdir / "last.ckpt")]
 
     trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, config),
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=str(logdir))

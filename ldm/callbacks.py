@@ -80,6 +80,21 @@ class SetupCallback(Callback):
             log.info("config written to %s", path)
 
 
+class EpochLastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that also refreshes ``last.ckpt`` at the end of every training epoch.
+
+    Lightning (2.6) writes "last" only next to a top-k save or when training ends: a run without a monitor
+    (``save_top_k=0``) and without ``every_n_train_steps`` would have no checkpoint until its very end. Uses
+    ModelCheckpoint's own save helpers, so ``last_model_path`` and its state stay consistent.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # skipped when this step was saved already (e.g. a top-k save at the epoch's validation wrote last too)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class TrainingStopped(Exception):
     """Raised out of ``trainer.fit`` after :class:`StopOnSignal` saved ``last.ckpt``; ``signum`` says why."""
 

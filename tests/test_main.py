@@ -19,10 +19,11 @@ from ldm.callbacks import AtomicCheckpointIO
 
 class Recorder(pl.Callback):
     """Appends one JSON line per training batch (step, generator lrs, image paths); sends itself SIGTERM at
-    ``kill_at`` (the way a cluster scheduler stops a job)."""
+    ``kill_at`` (the way a cluster scheduler stops a job); raises at ``crash_at`` (a crash: no checkpoint on the
+    way out)."""
 
-    def __init__(self, path: str, kill_at: int = -1):
-        self.path, self.kill_at = path, kill_at
+    def __init__(self, path: str, kill_at: int = -1, crash_at: int = -1):
+        self.path, self.kill_at, self.crash_at = path, kill_at, crash_at
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         record = {"step": trainer.global_step, "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
@@ -31,6 +32,8 @@ class Recorder(pl.Callback):
             f.write(json.dumps(record) + "\n")
         if trainer.global_step == self.kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if trainer.global_step == self.crash_at:
+            raise RuntimeError(f"simulated crash at step {self.crash_at}")
 
 
 @pytest.fixture
@@ -195,3 +198,15 @@ def test_resume_without_monitor_keeps_writing_last_ckpt(tmp_path, config_file, m
     run = _kill_and_resume(tmp_path, config_file, monkeypatch, "nomon", 2, 4, "model.params.monitor=null")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_last_ckpt_written_at_every_epoch_end_without_monitor(tmp_path, config_file, monkeypatch):
+    """5 batches per epoch; a crash in epoch 1 (no save on the way out) still leaves epoch 0's last.ckpt."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, monkeypatch, "crash", "--base", str(config_file), "-t", "-n", "crash", "--max_steps", "9",
+             "model.params.monitor=null", "lightning.callbacks.image_logger.params.disabled=true",
+             "lightning.callbacks.recorder.target=tests.test_main.Recorder",
+             f"lightning.callbacks.recorder.params.path={tmp_path / 'crash.jsonl'}",
+             "lightning.callbacks.recorder.params.crash_at=7")
+    (run,) = (tmp_path / "logs").glob("*_crash")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
