@@ -208,3 +208,154 @@ def test_txt2img_from_file_ddim_and_flags(files, tmp_path, capsys):
     assert "3 uniform steps do not fit 1000 timesteps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         txt2img.main(t2i_args(files, tmp_path / "bad", "--ddim_eta", "1.0"))  # PLMS needs eta 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scripts' wiring: what reaches the decoder and the UNet, and the original defaults.
+
+class UNetBatches:
+    """Records the batch size of every UNet call (2n when classifier-free guidance runs both halves at once)."""
+
+    def __init__(self, monkeypatch):
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        self.sizes = []
+        real = UNetModel.forward
+
+        def forward(unet, x, *args, **kwargs):
+            self.sizes.append(x.shape[0])
+            return real(unet, x, *args, **kwargs)
+
+        monkeypatch.setattr(UNetModel, "forward", forward)
+
+
+def spy_decode(monkeypatch, decoder, calls):
+    """Record the arguments of ``decoder.decode`` by name (``z``, ``image``, ``mask``) and pass them on."""
+    import inspect
+
+    real = decoder.decode
+    signature = inspect.signature(real)
+
+    def decode(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "decode", decode)
+
+
+def spy_samples(monkeypatch, calls):
+    """Record the latents each sampler returns."""
+    from ldm.models.diffusion.sampling_common import ScheduledSampler
+
+    real = ScheduledSampler.sample
+
+    def sample(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(out[0].detach().clone())
+        return out
+
+    monkeypatch.setattr(ScheduledSampler, "sample", sample)
+
+
+@pytest.fixture
+def one_pair(tmp_path):
+    """A 64x64 pair (no resizing): mask white (generate) in the top half, right three quarters."""
+    indir = tmp_path / "one"
+    indir.mkdir()
+    write_png(indir / "x.png", (64, 64), seed=3)
+    write_png(indir / "x_mask.png", (64, 64), "L")
+    return indir
+
+
+def test_inpaint_st_decoder_gets_latents_image_and_mask(files, one_pair, tmp_path, monkeypatch):
+    decodes, samples, scale = [], [], []
+    real_load = inpaint_st.load_models
+
+    def load_models(opt, device):
+        model, decoder = real_load(opt, device)
+        spy_decode(monkeypatch, decoder, decodes)
+        scale.append(model.scale_factor)
+        return model, decoder
+
+    monkeypatch.setattr(inpaint_st, "load_models", load_models)
+    spy_samples(monkeypatch, samples)
+    args = inpaint_args(files, tmp_path / "out", "--n_samples", "2")
+    args[args.index("--indir") + 1] = str(one_pair)
+    assert inpaint_st.main(args) == 0
+    assert len(decodes) == len(samples) == 1
+    call = decodes[0]
+    torch.testing.assert_close(call["z"], samples[0] / scale[0])
+    image = torch.tensor(read(one_pair / "x.png")).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(call["image"].float(), image[None].expand(2, -1, -1, -1))
+    mask = torch.tensor(read(one_pair / "x_mask.png") >= 128).float()  # white = generate = 1
+    assert 0 < mask.mean() < 1
+    torch.testing.assert_close(call["mask"].float(), mask[None, None].expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("scale, factor", [(None, 2), ("1.0", 1)])
+def test_inpaint_st_classifier_free_guidance(files, one_pair, tmp_path, monkeypatch, scale, factor):
+    """The default scale 7.5 runs the unconditional and conditional halves in one UNet batch (2n); scale 1 needs
+    only the conditional one (n)."""
+    unet = UNetBatches(monkeypatch)
+    args = inpaint_args(files, tmp_path / "out", "--n_samples", "2", *(["--scale", scale] if scale else []))
+    args[args.index("--indir") + 1] = str(one_pair)
+    assert inpaint_st.main(args) == 0
+    assert unet.sizes and set(unet.sizes) == {2 * factor}
+
+
+def test_inpaint_st_defaults_are_the_original():
+    opt = inpaint_st.parse_args(["--indir", "x"])
+    assert (opt.prompt, opt.steps, opt.eta, opt.scale, opt.seed, opt.max_size, opt.n_samples) == (
+        "photograph of a beautiful empty scene, highest quality settings", 50, 1.0, 7.5, 0, 640, 1)
+    assert (opt.config, opt.ckpt, opt.config_d) == ("configs/autoencoder/autoencoder_kl_32x32x4.yaml", "base.ckpt",
+                                                    "configs/autoencoder/v1-inpainting-inference.yaml")
+    assert not opt.vanilla_decoder and not opt.overwrite and opt.precision == "autocast"
+
+
+def test_txt2img_defaults_are_the_original():
+    """The paper repo's txt2img.py defaults (CompVis' flags, its own --config / --config_c / --ckpt_c); only
+    --outdir and --ckpt lose the original's cluster paths."""
+    opt = txt2img.parse_args([])
+    assert (opt.prompt, opt.ddim_steps, opt.ddim_eta, opt.scale, opt.seed, opt.n_iter, opt.n_samples, opt.n_rows) == (
+        "a painting of a virus monster playing guitar", 50, 0.0, 7.5, 42, 2, 1, 0)
+    assert (opt.H, opt.W, opt.C, opt.f, opt.precision) == (512, 512, 4, 8, "autocast")
+    assert (opt.config, opt.config_c, opt.ckpt_c) == ("configs/autoencoder/v1-t2i-inference.yaml",
+                                                      "configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml",
+                                                      "base.ckpt")
+    assert not (opt.plms or opt.fixed_code or opt.skip_grid or opt.skip_save or opt.vanilla_decoder)
+    assert opt.from_file is None
+
+
+@pytest.mark.parametrize("scale, factor", [(None, 2), ("1.0", 1)])
+def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, factor):
+    unet = UNetBatches(monkeypatch)
+    assert txt2img.main(t2i_args(files, tmp_path / "out", *(["--scale", scale] if scale else []))) == 0
+    assert unet.sizes and set(unet.sizes) == {2 * factor}  # --n_samples 2
+
+
+def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
+    decodes, samples, scale = [], [], []
+    real_load = txt2img.load_model
+
+    def load_model(config, ckpt, **kwargs):
+        model = real_load(config, ckpt, **kwargs)
+        if str(config) == str(DECODER):
+            spy_decode(monkeypatch, model, decodes)
+        else:
+            scale.append(model.scale_factor)
+        return model
+
+    monkeypatch.setattr(txt2img, "load_model", load_model)
+    spy_samples(monkeypatch, samples)
+    out = tmp_path / "asym"
+    assert txt2img.main(t2i_args(files, out, "--skip_grid")) == 0
+    assert len(decodes) == len(samples) == 1
+    torch.testing.assert_close(decodes[0]["z"], samples[0] / scale[0])
+    assert decodes[0].get("image") is None and decodes[0].get("mask") is None  # no prior: generate everything
+    vanilla = tmp_path / "vanilla"
+    assert txt2img.main(t2i_args(files, vanilla, "--skip_grid", "--vanilla_decoder")) == 0
+    assert len(decodes) == 1  # the SD VAE decoded this time
+    for name in ("00000.png", "00001.png"):
+        assert not np.array_equal(read(out / "samples" / name), read(vanilla / "samples" / name))
