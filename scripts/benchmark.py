@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -369,10 +369,20 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_paths(out: str) -> Tuple[Path, Path]:
+    """``--out OUT`` -> (OUT.json, OUT.md). A trailing .json / .md is taken off; any other dot is part of the name
+    (``bench_v1.5`` -> ``bench_v1.5.json``, where ``Path.with_suffix`` would give ``bench_v1.json``)."""
+    path = Path(out)
+    if path.suffix.lower() in (".json", ".md"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".json"), path.with_name(path.name + ".md")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", required=False, default="benchmark", help="writes OUT.json and OUT.md")
+    p.add_argument("--out", required=False, default="benchmark",
+                   help="writes OUT.json and OUT.md (a trailing .json or .md in OUT is dropped)")
     p.add_argument("--variants", nargs="+", default=["base", "large", "large2"], choices=sorted(CONFIGS))
     p.add_argument("--sizes", nargs="*", type=int, default=[256, 512, 1024], help="untiled decode sizes (pixels)")
     p.add_argument("--tiled_sizes", nargs="*", type=int, default=[2048, 4096], help="tiled decode sizes")
@@ -456,11 +466,11 @@ def _benchmark(opt: argparse.Namespace, device: torch.device) -> int:
         status = result.get("error") or f"{result['latency_ms']:.1f} ms, peak {result['peak_mib']:.0f} MiB"
         print(f"[{i + 1}/{len(cases)}] {case['variant']} {case['impl']} {case['kind']} cond={case['condition']} "
               f"{case['size']}{' tiled' if case['tiled'] else ''}: {status}", flush=True)
-    out = Path(opt.out)
+    json_path, md_path = report_paths(opt.out)
     text = json.dumps(report, indent=2) + "\n"
     table = markdown(report)
-    _replace_atomically(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-    _replace_atomically(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table))
+    _replace_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
+    _replace_atomically(md_path, lambda tmp: Path(tmp).write_text(table))
     print(table)
     return 0
 

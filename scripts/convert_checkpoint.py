@@ -34,6 +34,7 @@ from ldm.diffusers_interop import (  # noqa: E402
 SD_PREFIX = "first_stage_model."
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
+WEIGHT_SUFFIXES = TORCH_SUFFIXES | {".safetensors"}
 
 
 def read_autoencoder(path: Path) -> StateDict:
@@ -142,8 +143,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            help="leave out decoder.up_layers.* and loss.* (never read at inference)")
     opt = p.parse_args(argv)
     if opt.command == "to-diffusers":
-        if opt.output.suffix:
-            p.error(f"output {opt.output} must be a folder name (no file extension)")
+        # only a weights-file suffix means a mistake: folder names like hf_x-1.5 or vae.v2 have dots too
+        if opt.output.suffix.lower() in WEIGHT_SUFFIXES:
+            p.error(f"output {opt.output} must be a folder name, not a {opt.output.suffix} file "
+                    "(to-diffusers writes a diffusers folder)")
     elif opt.output.suffix not in FILE_SUFFIXES:
         p.error(f"output {opt.output} must end in one of {FILE_SUFFIXES}")
     return opt

@@ -3,6 +3,7 @@ and writes its report; FLOP counts equal a hand count. No timing assertions: num
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -10,9 +11,11 @@ from scripts import benchmark
 
 
 def test_quick_mode_writes_a_complete_report(tmp_path):
-    out = tmp_path / "bench"
+    out = tmp_path / "bench_v1.5"  # a dot in the name is kept (with_suffix would write bench_v1.json)
     assert benchmark.main(["--quick", "--in_process", "--out", str(out)]) == 0
-    report = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_v1.5.json", "bench_v1.5.md"]
+    out = tmp_path / "bench_v1.5.json"
+    report = json.loads(out.read_text())
     results = report["results"]
     assert not [r for r in results if "error" in r]
     kinds = {(r["impl"], r["kind"], r["condition"], r["size"], r["tiled"]) for r in results}
@@ -21,7 +24,7 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     assert all(r["latency_ms"] > 0 and len(r["times_ms"]) == 1 for r in results)
     assert all(r["gflop"] > 0 for r in results if r["impl"] == "ours")
     assert report["matmul"]["tflops"] > 0 and report["machine"]["torch"] == torch.__version__
-    table = out.with_suffix(".md").read_text()
+    table = (tmp_path / "bench_v1.5.md").read_text()
     assert table.count("\n| tiny |") == 7  # one row per case, ours and diffusers side by side
 
 
@@ -53,3 +56,10 @@ def test_flop_count_equals_a_hand_count():
     tokens, channels = z.shape[-1] * z.shape[-2], model.decoder.mid.attn_1.q.in_channels
     expected = sum(counts) + 2 * (2 * tokens * tokens * channels)
     assert benchmark.count_flops("tiny", 32, 1, True, None, 0) == expected
+
+
+def test_report_paths_keep_dots_in_the_name(tmp_path):
+    assert benchmark.report_paths(str(tmp_path / "bench_v1.5")) == (tmp_path / "bench_v1.5.json",
+                                                                     tmp_path / "bench_v1.5.md")
+    for given in ("docs/benchmark_cpu", "docs/benchmark_cpu.json", "docs/benchmark_cpu.md"):
+        assert benchmark.report_paths(given) == (Path("docs/benchmark_cpu.json"), Path("docs/benchmark_cpu.md"))

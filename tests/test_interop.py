@@ -384,6 +384,18 @@ def test_cli_refuses_overwrite_and_reports_bad_input(cli, tmp_path, capsys):
     assert "must end in one of" in capsys.readouterr().err
 
 
+def test_cli_to_diffusers_folder_names_may_contain_dots(cli, tmp_path, capsys):
+    """Only weight-file suffixes are refused as a to-diffusers output; hf_x-1.5 is a folder name."""
+    src = save_state_dict(build_ours("tiny").state_dict(), tmp_path / "a.ckpt")
+    out = tmp_path / "hf_x-1.5"
+    assert cli.main(["to-diffusers", str(src), str(out)]) == 0
+    assert (out / "config.json").is_file() and not (tmp_path / "hf_x-1").exists()
+    for suffix in (".ckpt", ".pt", ".pth", ".safetensors", ".bin", ".SAFETENSORS"):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["to-diffusers", str(src), str(tmp_path / f"vae{suffix}")])
+        assert "must be a folder name" in capsys.readouterr().err
+
+
 def test_cli_runs_as_a_script(tmp_path):
     src = save_state_dict(build_ours("tiny").state_dict(), tmp_path / "a.safetensors")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), "reformat", str(src),
