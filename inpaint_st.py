@@ -171,8 +171,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not pairs:
         print(f"error: {opt.indir} holds no NAME.png + NAME{MASK_SUFFIX} pair", file=sys.stderr)
         return 2
-    todo = [pr for pr in pairs if opt.overwrite or not all(p.exists() for p in
-                                                            output_paths(opt.outdir, pr.name, opt.n_samples))]
+    # (pair, its output paths, those to keep): an existing output is never replaced without --overwrite, also
+    # when only some of a pair's NAME_k.png exist (then only the missing ones are written)
+    todo = []
+    for pr in pairs:
+        paths = output_paths(opt.outdir, pr.name, opt.n_samples)
+        keep = set() if opt.overwrite else {p for p in paths if p.exists()}
+        if len(keep) == len(paths):
+            continue
+        if keep:
+            print(f"{pr.name}: keeping the existing {', '.join(sorted(p.name for p in keep))}, writing only the "
+                  f"missing outputs (use --overwrite to replace them)")
+        todo.append((pr, paths, keep))
     if len(todo) < len(pairs):
         print(f"{len(pairs) - len(todo)} pairs already have outputs in {opt.outdir} (use --overwrite to redo them)")
     failed = len(problems)
@@ -187,16 +197,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         opt.outdir.mkdir(parents=True, exist_ok=True)
-        for pair in tqdm(todo, desc="inpainting", unit="image"):
+        for pair, paths, keep in tqdm(todo, desc="inpainting", unit="image"):
             try:
                 image, mask = load_pair(pair, opt.max_size)
             except InputError as e:
                 tqdm.write(f"skipped: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            for array, path in zip(inpaint(model, sampler, decoder, image, mask, opt, device),
-                                   output_paths(opt.outdir, pair.name, opt.n_samples)):
-                save_png(array, path)
+            # all n_samples are drawn even when some are kept: sample k depends on the whole batch and the seed
+            for array, path in zip(inpaint(model, sampler, decoder, image, mask, opt, device), paths):
+                if path not in keep:
+                    save_png(array, path)
             written += 1
     print(f"{written} written, {len(pairs) - len(todo)} already there, {failed} skipped for bad input; "
           f"outputs in {opt.outdir}")

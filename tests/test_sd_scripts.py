@@ -359,3 +359,20 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
     assert len(decodes) == 1  # the SD VAE decoded this time
     for name in ("00000.png", "00001.png"):
         assert not np.array_equal(read(out / "samples" / name), read(vanilla / "samples" / name))
+
+
+def test_inpaint_st_never_replaces_some_of_n_samples_without_overwrite(files, one_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = inpaint_args(files, out, "--n_samples", "2")
+    args[args.index("--indir") + 1] = str(one_pair)
+    assert inpaint_st.main(args) == 0
+    first = read(out / "x_1.png")
+    (out / "x_1.png").unlink()
+    os.utime(out / "x_0.png", (0, 0))
+    capsys.readouterr()
+    assert inpaint_st.main(args) == 0
+    assert "keeping the existing x_0.png" in capsys.readouterr().out
+    assert os.stat(out / "x_0.png").st_mtime == 0  # kept
+    np.testing.assert_array_equal(read(out / "x_1.png"), first)  # the missing one, as the first run drew it
+    assert inpaint_st.main(args + ["--overwrite"]) == 0
+    assert os.stat(out / "x_0.png").st_mtime != 0  # replaced when asked
