@@ -328,3 +328,31 @@ def test_batch_feeds_the_autoencoder(folder, tiny_autoencoder):
     with torch.no_grad():
         rec, _ = tiny_autoencoder(x, mask)
     assert rec.shape == x.shape and math.isfinite(rec.abs().sum().item())
+
+
+def test_loader_workers_ignore_sigterm_and_keep_lightning_seeding(folder, monkeypatch):
+    """``scancel`` signals the whole process group: workers must leave SIGTERM to the main process (which saves
+    last.ckpt), and still get Lightning's per-worker seeds (``seed_everything(workers=True)``)."""
+    import signal
+
+    from lightning_fabric.utilities.seed import pl_worker_init_function
+
+    from ldm.data.datamodule import DataModuleFromConfig, worker_init_fn
+
+    dataset = {"target": "ldm.data.inpainting.ImageNetSRTrain", "params": {"root": str(folder), "size": 32}}
+    data = DataModuleFromConfig(batch_size=1, train=dataset, validation=dataset, num_workers=1)
+    data.setup("fit")
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        assert loader.worker_init_fn.func is worker_init_fn
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    try:
+        torch.manual_seed(1234)  # a worker's initial seed (base seed + worker id)
+        worker_init_fn(1, rank=3)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        ours = torch.rand(4), np.random.rand(4)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    torch.manual_seed(1234)
+    pl_worker_init_function(1, rank=3)
+    assert torch.equal(ours[0], torch.rand(4)) and np.array_equal(ours[1], np.random.rand(4))

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +213,32 @@ def test_last_ckpt_written_at_every_epoch_end_without_monitor(tmp_path, config_f
              "lightning.callbacks.recorder.params.crash_at=7")
     (run,) = (tmp_path / "logs").glob("*_crash")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_last_ckpt(tmp_path, config_file):
+    """Slurm's scancel signals every process of the job, DataLoader workers included."""
+    records = tmp_path / "group.jsonl"
+    cmd = [sys.executable, "main.py", "--base", str(config_file), "-t", "-n", "group", "--max_steps", "1000",
+           "--logdir", str(tmp_path / "logs"), "--wandb", "off", "data.params.num_workers=1",
+           "lightning.callbacks.image_logger.params.disabled=true",
+           "lightning.callbacks.recorder.target=tests.test_main.Recorder",
+           f"lightning.callbacks.recorder.params.path={records}"]
+    proc = subprocess.Popen(cmd, cwd=Path(main.__file__).parent, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (records.exists() and len(records.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # the workers ignored SIGTERM but did not outlive the run
+        os.killpg(proc.pid, 0)
+    (run,) = (tmp_path / "logs").glob("*_group")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= 1

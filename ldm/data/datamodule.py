@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from functools import partial
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
+
+
+def worker_init_fn(worker_id: int, rank: int = 0) -> None:
+    """DataLoader workers ignore SIGTERM, then seed as Lightning would have.
+
+    A cluster scheduler (Slurm's ``scancel``) signals every process of the job: a worker that dies of it makes
+    the main process fail with "DataLoader worker ... killed by signal" before it can save ``last.ckpt``. The main
+    process handles the signal (:class:`~ldm.callbacks.StopOnSignal`) and shuts its workers down as usual.
+    Setting a ``worker_init_fn`` stops Lightning from adding its own, so its per-worker seeding
+    (``seed_everything(workers=True)`` sets ``PL_SEED_WORKERS``) is done here.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
 
 
 class ResumableSampler(DistributedSampler):
@@ -75,7 +92,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         seed: seed of the training shuffle order (epoch e uses seed + e); main.py passes ``--seed``.
         wrap, use_worker_init_fn, shuffle_test_loader, shuffle_val_dataloader: the original's options. ``wrap``
             is accepted and has no effect (every dataset here is a map-style Dataset already); workers are
-            seeded by PyTorch (distinct ``random``/``numpy``/``torch`` seeds per worker and epoch).
+            seeded by PyTorch (distinct ``random``/``numpy``/``torch`` seeds per worker and epoch) and Lightning,
+            and ignore SIGTERM (:func:`worker_init_fn`) whatever ``use_worker_init_fn`` says.
     """
 
     def __init__(self, batch_size: int, train: Optional[Mapping] = None, validation: Optional[Mapping] = None,
@@ -114,8 +132,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
                     raise ValueError(f"data.params.{name}: the dataset is empty ({config.get('target')})")
 
     def _loader_kwargs(self) -> Dict[str, Any]:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         return dict(batch_size=self.batch_size, num_workers=self.num_workers,
-                    persistent_workers=self.num_workers > 0, pin_memory=False)
+                    persistent_workers=self.num_workers > 0, pin_memory=False,
+                    worker_init_fn=partial(worker_init_fn, rank=rank))
 
     def train_dataloader(self) -> ResumableDataLoader:
         trainer = self.trainer
