@@ -146,3 +146,38 @@ def test_enable_tiling_checks_its_sizes(tile, overlap):
     model = make_autoencoder(condition=False)
     with pytest.raises(ValueError, match="tile_sample_size"):
         model.enable_tiling(tile_sample_size=tile, overlap=overlap)
+
+
+def test_blend_ramp_values_are_pinned():
+    """overlap 16: 4 discarded pixels, then 8 pixels rising linearly at pixel centres (k + 0.5) / 8, then 1."""
+    rise = torch.tensor([0.0] * 4 + [(k + 0.5) / 8 for k in range(8)])
+    w = blend_ramp(40, 16, at_start=False, at_end=False)
+    torch.testing.assert_close(w, torch.cat([rise, torch.ones(16), rise.flip(0)]), atol=0, rtol=0)
+    torch.testing.assert_close(blend_ramp(40, 16, at_start=True, at_end=False),
+                               torch.cat([torch.ones(28), rise.flip(0)]), atol=0, rtol=0)
+
+
+def test_tiled_decode_blends_with_the_linear_ramp_and_aligned_crops():
+    """A decoder that paints each tile with its own number (channel 0) and passes its image and mask crops through
+    (channels 1, 2): the output's channel 0 shows the blend itself, the others must equal the inputs exactly.
+
+    Latent 6x6, tiles 4 at 0 and 2, f = 8: the 16-pixel overlap is pixels 16..31; the right / lower tile's share
+    there is 0 for 4 pixels, (k + 0.5) / 8 for 8 pixels, then 1. Tiles are numbered 0 1 / 2 3 (rows first), so
+    the output is share_x + 2 * share_y. A flat 0.5 ramp, a shifted ramp or a crop off by a pixel all fail."""
+    calls = []
+
+    def paint(z_tile, image_tile, mask_tile):
+        value = torch.full_like(mask_tile, float(len(calls)))
+        calls.append(z_tile.shape)
+        return torch.cat([value, image_tile[:, :1], mask_tile], dim=1)
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 6, 6, generator=g)
+    image = torch.rand(1, 3, 48, 48, generator=g)
+    mask = (torch.rand(1, 1, 48, 48, generator=g) > 0.5).float()
+    out = tiled_decode(paint, z, image, mask, tile=4, overlap=2, scale=8)
+    assert len(calls) == 4 and all(s[-2:] == (4, 4) for s in calls)
+    share = torch.cat([torch.zeros(20), (torch.arange(8) + 0.5) / 8, torch.ones(20)])
+    torch.testing.assert_close(out[0, 0], share[None, :] + 2 * share[:, None], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0, 1], image[0, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0, 2], mask[0, 0], atol=1e-6, rtol=0)
