@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
 from ldm.inference import (InputError, fit_size, image_to_tensor, mask_to_tensor, open_image, pick_device,
-                           precision_scope, save_png, seed_everything, to_uint8)
+                           precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
 
 DEFAULT_PROMPT = "photograph of a beautiful empty scene, highest quality settings"
@@ -165,6 +165,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not opt.indir.is_dir():
         print(f"error: --indir {opt.indir} is not a folder", file=sys.stderr)
         return 2
+    try:
+        prepare_outdir(opt.outdir, create=False)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pairs, problems = find_pairs(opt.indir)
     for msg in problems:
         print(f"skipped: {msg}", file=sys.stderr)
@@ -193,10 +198,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model, decoder = load_models(opt, device)
             sampler = DDIMSampler(model)
             sampler.make_schedule(opt.steps, ddim_eta=opt.eta, verbose=False)  # bad --steps/--eta fail here
+            prepare_outdir(opt.outdir)
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        opt.outdir.mkdir(parents=True, exist_ok=True)
         for pair, paths, keep in tqdm(todo, desc="inpainting", unit="image"):
             try:
                 image, mask = load_pair(pair, opt.max_size)

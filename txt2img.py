@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.inference import pick_device, precision_scope, save_png, seed_everything, to_uint8
+from ldm.inference import pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import randn
@@ -51,6 +51,16 @@ def next_index(folder: Path, pattern: str) -> int:
     numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))] \
         if folder.is_dir() else []
     return max(numbers, default=-1) + 1
+
+
+def check_text_to_image(opt: argparse.Namespace, model: torch.nn.Module) -> None:
+    """Only a text-to-image model (cross-attention on the prompt alone) can sample from a prompt."""
+    key = getattr(getattr(model, "model", None), "conditioning_key", None)
+    if key != "crossattn" or hasattr(model, "inpaint_conditioning"):
+        raise ValueError(f"--config {opt.config}: builds {type(model).__name__} with {key!r} conditioning, not a "
+                         "text-to-image model; pass an SD v1 text-to-image config and checkpoint (e.g. "
+                         "configs/autoencoder/v1-t2i-inference.yaml with v1-5-pruned-emaonly.ckpt); inpainting "
+                         "models belong to inpaint_st.py --config_d")
 
 
 def check_geometry(opt: argparse.Namespace, model: torch.nn.Module, decoder: Optional[torch.nn.Module]) -> None:
@@ -120,21 +130,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)
+    outdir = Path(opt.outdir)
+    sample_dir = outdir / "samples"
     try:
+        prepare_outdir(outdir, create=False)
         batches = read_prompts(opt)
         device = pick_device(opt.device)
         model = load_model(opt.config, opt.ckpt, device=device)
+        check_text_to_image(opt, model)
         decoder = None if opt.vanilla_decoder else load_model(opt.config_c, opt.ckpt_c, device=device)
         check_geometry(opt, model, decoder)
         sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
         sampler.make_schedule(opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)  # bad steps/eta fail here
+        prepare_outdir(sample_dir, flag="--outdir")
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     generator = seed_everything(opt.seed, device)
-    outdir = Path(opt.outdir)
-    sample_dir = outdir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
     base_count = next_index(sample_dir, r"(\d{5})\.png")
     grid_count = next_index(outdir, r"grid-(\d{4})\.png")
     shape = (opt.C, opt.H // opt.f, opt.W // opt.f)

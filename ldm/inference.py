@@ -28,13 +28,42 @@ class InputError(ValueError):
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU; anything else is passed to ``torch.device`` (checked)."""
+    """``auto`` = CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` are checked against the
+    machine. Anything else is a ``ValueError`` naming ``--device``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: not supported (auto, cpu, cuda, cuda:N, mps)")
     return dev
+
+
+def prepare_outdir(path: PathLike, flag: str = "--outdir", create: bool = True) -> Path:
+    """Check (and with ``create``, make) an output folder; a path that is, or lies under, a file is an
+    :class:`InputError` naming ``flag``. Check with ``create=False`` before the slow setup, create after it."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise InputError(f"{flag} {path}: {where}, not a folder")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+    return path
 
 
 def seed_everything(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:

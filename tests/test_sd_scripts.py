@@ -376,3 +376,53 @@ def test_inpaint_st_never_replaces_some_of_n_samples_without_overwrite(files, on
     np.testing.assert_array_equal(read(out / "x_1.png"), first)  # the missing one, as the first run drew it
     assert inpaint_st.main(args + ["--overwrite"]) == 0
     assert os.stat(out / "x_0.png").st_mtime != 0  # replaced when asked
+
+
+def test_bad_setups_are_messages_naming_the_flag(files, one_pair, tmp_path, capsys):
+    """--outdir on a file (both scripts), --device foo, an inpainting model given to txt2img: a message and exit
+    status 2, no traceback."""
+    root, indir, ckpts = files
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = inpaint_args(files, afile)
+    args[args.index("--indir") + 1] = str(one_pair)
+    for outdir in (afile, afile / "sub"):
+        args[args.index("--outdir") + 1] = str(outdir)
+        assert inpaint_st.main(args) == 2
+        assert f"--outdir {outdir}" in capsys.readouterr().err
+    for outdir in (afile, afile / "sub"):
+        assert txt2img.main(t2i_args(files, outdir)) == 2
+        assert f"--outdir {outdir}" in capsys.readouterr().err
+    assert afile.read_text() == "x"
+
+    args = inpaint_args(files, tmp_path / "o")
+    args[args.index("--indir") + 1] = str(one_pair)
+    args[args.index("--device") + 1] = "foo"
+    assert inpaint_st.main(args) == 2
+    assert "--device foo" in capsys.readouterr().err
+    args = t2i_args(files, tmp_path / "o")
+    args[args.index("--device") + 1] = "foo"
+    assert txt2img.main(args) == 2
+    assert "--device foo" in capsys.readouterr().err
+
+    args = t2i_args(files, tmp_path / "o")
+    args[args.index("--config") + 1] = str(TINY_INPAINT)
+    args[args.index("--ckpt") + 1] = str(ckpts["sd_inpaint"])
+    assert txt2img.main(args) == 2
+    assert f"--config {TINY_INPAINT}" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "samples").exists() or not list((tmp_path / "o" / "samples").iterdir())
+
+
+def test_pick_device():
+    from ldm.inference import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    for bad in ("foo", "cuda:x", "meta"):
+        with pytest.raises(ValueError, match=f"--device {bad}"):
+            pick_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:0: CUDA is not available"):
+            pick_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
