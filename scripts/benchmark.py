@@ -12,7 +12,8 @@ Weights are random (speed does not depend on them). Variants: ``base`` / ``large
 (configs/autoencoder/autoencoder_kl_32x32x4*.yaml); ``narrow`` is the base layout at ch 32 with one block per level (for
 CPU curves); ``tiny`` is configs/tiny. "condition" rows decode with image + mask (the asymmetric path), "no condition"
 rows decode ``z`` alone (the text-to-image path). Latency: median of ``--repeats`` timed calls after ``--warmup``, under
-``torch.inference_mode``; the training step is the decoder's forward + backward of an L1 loss (no optimizer).
+``torch.inference_mode``; the training step is the decoder's forward + backward of an L1 loss only (no LPIPS, no
+discriminator, no optimizer step), so it is a lower bound on a real training step.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU each case runs
 in a fresh subprocess and reports the rise of the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
 over the resident set before the first call (model weights excluded). FLOPs: ``torch.utils.flop_counter`` on the meta
@@ -326,6 +327,10 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
+TRAIN_STEP_NOTE = ("train_step rows: the decoder's forward + backward of an L1 loss only (no LPIPS, no "
+                   "discriminator, no optimizer step).")
+
+
 def markdown(report: Dict[str, Any]) -> str:
     m = report["machine"]
     where = m.get("gpu") or f"{m['cpu']} ({m['threads']} threads)"
@@ -334,6 +339,7 @@ def markdown(report: Dict[str, Any]) -> str:
              f"{', channels_last' if s['channels_last'] else ''}{', torch.compile' if s['compile'] else ''}; "
              f"tiles {s['tile']} px, overlap {s['tile_overlap']} px; plain matmul {report['matmul']['n']}^3 "
              f"{report['matmul']['dtype']}: {report['matmul']['tflops']:.2f} TFLOP/s.", "",
+             *([TRAIN_STEP_NOTE, ""] if any(r["kind"] == "train_step" for r in report["results"]) else []),
              "| variant | kind | condition | size | tiled | ours ms | diffusers ms | ours / diffusers | ours peak MiB | "
              "diffusers peak MiB | GFLOP | ours TFLOP/s | % of matmul |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -389,7 +395,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels (model.enable_tiling)")
     p.add_argument("--tile_overlap", type=int, default=128, help="tile overlap in pixels")
     p.add_argument("--condition", choices=("both", "on", "off"), default="both")
-    p.add_argument("--train_size", type=int, default=256, help="training-step image size (0 = no training step)")
+    p.add_argument("--train_size", type=int, default=256,
+                   help="training-step image size (0 = no training step); the step is the decoder's forward + "
+                        "backward of an L1 loss only (no LPIPS, discriminator or optimizer)")
     p.add_argument("--no_train", action="store_true", help="same as --train_size 0")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from scripts import benchmark
@@ -26,6 +27,14 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     assert report["matmul"]["tflops"] > 0 and report["machine"]["torch"] == torch.__version__
     table = (tmp_path / "bench_v1.5.md").read_text()
     assert table.count("\n| tiny |") == 7  # one row per case, ours and diffusers side by side
+    assert benchmark.TRAIN_STEP_NOTE in table and "L1 loss only (no LPIPS" in benchmark.TRAIN_STEP_NOTE
+
+
+def test_help_says_what_the_training_step_measures(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "forward + backward of an L1 loss only (no LPIPS, discriminator or optimizer)" in text
 
 
 def test_cpu_case_in_a_subprocess_reports_peak_memory():
