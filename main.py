@@ -7,8 +7,8 @@
 Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides. Each run writes
 ``<logdir>/<timestamp>_<name>/`` with ``configs/`` (merged project and lightning configs), ``checkpoints/``
 (``last.ckpt``, refreshed at every epoch end, plus the best ones when the model has a ``monitor``), ``images/``
-(PNG grids), ``csv/metrics.csv`` and a wandb folder (offline unless ``--wandb online``). SIGTERM / Ctrl-C save
-``last.ckpt`` after the current batch.
+(PNG grids), ``csv/metrics.csv`` (after a ``--resume``: ``csv/resumed-<timestamp>/metrics.csv``) and a wandb folder
+(offline unless ``--wandb online``). SIGTERM / Ctrl-C save ``last.ckpt`` after the current batch.
 
 Config sections: ``model`` (target/params + ``base_learning_rate``), ``data`` (usually ``main.DataModuleFromConfig``),
 ``lightning`` (``trainer``: Trainer kwargs incl. ``strategy``; ``callbacks``: extra/overridden callbacks;
@@ -152,9 +152,14 @@ def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.merge(*[OmegaConf.load(f) for f in files], OmegaConf.from_dotlist(list(overrides)))
 
 
-def make_loggers(mode: str, logdir: Path, nowname: str, config: DictConfig) -> List[Any]:
-    """CSV always; wandb unless ``mode == "off"``, and only if it starts (it is never required)."""
-    loggers: List[Any] = [CSVLogger(save_dir=str(logdir), name="", version="csv")]
+def make_loggers(mode: str, logdir: Path, nowname: str, now: str, config: DictConfig) -> List[Any]:
+    """CSV always; wandb unless ``mode == "off"``, and only if it starts (it is never required).
+
+    CSV rows go to ``csv/metrics.csv``; a resumed run writes ``csv/resumed-<now>/metrics.csv`` instead, since
+    Lightning's CSV writer deletes the metrics file of a folder it reuses.
+    """
+    csv_version = "csv" if not (logdir / "csv" / "metrics.csv").exists() else os.path.join("csv", f"resumed-{now}")
+    loggers: List[Any] = [CSVLogger(save_dir=str(logdir), name="", version=csv_version)]
     if mode == "off":
         return loggers
     try:
@@ -264,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
     callbacks += [EpochLastCheckpoint(**checkpoint_params), StopOnSignal(ckptdir / "last.ckpt")]
 
-    trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, config),
+    trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, now, config),
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=str(logdir))
     try:
         if opt.train:

@@ -242,3 +242,19 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_last_ckpt(tmp_pa
         os.killpg(proc.pid, 0)
     (run,) = (tmp_path / "logs").glob("*_group")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= 1
+
+
+def test_resume_keeps_the_csv_metrics_from_before_the_kill(tmp_path, config_file, monkeypatch):
+    run = _kill_and_resume(tmp_path, config_file, monkeypatch, "csv", 2, 4)
+
+    def steps(path):
+        return {int(row.split(",")[header.index("step")]) for row in path.read_text().splitlines()[1:]
+                if row.split(",")[header.index("train/rec_loss")]}
+
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    # the stopped batch (step 2) trained and is in last.ckpt, but Lightning logs a batch's metrics only after
+    # on_train_batch_end, where StopOnSignal leaves the loop: its row is the one not written
+    assert steps(run / "csv" / "metrics.csv") == {0, 1}
+    (resumed,) = (run / "csv").glob("resumed-*/metrics.csv")
+    header = resumed.read_text().splitlines()[0].split(",")
+    assert steps(resumed) == {3}
