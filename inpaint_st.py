@@ -159,7 +159,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Returns the exit status: 0 when every pair was written or already existed, 1 when some failed."""
+    """Returns the exit status: 0 when every pair was written or already existed, 1 when some were skipped or failed
+    (each reported with its file name), 2 when nothing could start (bad flags, models, folders)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)
     if not opt.indir.is_dir():
@@ -190,7 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         todo.append((pr, paths, keep))
     if len(todo) < len(pairs):
         print(f"{len(pairs) - len(todo)} pairs already have outputs in {opt.outdir} (use --overwrite to redo them)")
-    failed = len(problems)
+    failed = len(problems)  # bad input
+    errors = 0  # a good pair whose sampling or writing failed; the others still run
     written = 0
     if todo:
         try:
@@ -209,14 +211,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 tqdm.write(f"skipped: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            # all n_samples are drawn even when some are kept: sample k depends on the whole batch and the seed
-            for array, path in zip(inpaint(model, sampler, decoder, image, mask, opt, device), paths):
-                if path not in keep:
-                    save_png(array, path)
+            try:
+                # all n_samples are drawn even when some are kept: sample k depends on the whole batch and the seed
+                for array, path in zip(inpaint(model, sampler, decoder, image, mask, opt, device), paths):
+                    if path not in keep:
+                        save_png(array, path)
+            except (RuntimeError, OSError) as e:  # e.g. CUDA out of memory on one large image, a full disk
+                tqdm.write(f"failed: {pair.image} ({image.shape[-1]}x{image.shape[-2]}): {type(e).__name__}: {e}",
+                           file=sys.stderr)
+                errors += 1
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             written += 1
-    print(f"{written} written, {len(pairs) - len(todo)} already there, {failed} skipped for bad input; "
-          f"outputs in {opt.outdir}")
-    return 1 if failed else 0
+    print(f"{written} written, {len(pairs) - len(todo)} already there, {failed} skipped for bad input, {errors} "
+          f"failed; outputs in {opt.outdir}")
+    return 1 if failed or errors else 0
 
 
 if __name__ == "__main__":

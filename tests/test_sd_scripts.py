@@ -426,3 +426,27 @@ def test_pick_device():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_inpaint_st_failure_in_one_pair_is_reported_and_the_others_run(files, one_pair, tmp_path, monkeypatch,
+                                                                       capsys):
+    write_png(one_pair / "y.png", (64, 64), seed=4)
+    write_png(one_pair / "y_mask.png", (64, 64), "L")
+    real = inpaint_st.inpaint
+    calls = []
+
+    def inpaint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the first pair, x
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inpaint_st, "inpaint", inpaint)
+    out = tmp_path / "out"
+    args = inpaint_args(files, out)
+    args[args.index("--indir") + 1] = str(one_pair)
+    assert inpaint_st.main(args) == 1
+    captured = capsys.readouterr()
+    assert "x.png" in captured.err and "CUDA out of memory" in captured.err
+    assert "1 written" in captured.out and "1 failed" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["y.png"]
