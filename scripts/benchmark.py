@@ -41,10 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ldm.callbacks import _replace_atomically  # noqa: E402
 from ldm.inference import pick_device  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, write_atomically  # noqa: E402
 
 CONFIGS = {
     "base": "configs/autoencoder/autoencoder_kl_32x32x4.yaml",
@@ -477,8 +476,8 @@ def _benchmark(opt: argparse.Namespace, device: torch.device) -> int:
     json_path, md_path = report_paths(opt.out)
     text = json.dumps(report, indent=2) + "\n"
     table = markdown(report)
-    _replace_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
-    _replace_atomically(md_path, lambda tmp: Path(tmp).write_text(table))
+    write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
+    write_atomically(md_path, lambda tmp: Path(tmp).write_text(table))
     print(table)
     return 0
 

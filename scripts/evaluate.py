@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
-from ldm.callbacks import _replace_atomically  # noqa: E402
+from ldm.util import write_atomically  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
 from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
@@ -376,8 +376,8 @@ def write_report(outdir: Path, report: Dict, table: str, figure: Optional[np.nda
     elif (outdir / "examples.png").exists():  # an earlier run's figure would show other decoders / images
         (outdir / "examples.png").unlink()
         log.info("removed %s of an earlier run (--n_examples 0)", outdir / "examples.png")
-    _replace_atomically(outdir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
-    _replace_atomically(outdir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    write_atomically(outdir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
+    write_atomically(outdir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
