@@ -47,6 +47,8 @@ def test_scheduler_discriminator_offset_matches_original_formula():
 
 
 def test_scheduler_state_survives_weights_only_checkpoint(tmp_path):
+    """LambdaLR restores its lambdas' attributes, the old length included; AutoencoderKL.on_train_start then fits
+    the length to the resumed trainer (test_resume_with_more_steps_stretches_the_schedule)."""
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = LambdaLR(opt, LambdaWarmUpCosineScheduler(2, 1e-3, 1.0, 0.01, 10))
     for _ in range(3):
@@ -242,6 +244,37 @@ def test_train_encoder_option_trains_everything():
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["decoder", "encoder"]
     after = model.encoder.state_dict()
     assert any(not torch.equal(encoder[k], after[k]) for k in encoder)
+
+
+class _LrRecorder(pl.Callback):
+    def __init__(self):
+        self.lrs, self.lengths = {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs[trainer.global_step] = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        self.lengths[trainer.global_step] = [config.scheduler.lr_lambdas[0].lr_max_decay_steps
+                                             for config in trainer.lr_scheduler_configs]
+
+
+def _fit_recording(steps, ckpt=None, save_to=None):
+    recorder = _LrRecorder()
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(_model(condition=True), DataLoader(_Masked(), batch_size=2), ckpt_path=ckpt, weights_only=True)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return recorder
+
+
+def test_resume_with_more_steps_stretches_the_schedule(tmp_path):
+    """A run of 3 steps resumed with max_steps 8 follows the 8-step schedule from its next step on, as if it had
+    been planned for 8. (Same max_steps -> same next lr: tests/test_main.py, the SIGTERM resume test.)"""
+    full = _fit_recording(8)
+    _fit_recording(3, save_to=tmp_path / "three.ckpt")
+    longer = _fit_recording(8, ckpt=str(tmp_path / "three.ckpt"))
+    assert longer.lengths[3] == [8, 8]  # generator and discriminator schedules
+    for step in range(3, 8):
+        assert longer.lrs[step] == pytest.approx(full.lrs[step])
 
 
 def test_log_images_keys_and_shapes():

@@ -320,6 +320,33 @@ class AutoencoderKL(pl.LightningModule):
             params["start_step"] = start_step
         return instantiate_from_config({"target": config["target"], "params": params})
 
+    def on_train_start(self) -> None:
+        """Fit the schedules' length to this run's total steps after a resume.
+
+        LambdaLR's restored state carries the length of the run that saved it (``lr_max_decay_steps``), so a run
+        resumed with a larger ``--max_steps`` would hold ``lr_min`` once the old length is reached. Schedules whose
+        ``max_decay_steps`` came from the trainer follow the new total; the learning rate of the next step is
+        recomputed. Unchanged total (a plain resume): nothing changes.
+        """
+        if self.scheduler_config is None:
+            return
+        total = int(self.trainer.estimated_stepping_batches)
+        configs = (self.scheduler_config, self.scheduler_config_d or self.scheduler_config)
+        for name, config, sched in zip(("generator", "discriminator"), configs,
+                                       (c.scheduler for c in self.trainer.lr_scheduler_configs)):
+            if "max_decay_steps" in (config.get("params") or {}):
+                continue  # the config fixed the length
+            lambdas = [f for f in sched.lr_lambdas if getattr(f, "lr_max_decay_steps", total) != total]
+            if not lambdas:
+                continue
+            log.info("%s LR schedule: length %d -> %d steps (the trainer's total for this run)", name,
+                     lambdas[0].lr_max_decay_steps, total)
+            for f in lambdas:
+                f.lr_max_decay_steps = total
+            for group, base_lr, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base_lr * f(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
     def shared_forward(self, x: torch.Tensor, mask: torch.Tensor,
                        sample_posterior: bool = True) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
         """Encode (without a graph when the encoder is frozen) and decode with ``x`` as the prior."""
