@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.inference import (InputError, fit_size, image_to_tensor, mask_to_tensor, open_image, pick_device,
-                           precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
+from ldm.inference import (InputError, fit_size, image_to_tensor, make_schedule, mask_to_tensor, open_image,
+                           pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
 
 DEFAULT_PROMPT = "photograph of a beautiful empty scene, highest quality settings"
@@ -155,6 +155,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{flag} must be >= 1")
     if opt.max_size < 64:
         p.error("--max_size must be >= 64 (sides are floored to multiples of 64)")
+    if not opt.eta >= 0:  # also refuses nan
+        p.error(f"--eta must be >= 0, got {opt.eta}")
     return opt
 
 
@@ -199,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device = pick_device(opt.device)
             model, decoder = load_models(opt, device)
             sampler = DDIMSampler(model)
-            sampler.make_schedule(opt.steps, ddim_eta=opt.eta, verbose=False)  # bad --steps/--eta fail here
+            make_schedule(sampler, opt.steps, opt.eta, steps_flag="--steps")
             prepare_outdir(opt.outdir)
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
-from ldm.inference import pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8
+from ldm.inference import (make_schedule, pick_device, precision_scope, prepare_outdir, save_png,
+                           seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import randn
@@ -121,6 +122,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"--{flag} must be >= 1")
     if opt.n_rows < 0:
         p.error("--n_rows must be >= 0")
+    if not opt.ddim_eta >= 0:  # also refuses nan
+        p.error(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
     if opt.plms and opt.ddim_eta != 0:
         p.error("--plms needs --ddim_eta 0")
     return opt
@@ -141,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         decoder = None if opt.vanilla_decoder else load_model(opt.config_c, opt.ckpt_c, device=device)
         check_geometry(opt, model, decoder)
         sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
-        sampler.make_schedule(opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)  # bad steps/eta fail here
+        make_schedule(sampler, opt.ddim_steps, opt.ddim_eta, steps_flag="--ddim_steps")
         prepare_outdir(sample_dir, flag="--outdir")
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Any, Iterator, Tuple, Union
 
 import numpy as np
 import torch
@@ -66,6 +66,16 @@ def prepare_outdir(path: PathLike, flag: str = "--outdir", create: bool = True) 
     return path
 
 
+def make_schedule(sampler: Any, steps: int, eta: float, steps_flag: str = "--steps") -> None:
+    """``sampler.make_schedule(steps, ddim_eta=eta)``; a number of steps the sampler cannot use (above the model's
+    timesteps, or a uniform spacing that overshoots them) is a ``ValueError`` naming ``steps_flag``. The scripts
+    check eta >= 0 when parsing their flags."""
+    try:
+        sampler.make_schedule(steps, ddim_eta=eta, verbose=False)
+    except ValueError as e:
+        raise ValueError(f"{steps_flag} {steps}: {e}") from None
+
+
 def seed_everything(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
     """Seed Python, NumPy and torch, and return a ``torch.Generator`` on ``device`` seeded with ``seed``.
 
@@ -93,13 +103,35 @@ def precision_scope(precision: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+# 16-bit grayscale (PNG opens as "I;16"; older Pillow, and 32-bit TIFF, give "I"): PIL's convert("L") clips at 255
+# instead of scaling, so a mask value of 0.4 (26214) would become 255 = generate.
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
+    """16-bit and 32-bit integer images -> "L" scaled by 255 / 65535 (rounding keeps ``>= 0.5`` exact); float
+    images are refused; other modes are returned as they are."""
+    if img.mode in _WIDE_INT_MODES:
+        array = np.asarray(img).astype(np.float64)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise InputError(f"{path}: {img.mode} image with values outside 0..65535 cannot be scaled to 8 bits; "
+                             "save it as an 8- or 16-bit PNG")
+        return Image.fromarray(np.round(array * (255.0 / 65535.0)).astype(np.uint8))
+    if img.mode == "F":
+        raise InputError(f"{path}: floating-point image (mode F) has no fixed range; save it as an 8- or 16-bit PNG")
+    return img
+
+
 def open_image(path: PathLike, mode: str) -> Image.Image:
-    """Open an image file fully (so errors surface here) and convert it to ``mode`` ("RGB", "L")."""
+    """Open an image file fully (so errors surface here) and convert it to ``mode`` ("RGB", "L"). 16-bit images
+    are scaled to 8 bits (not clipped, as PIL's convert would); floating-point ones are refused."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return _to_8bit(img, path).convert(mode)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:

@@ -450,3 +450,45 @@ def test_inpaint_st_failure_in_one_pair_is_reported_and_the_others_run(files, on
     assert "x.png" in captured.err and "CUDA out of memory" in captured.err
     assert "1 written" in captured.out and "1 failed" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["y.png"]
+
+
+def test_bad_steps_and_eta_name_the_flag(files, one_pair, tmp_path, capsys):
+    args = inpaint_args(files, tmp_path / "o")
+    args[args.index("--indir") + 1] = str(one_pair)
+    for steps in ("3", "2000"):  # 3: uniform spacing overshoots 1000 timesteps; 2000: more than there are
+        args[args.index("--steps") + 1] = steps
+        assert inpaint_st.main(args) == 2
+        assert f"--steps {steps}:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        inpaint_st.main(inpaint_args(files, tmp_path / "o", "--eta", "-1"))
+    assert "--eta must be >= 0" in capsys.readouterr().err
+    args = t2i_args(files, tmp_path / "o")
+    args[args.index("--ddim_steps") + 1] = "2000"
+    assert txt2img.main(args) == 2
+    assert "--ddim_steps 2000:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        txt2img.main([a for a in t2i_args(files, tmp_path / "o", "--ddim_eta", "-0.5") if a != "--plms"])
+    assert "--ddim_eta must be >= 0" in capsys.readouterr().err
+
+
+def test_16bit_masks_are_scaled_not_clipped(tmp_path):
+    """PIL's convert("L") clips 16-bit values at 255: 0.4 of full scale would become "generate"."""
+    from ldm.inference import InputError, mask_to_tensor, open_image
+
+    levels = np.array([0, 26214, 32767, 32768, 39321, 65535])  # 0, .4, .49999, .50001, .6, 1 of full scale
+    values = np.resize(levels, (64, 64))  # every row cycles through the levels
+    expected = (np.resize(levels, (64, 64)) >= 32768).astype(np.float32)
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "m.png")
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "m_mask.png")  # 16-bit grayscale PNG
+    assert Image.open(tmp_path / "m_mask.png").mode == "I;16"
+    _, mask = inpaint_st.load_pair(inpaint_st.Pair("m", tmp_path / "m.png", tmp_path / "m_mask.png"), 640)
+    np.testing.assert_array_equal(mask[0, 0].numpy(), expected)
+    Image.fromarray(values.astype(np.int32)).save(tmp_path / "m_mask.tif")  # mode I
+    np.testing.assert_array_equal(mask_to_tensor(open_image(tmp_path / "m_mask.tif", "L"))[0, 0].numpy(), expected)
+
+    Image.fromarray(np.full((2, 6), 70000, dtype=np.int32)).save(tmp_path / "big.tif")
+    Image.fromarray(np.full((2, 6), 0.7, dtype=np.float32)).save(tmp_path / "float.tif")
+    for name, match in (("big.tif", "outside 0..65535"), ("float.tif", "floating-point")):
+        with pytest.raises(InputError, match=match) as e:
+            open_image(tmp_path / name, "L")
+        assert name in str(e.value)
