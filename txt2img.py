@@ -95,6 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling")
+    p.add_argument("--laion400m", action="store_true",
+                   help="the original's switch to the LAION-400M LDM model: not supported here (refused)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting code for every batch")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (0 = deterministic; PLMS needs 0)")
     p.add_argument("--n_iter", type=int, default=2, help="sample this often")
@@ -117,6 +119,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vanilla_decoder", action="store_true",
                    help="decode with the SD checkpoint's own VAE instead of the asymmetric decoder")
     opt = p.parse_args(argv)
+    if opt.laion400m:
+        # the original swapped in configs/latent-diffusion/txt2img-1p4B-eval.yaml + models/ldm/text2img-large, an
+        # LDM with its own BERT text encoder that this project does not implement
+        p.error("--laion400m: the LAION-400M LDM model (txt2img-1p4B-eval.yaml, models/ldm/text2img-large/model.ckpt) "
+                "is not supported here; pass an SD v1 text-to-image model with --config and --ckpt instead "
+                "(configs/autoencoder/v1-t2i-inference.yaml, v1-5-pruned-emaonly.ckpt)")
     for flag in ("ddim_steps", "n_iter", "n_samples", "H", "W", "C", "f"):
         if getattr(opt, flag) < 1:
             p.error(f"--{flag} must be >= 1")

@@ -492,3 +492,13 @@ def test_16bit_masks_are_scaled_not_clipped(tmp_path):
         with pytest.raises(InputError, match=match) as e:
             open_image(tmp_path / name, "L")
         assert name in str(e.value)
+
+
+def test_txt2img_laion400m_is_refused_naming_what_to_pass(capsys):
+    with pytest.raises(SystemExit) as e:
+        txt2img.parse_args(["--laion400m"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized" not in err  # the original's flag is known, and refused with what to pass instead
+    assert "--laion400m: the LAION-400M LDM model" in err and "not supported" in err
+    assert "--config and --ckpt" in err
