@@ -289,7 +289,8 @@ def test_validation_masks_fixed(folder):
         assert torch.equal(first[i]["mask"], b[i]["mask"]) and torch.equal(first[i]["image"], b[i]["image"])
     other = ImageNetSRValidation(root=folder, size=32, seed=5)
     assert any(not torch.equal(first[i]["mask"], other[i]["mask"]) for i in range(len(other)))
-    assert not a.random_crop and a.fixed_masks and a.no_mask_prob == 0.5
+    assert not a.random_crop and a.fixed_masks and a.no_mask_prob == 0.0  # every validation image has a mask
+    assert ImageNetSRValidation(root=folder, size=32, Cf_r=0.5).no_mask_prob == 0.5
 
 
 def _masks(loader) -> list:

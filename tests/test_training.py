@@ -277,6 +277,36 @@ def test_resume_with_more_steps_stretches_the_schedule(tmp_path):
         assert longer.lrs[step] == pytest.approx(full.lrs[step])
 
 
+class _ValBatches(Dataset):
+    """Images 0 and 1 fully masked (nothing kept: their kept-region MSE is undefined), image 2 half kept."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        mask = torch.ones(1, 32, 32)
+        if i == 2:
+            mask[:, :16] = 0
+        return {"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1, "mask": mask}
+
+
+def test_validation_region_metrics_are_dataset_means():
+    """Batches of 2 and 1 images; the first batch has no kept pixel. val/kept_mse is the mean over the images
+    that have kept pixels (not NaN), val/pre_error the mean over all images (not a mean of batch means)."""
+    from ldm import metrics
+
+    model = _model(condition=True).eval()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, DataLoader(_ValBatches(), batch_size=2))
+    batch = {k: torch.stack([_ValBatches()[i][k] for i in range(3)]) for k in ("image", "mask")}
+    with torch.no_grad():
+        rec, _ = model.shared_forward(batch["image"], batch["mask"], sample_posterior=False)
+    expected = metrics.region_metrics(metrics.to_unit(rec), metrics.to_unit(batch["image"]), batch["mask"])
+    logged = trainer.callback_metrics
+    assert logged["val/kept_mse"].item() == pytest.approx(expected["mse_kept"][2].item(), rel=1e-4)
+    assert logged["val/pre_error"].item() == pytest.approx(expected["pre_error"].mean().item(), rel=1e-4)
+
+
 def test_log_images_keys_and_shapes():
     model = _model(condition=True).eval()
     batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "mask": torch.ones(2, 1, 32, 32)}

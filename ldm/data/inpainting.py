@@ -290,10 +290,12 @@ class ImageNetSRTrain(ImageFolderInpainting):
 
 
 class ImageNetSRValidation(ImageFolderInpainting):
-    """Validation split under the original's name: centre crops and masks fixed by ``(seed, index)``."""
+    """Validation split under the original's name: centre crops and masks fixed by ``(seed, index)``; every sample
+    has a mask (``no_mask_prob`` 0 unless given), so the kept-region metrics cover every image."""
 
     def __init__(self, root: Optional[PathLike] = None, **kwargs: Any):
         kwargs = _original_kwargs(kwargs)
+        kwargs.setdefault("no_mask_prob", 0.0)
         kwargs.setdefault("random_crop", False)
         kwargs.setdefault("fixed_masks", True)
         super().__init__(root=root, **kwargs)

@@ -7,6 +7,7 @@ decoder, as in Stable Diffusion); ``decoder_overrides`` changes the decoder alon
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -397,18 +398,35 @@ class AutoencoderKL(pl.LightningModule):
         return g_loss.detach()
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        """Deterministic (posterior mode) reconstruction with the batch's (fixed) masks; logs ``val/*`` epoch means,
-        including the kept-region errors ``val/pre_error`` and ``val/kept_mse`` (:mod:`ldm.metrics`, [0, 1])."""
+        """Deterministic (posterior mode) reconstruction with the batch's (fixed) masks; logs ``val/*`` epoch means.
+        The kept-region errors ``val/pre_error`` and ``val/kept_mse`` (:mod:`ldm.metrics`, [0, 1]) are collected
+        per image and logged by :meth:`on_validation_epoch_end`."""
         x, mask = self.get_input(batch)
         rec, posterior = self.shared_forward(x, mask, sample_posterior=False)
         step = self.global_step
         _, logs = self.loss.generator_loss(x, rec, posterior, step, split="val")
         if self.loss.gan_factor(step) > 0:
             logs.update(self.loss.discriminator_loss(x, rec, step, split="val")[1])
-        rec01, x01 = metrics.to_unit(rec), metrics.to_unit(x)
-        logs["val/pre_error"] = metrics.pre_error(rec01, x01, mask).mean()
-        logs["val/kept_mse"] = metrics.region_mse(rec01, x01, mask, "kept").nanmean()
+        self._val_regions.update(metrics.to_unit(rec), metrics.to_unit(x), mask)
         self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_regions = metrics.RegionMetricAccumulator()
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/pre_error``: mean over all validation images; ``val/kept_mse``: mean over the images that have
+        kept pixels (an all-ones mask has no kept region). Sums and counts are added over the epoch and over
+        processes, so neither a batch without kept pixels (NaN) nor uneven batch sizes skew them."""
+        values = self._val_regions.values
+        kept = [v for v in values["mse_kept"] if not math.isnan(v)]
+        totals = torch.tensor([sum(values["pre_error"]), len(values["pre_error"]), sum(kept), len(kept)],
+                              dtype=torch.float64, device=self.device)
+        totals = self.all_gather(totals).reshape(-1, 4).sum(0)
+        if totals[1] == 0:
+            return
+        self.log("val/pre_error", (totals[0] / totals[1]).float(), sync_dist=False)
+        self.log("val/kept_mse", (totals[2] / totals[3]).float() if totals[3] > 0 else torch.tensor(float("nan")),
+                 sync_dist=False)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, torch.Tensor], only_inputs: bool = False,
