@@ -44,10 +44,11 @@ class Pair:
 
 
 def find_pairs(indir: Path) -> Tuple[List[Pair], List[str]]:
-    """``NAME.png`` + ``NAME_mask.png`` pairs in ``indir`` (sorted by name), and one message per unpaired file."""
+    """``NAME.png`` + ``NAME_mask.png`` pairs in ``indir`` (sorted by name), and one message per unpaired file.
+    Suffixes match in any case (``x.PNG`` + ``x_Mask.png``); NAME itself is matched exactly."""
     pngs = {p.name: p for p in indir.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
-    masks = {n[: -len(MASK_SUFFIX)]: p for n, p in pngs.items() if n.endswith(MASK_SUFFIX)}
-    images = {p.stem: p for n, p in pngs.items() if not n.endswith(MASK_SUFFIX)}
+    masks = {n[: -len(MASK_SUFFIX)]: p for n, p in pngs.items() if n.lower().endswith(MASK_SUFFIX)}
+    images = {p.stem: p for n, p in pngs.items() if not n.lower().endswith(MASK_SUFFIX)}
     pairs = [Pair(name, images[name], masks[name]) for name in sorted(images.keys() & masks.keys())]
     problems = [f"{masks[n]}: mask without its image {n}.png" for n in sorted(masks.keys() - images.keys())]
     problems += [f"{images[n]}: image without its mask {n}{MASK_SUFFIX}" for n in sorted(images.keys() - masks.keys())]

@@ -502,3 +502,12 @@ def test_txt2img_laion400m_is_refused_naming_what_to_pass(capsys):
     assert "unrecognized" not in err  # the original's flag is known, and refused with what to pass instead
     assert "--laion400m: the LAION-400M LDM model" in err and "not supported" in err
     assert "--config and --ckpt" in err
+
+
+def test_mask_suffix_matches_in_any_case(tmp_path):
+    for name in ("a.png", "a_mask.PNG", "b.PNG", "b_Mask.png", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+    pairs, problems = inpaint_st.find_pairs(tmp_path)
+    assert [(p.name, p.image.name, p.mask.name) for p in pairs] == [("a", "a.png", "a_mask.PNG"),
+                                                                   ("b", "b.PNG", "b_Mask.png")]
+    assert len(problems) == 1 and "c.png" in problems[0]
