@@ -114,6 +114,25 @@ def parse_devices(gpus: Optional[str]) -> Tuple[str, Any, int]:
     return "gpu", count, count
 
 
+def config_devices(accelerator: str, devices: Any) -> Tuple[Any, int]:
+    """``lightning.trainer.devices`` -> (value for the Trainer, processes per node). Strings are parsed as
+    ``--gpus`` is: ``"0,1"`` -> ``[0, 1]`` (2 devices), ``"3"`` -> ``3``; ``"auto"`` / ``-1`` count the visible
+    GPUs (one process on CPU)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text != "auto":
+            try:
+                devices = [int(i) for i in text.split(",") if i.strip()] if "," in text else int(text)
+            except ValueError:
+                raise ValueError(f"lightning.trainer.devices: expected a count, 'auto' or GPU ids such as '0,1', "
+                                 f"got {devices!r}") from None
+    if isinstance(devices, (list, tuple)):
+        return list(devices), len(devices)
+    if devices in ("auto", -1):
+        return devices, max(torch.cuda.device_count(), 1) if accelerator != "cpu" else 1
+    return devices, int(devices)
+
+
 def resolve_run(opt: argparse.Namespace, now: str) -> Tuple[Path, str, Optional[Path], List[str]]:
     """-> (log folder, run name, checkpoint to resume or None, config files to merge)."""
     if opt.name and opt.resume:
@@ -183,12 +202,11 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
     kwargs.pop("gpus", None)
     if kwargs.get("accelerator") in ("ddp", "dp", "ddp_spawn"):  # PL 1.x: accelerator named the strategy
         kwargs.setdefault("strategy", kwargs.pop("accelerator"))
-    accelerator, devices, ndev = parse_devices(gpus)
-    if gpus is not None or "accelerator" not in kwargs:
-        kwargs["accelerator"] = accelerator
-        kwargs["devices"] = devices
-    elif isinstance(kwargs.get("devices"), (int, list)):  # devices set in the config (e.g. CPU processes)
-        ndev = kwargs["devices"] if isinstance(kwargs["devices"], int) else len(kwargs["devices"])
+    if gpus is not None:
+        kwargs["accelerator"], kwargs["devices"], ndev = parse_devices(gpus)
+    else:  # the config's accelerator and devices; no --gpus and none in the config means one CPU process
+        kwargs.setdefault("accelerator", "cpu")
+        kwargs["devices"], ndev = config_devices(kwargs["accelerator"], kwargs.get("devices", 1))
     for key in ("num_nodes", "max_steps", "max_epochs"):
         if getattr(opt, key) is not None:
             kwargs[key] = getattr(opt, key)

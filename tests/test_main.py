@@ -258,3 +258,19 @@ def test_resume_keeps_the_csv_metrics_from_before_the_kill(tmp_path, config_file
     (resumed,) = (run / "csv").glob("resumed-*/metrics.csv")
     header = resumed.read_text().splitlines()[0].split(",")
     assert steps(resumed) == {3}
+
+
+def test_config_devices_kept_without_gpus_flag():
+    no_flag = main.get_parser().parse_args([])
+    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": 2}))
+    assert (kwargs["accelerator"], kwargs["devices"], world) == ("cpu", 2, 2)  # two CPU processes
+    assert kwargs["strategy"] == "ddp_find_unused_parameters_true"
+    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"accelerator": "gpu", "devices": "0,1"}))
+    assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0, 1], 2)
+    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"accelerator": "gpu", "devices": "3"}))
+    assert (kwargs["devices"], world) == (3, 3)
+    flag = main.get_parser().parse_args(["--gpus", "0,"])
+    kwargs, world = main.build_trainer_kwargs(flag, OmegaConf.create({"accelerator": "cpu", "devices": 4}))
+    assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0], 1)  # --gpus wins
+    with pytest.raises(ValueError, match="lightning.trainer.devices"):
+        main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": "two"}))
