@@ -3,6 +3,7 @@
     python main.py --base configs/autoencoder/autoencoder_kl_32x32x4_train.yaml -t --gpus 0,1
     python main.py --base a.yaml b.yaml -t model.params.embed_dim=4 data.params.batch_size=2
     python main.py --resume logs/<run>            # or logs/<run>/checkpoints/last.ckpt
+    python main.py --resume elsewhere.ckpt --base a.yaml -t   # its training state, in a new run folder
 
 Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides. Each run writes
 ``<logdir>/<timestamp>_<name>/`` with ``configs/`` (merged project and lightning configs), ``checkpoints/``
@@ -57,7 +58,8 @@ def str2bool(v: Any) -> bool:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--name", default="", help="run name (suffix of the log folder)")
-    p.add_argument("-r", "--resume", default="", help="resume from a log folder or a checkpoint inside one")
+    p.add_argument("-r", "--resume", default="",
+                   help="resume from a log folder or a checkpoint inside one (or any checkpoint, with --base)")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="config.yaml",
                    help="config files, merged left to right; then key.sub=value overrides")
     p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
@@ -103,10 +105,13 @@ def parse_devices(gpus: Optional[str]) -> Tuple[str, Any, int]:
     if gpus is None or str(gpus).strip() == "":
         return "cpu", 1, 1
     text = str(gpus).strip()
-    if "," in text:
-        ids = [int(i) for i in text.split(",") if i.strip() != ""]
+    try:
+        ids = [int(i) for i in text.split(",") if i.strip() != ""] if "," in text else None
+        count = int(text) if ids is None else len(ids)
+    except ValueError:
+        raise ValueError(f"--gpus {gpus!r}: expected GPU ids ('0,1' or '0,') or a count ('2', '-1' = all)") from None
+    if ids is not None:
         return "gpu", ids, len(ids)
-    count = int(text)
     if count == 0:
         return "cpu", 1, 1
     if count < 0:
@@ -134,29 +139,52 @@ def config_devices(accelerator: str, devices: Any) -> Tuple[Any, int]:
 
 
 def resolve_run(opt: argparse.Namespace, now: str) -> Tuple[Path, str, Optional[Path], List[str]]:
-    """-> (log folder, run name, checkpoint to resume or None, config files to merge)."""
-    if opt.name and opt.resume:
-        raise ValueError("-n/--name and -r/--resume cannot be given together: a resumed run keeps its folder")
+    """-> (log folder, run name, checkpoint to resume or None, config files to merge).
+
+    ``--resume`` of a run folder (or a checkpoint in its ``checkpoints/``) continues in that folder with its saved
+    configs (plus ``--base`` files, merged after them); a checkpoint elsewhere continues in a new run folder with
+    the ``--base`` configs.
+    """
     base = list(opt.base)
-    if not opt.resume:
+
+    def new_run(ckpt: Optional[Path]) -> Tuple[Path, str, Optional[Path], List[str]]:
         name = opt.name or (Path(base[0]).stem if base else "")
         nowname = now + (f"_{name}" if name else "") + opt.postfix
-        return Path(opt.logdir) / nowname, nowname, None, base
+        return Path(opt.logdir) / nowname, nowname, ckpt, base
+
+    if not opt.resume:
+        return new_run(None)
     resume = Path(opt.resume)
     if not resume.exists():
         raise FileNotFoundError(f"--resume {resume}: no such log folder or checkpoint")
     if resume.is_file():
         ckpt = resume
         logdir = resume.parent.parent  # <run>/checkpoints/<file>.ckpt
+        saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) if resume.parent.name == "checkpoints" else []
+        if not saved:
+            if not base:
+                raise FileNotFoundError(
+                    f"--resume {resume}: not inside a run folder (<run>/checkpoints/{resume.name} next to "
+                    "<run>/configs/*.yaml); give the run's configs with --base to continue it in a new run folder")
+            return new_run(ckpt)
     else:
         logdir = resume
         ckpt = logdir / "checkpoints" / "last.ckpt"
+        _check_no_name(opt)
         if not ckpt.is_file():
             raise FileNotFoundError(f"--resume {resume}: {ckpt} does not exist")
-    saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
-    if not saved:
-        raise FileNotFoundError(f"--resume {resume}: no configs in {logdir / 'configs'}; give --base files")
+        saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+        if not saved:
+            raise FileNotFoundError(f"--resume {resume}: no configs in {logdir / 'configs'}; resume its "
+                                    f"checkpoint instead: --resume {ckpt} --base <the run's configs>")
+    _check_no_name(opt)
     return logdir, logdir.name, ckpt, saved + base
+
+
+def _check_no_name(opt: argparse.Namespace) -> None:
+    if opt.name:
+        raise ValueError("-n/--name and -r/--resume of a run folder cannot be given together: a resumed run keeps "
+                         "its folder")
 
 
 def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
@@ -276,6 +304,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True, "save_dir": str(logdir)}},
     }
     callbacks_config = OmegaConf.merge(callbacks_config, lightning_config.get("callbacks", OmegaConf.create()))
+    for key, entry in callbacks_config.items():
+        if not isinstance(entry, DictConfig) or "target" not in entry:
+            raise ValueError(f"lightning.callbacks.{key}: needs a target (a dotted class path) and optional params, "
+                             f"got {OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else entry!r}")
     # no version counter: a resumed run finds last.ckpt from before the kill and must overwrite it, not add last-v1
     checkpoint_params = {"dirpath": str(ckptdir), "filename": "{epoch:06}", "save_last": True, "save_top_k": 0,
                          "enable_version_counter": False}

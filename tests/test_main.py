@@ -274,3 +274,25 @@ def test_config_devices_kept_without_gpus_flag():
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0], 1)  # --gpus wins
     with pytest.raises(ValueError, match="lightning.trainer.devices"):
         main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": "two"}))
+
+
+def test_clear_errors_name_the_argument(tmp_path, config_file, monkeypatch):
+    with pytest.raises(ValueError, match="--gpus 'abc'"):
+        main.parse_devices("abc")
+    with pytest.raises(ValueError, match="lightning.callbacks.mine"):
+        _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "lightning.callbacks.mine.params.x=1")
+
+
+def test_resume_a_checkpoint_outside_a_run_folder(tmp_path, config_file, monkeypatch):
+    """A loose checkpoint and the configs given with --base: its training state continues in a new run folder."""
+    assert _run(tmp_path, monkeypatch, "first", "--base", str(config_file), "-t", "-n", "first",
+                "--max_steps", "2", "lightning.callbacks.image_logger.params.disabled=true") == 0
+    (tmp_path / "loose").mkdir()
+    loose = tmp_path / "loose" / "some.ckpt"
+    loose.write_bytes(next((tmp_path / "logs").glob("*_first/checkpoints/last.ckpt")).read_bytes())
+    with pytest.raises(FileNotFoundError, match="--base"):
+        _run(tmp_path, monkeypatch, "x", "--resume", str(loose), "-t")
+    assert _run(tmp_path, monkeypatch, "second", "--resume", str(loose), "--base", str(config_file), "-t",
+                "-n", "second", "--max_steps", "3", "lightning.callbacks.image_logger.params.disabled=true") == 0
+    (run,) = (tmp_path / "logs").glob("*_second")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
