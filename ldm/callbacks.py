@@ -160,11 +160,17 @@ class StopOnSignal(Callback):
             signal.signal(signum, handler)
         self._previous.clear()
 
+    # Handlers go back in on_train_end / on_exception, i.e. before Lightning restores its own: `teardown` runs
+    # after that, and restoring there would reinstall Lightning's handler of the finished run for good (a later
+    # SIGTERM would then only set a flag on a dead trainer).
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_handlers()
+        self._restore_handlers()  # normally a no-op: already restored by one of the two hooks above
 
 
 class ImageLogger(Callback):

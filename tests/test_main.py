@@ -112,6 +112,7 @@ def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_f
               "lightning.callbacks.image_logger.params.disabled=true",
               "lightning.callbacks.recorder.target=tests.test_main.Recorder"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     assert _run(tmp_path, monkeypatch, "full", *common, "-n", "full",
                 f"lightning.callbacks.recorder.params.path={full}") == 0
     rc = _run(tmp_path, monkeypatch, "part", *common, "-n", "part",
@@ -119,7 +120,7 @@ def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_f
     assert rc == 128 + signal.SIGTERM
     (run,) = (tmp_path / "logs").glob("*_part")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, pytest keeps working
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # handlers restored, pytest keeps working
 
     # the resumed run reads its saved configs (with the recorder, still writing part.jsonl)
     assert main.main(["--resume", str(run), "--wandb", "off", "-t", "--max_steps", "9"]) == 0
