@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,24 +17,11 @@ from PIL import Image
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.util import write_atomically
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-
-
-def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,7 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        _replace_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        write_atomically(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
@@ -76,7 +62,7 @@ class SetupCallback(Callback):
         lightning = OmegaConf.create({"lightning": self.lightning_config})
         for name, cfg in (("project", project), ("lightning", lightning)):
             path = self.cfgdir / f"{self.now}-{name}.yaml"
-            _replace_atomically(path, lambda tmp, cfg=cfg: OmegaConf.save(cfg, tmp))
+            write_atomically(path, lambda tmp, cfg=cfg: OmegaConf.save(cfg, tmp))
             log.info("config written to %s", path)
 
 
@@ -217,7 +203,7 @@ class ImageLogger(Callback):
                 grid = (grid + 1.0) / 2.0
             array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             path = root / split / f"{key}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
-            _replace_atomically(path, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+            write_atomically(path, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
 
     @rank_zero_only
     def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
