@@ -47,12 +47,12 @@ if str(REPO) not in sys.path:
 
 from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
-from ldm.util import write_atomically  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
 from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
                            save_png, seed_everything)
+from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
 MASK_SUFFIX = "_mask"
