@@ -70,6 +70,19 @@ def inpaint_args(files, outdir, *extra):
             "--max_size", "160", "--device", "cpu", *extra]
 
 
+def with_flag(args, flag, value):
+    """A copy of a script's argument list with ``flag``'s value replaced."""
+    args = list(args)
+    args[args.index(flag) + 1] = str(value)
+    return args
+
+
+def refused(script, args, capsys) -> str:
+    """Run ``script.main(args)``, check it refuses with exit status 2, and return what it printed to stderr."""
+    assert script.main(args) == 2
+    return capsys.readouterr().err
+
+
 def read(path):
     return np.asarray(Image.open(path))
 
@@ -145,14 +158,10 @@ def test_inpaint_st_bad_setup(files, tmp_path, capsys):
     root, indir, ckpts = files
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = inpaint_args(files, tmp_path / "o")
-    args[args.index("--indir") + 1] = str(empty)
-    assert inpaint_st.main(args) == 2
-    assert "no NAME.png + NAME_mask.png pair" in capsys.readouterr().err
-    args = inpaint_args(files, tmp_path / "o")
-    args[args.index("--ckpt_d") + 1] = str(tmp_path / "sd-v1-5-inpainting.ckpt")
-    assert inpaint_st.main(args) == 2
-    assert "sd-v1-5-inpainting.ckpt" in capsys.readouterr().err
+    args = with_flag(inpaint_args(files, tmp_path / "o"), "--indir", empty)
+    assert "no NAME.png + NAME_mask.png pair" in refused(inpaint_st, args, capsys)
+    args = with_flag(inpaint_args(files, tmp_path / "o"), "--ckpt_d", tmp_path / "sd-v1-5-inpainting.ckpt")
+    assert "sd-v1-5-inpainting.ckpt" in refused(inpaint_st, args, capsys)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
@@ -194,18 +203,12 @@ def test_txt2img_from_file_ddim_and_flags(files, tmp_path, capsys):
     assert txt2img.main(args) == 0
     assert list((tmp_path / "ddim").glob("grid-*.png")) and not list((tmp_path / "ddim" / "samples").iterdir())
 
-    args = t2i_args(files, tmp_path / "bad")
-    args[args.index("--f") + 1] = "8"
-    assert txt2img.main(args) == 2
-    assert "--f 8" in capsys.readouterr().err
-    args = t2i_args(files, tmp_path / "bad")
-    args[args.index("--H") + 1] = "30"
-    assert txt2img.main(args) == 2
-    assert "--H 30 must be a multiple of 4" in capsys.readouterr().err
-    args = t2i_args(files, tmp_path / "bad")
-    args[args.index("--ddim_steps") + 1] = "3"
-    assert txt2img.main(args) == 2
-    assert "3 uniform steps do not fit 1000 timesteps" in capsys.readouterr().err
+    args = with_flag(t2i_args(files, tmp_path / "bad"), "--f", "8")
+    assert "--f 8" in refused(txt2img, args, capsys)
+    args = with_flag(t2i_args(files, tmp_path / "bad"), "--H", "30")
+    assert "--H 30 must be a multiple of 4" in refused(txt2img, args, capsys)
+    args = with_flag(t2i_args(files, tmp_path / "bad"), "--ddim_steps", "3")
+    assert "3 uniform steps do not fit 1000 timesteps" in refused(txt2img, args, capsys)
     with pytest.raises(SystemExit):
         txt2img.main(t2i_args(files, tmp_path / "bad", "--ddim_eta", "1.0"))  # PLMS needs eta 0
 
@@ -395,21 +398,14 @@ def test_bad_setups_are_messages_naming_the_flag(files, one_pair, tmp_path, caps
         assert f"--outdir {outdir}" in capsys.readouterr().err
     assert afile.read_text() == "x"
 
-    args = inpaint_args(files, tmp_path / "o")
-    args[args.index("--indir") + 1] = str(one_pair)
-    args[args.index("--device") + 1] = "foo"
-    assert inpaint_st.main(args) == 2
-    assert "--device foo" in capsys.readouterr().err
-    args = t2i_args(files, tmp_path / "o")
-    args[args.index("--device") + 1] = "foo"
-    assert txt2img.main(args) == 2
-    assert "--device foo" in capsys.readouterr().err
+    args = with_flag(with_flag(inpaint_args(files, tmp_path / "o"), "--indir", one_pair), "--device", "foo")
+    assert "--device foo" in refused(inpaint_st, args, capsys)
+    args = with_flag(t2i_args(files, tmp_path / "o"), "--device", "foo")
+    assert "--device foo" in refused(txt2img, args, capsys)
 
-    args = t2i_args(files, tmp_path / "o")
-    args[args.index("--config") + 1] = str(TINY_INPAINT)
-    args[args.index("--ckpt") + 1] = str(ckpts["sd_inpaint"])
-    assert txt2img.main(args) == 2
-    assert f"--config {TINY_INPAINT}" in capsys.readouterr().err
+    args = with_flag(t2i_args(files, tmp_path / "o"), "--config", TINY_INPAINT)
+    args = with_flag(args, "--ckpt", ckpts["sd_inpaint"])
+    assert f"--config {TINY_INPAINT}" in refused(txt2img, args, capsys)
     assert not (tmp_path / "o" / "samples").exists() or not list((tmp_path / "o" / "samples").iterdir())
 
 
@@ -462,10 +458,8 @@ def test_bad_steps_and_eta_name_the_flag(files, one_pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         inpaint_st.main(inpaint_args(files, tmp_path / "o", "--eta", "-1"))
     assert "--eta must be >= 0" in capsys.readouterr().err
-    args = t2i_args(files, tmp_path / "o")
-    args[args.index("--ddim_steps") + 1] = "2000"
-    assert txt2img.main(args) == 2
-    assert "--ddim_steps 2000:" in capsys.readouterr().err
+    args = with_flag(t2i_args(files, tmp_path / "o"), "--ddim_steps", "2000")
+    assert "--ddim_steps 2000:" in refused(txt2img, args, capsys)
     with pytest.raises(SystemExit):
         txt2img.main([a for a in t2i_args(files, tmp_path / "o", "--ddim_eta", "-0.5") if a != "--plms"])
     assert "--ddim_eta must be >= 0" in capsys.readouterr().err
