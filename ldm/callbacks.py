@@ -13,10 +13,10 @@ import torch
 import torchvision
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.image_io import to_uint8, write_png
 from ldm.util import write_atomically
 
 log = logging.getLogger(__name__)
@@ -199,11 +199,10 @@ class ImageLogger(Callback):
                   current_epoch: int, batch_idx: int) -> None:
         for key, batch in images.items():
             grid = torchvision.utils.make_grid(batch, nrow=4)
-            if self.rescale:
-                grid = (grid + 1.0) / 2.0
-            array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            if not self.rescale:  # the images are in [0, 1]
+                grid = grid * 2.0 - 1.0
             path = root / split / f"{key}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
-            write_atomically(path, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+            write_png(to_uint8(grid[None])[0], path)
 
     @rank_zero_only
     def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,

@@ -159,7 +159,7 @@ def test_inpaint_st_bad_setup(files, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     args = with_flag(inpaint_args(files, tmp_path / "o"), "--indir", empty)
-    assert "no NAME.png + NAME_mask.png pair" in refused(inpaint_st, args, capsys)
+    assert "no NAME.<ext> + NAME_mask.<ext> pair" in refused(inpaint_st, args, capsys)
     args = with_flag(inpaint_args(files, tmp_path / "o"), "--ckpt_d", tmp_path / "sd-v1-5-inpainting.ckpt")
     assert "sd-v1-5-inpainting.ckpt" in refused(inpaint_st, args, capsys)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
@@ -340,7 +340,9 @@ def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, f
 
 def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
-    real_load = txt2img.load_model
+    import ldm.checkpoint
+
+    real_load = ldm.checkpoint.load_model
 
     def load_model(config, ckpt, **kwargs):
         model = real_load(config, ckpt, **kwargs)
@@ -350,7 +352,7 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
             scale.append(model.scale_factor)
         return model
 
-    monkeypatch.setattr(txt2img, "load_model", load_model)
+    monkeypatch.setattr(ldm.checkpoint, "load_model", load_model)
     spy_samples(monkeypatch, samples)
     out = tmp_path / "asym"
     assert txt2img.main(t2i_args(files, out, "--skip_grid")) == 0
@@ -467,7 +469,7 @@ def test_bad_steps_and_eta_name_the_flag(files, one_pair, tmp_path, capsys):
 
 def test_16bit_masks_are_scaled_not_clipped(tmp_path):
     """PIL's convert("L") clips 16-bit values at 255: 0.4 of full scale would become "generate"."""
-    from ldm.inference import InputError, mask_to_tensor, open_image
+    from ldm.image_io import InputError, Pair, read_image, read_mask, read_pair
 
     levels = np.array([0, 26214, 32767, 32768, 39321, 65535])  # 0, .4, .49999, .50001, .6, 1 of full scale
     values = np.resize(levels, (64, 64))  # every row cycles through the levels
@@ -475,16 +477,16 @@ def test_16bit_masks_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "m.png")
     Image.fromarray(values.astype(np.uint16)).save(tmp_path / "m_mask.png")  # 16-bit grayscale PNG
     assert Image.open(tmp_path / "m_mask.png").mode == "I;16"
-    _, mask = inpaint_st.load_pair(inpaint_st.Pair("m", tmp_path / "m.png", tmp_path / "m_mask.png"), 640)
+    _, mask = read_pair(Pair("m", tmp_path / "m.png", tmp_path / "m_mask.png"), 640)
     np.testing.assert_array_equal(mask[0, 0].numpy(), expected)
     Image.fromarray(values.astype(np.int32)).save(tmp_path / "m_mask.tif")  # mode I
-    np.testing.assert_array_equal(mask_to_tensor(open_image(tmp_path / "m_mask.tif", "L"))[0, 0].numpy(), expected)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m_mask.tif") >= 0.5, expected)
 
     Image.fromarray(np.full((2, 6), 70000, dtype=np.int32)).save(tmp_path / "big.tif")
     Image.fromarray(np.full((2, 6), 0.7, dtype=np.float32)).save(tmp_path / "float.tif")
     for name, match in (("big.tif", "outside 0..65535"), ("float.tif", "floating-point")):
         with pytest.raises(InputError, match=match) as e:
-            open_image(tmp_path / name, "L")
+            read_image(tmp_path / name)
         assert name in str(e.value)
 
 
@@ -501,7 +503,9 @@ def test_txt2img_laion400m_is_refused_naming_what_to_pass(capsys):
 def test_mask_suffix_matches_in_any_case(tmp_path):
     for name in ("a.png", "a_mask.PNG", "b.PNG", "b_Mask.png", "c.png"):
         (tmp_path / name).write_bytes(b"")
-    pairs, problems = inpaint_st.find_pairs(tmp_path)
+    from ldm.image_io import find_pairs
+
+    pairs, problems = find_pairs(tmp_path)
     assert [(p.name, p.image.name, p.mask.name) for p in pairs] == [("a", "a.png", "a_mask.PNG"),
                                                                    ("b", "b.PNG", "b_Mask.png")]
     assert len(problems) == 1 and "c.png" in problems[0]
