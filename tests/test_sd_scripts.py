@@ -509,3 +509,59 @@ def test_mask_suffix_matches_in_any_case(tmp_path):
     assert [(p.name, p.image.name, p.mask.name) for p in pairs] == [("a", "a.png", "a_mask.PNG"),
                                                                    ("b", "b.PNG", "b_Mask.png")]
     assert len(problems) == 1 and "c.png" in problems[0]
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_inpaint_st_never_writes_into_its_input_folder(files, one_pair, where, capsys):
+    before = {p.name: p.read_bytes() for p in one_pair.iterdir()}
+    outdir = one_pair if where == "same" else one_pair / "out"
+    args = with_flag(with_flag(inpaint_args(files, outdir, "--overwrite"), "--indir", one_pair), "--outdir", outdir)
+    err = refused(inpaint_st, args, capsys)
+    assert "--outdir" in err and "--indir" in err
+    assert {p.name: p.read_bytes() for p in one_pair.iterdir()} == before
+
+
+def test_inpaint_st_skips_an_image_above_max_pixels_and_runs_the_rest(files, one_pair, tmp_path, monkeypatch, capsys):
+    write_png(one_pair / "huge.png", (128, 128), seed=5)
+    write_png(one_pair / "huge_mask.png", (128, 128), "L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # PIL's own bomb error would abort the whole run
+    args = inpaint_args(files, tmp_path / "out", "--max_pixels", "10000")
+    args = with_flag(args, "--indir", one_pair)
+    assert inpaint_st.main(args) == 1
+    err = capsys.readouterr().err
+    assert "huge.png" in err and "--max_pixels" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
+
+
+def test_missing_decoder_is_reported_by_flag_before_sd_loads(files, one_pair, tmp_path, monkeypatch, capsys):
+    import ldm.checkpoint
+
+    loaded = []
+    real = ldm.checkpoint.load_model
+    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    args = with_flag(with_flag(inpaint_args(files, tmp_path / "o"), "--indir", one_pair), "--ckpt",
+                     tmp_path / "nope.ckpt")
+    assert "--ckpt " in refused(inpaint_st, args, capsys)
+    args = with_flag(t2i_args(files, tmp_path / "o"), "--ckpt_c", tmp_path / "nope.ckpt")
+    assert "--ckpt_c " in refused(txt2img, args, capsys)
+    assert loaded == []
+
+
+def test_default_configs_are_found_from_another_folder(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = txt2img.parse_args(["--ckpt", str(files[2]["sd_t2i"]), "--ckpt_c", str(files[2]["decoder"])])
+    txt2img.check_files(opt)
+    assert opt.config == str(REPO / "configs/autoencoder/v1-t2i-inference.yaml")
+    opt = inpaint_st.parse_args(["--indir", ".", "--ckpt", str(files[2]["decoder"]), "--ckpt_d",
+                                 str(files[2]["sd_inpaint"])])
+    inpaint_st.check_files(opt)
+    assert opt.config_d == str(REPO / "configs/autoencoder/v1-inpainting-inference.yaml")
+
+
+@pytest.mark.parametrize("args, message", [(["--prompt"], "expected one argument"),
+                                           (["--outdir"], "expected one argument"),
+                                           (["--skip_save", "--skip_grid"], "write nothing")])
+def test_txt2img_flags_that_would_do_nothing_or_crash(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        txt2img.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
