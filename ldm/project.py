@@ -19,10 +19,10 @@ def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_con
     name repository-relative files, which must work from any folder). Missing: ``FileNotFoundError`` naming
     ``argument``."""
     candidate = Path(path).expanduser()
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
     in_repo = REPO_ROOT / candidate
-    if not candidate.is_absolute() and in_repo.exists():
+    if not candidate.is_absolute() and in_repo.is_file():
         return in_repo
     raise FileNotFoundError(f"{argument} {path}: not found (looked in {Path.cwd()} and {REPO_ROOT})")
 

@@ -331,3 +331,11 @@ def test_accumulate_grad_batches_in_the_config_trains(tmp_path, config_file, mon
                 "lightning.callbacks.image_logger.params.disabled=true") == 0
     (run,) = (tmp_path / "logs").glob("*_acc")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_project_configs_are_found_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = main.load_config(["configs/tiny/autoencoder_kl_tiny.yaml"], ["model.params.embed_dim=4"])
+    assert config.model.params.embed_dim == 4
+    with pytest.raises(FileNotFoundError, match="--base configs/nope.yaml"):
+        main.load_config(["configs/nope.yaml"], [])
