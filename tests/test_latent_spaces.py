@@ -420,3 +420,73 @@ def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors
     # the frozen encoder is the file's; the decoder trained away from it
     assert all(torch.equal(sd[k], v) for k, v in vae.items() if k.startswith("encoder."))
     assert not torch.equal(sd["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
+
+
+# --------------------------------------------------------------------- evaluation, tiling, benchmark
+TINY_FLUX = "configs/tiny/autoencoder_kl_flux_tiny.yaml"
+
+
+def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.checkpoint import load_model, save_state_dict
+    from scripts import evaluate
+
+    torch.manual_seed(3)
+    model = load_model(TINY_FLUX)
+    ckpt = save_state_dict(randomize_(model).state_dict(), tmp_path / "flux_tiny.ckpt")
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    for extra in ([], ["--tile", "16", "--tile_overlap", "4"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert evaluate.main(["reconstruction", "--images", str(tmp_path / "images"), "--size", "32", "--outdir",
+                              str(out), "--decoder", f"flux={TINY_FLUX}:{ckpt}", "--quiet", "--no_lpips", "--no_fid",
+                              "--n_examples", "0", *extra]) == 0
+        report = json.loads((out / "metrics.json").read_text())["decoders"]["flux"]
+        assert report["n_images"] == 2 and math_finite(report["psnr_kept"]) and math_finite(report["pre_error"])
+
+
+def math_finite(x) -> bool:
+    import math
+
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
+    """One tile covering everything = the untiled decode, exactly; several tiles keep the image size."""
+    from ldm.checkpoint import load_model
+
+    torch.manual_seed(4)
+    model = randomize_(load_model(TINY_FLUX))
+    image, mask = image_and_mask(32)
+    z = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        full = model.decode(z, image, mask)
+        model.enable_tiling(32, 8)
+        assert torch.equal(model.decode(z, image, mask), full)
+        model.enable_tiling(16, 4)
+        tiled = model.decode(z, image, mask)
+    assert tiled.shape == full.shape and torch.isfinite(tiled).all()
+
+
+def test_benchmark_builds_16_channel_inputs_for_other_latent_spaces():
+    from scripts import benchmark
+
+    for variant in ("flux_base", "sd3_large", "asuka"):
+        model = benchmark.build_model(variant, device="meta")
+        assert model.embed_dim == 16
+        assert benchmark.count_flops(variant, 64, 1, True, None, 0) > 0
+
+
+def test_latent_space_of_a_model_and_the_sdxl_float16_warning():
+    from ldm.latent_spaces import LATENT_SPACES, latent_space_of
+
+    assert latent_space_of(build_meta("configs/autoencoder/sdxl/vanilla.yaml")) is LATENT_SPACES["sdxl"]
+    assert latent_space_of(build_meta("configs/autoencoder/flux/asuka.yaml")) is LATENT_SPACES["flux"]
+    assert latent_space_of(build_meta("configs/autoencoder/autoencoder_kl_32x32x4.yaml")) is LATENT_SPACES["sd"]
+    assert [s.name for s in LATENT_SPACES.values() if not s.fp16_safe] == ["sdxl"]
