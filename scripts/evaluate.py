@@ -401,7 +401,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rec.add_argument("--sample_posterior", action="store_true",
                      help="decode a posterior sample (seeded by --seed) instead of its mode")
     rec.add_argument("--precision", choices=("full", "autocast"), default="full",
-                     help="autocast = float16 on CUDA (no effect on CPU); not for SDXL's VAE, which overflows in float16")
+                     help="autocast = float16 on CUDA (no effect on CPU); not for SDXL's VAE, which "
+                     "overflows in float16")
     rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     rec.add_argument("--tile", type=int, default=0,

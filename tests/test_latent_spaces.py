@@ -2,6 +2,8 @@
 SD 3.x, FLUX.1), and the one place that converts VAE latents to diffusion latents."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -490,3 +492,36 @@ def test_latent_space_of_a_model_and_the_sdxl_float16_warning():
     assert latent_space_of(build_meta("configs/autoencoder/flux/asuka.yaml")) is LATENT_SPACES["flux"]
     assert latent_space_of(build_meta("configs/autoencoder/autoencoder_kl_32x32x4.yaml")) is LATENT_SPACES["sd"]
     assert [s.name for s in LATENT_SPACES.values() if not s.fp16_safe] == ["sdxl"]
+
+
+# ---------------------------------------------------------------------------------------- converter CLI
+def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
+    """to-diffusers needs to know SD 3.x from FLUX.1 (same tensors): --config or --latent_space; the scale and
+    shift land in config.json; from-diffusers gives back the same tensors; a mismatching space is refused."""
+    import json
+
+    from ldm.checkpoint import read_state_dict, save_state_dict
+    from scripts import convert_checkpoint as cli
+
+    model = randomize_(make_16ch())
+    src = save_state_dict(model.state_dict(), tmp_path / "flux_base.ckpt")
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "a")]) == 2
+    assert "pass --config or --latent_space" in capsys.readouterr().err
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "a"), "--latent_space", "sdxl"]) == 2
+    assert "16 latent channels without quant convs" in capsys.readouterr().err
+
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "flux"), "--latent_space", "flux"]) == 0
+    config = json.loads((tmp_path / "flux" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"], config["latent_channels"]) == (0.3611, 0.1159, 16)
+    assert "identity" in capsys.readouterr().out
+    assert cli.main(["from-diffusers", str(tmp_path / "flux"), str(tmp_path / "back.safetensors")]) == 0
+    back, original = read_state_dict(tmp_path / "back.safetensors"), model.state_dict()
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+    params = tmp_path / "sd3.yaml"
+    params.write_text(Path("configs/autoencoder/sd3/asymmetric_base.yaml").read_text()
+                      .replace("ch: 128", "ch: 32").replace("ch_mult: [1, 2, 4, 4]", "ch_mult: [1, 2]")
+                      .replace("num_res_blocks: 2", "num_res_blocks: 1").replace("resolution: 256", "resolution: 32"))
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "sd3"), "--config", str(params)]) == 0
+    config = json.loads((tmp_path / "sd3" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"]) == (1.5305, 0.0609)
