@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ldm.checkpoint import TORCH_SUFFIXES, CheckpointError, StateDict, read_state_dict, save_state_dict  # noqa: E402
 from ldm.diffusers_interop import (  # noqa: E402

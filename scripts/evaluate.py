@@ -42,8 +42,6 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
