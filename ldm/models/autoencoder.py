@@ -18,10 +18,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,11 @@ class AutoencoderKL(pl.LightningModule):
         if num_gpus is not None or colorize_nlabels is not None:
             log.info("num_gpus / colorize_nlabels are accepted for old configs and ignored")
 
+        check_params(Encoder, ddconfig, "ddconfig")
         self.encoder = Encoder(**ddconfig)
-        self.decoder_config = {**ddconfig, **dict(decoder_overrides or {})}
+        self.decoder_config = {k: v for k, v in {**ddconfig, **dict(decoder_overrides or {})}.items()
+                               if k not in ENCODER_ONLY_KEYS}
+        check_params(Decoder, self.decoder_config, "decoder_overrides over ddconfig")
         self.decoder = Decoder(**self.decoder_config)
         self.loss = instantiate_from_config(lossconfig)
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
