@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
+from ldm.framework_hooks import set_last_lr, step_uncounted
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -349,7 +350,7 @@ class AutoencoderKL(pl.LightningModule):
                 f.lr_max_decay_steps = total
             for group, base_lr, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base_lr * f(sched.last_epoch)
-            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+            set_last_lr(sched, [group["lr"] for group in sched.optimizer.param_groups])
 
     def shared_forward(self, x: torch.Tensor, mask: torch.Tensor,
                        sample_posterior: bool = True) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -363,7 +364,8 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts batches, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (see :func:`_step_uncounted`).
+        discriminator's step is kept out of Lightning's step counter
+        (:func:`ldm.framework_hooks.step_uncounted`).
         """
         x, mask = self.get_input(batch)
         opt_g, opt_d = self.optimizers()
@@ -382,7 +384,7 @@ class AutoencoderKL(pl.LightningModule):
                 d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
                 opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_loss)
-                _step_uncounted(opt_d)
+                step_uncounted(opt_d)
             logs.update(log_d)
             self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
 
@@ -448,21 +450,6 @@ class AutoencoderKL(pl.LightningModule):
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
-
-
-def _step_uncounted(optimizer: Any) -> None:
-    """Step a LightningOptimizer without advancing ``trainer.global_step``.
-
-    With manual optimization Lightning counts every ``optimizer.step()`` as a global step, so two optimizers
-    would count each batch twice and shift ``disc_start``, the LR schedules and ``max_steps``. The manual loop
-    injects its counter through these two hooks; they are disabled for this one step.
-    """
-    before, after = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    try:
-        optimizer.step()
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = before, after
 
 
 def _check_float(name: str, t: Any) -> None:
