@@ -2,10 +2,11 @@
 
 Formats read by :func:`read_state_dict`:
 
-* ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin``: a PyTorch-Lightning checkpoint (``ckpt["state_dict"]``) or a bare state
-  dict, read with ``torch.load(weights_only=True)``. Lightning/OmegaConf metadata that weights-only loading refuses
-  (callback states keyed by class, hyper-parameter containers) is replaced by inert placeholders, since only
-  tensors are kept; any other pickled global (``os.system`` ...) is refused with :class:`CheckpointError`.
+* ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin``: a file written by ``torch.save`` holding a PyTorch-Lightning checkpoint
+  (``ckpt["state_dict"]``) or a bare state dict, memory-mapped and read with ``torch.load(weights_only=True)``. One
+  rule: tensors and plain containers are accepted, and beside the weights Lightning's metadata
+  (:data:`LIGHTNING_METADATA`, by exact name, read as inert stand-ins and dropped); anything else is refused with
+  :class:`CheckpointError` before any of it is unpickled.
 * ``.safetensors``.
 * a diffusers ``AsymmetricAutoencoderKL`` / ``AutoencoderKL`` folder (``config.json`` + weights), converted to our
   keys by :mod:`ldm.diffusers_interop`.
@@ -18,7 +19,6 @@ import collections
 import logging
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -34,12 +34,29 @@ StateDict = Dict[str, torch.Tensor]
 
 TORCH_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
-# Globals found in training checkpoints that are metadata, never weights. They are replaced by `_Inert` on load.
-_INERT_MODULE_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
-                          "numpy.", "argparse.", "pathlib.", "main.", "ldm.", "taming.")
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-# Plain containers and value types that metadata (OmegaConf configs, hyper-parameter dicts) pickles by reference: data, not code.
-_SAFE_CONTAINERS = [dict, list, set, tuple, int, float, str, bool, bytes, complex, collections.OrderedDict]
+# Types that pickles name by reference although they are plain data (container types, a defaultdict's factory).
+_PLAIN_TYPES = (dict, list, set, frozenset, tuple, int, float, str, bool, bytes, complex, collections.OrderedDict,
+                collections.defaultdict)
+# What Lightning checkpoints carry beside the weights, by exact name: PL 1.x keys callback states by the callback
+# class (the paper's release, SD 1.x), callback states hold numpy scalars and paths, ``save_hyperparameters``
+# stores OmegaConf / argparse / AttributeDict containers. They are read as inert stand-ins, so their code never
+# runs, and dropped: only the weights are kept, and a stand-in among them is refused.
+LIGHTNING_METADATA = frozenset({
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode", "typing.Any",
+    "argparse.Namespace",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    "pathlib.PosixPath", "pathlib.WindowsPath",
+})
+# torch.save's legacy (pre-zip) format opens with this pickled magic number; anything else that is not a zip archive
+# is not a PyTorch checkpoint (a plain pickle, say) and is never unpickled.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 class CheckpointError(ValueError):
@@ -56,42 +73,48 @@ class _Inert:
         self._state = state
 
 
+def _refused(path: Path, names: Iterable[str] = ()) -> CheckpointError:
+    """The one message for every file that holds more than tensors, plain containers and Lightning's metadata."""
+    named = f" ({', '.join(sorted(names))})" if names else ""
+    return CheckpointError(
+        f"{path}: refusing to load: the file holds pickled Python objects{named} where only tensors and plain "
+        "containers (and Lightning's metadata beside the weights) are accepted; such objects can run code when "
+        "loaded. Re-save the weights as .safetensors from a trusted environment.")
+
+
 def _torch_load_weights_only(path: Path) -> Any:
-    inert: list = []
-    for _ in range(64):
-        try:
-            with torch.serialization.safe_globals(_SAFE_CONTAINERS + inert):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-        except pickle.UnpicklingError as e:
-            match = _UNSUPPORTED_GLOBAL.search(str(e))
-            if match is None:
-                raise CheckpointError(f"{path}: not a weights checkpoint this loader can read safely "
-                                      f"({_unpickler_reason(e)})") from None
-            name = match.group(1)
-            if not name.startswith(_INERT_MODULE_PREFIXES) or "is blocked" in str(e):
-                raise CheckpointError(
-                    f"{path}: refusing to load: the file contains the pickled Python object {name!r}, which a "
-                    "weights file never needs and which could run code. Only tensors (and Lightning metadata) "
-                    "are accepted; re-save the weights as .safetensors from a trusted environment.") from None
-            inert.append((type(name.rsplit(".", 1)[-1], (_Inert,), {}), name))
-        except (RuntimeError, KeyError, EOFError, OSError) as e:  # torch's reader on a file that is no checkpoint
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    raise CheckpointError(f"{path}: too many unknown pickled globals; not a weights checkpoint")
-
-
-def _unpickler_reason(error: Exception) -> str:
-    """The unpickler's own reason, without torch's advice to retry with ``weights_only=False``."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("WeightsUnpickler error:"):
-            rest = line[len("WeightsUnpickler error:"):].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
-            return rest or "unreadable pickle"
-    return lines[-1] if lines else type(error).__name__
-
-
-def _is_zip(path: Path) -> bool:
+    """``torch.load(weights_only=True)`` of a ``torch.save`` file (memory-mapped when zip), after torch's own static
+    list of the file's globals (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`) shows nothing but
+    plain types and :data:`LIGHTNING_METADATA`."""
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        head = f.read(len(_LEGACY_MAGIC))
+    zipped = head.startswith(b"PK\x03\x04")
+    if not zipped and head != _LEGACY_MAGIC:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (a file written by torch.save); other pickles "
+                              "are never loaded")
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in sorted(LIGHTNING_METADATA)]
+    try:
+        with torch.serialization.safe_globals(list(_PLAIN_TYPES)):
+            # the legacy format has no static listing: torch.load's own refusal below covers it
+            unknown = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) if zipped else set()
+        if unknown - LIGHTNING_METADATA:
+            raise _refused(path, unknown - LIGHTNING_METADATA)
+        with torch.serialization.safe_globals(list(_PLAIN_TYPES) + stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError:
+        raise _refused(path) from None
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:  # torch's reader on a damaged file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _holds_stand_in(value: Any) -> bool:
+    if isinstance(value, _Inert):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_stand_in(v) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_stand_in(v) for v in value)
+    return False
 
 
 def read_state_dict(path: PathLike, prefix: Optional[str] = None) -> StateDict:
@@ -121,6 +144,8 @@ def read_state_dict(path: PathLike, prefix: Optional[str] = None) -> StateDict:
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a state dict or a Lightning checkpoint, found {type(obj).__name__}")
+        if _holds_stand_in(obj):  # Lightning's metadata is accepted beside the weights, never among them
+            raise _refused(path, {type(v).__name__ for v in obj.values() if _holds_stand_in(v)})
         state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if len(state_dict) != len(obj):
             log.info("%s: skipped %d non-tensor entries", path, len(obj) - len(state_dict))

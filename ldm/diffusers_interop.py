@@ -538,6 +538,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
         # safetensors wants contiguous tensors with their own storage
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
+        for written in tmp.iterdir():  # safetensors writes 0600 files: give them the usual permissions
+            os.chmod(written, default_file_mode())
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
