@@ -194,7 +194,7 @@ def _listing(keys: Iterable[str], limit: int = 8) -> str:
 
 def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: PathLike = "<state dict>",
               ignore_keys: Iterable[str] = (), known_unused: Optional[Mapping[str, str]] = None,
-              allow_missing: Iterable[str] = (), hint: Optional[str] = None) -> None:
+              allow_missing: Iterable[str] = (), hint: Optional[str] = None, assign: bool = False) -> None:
     """Load ``state_dict`` into ``model`` strictly, after dropping what is known to be unused.
 
     ``ignore_keys``: prefixes the caller asked to skip (the original configs' ``ignore_keys: [decoder]``); the
@@ -202,6 +202,10 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, sourc
     (``decoder.up_layers.`` of the original release, ``loss.`` in inference ...). ``allow_missing``: model key
     prefixes that may be absent (freshly initialised parts). Anything else missing, unexpected or mis-shaped raises
     :class:`CheckpointError` naming the keys, plus ``hint`` (e.g. which config variant the tensors look like).
+
+    ``assign``: the checkpoint's tensors become the model's (cast only where dtype or device differ) instead of
+    being copied into its fresh ones, so a memory-mapped file is never read in full and peak memory stays near
+    the model's own size. Only for tensors nobody else holds, such as those fresh from :func:`read_state_dict`.
     """
     sd = dict(state_dict)
     ignore_keys = tuple(ignore_keys)
@@ -234,7 +238,10 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, sourc
     if absent:
         log.info("%s: %d model keys not in the checkpoint keep their initialisation (%s)", source, len(absent),
                  _listing(absent, 3))
-    model.load_state_dict(sd, strict=False)
+    if assign:
+        sd = {k: v if (v.dtype, v.device) == (expected[k].dtype, expected[k].device) else v.to(expected[k])
+              for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=assign)
 
 
 def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
@@ -263,7 +270,7 @@ def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[
         elif hasattr(model, "init_from_ckpt"):
             model.init_from_ckpt(ckpt_path)
         else:
-            load_into(model, read_state_dict(ckpt_path), source=ckpt_path)
+            load_into(model, read_state_dict(ckpt_path), source=ckpt_path, assign=True)
     model = model.to(device)
     if eval_mode:
         model.eval()

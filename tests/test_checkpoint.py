@@ -314,3 +314,50 @@ def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias
     assert torch.equal(dst.loss.perceptual_loss.lins[0].model[1].weight, torch.full_like(
         dst.loss.perceptual_loss.lins[0].model[1].weight, 0.25))
     assert torch.equal(dst.decoder.conv_out.weight, src.decoder.conv_out.weight)
+
+
+_PEAK_CHILD = """
+import json, re, sys, torch
+from ldm.checkpoint import load_model
+config = json.loads(sys.argv[2])
+
+def peak_since_reset():  # the kernel's resident high-water mark (VmHWM), reset by writing 5 to clear_refs
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+def current():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+load_model(config)  # warm up: imports and allocator pools
+for what in ("built", "loaded"):
+    base = current()
+    open("/proc/self/clear_refs", "w").write("5")
+    model = load_model(config, sys.argv[1] if what == "loaded" else None)
+    sizes = {what: peak_since_reset() - base}
+    del model
+    print(json.dumps({"model": sum(t.numel() * t.element_size() for t in load_model(config).state_dict().values()),
+                      **sizes}))
+"""
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_loading_weights_peaks_near_the_model_size(tmp_path, suffix):
+    """Peak resident memory (the kernel's high-water mark, reset before each step) of building a ~100 MB
+    autoencoder, and of building it and loading a checkpoint into it: the file must not add a second copy of the
+    weights (before: about 2x the model)."""
+    import json
+    import subprocess
+    import sys
+
+    config = {"target": "ldm.models.autoencoder.AutoencoderKL",
+              "params": {"embed_dim": 4, "lossconfig": {"target": "torch.nn.Identity"},
+                         "ddconfig": {**TINY_DDCONFIG, "ch": 64, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+                         "decoder_overrides": {"condition": True}}}
+    model = load_model(config)
+    save_state_dict(model.state_dict(), tmp_path / f"w{suffix}")
+    del model
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / f"w{suffix}"), json.dumps(config)],
+                         capture_output=True, text=True, check=True)
+    sizes = {k: v for line in out.stdout.strip().splitlines()[-2:] for k, v in json.loads(line).items()}
+    assert sizes["model"] > 80e6
+    assert 0.7 * sizes["model"] < sizes["built"] < 1.3 * sizes["model"], sizes  # the measure sees the model
+    assert sizes["loaded"] < 1.3 * sizes["model"], sizes

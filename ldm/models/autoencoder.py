@@ -151,7 +151,7 @@ class AutoencoderKL(pl.LightningModule):
         # the lpips package registers lin0..lin4 a second time as lins.0..4; taming's LPIPS (the original's) does not
         allow_missing.append("loss.perceptual_loss.lins.")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  allow_missing=allow_missing, hint=self._variant_hint(state_dict))
+                  allow_missing=allow_missing, hint=self._variant_hint(state_dict), assign=True)
         log.info("restored %s from %s", type(self).__name__, path)
 
     def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -233,7 +233,7 @@ class LatentDiffusion(nn.Module):
             hint = ("the checkpoint holds no EMA shadow weights: set use_ema: false in the config (the released "
                     "SD v1.5 files keep a single set of weights)")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  hint=hint)
+                  hint=hint, assign=True)
         log.info("restored %s from %s", type(self).__name__, path)
 
     # ------------------------------------------------------------------ diffusion
