@@ -57,13 +57,6 @@ def instantiate_from_config(config: Mapping[str, Any], **extra: Any) -> Any:
     return target(**params)
 
 
-def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if verbose:
-        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
-    return total
-
-
 def exists(x: Any) -> bool:
     return x is not None
 

@@ -28,12 +28,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ldm.checkpoint import TORCH_SUFFIXES, CheckpointError, StateDict, read_state_dict, save_state_dict  # noqa: E402
+from ldm.checkpoint import read_state_dict  # noqa: E402
+from ldm.checkpoint_io import (  # noqa: E402
+    TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict)
 from ldm.diffusers_interop import (  # noqa: E402
-    AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, drop_unused_keys, read_diffusers_config,
-    read_diffusers_folder, write_diffusers_folder)
+    AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, read_diffusers_folder,
+    write_diffusers_folder)
 from ldm.latent_spaces import (  # noqa: E402
-    LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_latent_layout, matching_spaces)
+    LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
+    describe_latent_layout, drop_unused_keys, matching_spaces)
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -60,8 +63,6 @@ def load_config(path: Path) -> Dict[str, Any]:
 
 
 def describe(sd: StateDict) -> str:
-    from ldm.models.autoencoder import describe_decoder_checkpoint
-
     return f"{AutoencoderLayout.from_state_dict(sd).describe()}\n  {describe_decoder_checkpoint(sd)}"
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm.util import write_atomically  # noqa: E402
-from ldm.checkpoint import load_model  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import ImageFolderInpainting  # noqa: E402
 from ldm import metrics  # noqa: E402
 

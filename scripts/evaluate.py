@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
-from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
+from ldm.checkpoint_io import CheckpointError  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, read_state_dict, save_state_dict
+from ldm.checkpoint import read_state_dict
+from ldm.checkpoint_io import CheckpointError, save_state_dict
 from ldm.diffusers_interop import (AutoencoderLayout, check_diffusers_state_dict, diffusers_condition_widths,
                                    diffusers_config_to_ldm, diffusers_to_ldm, ldm_to_diffusers,
                                    read_diffusers_folder, write_diffusers_folder)

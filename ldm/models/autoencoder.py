@@ -17,44 +17,17 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
-from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import CheckpointError, PathLike
 from ldm.framework_hooks import set_last_lr, step_uncounted
-from ldm.latent_spaces import SD, autoencoder_state_dict, describe_latent_layout, describe_state_dict, latent_layout
+from ldm.latent_spaces import (SD, UNUSED_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
+                               describe_latent_layout, describe_state_dict, latent_layout)
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
-
-# Known decoder shapes of released checkpoints -> the variant and its SD 1.x config (used in load error messages).
-# The other latent spaces have the same variants under configs/autoencoder/{sdxl,sd3,flux}/asymmetric_*.yaml.
-_VARIANT_CONFIGS = {
-    (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
-    (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
-    (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
-}
-
-
-def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
-    try:
-        out_ch, ch = state_dict["decoder.conv_out.weight"].shape[:2]
-        blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
-    except (KeyError, IndexError, AttributeError, ValueError):
-        return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
-    branch = state_dict.get("decoder.encoder.layers.0.weight")
-    nrb = len(blocks) - 1
-    known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
-    if branch is None:
-        condition = "absent"
-    elif branch.shape[1] == out_ch + 1:
-        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
-    else:
-        condition = "present"
-    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch {condition}; "
-            f"{describe_state_dict(state_dict)}: it matches {known}")
-
 
 class AutoencoderKL(pl.LightningModule):
     """Frozen encoder + trainable decoder.
@@ -159,9 +132,8 @@ class AutoencoderKL(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
         """Checkpoint key prefixes this model drops on load, with the reason logged."""
-        unused = {"decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used"}
-        if not any(k.startswith("loss.") for k in self.state_dict()):
-            unused["loss."] = "training loss weights (LPIPS, discriminator); this model has no loss module"
+        has_loss = any(k.startswith("loss.") for k in self.state_dict())
+        unused = {prefix: reason for prefix, reason in UNUSED_PREFIXES.items() if not (prefix == "loss." and has_loss)}
         if not self.decoder.has_condition:
             unused["decoder.encoder."] = "condition branch; this decoder is configured with condition: false"
         return unused

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import PathLike, load_into, read_state_dict
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import PathLike
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
