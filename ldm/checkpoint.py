@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm.checkpoint_io import CheckpointError, PathLike, StateDict, read_weights_file
 from ldm.diffusers_interop import read_diffusers_folder
+from ldm.latent_spaces import strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def read_state_dict(path: PathLike, prefix: Optional[str] = None) -> StateDict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state_dict = read_diffusers_folder(path)[0] if path.is_dir() else read_weights_file(path)
     if prefix:
-        stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        stripped = strip_prefix(state_dict, prefix)
         if not stripped:
             sample = ", ".join(sorted(state_dict)[:5])
             raise CheckpointError(f"{path}: no key starts with {prefix!r} (first keys: {sample})")

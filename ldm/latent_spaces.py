@@ -64,17 +64,26 @@ UNUSED_PREFIXES = {
 SINGLE_FILE_VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 
+def single_file_vae_prefix(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The prefix under which a single-file diffusion checkpoint keeps its VAE; ``None`` when the tensors hold no
+    VAE under one of :data:`SINGLE_FILE_VAE_PREFIXES`."""
+    return next((p for p in SINGLE_FILE_VAE_PREFIXES if f"{p}encoder.conv_in.weight" in state_dict), None)
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The tensors whose keys start with ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def autoencoder_state_dict(state_dict: Mapping[str, torch.Tensor], source: object = "<state dict>"
                            ) -> Dict[str, torch.Tensor]:
     """The autoencoder's tensors in our keys: a single-file diffusion checkpoint gives its VAE (prefix stripped),
     anything with ``encoder.*`` keys at the top (ours, the paper's, BFL's ``ae.safetensors``, ASUKA's) is kept."""
-    if "encoder.conv_in.weight" in state_dict:
+    prefix = None if "encoder.conv_in.weight" in state_dict else single_file_vae_prefix(state_dict)
+    if prefix is None:
         return dict(state_dict)
-    for prefix in SINGLE_FILE_VAE_PREFIXES:
-        if f"{prefix}encoder.conv_in.weight" in state_dict:
-            log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return dict(state_dict)
+    log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
+    return strip_prefix(state_dict, prefix)
 
 
 def latent_layout(state_dict: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, bool]]:

@@ -36,7 +36,7 @@ from ldm.diffusers_interop import (  # noqa: E402
     write_diffusers_folder)
 from ldm.latent_spaces import (  # noqa: E402
     LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
-    describe_latent_layout, drop_unused_keys, matching_spaces)
+    describe_latent_layout, drop_unused_keys, matching_spaces, single_file_vae_prefix, strip_prefix)
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -133,11 +133,11 @@ def from_diffusers(opt: argparse.Namespace) -> None:
 
 def extract_vae(opt: argparse.Namespace) -> None:
     full = read_state_dict(opt.input)
-    prefix = next((p for p in SINGLE_FILE_VAE_PREFIXES if f"{p}encoder.conv_in.weight" in full), None)
+    prefix = single_file_vae_prefix(full)
     if prefix is None:
         raise CheckpointError(f"{opt.input}: no VAE under {' or '.join(SINGLE_FILE_VAE_PREFIXES)} (first keys: "
                               f"{', '.join(sorted(full)[:5])})")
-    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    sd = strip_prefix(full, prefix)
     vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIXES)}
     absent = [p for p in ("encoder.", "decoder.") if not any(k.startswith(p) for k in vae)]
     if absent:
