@@ -75,3 +75,10 @@ def test_readme_layout_lists_every_module():
                if p.parts[len(REPO.parts)] in ("ldm", "scripts") or p.parent == REPO
                if p.name != "__init__.py" and p.name not in layout]
     assert missing == []
+
+
+def test_the_project_points_only_to_its_own_files():
+    """Code, tests, configs and docs name files of this repository, never notes kept outside it."""
+    texts = [*PYTHON_FILES, *REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("configs/**/*.yaml")]
+    outside = "shared" + "/"  # spelled apart so that this file does not name it
+    assert [str(p.relative_to(REPO)) for p in texts if outside in p.read_text()] == []
