@@ -5,14 +5,14 @@ A latent space is configuration, not code: ``AutoencoderKL(embed_dim, use_quant_
 shift_factor)``. The numbers below are those of the released models' diffusers ``AutoencoderKL`` configs
 (``vae/config.json``); BFL's FLUX.1 code carries the same scale and shift.
 
-========  ===============  ===========  =======  ======  ===================================================
-name      models           channels     quant    scale   shift
-========  ===============  ===========  =======  ======  ===================================================
-sd        SD 1.x / 2.x     4            yes      0.18215 0
-sdxl      SDXL             4            yes      0.13025 0
-sd3       SD 3 / 3.5       16           no       1.5305  0.0609
-flux      FLUX.1           16           no       0.3611  0.1159
-========  ===============  ===========  =======  ======  ===================================================
+=====  ============  ========  ===========  =======  ======
+name   models        channels  quant convs  scale    shift
+=====  ============  ========  ===========  =======  ======
+sd     SD 1.x / 2.x  4         yes          0.18215  0
+sdxl   SDXL          4         yes          0.13025  0
+sd3    SD 3 / 3.5    16        no           1.5305   0.0609
+flux   FLUX.1        16        no           0.3611   0.1159
+=====  ============  ========  ===========  =======  ======
 
 SD 1.x and SDXL (and SD 3.x and FLUX.1) have the same tensor shapes: a file tells the family, not the model.
 

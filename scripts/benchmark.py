@@ -9,12 +9,13 @@ with the achieved FLOP rate next to a plain matrix-multiply rate on the same mac
     python scripts/benchmark.py --quick --out /tmp/bench                  # tiny config, seconds (what the tests run)
 
 Weights are random (speed does not depend on them). Variants: ``base`` / ``large`` / ``large2`` are the paper's decoders
-(configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent spaces
-(configs/autoencoder/{sdxl,sd3,flux}/), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers has no such class); ``narrow`` is the base layout at ch 32 with one block per level (for
-CPU curves); ``tiny`` is configs/tiny. "condition" rows decode with image + mask (the asymmetric path), "no condition"
-rows decode ``z`` alone (the text-to-image path). Latency: median of ``--repeats`` timed calls after ``--warmup``, under
-``torch.inference_mode``; the training step is the decoder's forward + backward of an L1 loss only (no LPIPS, no
-discriminator, no optimizer step), so it is a lower bound on a real training step.
+(configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
+spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers has no such
+class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is configs/tiny.
+"condition" rows decode with image + mask (the asymmetric path), "no condition" rows decode ``z`` alone (the
+text-to-image path). Latency: median of ``--repeats`` timed calls after ``--warmup``, under ``torch.inference_mode``;
+the training step is the decoder's forward + backward of an L1 loss only (no LPIPS, no discriminator, no optimizer
+step), so it is a lower bound on a real training step.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU each case runs
 in a fresh subprocess and reports the rise of the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
 over the resident set before the first call (model weights excluded). FLOPs: ``torch.utils.flop_counter`` on the meta
@@ -405,8 +406,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no_train", action="store_true", help="same as --train_size 0")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = none); speed only: with "
-                   "real SDXL weights fp16 overflows (use bf16 there)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="autocast dtype (fp32 = none); random weights: with real SDXL weights fp16 overflows")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (both implementations)")
     p.add_argument("--no_diffusers", action="store_true")

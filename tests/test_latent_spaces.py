@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY_DDCONFIG
+from tests.test_interop import randomize_
+from tests.test_main import image_folder  # noqa: F401 - fixture
 
 TINY16 = dict(TINY_DDCONFIG, z_channels=16)
 
@@ -192,16 +194,6 @@ def test_asuka_decoder_parameter_count():
 
 
 # ------------------------------------------------------------------------------------ diffusers parity
-def randomize_(model, seed: int = 0):
-    """Random norms and biases too, so that a mapping that swaps two of them changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def image_and_mask(size: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(2, 3, size, size, generator=g) * 2 - 1
@@ -216,7 +208,7 @@ def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
 
     from ldm.diffusers_interop import ldm_to_diffusers
 
-    ours = randomize_(make_16ch(condition=False))
+    ours = randomize_(make_16ch(condition=False), 0)
     sd, config = ldm_to_diffusers(ours.state_dict(), scaling_factor=ours.scaling_factor,
                                   shift_factor=ours.shift_factor)
     assert config["_class_name"] == "AutoencoderKL"
@@ -244,7 +236,7 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
     from ldm.checkpoint import read_state_dict
     from ldm.diffusers_interop import write_diffusers_folder
 
-    ours = randomize_(make_16ch(condition=True))
+    ours = randomize_(make_16ch(condition=True), 0)
     folder = write_diffusers_folder(ours.state_dict(), TINY16, {"condition": True}, tmp_path / "asym",
                                     scaling_factor=ours.scaling_factor, shift_factor=ours.shift_factor,
                                     use_quant_conv=False)
@@ -370,22 +362,15 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, monkeypatch):
+def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, image_folder,
+                                                                                 monkeypatch):
     """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
     encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
-    import numpy as np
     from omegaconf import OmegaConf
-    from PIL import Image
     from safetensors.torch import save_file
 
     import main
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
-        (tmp_path / split).mkdir()
-        for i in range(n):
-            small = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((40, 40), Image.BILINEAR).save(tmp_path / split / f"{i}.png")
     vae = released_vae("flux")
     save_file(vae, str(tmp_path / "ae.safetensors"))
     dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
@@ -400,10 +385,10 @@ def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors
                                             "params": {"disc_start": 2, "perceptual_weight": 0, "kl_weight": 1e-6}}}},
         "data": {"target": "main.DataModuleFromConfig",
                  "params": {"batch_size": 2, "num_workers": 0,
-                            "train": {**dataset, "params": {**dataset["params"], "root": str(tmp_path / "train")}},
+                            "train": {**dataset, "params": {**dataset["params"], "root": str(image_folder / "train")}},
                             "validation": {**dataset, "params": {**dataset["params"], "random_crop": False,
                                                                  "fixed_masks": True,
-                                                                 "root": str(tmp_path / "val")}}}},
+                                                                 "root": str(image_folder / "val")}}}},
         "lightning": {"callbacks": {"image_logger": {"params": {"disabled": True}}},
                       "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
                                   "enable_progress_bar": False}},
@@ -440,7 +425,7 @@ def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_pat
 
     torch.manual_seed(3)
     model = load_model(TINY_FLUX)
-    ckpt = save_state_dict(randomize_(model).state_dict(), tmp_path / "flux_tiny.ckpt")
+    ckpt = save_state_dict(randomize_(model, 0).state_dict(), tmp_path / "flux_tiny.ckpt")
     (tmp_path / "images").mkdir()
     rng = np.random.default_rng(0)
     for i in range(2):
@@ -465,7 +450,7 @@ def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
     from ldm.loading import load_model
 
     torch.manual_seed(4)
-    model = randomize_(load_model(TINY_FLUX))
+    model = randomize_(load_model(TINY_FLUX), 0)
     image, mask = image_and_mask(32)
     z = torch.randn(2, 16, 16, 16)
     with torch.no_grad():
@@ -505,7 +490,7 @@ def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
     from ldm.checkpoint_io import save_state_dict
     from scripts import convert_checkpoint as cli
 
-    model = randomize_(make_16ch())
+    model = randomize_(make_16ch(), 0)
     src = save_state_dict(model.state_dict(), tmp_path / "flux_base.ckpt")
     assert cli.main(["to-diffusers", str(src), str(tmp_path / "a")]) == 2
     assert "pass --config or --latent_space" in capsys.readouterr().err
