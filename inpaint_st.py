@@ -85,7 +85,7 @@ def check_files(opt: argparse.Namespace) -> None:
 def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
     """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder. The decoder
     loads first: it is the smaller model, and a wrong decoder checkpoint is reported before SD has loaded."""
-    from ldm.checkpoint import CheckpointError
+    from ldm.checkpoint_io import CheckpointError
     from ldm.inference import load_flagged
 
     decoder = None if opt.vanilla_decoder else load_flagged(opt, "--config", "--ckpt", device)
@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from ldm.checkpoint import CheckpointError
+    from ldm.checkpoint_io import CheckpointError
     from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, find_pairs, read_pair, write_png
     from ldm.inference import make_schedule, pick_device, prepare_outdir, refuse_overlap
     from ldm.models.diffusion.ddim import DDIMSampler

@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from torchvision.utils import make_grid
     from tqdm import tqdm
 
-    from ldm.checkpoint import CheckpointError
+    from ldm.checkpoint_io import CheckpointError
     from ldm.image_io import to_uint8, write_png_numbered
     from ldm.inference import (load_flagged, make_schedule, pick_device, precision_scope, prepare_outdir,
                                seed_everything)

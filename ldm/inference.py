@@ -13,7 +13,7 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
-from ldm import checkpoint
+from ldm import checkpoint_io, loading
 from ldm.image_io import InputError
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ def refuse_overlap(outdir: PathLike, indir: PathLike, out_flag: str = "--outdir"
 
 
 def load_flagged(opt: Any, config_flag: str, ckpt_flag: str, device: torch.device) -> torch.nn.Module:
-    """``ldm.checkpoint.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
+    """``ldm.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
     checkpoint error names both flags."""
     config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
     print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
     try:
-        return checkpoint.load_model(config, ckpt, device=device)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
+        return loading.load_model(config, ckpt, device=device)
+    except checkpoint_io.CheckpointError as e:
+        raise checkpoint_io.CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
 
 
 def make_schedule(sampler: Any, steps: int, eta: float, steps_flag: str = "--steps") -> None:

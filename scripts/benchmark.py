@@ -40,8 +40,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ldm.inference import pick_device  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402

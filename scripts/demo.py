@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ldm.util import write_atomically  # noqa: E402
-from ldm.checkpoint import load_model  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import ImageFolderInpainting  # noqa: E402
 from ldm import metrics  # noqa: E402
 from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402

@@ -42,11 +42,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ldm import metrics  # noqa: E402
-from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
+from ldm.checkpoint_io import CheckpointError  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import find_images  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.image_io import (IMAGE_EXTENSIONS, InputError, find_pairs, quantize, read_image, read_mask,  # noqa: E402

@@ -10,7 +10,8 @@ from PIL import Image
 
 import inpaint_st
 import txt2img
-from ldm.checkpoint import read_state_dict, save_state_dict
+from ldm.checkpoint import read_state_dict
+from ldm.checkpoint_io import save_state_dict
 
 from .conftest import REPO
 from .test_ddpm import TINY_INPAINT, TINY_T2I, build, original_layout
@@ -340,9 +341,9 @@ def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, f
 
 def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
-    import ldm.checkpoint
+    import ldm.loading
 
-    real_load = ldm.checkpoint.load_model
+    real_load = ldm.loading.load_model
 
     def load_model(config, ckpt, **kwargs):
         model = real_load(config, ckpt, **kwargs)
@@ -352,7 +353,7 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
             scale.append(model.scale_factor)
         return model
 
-    monkeypatch.setattr(ldm.checkpoint, "load_model", load_model)
+    monkeypatch.setattr(ldm.loading, "load_model", load_model)
     spy_samples(monkeypatch, samples)
     out = tmp_path / "asym"
     assert txt2img.main(t2i_args(files, out, "--skip_grid")) == 0
@@ -534,11 +535,11 @@ def test_inpaint_st_skips_an_image_above_max_pixels_and_runs_the_rest(files, one
 
 
 def test_missing_decoder_is_reported_by_flag_before_sd_loads(files, one_pair, tmp_path, monkeypatch, capsys):
-    import ldm.checkpoint
+    import ldm.loading
 
     loaded = []
-    real = ldm.checkpoint.load_model
-    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    real = ldm.loading.load_model
+    monkeypatch.setattr(ldm.loading, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
     args = with_flag(with_flag(inpaint_args(files, tmp_path / "o"), "--indir", one_pair), "--ckpt",
                      tmp_path / "nope.ckpt")
     assert "--ckpt " in refused(inpaint_st, args, capsys)
