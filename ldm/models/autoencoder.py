@@ -416,9 +416,10 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts optimizer steps, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (:func:`ldm.framework_hooks.step_uncounted`). With
-        ``accumulate_grad_batches`` = N both optimizers step once per N batches, on the mean of their gradients,
-        which is the update of one batch N times larger (the GAN's adaptive weight is computed per micro-batch).
+        discriminator's step is kept out of Lightning's step counter (:func:`ldm.framework_hooks.step_uncounted`).
+        With ``accumulate_grad_batches`` = N both optimizers step once per N batches, on the mean of their
+        gradients, which is the update of one batch N times larger (the GAN's adaptive weight is computed per
+        micro-batch).
         """
         x, mask = self.get_input(batch)
         opt_g, opt_d = self.optimizers()
