@@ -180,8 +180,7 @@ def count_flops(variant: str, size: int, batch: int, condition: bool, tile: Opti
     if not condition:
         image = mask = None
 
-    def decode(zt, it, mt):  # the model's decode minus input validation (which reads values)
-        return model.decoder(model.post_quant_conv(zt), it, mt)
+    decode = model.decode_untiled  # the model's decode minus input validation (which reads values)
 
     with FlopCounterMode(display=False) as counter:
         if tile:

@@ -67,6 +67,12 @@ class AutoencoderKL(pl.LightningModule):
             the trainer).
         train_encoder: also train encoder, ``quant_conv`` and ``post_quant_conv`` (a plain KL autoencoder trained
             from scratch, e.g. stage 1 of the demo); the paper's recipe keeps them frozen (default).
+        use_quant_conv: build the 1x1 ``quant_conv`` / ``post_quant_conv`` around the latent (SD 1.x/2.x, SDXL).
+            SD 3.x and FLUX.1 VAEs have neither: their latent is the encoder's output itself (then ``embed_dim``
+            must equal ``z_channels``), and their checkpoints carry no such keys.
+        scaling_factor / shift_factor: the latent space's normalisation used by the diffusion model, see
+            :meth:`scale_latents`. SD 1.x/2.x 0.18215 / 0, SDXL 0.13025 / 0, SD 3.x 1.5305 / 0.0609,
+            FLUX.1 0.3611 / 0.1159.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -76,7 +82,8 @@ class AutoencoderKL(pl.LightningModule):
                  scheduler_config: Optional[Mapping[str, Any]] = None,
                  scheduler_config_d: Optional[Mapping[str, Any]] = None,
                  num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None,
-                 train_encoder: bool = False):
+                 train_encoder: bool = False, use_quant_conv: bool = True, scaling_factor: float = 0.18215,
+                 shift_factor: float = 0.0):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
@@ -87,6 +94,10 @@ class AutoencoderKL(pl.LightningModule):
         self.image_key = image_key
         self.mask_key = mask_key
         self.embed_dim = embed_dim
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
         self.pretrained_lr_factor = float(pretrained_lr_factor)
         self.scheduler_config = scheduler_config
         self.scheduler_config_d = scheduler_config_d
@@ -97,8 +108,17 @@ class AutoencoderKL(pl.LightningModule):
         self.decoder_config = {**ddconfig, **dict(decoder_overrides or {})}
         self.decoder = Decoder(**self.decoder_config)
         self.loss = instantiate_from_config(lossconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        self.use_quant_conv = bool(use_quant_conv)
+        if self.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        else:
+            z_dec = self.decoder_config["z_channels"]
+            if not embed_dim == ddconfig["z_channels"] == z_dec:
+                raise ValueError(f"use_quant_conv false: embed_dim ({embed_dim}) must equal ddconfig.z_channels "
+                                 f"({ddconfig['z_channels']}) and the decoder's z_channels ({z_dec}), since no 1x1 "
+                                 "conv maps between them")
+            self.quant_conv = self.post_quant_conv = None
         # pixels per latent pixel along each side
         self.downsample_factor = 2 ** (len(self.decoder_config["ch_mult"]) - 1)
         self._tiling: Optional[Tuple[int, int]] = None  # (tile, overlap) in image pixels; see enable_tiling
@@ -108,8 +128,21 @@ class AutoencoderKL(pl.LightningModule):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
         # The paper's recipe: SD's encoder side stays frozen, only the decoder (and discriminator) train.
-        for module in (self.encoder, self.quant_conv, self.post_quant_conv):
+        for module in self.encoder_side():
             module.requires_grad_(self.train_encoder)
+
+    def encoder_side(self) -> List[nn.Module]:
+        """The modules before the latent (frozen in the paper's recipe): encoder and, if built, both quant convs."""
+        return [m for m in (self.encoder, self.quant_conv, self.post_quant_conv) if m is not None]
+
+    # ------------------------------------------------------------------ latent space
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, embed_dim, h, w) -> the diffusion model's latents: ``(z - shift_factor) * scaling_factor``."""
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`scale_latents`: ``latents / scaling_factor + shift_factor``, ready for :meth:`decode`."""
+        return latents / self.scaling_factor + self.shift_factor
 
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
@@ -160,7 +193,8 @@ class AutoencoderKL(pl.LightningModule):
         """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
         _check_float("x", x)
         self._check_dtype("x", x)
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        moments = self.encoder(x)
+        return DiagonalGaussianDistribution(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -174,9 +208,14 @@ class AutoencoderKL(pl.LightningModule):
         image, mask = self.check_decode_inputs(z, image, mask)
         if self._tiling is not None:
             f = self.downsample_factor
-            return tiled_decode(lambda zt, it, mt: self.decoder(self.post_quant_conv(zt), it, mt), z, image, mask,
+            return tiled_decode(self.decode_untiled, z, image, mask,
                                 tile=self._tiling[0] // f, overlap=self._tiling[1] // f, scale=f)
-        return self.decoder(self.post_quant_conv(z), image, mask)
+        return self.decode_untiled(z, image, mask)
+
+    def decode_untiled(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`decode` in one piece and without input checks (the caller has run :meth:`check_decode_inputs`)."""
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z), image, mask)
 
     def enable_tiling(self, tile_sample_size: int = 512, overlap: int = 128) -> None:
         """Decode latents larger than ``tile_sample_size`` image pixels in overlapping tiles (see
@@ -196,7 +235,7 @@ class AutoencoderKL(pl.LightningModule):
     def _check_dtype(self, name: str, t: torch.Tensor) -> None:
         """Outside autocast, inputs must have the weights' dtype (else the first conv fails with a message that
         names no argument)."""
-        weight = self.post_quant_conv.weight
+        weight = self.decoder.conv_in.weight
         if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} is {t.dtype} but the model's weights are {weight.dtype}: convert one to the "
                             "other (or run under torch.autocast)")
@@ -281,8 +320,7 @@ class AutoencoderKL(pl.LightningModule):
         if branch:
             groups.append({"name": "condition", "params": branch, "lr_factor": 1.0})
         if self.train_encoder:
-            encoder_side = [*self.encoder.parameters(), *self.quant_conv.parameters(),
-                            *self.post_quant_conv.parameters()]
+            encoder_side = [p for m in self.encoder_side() for p in m.parameters()]
             groups.append({"name": "encoder", "params": encoder_side, "lr_factor": 1.0})
         return groups
 
