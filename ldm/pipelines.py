@@ -18,7 +18,7 @@ Images and masks are whatever the pipelines accept (PIL images, arrays, tensors)
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -53,12 +53,11 @@ def check_pipeline(pipe: Any) -> None:
                             "latents_std); only a scalar scaling_factor / shift_factor is supported")
 
 
-def pipeline_latent_space(pipe: Any) -> Tuple[int, float, float, int]:
-    """``(channels, scaling_factor, shift_factor, downsampling factor)`` of the pipeline's VAE (diffusers' config
-    fields; a missing ``shift_factor`` is 0, as in SD 1.x / SDXL)."""
-    config = pipe.vae.config
-    return (int(config.latent_channels), float(config.scaling_factor), float(config.shift_factor or 0.0),
-            int(pipe.vae_scale_factor))
+def vae_latent_space(vae_config: Mapping[str, Any]) -> Tuple[int, float, float, int]:
+    """``(channels, scaling_factor, shift_factor, downsampling factor)`` of a diffusers VAE config
+    (``pipe.vae.config`` or a ``vae/config.json``; a missing or null ``shift_factor`` is 0, as in SD 1.x / SDXL)."""
+    return (int(vae_config["latent_channels"]), float(vae_config.get("scaling_factor", 0.18215)),
+            float(vae_config.get("shift_factor") or 0.0), 2 ** (len(vae_config["block_out_channels"]) - 1))
 
 
 def decoder_latent_space(decoder: Any) -> Tuple[int, float, float, int]:
@@ -72,11 +71,11 @@ def describe_latent_space(space: Tuple[int, float, float, int]) -> str:
     return f"{channels} channels, scaling_factor {scale:g}, shift_factor {shift:g}, {f}x downsampling"
 
 
-def check_decoder_fits(pipe: Any, decoder: Any, pipe_name: str = "the pipeline",
+def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
                        decoder_name: str = "the decoder") -> None:
-    """Refuse a decoder whose latent space (channels, scale, shift, downsampling) is not the pipeline VAE's; the
-    message names both."""
-    ours, theirs = decoder_latent_space(decoder), pipeline_latent_space(pipe)
+    """Refuse a decoder whose latent space (channels, scale, shift, downsampling) is not that of the pipeline's VAE
+    (``pipe.vae.config``); the message names both."""
+    ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
     same = (ours[0] == theirs[0] and ours[3] == theirs[3]
             and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(ours[1:3], theirs[1:3])))
     if not same:
@@ -91,6 +90,13 @@ def output_size(pipe: Any, image: Any, height: Optional[int] = None, width: Opti
     pipeline, the decoder's image and mask, and FLUX's unpacking all use the same size (the pipelines' own default is
     a fixed square, e.g. 1024x1024, which would stretch the image)."""
     return pipe.image_processor.get_default_height_width(image, height, width)
+
+
+def native_size(pipe: Any) -> int:
+    """The pipeline's default output side in pixels (its ``height``/``width`` when none is given): 512 for SD 1.5,
+    1024 for SDXL, SD 3.x and FLUX.1 Fill."""
+    sample_size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    return int(sample_size) * int(pipe.vae_scale_factor)
 
 
 def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -146,7 +152,7 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     call = dict(image=image, mask_image=mask_image, height=height, width=width, **pipe_kwargs)
     if decoder is None:
         return pipe(**call, output_type=output_type).images
-    check_decoder_fits(pipe, decoder)
+    check_decoder_fits(pipe.vae.config, decoder)
     latents = unpack_latents(pipe, pipe(**call, output_type="latent").images, height, width)
     cond_image, cond_mask = decoder_condition(pipe, image, mask_image, height, width)
     weight = next(decoder.parameters())

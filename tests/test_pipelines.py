@@ -253,7 +253,7 @@ def test_mismatched_latent_space_is_refused_naming_both():
     pipe = build_sd(export_vae(make_decoder(4, 0.18215, 0.0, condition=False)))
     flux_decoder = make_decoder(16, 0.3611, 0.1159, condition=True)
     with pytest.raises(PipelineError, match=r"16 channels, scaling_factor 0.3611.*4 channels, scaling_factor 0.18215"):
-        check_decoder_fits(pipe, flux_decoder)
+        check_decoder_fits(pipe.vae.config, flux_decoder)
     sdxl_decoder = make_decoder(4, 0.13025, 0.0, condition=True)
     image, mask = inputs()
     with pytest.raises(PipelineError, match="scaling_factor 0.13025.*scaling_factor 0.18215"):
