@@ -1,6 +1,7 @@
 """Text-guided inpainting with Stable Diffusion v1.5 inpainting and the asymmetric decoder.
 
-For every ``NAME.png`` + ``NAME_mask.png`` pair in ``--indir`` (mask: white = generate), SD inpainting samples
+For every ``NAME.<ext>`` + ``NAME_mask.<ext>`` pair in ``--indir`` (any of jpg, jpeg, png, bmp, webp, tif, tiff on
+either side; mask: white = generate; files read by ``ldm.image_io``'s one rule), SD inpainting samples
 latents with DDIM and the asymmetric decoder decodes them with the image and mask as its prior; the result is written
 to ``--outdir/NAME.png``. The defaults are the original script's (prompt, DDIM 50 steps, eta 1.0, scale 7.5, seed 0,
 longest side capped at 640, sides floored to multiples of 64, mask binarised at 0.5, float16 autocast on CUDA)::
@@ -9,8 +10,9 @@ longest side capped at 640, sides floored to multiples of 64, mask binarised at 
         --config configs/autoencoder/autoencoder_kl_32x32x4.yaml --ckpt base.ckpt \\
         --config_d configs/autoencoder/v1-inpainting-inference.yaml --ckpt_d sd-v1-5-inpainting.ckpt
 
-Both models load once. A pair that cannot be used is reported and skipped; the others still run. Existing outputs
-are kept unless ``--overwrite``; outputs are written atomically. ``--vanilla_decoder`` decodes with the SD
+Both models load once, after every flag and file has been checked. A pair that cannot be used (unreadable, above
+``--max_pixels``) is reported and skipped; the others still run. Existing outputs are kept unless ``--overwrite``;
+outputs are written atomically; ``--outdir`` may not be, contain or lie inside ``--indir``. ``--vanilla_decoder`` decodes with the SD
 checkpoint's own VAE instead, for comparison (then ``--config``/``--ckpt`` are not read).
 """
 from __future__ import annotations
@@ -18,59 +20,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
+from ldm.project import resolve_config_path
 
-from ldm.checkpoint import CheckpointError, load_model
-from ldm.inference import (InputError, fit_size, image_to_tensor, make_schedule, mask_to_tensor, open_image,
-                           pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
-from ldm.models.diffusion.ddim import DDIMSampler
+# torch and the models are imported after the flags are parsed, so that --help and flag errors come at once
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ldm.models.diffusion.ddim import DDIMSampler
 
 DEFAULT_PROMPT = "photograph of a beautiful empty scene, highest quality settings"
-MASK_SUFFIX = "_mask.png"
-
-
-@dataclass
-class Pair:
-    name: str
-    image: Path
-    mask: Path
-
-
-def find_pairs(indir: Path) -> Tuple[List[Pair], List[str]]:
-    """``NAME.png`` + ``NAME_mask.png`` pairs in ``indir`` (sorted by name), and one message per unpaired file.
-    Suffixes match in any case (``x.PNG`` + ``x_Mask.png``); NAME itself is matched exactly."""
-    pngs = {p.name: p for p in indir.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
-    masks = {n[: -len(MASK_SUFFIX)]: p for n, p in pngs.items() if n.lower().endswith(MASK_SUFFIX)}
-    images = {p.stem: p for n, p in pngs.items() if not n.lower().endswith(MASK_SUFFIX)}
-    pairs = [Pair(name, images[name], masks[name]) for name in sorted(images.keys() & masks.keys())]
-    problems = [f"{masks[n]}: mask without its image {n}.png" for n in sorted(masks.keys() - images.keys())]
-    problems += [f"{images[n]}: image without its mask {n}{MASK_SUFFIX}" for n in sorted(images.keys() - masks.keys())]
-    return pairs, problems
-
-
-def load_pair(pair: Pair, max_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Read and resize one pair: image (1,3,H,W) in [-1,1], mask (1,1,H,W) in {0,1}, H and W multiples of 64."""
-    image = open_image(pair.image, "RGB")
-    mask = open_image(pair.mask, "L")
-    if image.size != mask.size:
-        raise InputError(f"{pair.mask}: mask is {mask.size[0]}x{mask.size[1]} but {pair.image.name} is "
-                         f"{image.size[0]}x{image.size[1]}")
-    width, height = fit_size(*image.size, max_size=max_size)
-    if width == 0 or height == 0:
-        raise InputError(f"{pair.image}: {image.size[0]}x{image.size[1]} is too small (each side must reach 64 "
-                         f"pixels after scaling to --max_size {max_size})")
-    if (width, height) != image.size:
-        image = image.resize((width, height), resample=Image.BICUBIC)
-        # the original resized the image only, so sizes no longer matched (its issue #12); nearest keeps it binary
-        mask = mask.resize((width, height), resample=Image.NEAREST)
-    return image_to_tensor(image), mask_to_tensor(mask)
 
 
 def output_paths(outdir: Path, name: str, n_samples: int) -> List[Path]:
@@ -80,10 +42,15 @@ def output_paths(outdir: Path, name: str, n_samples: int) -> List[Path]:
     return [outdir / f"{name}_{k}.png" for k in range(n_samples)]
 
 
-@torch.no_grad()
 def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torch.nn.Module], image: torch.Tensor,
             mask: torch.Tensor, opt: argparse.Namespace, device: torch.device) -> np.ndarray:
     """Inpaint one image: (1,3,H,W), (1,1,H,W) -> (n_samples, H, W, 3) uint8. Same seed, same output."""
+    import numpy as np
+    import torch
+
+    from ldm.image_io import to_uint8
+    from ldm.inference import precision_scope, seed_everything
+
     n = opt.n_samples
     generator = seed_everything(opt.seed, device)
     image = image.to(device).expand(n, -1, -1, -1)
@@ -92,7 +59,7 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torc
     shape = (model.channels, image.shape[-2] // f, image.shape[-1] // f)
     # the original's start code: NumPy's RandomState(seed), float64 -> float32
     x_T = torch.from_numpy(np.random.RandomState(opt.seed).randn(n, *shape)).to(device=device, dtype=torch.float32)
-    with precision_scope(opt.precision, device):
+    with torch.no_grad(), precision_scope(opt.precision, device):
         c_cat = model.inpaint_conditioning(image, mask, generator=generator)
         cond = {"c_concat": [c_cat], "c_crossattn": [model.get_learned_conditioning(n * [opt.prompt])]}
         uc = {"c_concat": [c_cat], "c_crossattn": [model.get_unconditional_conditioning(n, "")]}
@@ -106,21 +73,46 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torc
     return to_uint8(result)
 
 
+def check_files(opt: argparse.Namespace) -> None:
+    """Every file the run needs exists, checked before anything heavy loads; the project's own config defaults are
+    found from any working folder. A missing one is a ``FileNotFoundError`` naming its flag."""
+    needed = [("--config_d", "config"), ("--ckpt_d", "SD inpainting checkpoint, e.g. sd-v1-5-inpainting.ckpt")]
+    if not opt.vanilla_decoder:
+        needed += [("--config", "config"), ("--ckpt", "the paper's decoder checkpoint (base.ckpt, larger1.5.ckpt, "
+                                                      "larger2.ckpt) or a diffusers AsymmetricAutoencoderKL folder")]
+    for flag, what in needed:
+        key = flag[2:]
+        path = getattr(opt, key)
+        if what == "config":
+            setattr(opt, key, str(resolve_config_path(path, flag)))
+        elif not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: not found; pass {what}")
+
+
 def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-    """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder."""
-    model = load_model(opt.config_d, opt.ckpt_d, device=device)
+    """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder. The decoder
+    loads first: it is the smaller model, and a wrong decoder checkpoint is reported before SD has loaded."""
+    from ldm.checkpoint import CheckpointError, load_model
+
+    def load(config_flag: str, ckpt_flag: str) -> torch.nn.Module:
+        config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
+        print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
+        try:
+            return load_model(config, ckpt, device=device)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
+
+    decoder = None if opt.vanilla_decoder else load("--config", "--ckpt")
+    if decoder is not None and not decoder.decoder.has_condition:
+        logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
+                                            "decoder", opt.config)
+    model = load("--config_d", "--ckpt_d")
     if not hasattr(model, "inpaint_conditioning"):
         raise CheckpointError(f"--config_d {opt.config_d}: builds {type(model).__name__}, not an inpainting model "
                               "(ldm.models.diffusion.ddpm.LatentInpaintDiffusion)")
-    if opt.vanilla_decoder:
-        return model, None
-    decoder = load_model(opt.config, opt.ckpt, device=device)
-    if decoder.downsample_factor != model.first_stage_model.downsample_factor:
+    if decoder is not None and decoder.downsample_factor != model.first_stage_model.downsample_factor:
         raise CheckpointError(f"--config {opt.config}: the decoder upsamples by {decoder.downsample_factor} but the "
                               f"SD model's latents are {model.first_stage_model.downsample_factor}x smaller")
-    if not decoder.decoder.has_condition:
-        logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
-                                            "decoder", opt.config)
     return model, decoder
 
 
@@ -128,13 +120,16 @@ def add_pair_arguments(p: argparse.ArgumentParser, outdir: str, max_size: Option
                        max_size_help: str = "longest side is scaled down to this") -> None:
     """The flags of every script that inpaints a folder of pairs (this one, ``scripts/inpaint_diffusers.py``)."""
     p.add_argument("--indir", type=Path, required=True,
-                   help="folder of NAME.png + NAME_mask.png pairs (mask: white = generate)")
+                   help="folder of NAME.<ext> + NAME_mask.<ext> pairs (mask: white = generate; ext: jpg, jpeg, "
+                        "png, bmp, webp, tif, tiff)")
     p.add_argument("--outdir", type=Path, default=Path(outdir), help="where to write NAME.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the start code and the sampling noise")
     p.add_argument("--n_samples", type=int, default=1, help="samples per image (NAME_0.png, NAME_1.png, ... if > 1)")
     p.add_argument("--max_size", type=int, default=max_size, help=max_size_help)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help="larger input files are skipped with a message (default: 100 megapixels; 0 = no limit)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
 
 
 def check_pair_arguments(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
@@ -173,32 +168,46 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return opt
 
 
+# Checks every file a run needs (``FileNotFoundError`` / ``ValueError`` naming its flag), before anything heavy.
+Check = Callable[[argparse.Namespace], None]
 # Loads the models on a device and returns the function that inpaints one pair: image (1,3,H,W) in [-1,1] and
 # mask (1,1,H,W) in {0,1} -> (n_samples, H, W, 3) uint8.
-Setup = Callable[[torch.device], Callable[[torch.Tensor, torch.Tensor], np.ndarray]]
+Setup = Callable[["torch.device"], Callable[["torch.Tensor", "torch.Tensor"], "np.ndarray"]]
 
 
-def run_pairs(opt: argparse.Namespace, setup: Setup) -> int:
-    """Inpaint every pair of ``opt.indir`` into ``opt.outdir`` (flags of :func:`add_pair_arguments`): unusable pairs
-    are reported by name and skipped, existing outputs kept unless ``--overwrite``, outputs written atomically;
-    ``setup`` runs only when there is work, and its ``FileNotFoundError`` / ``CheckpointError`` / ``ValueError``
-    stop the run with its message.
+def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
+    """Inpaint every pair of ``opt.indir`` into ``opt.outdir`` (the flags of :func:`add_pair_arguments`): inputs
+    are never overwritten, unusable pairs are reported by name and skipped, existing outputs kept unless
+    ``--overwrite``, outputs written atomically. ``check`` runs before the pairs are read; ``setup`` only when there
+    is work, and its ``FileNotFoundError`` / ``CheckpointError`` / ``ValueError`` stop the run with its message.
 
     Returns the exit status: 0 when every pair was written or already existed, 1 when some were skipped or failed
     (each reported with its file name), 2 when nothing could start (bad flags, models, folders)."""
     if not opt.indir.is_dir():
         print(f"error: --indir {opt.indir} is not a folder", file=sys.stderr)
         return 2
+    print("loading torch ...", file=sys.stderr, flush=True)
+    import torch
+    from tqdm import tqdm
+
+    from ldm.checkpoint import CheckpointError
+    from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, find_pairs, read_pair, write_png
+    from ldm.inference import pick_device, prepare_outdir, refuse_overlap
+
+    max_pixels = DEFAULT_MAX_PIXELS if opt.max_pixels is None else opt.max_pixels
     try:
+        refuse_overlap(opt.outdir, opt.indir)
         prepare_outdir(opt.outdir, create=False)
-    except InputError as e:
+        check(opt)
+        device = pick_device(opt.device)
+    except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pairs, problems = find_pairs(opt.indir)
     for msg in problems:
         print(f"skipped: {msg}", file=sys.stderr)
     if not pairs:
-        print(f"error: {opt.indir} holds no NAME.png + NAME{MASK_SUFFIX} pair", file=sys.stderr)
+        print(f"error: {opt.indir} holds no NAME.<ext> + NAME_mask.<ext> pair", file=sys.stderr)
         return 2
     # (pair, its output paths, those to keep): an existing output is never replaced without --overwrite, also
     # when only some of a pair's NAME_k.png exist (then only the missing ones are written)
@@ -219,7 +228,6 @@ def run_pairs(opt: argparse.Namespace, setup: Setup) -> int:
     written = 0
     if todo:
         try:
-            device = pick_device(opt.device)
             inpaint_one = setup(device)
             prepare_outdir(opt.outdir)
         except (FileNotFoundError, CheckpointError, ValueError) as e:
@@ -227,7 +235,7 @@ def run_pairs(opt: argparse.Namespace, setup: Setup) -> int:
             return 2
         for pair, paths, keep in tqdm(todo, desc="inpainting", unit="image"):
             try:
-                image, mask = load_pair(pair, opt.max_size)
+                image, mask = read_pair(pair, opt.max_size, max_pixels)
             except InputError as e:
                 tqdm.write(f"skipped: {e}", file=sys.stderr)
                 failed += 1
@@ -235,8 +243,12 @@ def run_pairs(opt: argparse.Namespace, setup: Setup) -> int:
             try:
                 # all n_samples are drawn even when some are kept: sample k depends on the whole batch and the seed
                 for array, path in zip(inpaint_one(image, mask), paths):
-                    if path not in keep:
-                        save_png(array, path)
+                    if path in keep:
+                        continue
+                    try:
+                        write_png(array, path, overwrite=opt.overwrite)
+                    except FileExistsError:  # another run wrote it meanwhile: theirs is kept
+                        tqdm.write(f"kept: {path}, written by another run meanwhile", file=sys.stderr)
             except (RuntimeError, OSError) as e:  # e.g. CUDA out of memory on one large image, a full disk
                 tqdm.write(f"failed: {pair.image} ({image.shape[-1]}x{image.shape[-2]}): {type(e).__name__}: {e}",
                            file=sys.stderr)
@@ -256,12 +268,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
 
     def setup(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+        from ldm.inference import make_schedule
+        from ldm.models.diffusion.ddim import DDIMSampler
+
         model, decoder = load_models(opt, device)
         sampler = DDIMSampler(model)
         make_schedule(sampler, opt.steps, opt.eta, steps_flag="--steps")
         return lambda image, mask: inpaint(model, sampler, decoder, image, mask, opt, device)
 
-    return run_pairs(opt, setup)
+    return run_pairs(opt, check_files, setup)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,21 @@
 
     python main.py --base configs/autoencoder/autoencoder_kl_32x32x4_train.yaml -t --gpus 0,1
     python main.py --base a.yaml b.yaml -t model.params.embed_dim=4 data.params.batch_size=2
-    python main.py --resume logs/<run>            # or logs/<run>/checkpoints/last.ckpt
-    python main.py --resume elsewhere.ckpt --base a.yaml -t   # its training state, in a new run folder
+    python main.py --resume logs/<run>            # continues training; or logs/<run>/checkpoints/last.ckpt
+    python main.py --resume elsewhere.ckpt --base a.yaml      # its training state, in a new run folder
+    python main.py --base a.yaml -t model.params.ckpt_path=larger2.ckpt   # start from weights only
 
 Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides. Each run writes
 ``<logdir>/<timestamp>_<name>/`` with ``configs/`` (merged project and lightning configs), ``checkpoints/``
-(``last.ckpt``, refreshed at every epoch end, plus the best ones when the model has a ``monitor``), ``images/``
+(``last.ckpt``, refreshed at every epoch end; the newest 3 ``periodic-*.ckpt``, one per epoch, set by
+``lightning.periodic_checkpoints``; the best ones when the model has a ``monitor``), ``images/``
 (PNG grids), ``csv/metrics.csv`` (after a ``--resume``: ``csv/resumed-<timestamp>/metrics.csv``) and a wandb folder
 (offline unless ``--wandb online``). SIGTERM / Ctrl-C save ``last.ckpt`` after the current batch.
 
 Config sections: ``model`` (target/params + ``base_learning_rate``), ``data`` (usually ``main.DataModuleFromConfig``),
 ``lightning`` (``trainer``: Trainer kwargs incl. ``strategy``; ``callbacks``: extra/overridden callbacks;
-``modelcheckpoint``: ModelCheckpoint params; ``wandb``: off / offline / online).
+``modelcheckpoint``: ModelCheckpoint params; ``periodic_checkpoints``: ``every_n_train_steps`` or ``every_n_epochs``
+and ``keep``; ``wandb``: off / offline / online). ``trainer.accumulate_grad_batches`` is done by the model's own step.
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="resume from a log folder or a checkpoint inside one (or any checkpoint, with --base)")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="config.yaml",
                    help="config files, merged left to right; then key.sub=value overrides")
-    p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
+    p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=None,
+                   help="train (implied by --resume; -t false with --resume only tests)")
     p.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=False,
                    help="skip testing after training")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything (the original's 23)")
@@ -187,6 +191,41 @@ def _check_no_name(opt: argparse.Namespace) -> None:
                          "its folder")
 
 
+def resume_step(ckpt: Path) -> int:
+    """The global step of a checkpoint ``--resume`` can continue; anything else (e.g. the paper's released
+    weights, a state dict) is a ``ValueError`` saying how to start from its weights instead."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001  (any unreadable file gets the same advice)
+        state = e
+    if not isinstance(state, dict) or not {"state_dict", "optimizer_states", "loops", "global_step"} <= set(state):
+        why = (f"cannot be read weights-only ({type(state).__name__}: {state})" if isinstance(state, Exception)
+               else "holds weights without this project's training state (optimizers, loops)")
+        raise ValueError(f"--resume {ckpt}: {why}, so training cannot continue from it. To start a new run from its "
+                         f"weights: python main.py --base <config.yaml> -t model.params.ckpt_path={ckpt}")
+    return int(state["global_step"])
+
+
+def periodic_checkpoints(ckptdir: Path, config: DictConfig) -> List[ModelCheckpoint]:
+    """Checkpoints kept besides ``last.ckpt``: ``lightning.periodic_checkpoints`` = ``{every_n_train_steps: N}``
+    (every N steps) or ``{every_n_epochs: N}`` (default: every epoch), keeping the newest ``keep`` (default 3;
+    0 = none, -1 = all), named ``periodic-e<epoch>-s<step>.ckpt``."""
+    params = OmegaConf.to_container(OmegaConf.merge({"every_n_train_steps": 0, "every_n_epochs": 1, "keep": 3},
+                                                    config))
+    unknown = set(params) - {"every_n_train_steps", "every_n_epochs", "keep"}
+    if unknown:
+        raise ValueError(f"lightning.periodic_checkpoints: unknown keys {sorted(unknown)} (every_n_train_steps, "
+                         "every_n_epochs, keep)")
+    keep, steps, epochs = int(params["keep"]), int(params["every_n_train_steps"]), int(params["every_n_epochs"])
+    if keep == 0 or (steps <= 0 and epochs <= 0):
+        return []
+    when = {"every_n_train_steps": steps} if steps > 0 else {"every_n_epochs": epochs}
+    # monitor "step", mode max: the newest `keep` survive (Lightning allows top-k only with a monitor)
+    return [ModelCheckpoint(dirpath=str(ckptdir), filename="periodic-e{epoch:06}-s{step:09}",
+                            auto_insert_metric_name=False, monitor="step", mode="max", save_top_k=keep,
+                            save_last=False, enable_version_counter=False, **when)]
+
+
 def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     """Merge YAML files left to right, then dot-list overrides (``key.sub=value``)."""
     for f in files:
@@ -259,6 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     now = os.environ.setdefault(RUN_TIMESTAMP_ENV, datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
     opt, overrides = get_parser().parse_known_args(_explicit_bools(sys.argv[1:] if argv is None else list(argv)))
     logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
+    start_step = resume_step(resume_ckpt) if resume_ckpt is not None else None  # before anything heavy
     if not config_files:
         raise ValueError("no config: give --base config.yaml (or --resume a log folder)")
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
@@ -283,6 +323,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bs = int(config.data.params.batch_size)
     base_lr = float(config.model.base_learning_rate)
     accumulate = int(trainer_kwargs.get("accumulate_grad_batches", 1))
+    if accumulate < 1:
+        raise ValueError(f"lightning.trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    if not model.automatic_optimization:
+        # Lightning refuses accumulate_grad_batches with manual optimization: the model's step accumulates
+        if accumulate > 1 and not hasattr(model, "accumulate_grad_batches"):
+            raise ValueError(f"lightning.trainer.accumulate_grad_batches={accumulate}: {type(model).__name__} "
+                             "optimizes manually and does not accumulate gradients")
+        trainer_kwargs.pop("accumulate_grad_batches", None)
+        if accumulate > 1:
+            model.accumulate_grad_batches = accumulate
     if opt.scale_lr:
         model.learning_rate = accumulate * world * bs * base_lr
         log.info("learning rate %.2e = %d (accumulate_grad_batches) * %d (devices x nodes) * %d (batch size) "
@@ -318,16 +368,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         lightning_config.get("modelcheckpoint", {}).get("params", {}))
     callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
     callbacks += [EpochLastCheckpoint(**checkpoint_params), StopOnSignal(ckptdir / "last.ckpt")]
+    callbacks += periodic_checkpoints(ckptdir, lightning_config.get("periodic_checkpoints", OmegaConf.create()))
 
     trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, now, config),
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=str(logdir))
+    train = opt.train if opt.train is not None else bool(opt.resume)
+    if opt.resume and opt.train is None:
+        log.info("--resume: training continues (-t is implied)")
+    has_test = "test" in config.data.get("params", {}) and is_overridden("test_step", model)
+    if not train and (opt.no_test or not has_test):
+        raise ValueError("nothing to do: add -t to train (without -t only the test stage runs, and this config has "
+                         "no test data or the model no test_step)")
     try:
-        if opt.train:
+        if train:
             try:
                 trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
             except TrainingStopped as stopped:
                 log.warning("%s", stopped)
                 return 128 + int(stopped.signum)  # the shell's exit status for death by that signal
+            if start_step is not None and trainer.global_step == start_step and not trainer.interrupted:
+                log.warning("nothing trained: %s is at global step %d, where this run ends (max_steps %s, max_epochs "
+                            "%s); pass a larger --max_steps / --max_epochs to continue", resume_ckpt, start_step,
+                            trainer.max_steps, trainer.max_epochs)
         if not opt.no_test and "test" in config.data.get("params", {}) and not trainer.interrupted:
             if is_overridden("test_step", model):
                 trainer.test(model, data, weights_only=True)

@@ -6,7 +6,8 @@ The original command line works as is::
         --prompt "a painting of a virus monster playing guitar"
 
 Flags are CompVis' txt2img.py ones. Every sample is written to ``--outdir/samples/NNNNN.png`` and all of them as
-``--outdir/grid-NNNN.png``, numbered after the files already there (nothing is overwritten). A conditioned decoder
+``--outdir/grid-NNNN.png``, numbered after the files already there; each name is claimed as it is written, so runs
+sharing an ``--outdir`` never replace each other's files. A conditioned decoder
 (``autoencoder_kl_32x32x4.yaml``) given no image and mask decodes exactly like its ``woc`` config. No safety
 checker or watermark (they need hub downloads). ``--vanilla_decoder`` decodes with the SD checkpoint's own VAE.
 """
@@ -17,18 +18,13 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
-import torch
-from torchvision.utils import make_grid
-from tqdm import tqdm
+from ldm.project import resolve_config_path
 
-from ldm.checkpoint import CheckpointError, load_model
-from ldm.inference import (make_schedule, pick_device, precision_scope, prepare_outdir, save_png,
-                           seed_everything, to_uint8)
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling_common import randn
+# torch and the models are imported after the flags are parsed, so that --help and flag errors come at once
+if TYPE_CHECKING:
+    import torch
 
 
 def read_prompts(opt: argparse.Namespace) -> List[List[str]]:
@@ -48,7 +44,8 @@ def read_prompts(opt: argparse.Namespace) -> List[List[str]]:
 
 
 def next_index(folder: Path, pattern: str) -> int:
-    """1 + the largest number in the names of ``folder`` matching ``pattern`` (one group), 0 if none."""
+    """1 + the largest number in the names of ``folder`` matching ``pattern`` (one group), 0 if none. Only a
+    starting point: :func:`ldm.util.write_numbered` claims each name when it writes."""
     numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))] \
         if folder.is_dir() else []
     return max(numbers, default=-1) + 1
@@ -83,9 +80,9 @@ def check_geometry(opt: argparse.Namespace, model: torch.nn.Module, decoder: Opt
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+    p.add_argument("--prompt", type=str, default="a painting of a virus monster playing guitar",
                    help="the prompt to render")
-    p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
+    p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="dir to write results to")
     p.add_argument("--config_c", default="configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml",
                    help="config of the asymmetric decoder")
     p.add_argument("--ckpt_c", default="base.ckpt",
@@ -134,22 +131,64 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
     if opt.plms and opt.ddim_eta != 0:
         p.error("--plms needs --ddim_eta 0")
+    if opt.skip_save and opt.skip_grid:
+        p.error("--skip_save with --skip_grid would sample and write nothing; drop one of them")
+    for flag in ("prompt", "outdir"):
+        if not getattr(opt, flag).strip():
+            p.error(f"--{flag} is empty")
     return opt
 
 
-@torch.no_grad()
+def check_files(opt: argparse.Namespace) -> None:
+    """Every file the run needs exists, checked before anything heavy loads; the project's own config defaults are
+    found from any working folder. A missing one is a ``FileNotFoundError`` naming its flag."""
+    needed = [("--config", "config"), ("--ckpt", "an SD v1 text-to-image checkpoint, e.g. v1-5-pruned-emaonly.ckpt")]
+    if not opt.vanilla_decoder:
+        needed += [("--config_c", "config"), ("--ckpt_c", "the paper's decoder checkpoint (base.ckpt, "
+                                                          "larger1.5.ckpt, larger2.ckpt) or a diffusers folder")]
+    for flag, what in needed:
+        key = flag[2:]
+        path = getattr(opt, key)
+        if what == "config":
+            setattr(opt, key, str(resolve_config_path(path, flag)))
+        elif not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: not found; pass {what}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)
+    print("loading torch ...", file=sys.stderr, flush=True)
+    import torch
+    from torchvision.utils import make_grid
+    from tqdm import tqdm
+
+    from ldm.checkpoint import CheckpointError, load_model
+    from ldm.image_io import to_uint8, write_png_numbered
+    from ldm.inference import make_schedule, pick_device, precision_scope, prepare_outdir, seed_everything
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.plms import PLMSSampler
+    from ldm.models.diffusion.sampling_common import randn
+
+    def load(config_flag: str, ckpt_flag: str) -> torch.nn.Module:
+        config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
+        print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
+        try:
+            return load_model(config, ckpt, device=device)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
+
     outdir = Path(opt.outdir)
     sample_dir = outdir / "samples"
     try:
         prepare_outdir(outdir, create=False)
         batches = read_prompts(opt)
+        check_files(opt)
         device = pick_device(opt.device)
-        model = load_model(opt.config, opt.ckpt, device=device)
+        # the decoder first: the smaller model, so that a wrong decoder checkpoint is reported before SD loads
+        decoder = None if opt.vanilla_decoder else load("--config_c", "--ckpt_c")
+        model = load("--config", "--ckpt")
         check_text_to_image(opt, model)
-        decoder = None if opt.vanilla_decoder else load_model(opt.config_c, opt.ckpt_c, device=device)
         check_geometry(opt, model, decoder)
         sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
         make_schedule(sampler, opt.ddim_steps, opt.ddim_eta, steps_flag="--ddim_steps")
@@ -158,38 +197,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     generator = seed_everything(opt.seed, device)
-    base_count = next_index(sample_dir, r"(\d{5})\.png")
-    grid_count = next_index(outdir, r"grid-(\d{4})\.png")
+    # a starting point; each name is claimed when written, so runs sharing --outdir never replace each other's files
+    # (numbers keep growing past 99999 / 9999, with more digits)
+    base_count = next_index(sample_dir, r"(\d{5,})\.png")
+    grid_count = next_index(outdir, r"grid-(\d{4,})\.png")
     shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
     start_code = randn((opt.n_samples, *shape), device, generator) if opt.fixed_code else None
 
     all_samples = []
-    with precision_scope(opt.precision, device), model.ema_scope():
-        for _ in tqdm(range(opt.n_iter), desc="Sampling"):
-            for prompts in tqdm(batches, desc="data", leave=False):
-                n = len(prompts)
-                uc = model.get_learned_conditioning(n * [""]) if opt.scale != 1.0 else None
-                c = model.get_learned_conditioning(prompts)
-                samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape,
-                                            verbose=False, unconditional_guidance_scale=opt.scale,
-                                            unconditional_conditioning=uc, eta=opt.ddim_eta,
-                                            x_T=None if start_code is None else start_code[:n], generator=generator)
-                if decoder is None:
-                    images = model.decode_first_stage(samples)
-                else:
-                    images = decoder.decode(model.first_stage_model.unscale_latents(samples))  # no prior: everything
-                images = images.float().cpu()
-                if not opt.skip_save:
-                    for array in to_uint8(images):
-                        save_png(array, sample_dir / f"{base_count:05}.png")
-                        base_count += 1
-                all_samples.append(images)
+    written = []
+    # one bar over every sampling run (the sampler's per-step bar and a per-batch bar are off)
+    runs = [prompts for _ in range(opt.n_iter) for prompts in batches]
+    with torch.no_grad(), precision_scope(opt.precision, device), model.ema_scope():
+        for prompts in tqdm(runs, desc="sampling", unit="batch"):
+            n = len(prompts)
+            uc = model.get_learned_conditioning(n * [""]) if opt.scale != 1.0 else None
+            c = model.get_learned_conditioning(prompts)
+            samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape,
+                                        verbose=False, unconditional_guidance_scale=opt.scale,
+                                        unconditional_conditioning=uc, eta=opt.ddim_eta,
+                                        x_T=None if start_code is None else start_code[:n], generator=generator,
+                                        progress=False)
+            if decoder is None:
+                images = model.decode_first_stage(samples)
+            else:
+                images = decoder.decode(model.first_stage_model.unscale_latents(samples))  # no prior: everything
+            images = images.float().cpu()
+            if not opt.skip_save:
+                for array in to_uint8(images):
+                    path = write_png_numbered(array, sample_dir, "{:05}.png".format, base_count)
+                    base_count = int(path.stem) + 1
+                    written.append(path)
+            all_samples.append(images)
 
     if not opt.skip_grid:
         # padding -1 is black, as the original's 0 in [0, 1]
         grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.0)
-        save_png(to_uint8(grid[None])[0], outdir / f"grid-{grid_count:04}.png")
+        written.append(write_png_numbered(to_uint8(grid[None])[0], outdir, "grid-{:04}.png".format, grid_count))
     print(f"Your samples are ready and waiting for you here: \n{outdir} \n \nEnjoy.")
+    print(f"wrote {len(written)} files: {written[0].name} ... {written[-1].name}" if len(written) > 1
+          else f"wrote {written[0]}")
     return 0
 
 

@@ -13,11 +13,11 @@ import torch
 import torchvision
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.util import write_atomically
+from ldm.image_io import to_uint8, write_png
+from ldm.util import remove_stale_temporaries, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class SetupCallback(Callback):
             return
         for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
             d.mkdir(parents=True, exist_ok=True)
+        # a run killed while writing (e.g. a 5 GB checkpoint) leaves its temporary file; nobody else writes here
+        for path in remove_stale_temporaries(self.logdir):
+            log.info("removed %s, left by an interrupted write", path)
         project = OmegaConf.create(self.config)
         lightning = OmegaConf.create({"lightning": self.lightning_config})
         for name, cfg in (("project", project), ("lightning", lightning)):
@@ -129,7 +132,8 @@ class StopOnSignal(Callback):
         requested = self.received is not None
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if requested:
+        # inside a gradient-accumulation window the summed gradients are in no checkpoint: stop after its last batch
+        if requested and not getattr(pl_module, "mid_accumulation", False):
             for callback in trainer.checkpoint_callbacks:
                 # the saved state (and a resumed run) must know that this file is the newest "last" checkpoint
                 if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None \
@@ -199,11 +203,10 @@ class ImageLogger(Callback):
                   current_epoch: int, batch_idx: int) -> None:
         for key, batch in images.items():
             grid = torchvision.utils.make_grid(batch, nrow=4)
-            if self.rescale:
-                grid = (grid + 1.0) / 2.0
-            array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            if not self.rescale:  # the images are in [0, 1]
+                grid = grid * 2.0 - 1.0
             path = root / split / f"{key}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
-            write_atomically(path, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+            write_png(to_uint8(grid[None])[0], path)
 
     @rank_zero_only
     def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,

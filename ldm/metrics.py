@@ -41,11 +41,6 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> the 8-bit values an image file holds, back in [0, 1] (truncation, as the original saves)."""
-    return (x.clamp(0, 1) * 255).to(torch.uint8).to(x.dtype) / 255
-
-
 def pre_error_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) squared error summed over the kept region and all channels (the original code's number)."""
     keep = 1 - _check(pred, target, mask)

@@ -18,9 +18,10 @@ Images and masks are whatever the pipelines accept (PIL images, arrays, tensors)
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs, so that scripts list PIPELINES in --help without loading it
+    import torch
 
 PIPELINES: Dict[str, str] = {
     "StableDiffusionInpaintPipeline": "SD 1.5 / SD 2 inpainting",
@@ -130,7 +131,6 @@ def _batch_like(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.repeat(batch // t.shape[0], 1, 1, 1)
 
 
-@torch.no_grad()
 def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, height: Optional[int] = None,
             width: Optional[int] = None, output_type: str = "pil", **pipe_kwargs: Any) -> Any:
     """Run ``pipe`` (one of :data:`PIPELINES`) and decode its final latents with ``decoder`` (our
@@ -142,6 +142,8 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     ``pipe(...).images`` would be for ``output_type`` ("pil", "np" or "pt"), at :func:`output_size`.
     The decoder runs on its own device and dtype; the latents are moved there.
     """
+    import torch
+
     check_pipeline(pipe)
     for name, why in _REFUSED_ARGUMENTS.items():
         if name in pipe_kwargs:
@@ -159,5 +161,6 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     z = decoder.unscale_latents(latents.to(device=weight.device, dtype=weight.dtype))
     cond_image = _batch_like(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0])
     cond_mask = _batch_like(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0])
-    decoded = decoder.decode(z, cond_image, cond_mask)
+    with torch.no_grad():
+        decoded = decoder.decode(z, cond_image, cond_mask)
     return pipe.image_processor.postprocess(decoded.float(), output_type=output_type)

@@ -1,11 +1,13 @@
 """Shared by every entry point: ``target`` / ``params`` instantiation and atomic file writes."""
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, List, Mapping, Union
 
 import torch
 
@@ -62,10 +64,15 @@ def default_file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+# write_atomically's temporary files: ".<name>.<8 random characters>.tmp" next to the target
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None], overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk, then rename it over ``path``:
     ``path`` is always absent, the old file or the complete new one, never half-written. The new file gets the
-    usual permissions (umask), not ``mkstemp``'s 0600."""
+    usual permissions (umask), not ``mkstemp``'s 0600. ``overwrite=False``: an existing ``path`` is never replaced,
+    also one created by another process meanwhile (``FileExistsError``; the check and the rename are one step)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -75,8 +82,44 @@ def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None]
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_clobber(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _rename_no_clobber(tmp: str, path: Path) -> None:
+    """A hard link fails if ``path`` exists, atomically; where the file system has no hard links, an exclusive
+    create claims the name first."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "file exists (not replaced)", str(path)) from None
+    except OSError:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+
+
+def write_numbered(folder: Union[str, os.PathLike], name: Callable[[int], str], start: int,
+                   write: Callable[[str], None]) -> Path:
+    """Write a new file ``folder/name(n)`` for the first ``n >= start`` whose name is free at the moment of
+    writing (see :func:`write_atomically`): runs writing into one folder at once never replace each other's files."""
+    n = start
+    while True:
+        try:
+            return write_atomically(Path(folder) / name(n), write, overwrite=False)
+        except FileExistsError:
+            n += 1
+
+
+def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> List[Path]:
+    """Delete the temporary files :func:`write_atomically` left in ``folder`` (recursively) when its process was
+    killed mid-write; returns them. Only for folders no other process is writing to."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

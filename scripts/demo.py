@@ -26,7 +26,6 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,6 +34,7 @@ from ldm.util import write_atomically  # noqa: E402
 from ldm.checkpoint import load_model  # noqa: E402
 from ldm.data.inpainting import ImageFolderInpainting  # noqa: E402
 from ldm import metrics  # noqa: E402
+from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -69,10 +69,6 @@ def resize_short_side(img: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    write_atomically(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1))
-
-
 def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Path, Path]:
     """Random ``TRAIN_CROP`` crops of the training photos and a grid of ``EVAL_SIZE`` crops of the held-out ones."""
     train_dir, heldout_dir = data_dir / "train", data_dir / "heldout"
@@ -86,14 +82,14 @@ def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Pa
         img = photos[i % len(photos)]
         y = int(rng.integers(0, img.shape[0] - TRAIN_CROP + 1))
         x = int(rng.integers(0, img.shape[1] - TRAIN_CROP + 1))
-        write_png(train_dir / f"{TRAIN_PHOTOS[i % len(photos)]}_{i:05d}.png", img[y:y + TRAIN_CROP, x:x + TRAIN_CROP])
+        write_png(img[y:y + TRAIN_CROP, x:x + TRAIN_CROP], train_dir / f"{TRAIN_PHOTOS[i % len(photos)]}_{i:05d}.png")
     for name in HELDOUT_PHOTOS:
         img = resize_short_side(load_photo(name), PHOTO_SIDE)
         ys = np.linspace(0, img.shape[0] - EVAL_SIZE, 6).astype(int)
         xs = np.linspace(0, img.shape[1] - EVAL_SIZE, 8).astype(int)
         for y in ys:
             for x in xs:
-                write_png(heldout_dir / f"{name}_{y:03d}_{x:03d}.png", img[y:y + EVAL_SIZE, x:x + EVAL_SIZE])
+                write_png(img[y:y + EVAL_SIZE, x:x + EVAL_SIZE], heldout_dir / f"{name}_{y:03d}_{x:03d}.png")
     done.write_text(stamp)
     print(f"data: {n_train} training crops of {len(TRAIN_PHOTOS)} photos in {train_dir}, "
           f"{len(HELDOUT_PHOTOS) * 48} held-out crops of {', '.join(HELDOUT_PHOTOS)} in {heldout_dir}")
@@ -150,7 +146,7 @@ def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, heldout_dir:
     for name, rec in outputs.items():
         acc = metrics.RegionMetricAccumulator()
         # scored as the 8-bit images a user would save, like the paper's evaluation
-        acc.update(metrics.quantize_uint8(metrics.to_unit(rec)), metrics.quantize_uint8(metrics.to_unit(x)), mask)
+        acc.update(quantize(metrics.to_unit(rec)), quantize(metrics.to_unit(x)), mask)
         table[name] = acc.summary()
     return table, {"image": x, "mask": mask, **outputs}
 
@@ -170,11 +166,11 @@ def side_by_side(tensors: Dict[str, torch.Tensor], path: Path, rows: int = 8, sc
     idx = torch.linspace(0, len(x) - 1, rows).long()
 
     def rgb(t: torch.Tensor) -> np.ndarray:
-        return (((t.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return to_uint8(t[None])[0]
 
     def err(t: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
         e = ((t.clamp(-1, 1) - ref).abs().mean(0) / 2 * 4).clamp(0, 1)
-        return (np.repeat(e.numpy()[..., None], 3, axis=2) * 255).round().astype(np.uint8)
+        return to_uint8(e.expand(3, -1, -1)[None] * 2 - 1)[0]
 
     pad = np.full((EVAL_SIZE, 2, 3), 255, np.uint8)
     lines = []
@@ -191,7 +187,7 @@ def side_by_side(tensors: Dict[str, torch.Tensor], path: Path, rows: int = 8, sc
     for i, label in enumerate(labels):
         cv2.putText(header, label, (i * (EVAL_SIZE + 2) * scale + 4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                     (0, 0, 0), 1, cv2.LINE_AA)
-    write_png(path, np.concatenate([header, figure], axis=0))
+    write_png(np.concatenate([header, figure], axis=0), path)
 
 
 def main(argv: Sequence[str] = None) -> int:

@@ -45,13 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
-from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
+from ldm.data.inpainting import find_images  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
-from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
-                           save_png, seed_everything)
+from ldm.image_io import (IMAGE_EXTENSIONS, InputError, find_pairs, quantize, read_image, read_mask,  # noqa: E402
+                          read_pair, to_uint8, write_png)
+from ldm.inference import pick_device, precision_scope, seed_everything  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -87,12 +87,6 @@ def refuse_duplicates(names: Sequence[str], flag: str) -> None:
     if repeated:
         raise InputError(f"{flag}: name(s) {', '.join(repeated)} given more than once (each name is one report row; "
                          "give every decoder its own name)")
-
-
-def on_8bit_grid(x: torch.Tensor) -> torch.Tensor:
-    """[0,1] values rounded to k/255: an 8-bit file's pixels exactly as a prediction read from a PNG holds them
-    (rounded, not truncated: a loaded pixel k may come back as k - 1e-7 after [-1,1] round trips)."""
-    return torch.round(x.clamp(0, 1) * 255) / 255
 
 
 def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -166,13 +160,10 @@ def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
         if path.stem in names:
             raise InputError(f"{path}: two images named {path.stem!r} (names key the masks and the report)")
         names.add(path.stem)
-        try:
-            image = torch.from_numpy(load_image(path)).permute(2, 0, 1)
-        except UnreadableImageError as err:
-            raise InputError(str(err)) from None
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
         if mask_dir is not None:
             mask_path = mask_dir / f"{path.stem}{MASK_SUFFIX}.png"
-            mask = mask_to_tensor(open_image(mask_path, "L"))[0]
+            mask = torch.from_numpy(read_mask(mask_path) >= 0.5).float()[None]
             if mask.shape[-2:] != image.shape[-2:]:
                 raise InputError(f"{mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} but {path} is "
                                  f"{image.shape[-1]}x{image.shape[-2]}")
@@ -185,7 +176,7 @@ def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
             mask = torch.from_numpy(generator(image.shape[-2], image.shape[-1], rng))[None]
         if min(image.shape[-2:]) < 8:
             raise InputError(f"{path}: too small ({image.shape[-1]}x{image.shape[-2]}) for the 8x latent grid")
-        samples.append(Sample(path.stem, on_8bit_grid(image), mask.float()))
+        samples.append(Sample(path.stem, quantize(image), mask.float()))
     return samples
 
 
@@ -202,8 +193,8 @@ def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Di
         pairs = pairs[:opt.limit]
     samples = []
     for pair in tqdm(pairs, desc="loading originals", disable=opt.quiet):
-        image, mask = load_pair(pair, opt.max_size)
-        samples.append(Sample(pair.name, on_8bit_grid(metrics.to_unit(image[0])), mask[0]))
+        image, mask = read_pair(pair, opt.max_size)
+        samples.append(Sample(pair.name, quantize(metrics.to_unit(image[0])), mask[0]))
     predictions: Dict[str, Dict[str, torch.Tensor]] = {}
     for spec in opt.predictions:
         label, folder, _ = parse_spec(spec, "--predictions", with_ckpt=False)
@@ -215,8 +206,7 @@ def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Di
         predictions[label] = {}
         for s in samples:
             path = folder / f"{s.name}.png"
-            pred = on_8bit_grid(torch.from_numpy(np.asarray(open_image(path, "RGB"), dtype=np.float32) / 255)
-                                ).permute(2, 0, 1)
+            pred = torch.from_numpy(read_image(path)).permute(2, 0, 1)
             if pred.shape != s.image.shape:
                 raise InputError(f"{path}: {pred.shape[-1]}x{pred.shape[-2]} but the original "
                                  f"{indir / (s.name + '.png')} resized by inpaint_st's rule (--max_size "
@@ -258,7 +248,7 @@ def reconstruct(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor,
     posterior = model.encode(x)
     z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
     rec = model.decode(z, x, mask)
-    return metrics.quantize_uint8(metrics.to_unit(rec.float()))
+    return quantize(metrics.to_unit(rec.float()))
 
 
 def run_reconstruction(opt: argparse.Namespace, device: torch.device):
@@ -356,7 +346,7 @@ def example_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Ten
         rows.append(torch.cat(tiles, dim=-1))
     width = max(r.shape[-1] for r in rows)
     rows = [F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows]
-    grid = (torch.cat(rows, dim=-2).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    grid = to_uint8(torch.cat(rows, dim=-2)[None] * 2 - 1)[0]
     canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + label_h), "white")
     canvas.paste(Image.fromarray(grid), (0, label_h))
     draw, col_w = ImageDraw.Draw(canvas), samples[0].image.shape[-1]
@@ -372,7 +362,7 @@ def write_report(outdir: Path, report: Dict, table: str, figure: Optional[np.nda
     text = json.dumps(metrics.json_safe(report), indent=2, allow_nan=False) + "\n"
     (outdir / "metrics.json").unlink(missing_ok=True)
     if figure is not None:
-        save_png(figure, outdir / "examples.png")
+        write_png(figure, outdir / "examples.png")
     elif (outdir / "examples.png").exists():  # an earlier run's figure would show other decoders / images
         (outdir / "examples.png").unlink()
         log.info("removed %s of an earlier run (--n_examples 0)", outdir / "examples.png")

@@ -20,18 +20,20 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from inpaint_st import DEFAULT_PROMPT, add_pair_arguments, check_pair_arguments, run_pairs  # noqa: E402
-from ldm.checkpoint import load_model  # noqa: E402
-from ldm.pipelines import PIPELINES, PipelineError, check_decoder_fits, inpaint, native_size  # noqa: E402
+from ldm.pipelines import PIPELINES, PipelineError  # noqa: E402
+from ldm.project import resolve_config_path  # noqa: E402
+
+# torch, diffusers and the models are imported after the flags are parsed, so that --help and flag errors come at once
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 # what from_pretrained leaves out: inpaint_st.py runs no safety checker or watermark either, and with our decoder
 # the pipelines skip them anyway (they run on their own decode only)
@@ -39,7 +41,7 @@ NO_EXTRAS: Dict[str, Dict[str, Any]] = {
     "StableDiffusionInpaintPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionXLInpaintPipeline": {"add_watermarker": False},
 }
-DTYPES = {"full": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"full": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -89,24 +91,29 @@ def pipeline_class(folder: Path) -> str:
     return name
 
 
-def check_files(opt: argparse.Namespace) -> str:
-    """Everything a run needs exists, checked before anything loads; returns the pipeline class name."""
-    name = pipeline_class(opt.pipeline)
+def check_files(opt: argparse.Namespace) -> None:
+    """Everything a run needs exists, checked before anything loads (see ``inpaint_st.run_pairs``)."""
+    pipeline_class(opt.pipeline)
     vae_config = opt.pipeline / "vae" / "config.json"
     if not vae_config.is_file():
         raise FileNotFoundError(f"--pipeline {opt.pipeline}: {vae_config} is missing")
     if not opt.vanilla_decoder:
-        for flag in ("config", "ckpt"):
-            if not Path(getattr(opt, flag)).exists():
-                raise FileNotFoundError(f"--{flag} {getattr(opt, flag)}: not found")
-    return name
+        opt.config = str(resolve_config_path(opt.config, "--config"))
+        if not Path(opt.ckpt).exists():
+            raise FileNotFoundError(f"--ckpt {opt.ckpt}: not found; pass our decoder's weights in the pipeline's "
+                                    "latent space")
 
 
 def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
     """Load the pipeline and the decoder; returns the function that inpaints one pair (see ``inpaint_st.Setup``)."""
+    import numpy as np
+    import torch
     from diffusers import DiffusionPipeline
 
-    name = check_files(opt)
+    from ldm.checkpoint import load_model
+    from ldm.pipelines import check_decoder_fits, inpaint, native_size
+
+    name = pipeline_class(opt.pipeline)
     decoder = None
     if not opt.vanilla_decoder:
         decoder = load_model(opt.config, opt.ckpt, device=device)  # float32: exact; the fast path hooks in here
@@ -118,7 +125,7 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
                                                 "decoder", opt.config)
     precision = opt.precision if opt.precision != "auto" else ("bf16" if device.type == "cuda" else "full")
     try:
-        pipe = DiffusionPipeline.from_pretrained(opt.pipeline, torch_dtype=DTYPES[precision], local_files_only=True,
+        pipe = DiffusionPipeline.from_pretrained(opt.pipeline, torch_dtype=getattr(torch, DTYPES[precision]), local_files_only=True,
                                                  **NO_EXTRAS.get(name, {}))
     except OSError as e:  # a component's files missing or unreadable
         raise FileNotFoundError(f"--pipeline {opt.pipeline}: {e}") from None
@@ -143,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     could start."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)
-    return run_pairs(opt, lambda device: load(opt, device))
+    return run_pairs(opt, check_files, lambda device: load(opt, device))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
-from ldm.data.inpainting import (ImageFolderInpainting, ImageNetSRTrain, ImageNetSRValidation, UnreadableImageError,
-                                 load_image)
+from ldm.data.inpainting import ImageFolderInpainting, ImageNetSRTrain, ImageNetSRValidation
+from ldm.image_io import InputError as UnreadableImageError
+from ldm.image_io import read_image as load_image
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
 
 P_BOX = 0.3 / 1.3

@@ -297,3 +297,35 @@ def test_resume_a_checkpoint_outside_a_run_folder(tmp_path, config_file, monkeyp
                 "-n", "second", "--max_steps", "3", "lightning.callbacks.image_logger.params.disabled=true") == 0
     (run,) = (tmp_path / "logs").glob("*_second")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_readme_resume_command_trains_and_periodic_checkpoints_are_kept(tmp_path, config_file, monkeypatch):
+    """`python main.py --resume logs/<run>` as README writes it: training continues (no -t needed); 5 batches per
+    epoch, a periodic checkpoint every 2 steps, the newest 2 kept; a stale temporary file of a killed write goes."""
+    common = ["lightning.callbacks.image_logger.params.disabled=true", "model.params.monitor=null",
+              "lightning.periodic_checkpoints.every_n_train_steps=2", "lightning.periodic_checkpoints.keep=2"]
+    assert _run(tmp_path, monkeypatch, "r", "--base", str(config_file), "-t", "-n", "r", "--max_steps", "4",
+                *common) == 0
+    (run,) = (tmp_path / "logs").glob("*_r")
+    (run / "checkpoints" / ".last.ckpt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
+    cfg = next((run / "configs").glob("*-lightning.yaml"))
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(cfg), {"lightning": {"trainer": {"max_steps": 8}}}), cfg)
+    assert main.main(["--resume", str(run), "--wandb", "off"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "periodic-e000001-s000000006.ckpt", "periodic-e000001-s000000008.ckpt"]
+
+
+def test_resume_of_weights_only_names_ckpt_path(tmp_path, config_file, monkeypatch):
+    weights = tmp_path / "larger2.ckpt"
+    torch.save({"state_dict": {"decoder.conv_in.weight": torch.zeros(1)}}, weights)
+    with pytest.raises(ValueError, match=r"model\.params\.ckpt_path=.*larger2\.ckpt"):
+        _run(tmp_path, monkeypatch, "x", "--resume", str(weights), "--base", str(config_file))
+
+
+def test_accumulate_grad_batches_in_the_config_trains(tmp_path, config_file, monkeypatch):
+    assert _run(tmp_path, monkeypatch, "acc", "--base", str(config_file), "-t", "-n", "acc", "--max_steps", "2",
+                "lightning.trainer.accumulate_grad_batches=2",
+                "lightning.callbacks.image_logger.params.disabled=true") == 0
+    (run,) = (tmp_path / "logs").glob("*_acc")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -159,7 +159,7 @@ def test_inpaint_st_bad_setup(files, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     args = with_flag(inpaint_args(files, tmp_path / "o"), "--indir", empty)
-    assert "no NAME.png + NAME_mask.png pair" in refused(inpaint_st, args, capsys)
+    assert "no NAME.<ext> + NAME_mask.<ext> pair" in refused(inpaint_st, args, capsys)
     args = with_flag(inpaint_args(files, tmp_path / "o"), "--ckpt_d", tmp_path / "sd-v1-5-inpainting.ckpt")
     assert "sd-v1-5-inpainting.ckpt" in refused(inpaint_st, args, capsys)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
@@ -340,7 +340,9 @@ def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, f
 
 def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
-    real_load = txt2img.load_model
+    import ldm.checkpoint
+
+    real_load = ldm.checkpoint.load_model
 
     def load_model(config, ckpt, **kwargs):
         model = real_load(config, ckpt, **kwargs)
@@ -350,7 +352,7 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
             scale.append(model.scale_factor)
         return model
 
-    monkeypatch.setattr(txt2img, "load_model", load_model)
+    monkeypatch.setattr(ldm.checkpoint, "load_model", load_model)
     spy_samples(monkeypatch, samples)
     out = tmp_path / "asym"
     assert txt2img.main(t2i_args(files, out, "--skip_grid")) == 0
@@ -467,7 +469,7 @@ def test_bad_steps_and_eta_name_the_flag(files, one_pair, tmp_path, capsys):
 
 def test_16bit_masks_are_scaled_not_clipped(tmp_path):
     """PIL's convert("L") clips 16-bit values at 255: 0.4 of full scale would become "generate"."""
-    from ldm.inference import InputError, mask_to_tensor, open_image
+    from ldm.image_io import InputError, Pair, read_image, read_mask, read_pair
 
     levels = np.array([0, 26214, 32767, 32768, 39321, 65535])  # 0, .4, .49999, .50001, .6, 1 of full scale
     values = np.resize(levels, (64, 64))  # every row cycles through the levels
@@ -475,16 +477,16 @@ def test_16bit_masks_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "m.png")
     Image.fromarray(values.astype(np.uint16)).save(tmp_path / "m_mask.png")  # 16-bit grayscale PNG
     assert Image.open(tmp_path / "m_mask.png").mode == "I;16"
-    _, mask = inpaint_st.load_pair(inpaint_st.Pair("m", tmp_path / "m.png", tmp_path / "m_mask.png"), 640)
+    _, mask = read_pair(Pair("m", tmp_path / "m.png", tmp_path / "m_mask.png"), 640)
     np.testing.assert_array_equal(mask[0, 0].numpy(), expected)
     Image.fromarray(values.astype(np.int32)).save(tmp_path / "m_mask.tif")  # mode I
-    np.testing.assert_array_equal(mask_to_tensor(open_image(tmp_path / "m_mask.tif", "L"))[0, 0].numpy(), expected)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m_mask.tif") >= 0.5, expected)
 
     Image.fromarray(np.full((2, 6), 70000, dtype=np.int32)).save(tmp_path / "big.tif")
     Image.fromarray(np.full((2, 6), 0.7, dtype=np.float32)).save(tmp_path / "float.tif")
     for name, match in (("big.tif", "outside 0..65535"), ("float.tif", "floating-point")):
         with pytest.raises(InputError, match=match) as e:
-            open_image(tmp_path / name, "L")
+            read_image(tmp_path / name)
         assert name in str(e.value)
 
 
@@ -501,7 +503,65 @@ def test_txt2img_laion400m_is_refused_naming_what_to_pass(capsys):
 def test_mask_suffix_matches_in_any_case(tmp_path):
     for name in ("a.png", "a_mask.PNG", "b.PNG", "b_Mask.png", "c.png"):
         (tmp_path / name).write_bytes(b"")
-    pairs, problems = inpaint_st.find_pairs(tmp_path)
+    from ldm.image_io import find_pairs
+
+    pairs, problems = find_pairs(tmp_path)
     assert [(p.name, p.image.name, p.mask.name) for p in pairs] == [("a", "a.png", "a_mask.PNG"),
                                                                    ("b", "b.PNG", "b_Mask.png")]
     assert len(problems) == 1 and "c.png" in problems[0]
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_inpaint_st_never_writes_into_its_input_folder(files, one_pair, where, capsys):
+    before = {p.name: p.read_bytes() for p in one_pair.iterdir()}
+    outdir = one_pair if where == "same" else one_pair / "out"
+    args = with_flag(with_flag(inpaint_args(files, outdir, "--overwrite"), "--indir", one_pair), "--outdir", outdir)
+    err = refused(inpaint_st, args, capsys)
+    assert "--outdir" in err and "--indir" in err
+    assert {p.name: p.read_bytes() for p in one_pair.iterdir()} == before
+
+
+def test_inpaint_st_skips_an_image_above_max_pixels_and_runs_the_rest(files, one_pair, tmp_path, monkeypatch, capsys):
+    write_png(one_pair / "huge.png", (128, 128), seed=5)
+    write_png(one_pair / "huge_mask.png", (128, 128), "L")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # PIL's own bomb error would abort the whole run
+    args = inpaint_args(files, tmp_path / "out", "--max_pixels", "10000")
+    args = with_flag(args, "--indir", one_pair)
+    assert inpaint_st.main(args) == 1
+    err = capsys.readouterr().err
+    assert "huge.png" in err and "--max_pixels" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
+
+
+def test_missing_decoder_is_reported_by_flag_before_sd_loads(files, one_pair, tmp_path, monkeypatch, capsys):
+    import ldm.checkpoint
+
+    loaded = []
+    real = ldm.checkpoint.load_model
+    monkeypatch.setattr(ldm.checkpoint, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    args = with_flag(with_flag(inpaint_args(files, tmp_path / "o"), "--indir", one_pair), "--ckpt",
+                     tmp_path / "nope.ckpt")
+    assert "--ckpt " in refused(inpaint_st, args, capsys)
+    args = with_flag(t2i_args(files, tmp_path / "o"), "--ckpt_c", tmp_path / "nope.ckpt")
+    assert "--ckpt_c " in refused(txt2img, args, capsys)
+    assert loaded == []
+
+
+def test_default_configs_are_found_from_another_folder(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = txt2img.parse_args(["--ckpt", str(files[2]["sd_t2i"]), "--ckpt_c", str(files[2]["decoder"])])
+    txt2img.check_files(opt)
+    assert opt.config == str(REPO / "configs/autoencoder/v1-t2i-inference.yaml")
+    opt = inpaint_st.parse_args(["--indir", ".", "--ckpt", str(files[2]["decoder"]), "--ckpt_d",
+                                 str(files[2]["sd_inpaint"])])
+    inpaint_st.check_files(opt)
+    assert opt.config_d == str(REPO / "configs/autoencoder/v1-inpainting-inference.yaml")
+
+
+@pytest.mark.parametrize("args, message", [(["--prompt"], "expected one argument"),
+                                           (["--outdir"], "expected one argument"),
+                                           (["--skip_save", "--skip_grid"], "write nothing")])
+def test_txt2img_flags_that_would_do_nothing_or_crash(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        txt2img.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -30,61 +30,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
+from ldm.image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, InputError, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # Unreadable files in a row before giving up: a few are data noise, a long run means a broken dataset.
 _MAX_CONSECUTIVE_SKIPS = 32
 # Small-image warnings per process; ImageNet has thousands of images under 256 px.
 _MAX_SMALL_WARNINGS = 20
-
-
-class UnreadableImageError(ValueError):
-    """A file that cannot be decoded as an image (the message names the file)."""
-
-
-def open_image(path: PathLike) -> Image.Image:
-    """Open and fully decode ``path`` (truncated or corrupt files fail here, not later)."""
-    img = None
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        if img is not None:
-            img.close()
-        raise UnreadableImageError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
-    return img
-
-
-def to_rgb_float(img: Image.Image, path: PathLike = "<image>") -> np.ndarray:
-    """``(H, W, 3)`` float32 RGB in [0, 1] from any PIL mode.
-
-    Grey and palette images are expanded to RGB; 16-bit grey (``I;16*``, and ``I`` as Pillow reads 16-bit PNGs) is
-    divided by 65535 (``convert("RGB")`` would clip it to 255); transparent images are composited over white, as a
-    viewer shows them. Pillow reads 16-bit RGB PNGs as 8-bit RGB (high byte).
-    """
-    mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        grey = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if mode == "F":
-        raise UnreadableImageError(f"{path}: 32-bit float images (mode F) have no fixed range; convert to 8/16-bit")
-    if mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3:]
-        return rgba[..., :3] * alpha + (1.0 - alpha)
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def load_image(path: PathLike) -> np.ndarray:
-    """``(H, W, 3)`` float32 RGB in [0, 1]; raises :class:`UnreadableImageError` naming the file."""
-    with open_image(path) as img:
-        return to_rgb_float(img, path)
 
 
 def _normalise_extensions(extensions: Iterable[str]) -> Tuple[str, ...]:
@@ -165,12 +119,13 @@ class ImageFolderInpainting(Dataset):
         fixed_masks: draw everything for sample ``i`` from ``(seed, i)`` (validation).
         seed: base seed mixed into every generator.
         extensions: file suffixes taken when scanning ``root`` (case-insensitive).
+        max_pixels: larger files are skipped with a warning (see :mod:`ldm.image_io`, which reads every file).
     """
 
     def __init__(self, root: Optional[PathLike] = None, file_list: Optional[PathLike] = None, size: int = 256,
                  mask_config: Union[PathLike, Mapping[str, Any]] = DEFAULT_MASK_CONFIG, no_mask_prob: float = 0.5,
                  random_crop: bool = True, min_crop_frac: float = 0.5, fixed_masks: bool = False, seed: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         if not 0.0 <= no_mask_prob <= 1.0:
@@ -193,6 +148,7 @@ class ImageFolderInpainting(Dataset):
         self.min_crop_frac = float(min_crop_frac)
         self.fixed_masks = bool(fixed_masks)
         self.seed = seed
+        self.max_pixels = max_pixels
         self.mask_generator = MaskGenerator.from_config(mask_config)
         self._warned: set = set()
         self._small_warnings = 0
@@ -231,7 +187,7 @@ class ImageFolderInpainting(Dataset):
         width, height = img.size
         if min(width, height) < self.size:
             self._warn_small(path, width, height)
-        crop = to_rgb_float(img.crop(self._crop_box(width, height, rng)), path)
+        crop = to_rgb(img.crop(self._crop_box(width, height, rng)), path)
         if crop.shape[0] != self.size:
             crop = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA)
         if rng.random() < self.no_mask_prob:
@@ -250,9 +206,9 @@ class ImageFolderInpainting(Dataset):
         for attempt in range(min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                with open_image(path) as img:
+                with open_image(path, self.max_pixels) as img:
                     return self._example(img, path, rng)
-            except UnreadableImageError as err:
+            except InputError as err:
                 if path not in self._warned:
                     self._warned.add(path)
                     log.warning("skipping unreadable image: %s", err)

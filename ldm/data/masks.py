@@ -20,30 +20,19 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ldm.project import resolve_config_path
+
 DEFAULT_MASK_CONFIG = "configs/autoencoder/random_thick_256.yaml"
 
 # Keys of the original yaml's ``mask_generator_kwargs`` that need no code: ``variants_n`` drew several masks per image
 # and kept one at random, which has the same distribution as drawing one.
 _IGNORED_KEYS = ("variants_n",)
-
-
-def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_config") -> Path:
-    """``path`` as given if it exists, else relative to the repository root (configs name repo-relative files)."""
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return candidate
-    in_repo = REPO_ROOT / candidate
-    if not candidate.is_absolute() and in_repo.is_file():
-        return in_repo
-    raise FileNotFoundError(f"{argument}: file not found: {path} (looked in {Path.cwd()} and {REPO_ROOT})")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

@@ -87,6 +87,9 @@ class AutoencoderKL(pl.LightningModule):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
+        # micro-batches per optimizer step; Lightning refuses its own accumulation with manual optimization, so
+        # main.py moves lightning.trainer.accumulate_grad_batches here (see training_step)
+        self.accumulate_grad_batches = 1
         self.train_encoder = bool(train_encoder)
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
@@ -328,7 +331,7 @@ class AutoencoderKL(pl.LightningModule):
         """Adam(betas 0.5, 0.9) for the decoder groups of :meth:`trainable_groups` and one for the discriminator,
         each with a LambdaLR per group when ``scheduler_config`` / ``scheduler_config_d`` are set.
 
-        Schedules get ``max_decay_steps`` from ``trainer.estimated_stepping_batches`` (steps = batches) and
+        Schedules get ``max_decay_steps`` from :meth:`total_steps` (optimizer steps of the run) and
         ``lr_min = 1e-6 / group lr`` (every group ends at 1e-6, as in the original) unless the config sets them; the
         discriminator's ``start_step`` defaults to the loss's ``disc_start``.
         """
@@ -342,13 +345,26 @@ class AutoencoderKL(pl.LightningModule):
         opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
         if self.scheduler_config is None:
             return [opt_g, opt_d]
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.total_steps()
         disc_start = int(getattr(self.loss, "discriminator_iter_start", 0))
         sched_g = LambdaLR(opt_g, [self._make_schedule(self.scheduler_config, g["lr"], total) for g in groups])
         sched_d_config = self.scheduler_config_d or self.scheduler_config
         sched_d = LambdaLR(opt_d, self._make_schedule(sched_d_config, lr, total, start_step=disc_start))
         log.info("LR schedules over %d steps (discriminator from step %d)", total, disc_start)
         return [opt_g, opt_d], [{"scheduler": sched_g, "interval": "step"}, {"scheduler": sched_d, "interval": "step"}]
+
+    def total_steps(self) -> int:
+        """Optimizer steps (= global steps) of this run. Lightning's ``estimated_stepping_batches`` counts batches
+        here, since our accumulation (:meth:`training_step`) is hidden from it."""
+        estimate = int(self.trainer.estimated_stepping_batches)  # min(max_steps, max_epochs x batches per epoch)
+        n = int(self.accumulate_grad_batches)
+        if n == 1:
+            return estimate
+        trainer = self.trainer
+        by_steps = trainer.max_steps if trainer.max_steps not in (None, -1) else math.inf
+        by_epochs = (trainer.max_epochs * math.ceil(trainer.num_training_batches / n)
+                     if trainer.max_epochs not in (None, -1) else math.inf)
+        return int(min(by_steps, by_epochs))
 
     @staticmethod
     def _make_schedule(config: Mapping[str, Any], group_lr: float, total_steps: int, start_step: int = 0) -> Any:
@@ -369,7 +385,7 @@ class AutoencoderKL(pl.LightningModule):
         """
         if self.scheduler_config is None:
             return
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.total_steps()
         configs = (self.scheduler_config, self.scheduler_config_d or self.scheduler_config)
         for name, config, sched in zip(("generator", "discriminator"), configs,
                                        (c.scheduler for c in self.trainer.lr_scheduler_configs)):
@@ -394,30 +410,47 @@ class AutoencoderKL(pl.LightningModule):
             z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z, x, mask), posterior
 
+    def accumulation_window(self, batch_idx: int) -> Tuple[bool, bool, int]:
+        """(first micro-batch of the window, last one, window length) for ``accumulate_grad_batches``; the last
+        window of an epoch may be shorter (as Lightning's own accumulation: an optimizer step at every epoch end)."""
+        n = int(self.accumulate_grad_batches)
+        start = batch_idx - batch_idx % n
+        total = self.trainer.num_training_batches
+        window = n if not math.isfinite(total) else min(n, int(total) - start)
+        return batch_idx == start, batch_idx + 1 == start + window, window
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
-        ``global_step`` counts batches, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (see :func:`_step_uncounted`).
+        ``global_step`` counts optimizer steps, as in the original (PL 1.x stepped both optimizers per batch): the
+        discriminator's step is kept out of Lightning's step counter (see :func:`_step_uncounted`). With
+        ``accumulate_grad_batches`` = N both optimizers step once per N batches, on the mean of their gradients,
+        which is the update of one batch N times larger (the GAN's adaptive weight is computed per micro-batch).
         """
         x, mask = self.get_input(batch)
         opt_g, opt_d = self.optimizers()
         step = self.global_step
+        first, last, window = self.accumulation_window(batch_idx)
+        self.mid_accumulation = not last
         rec, posterior = self.shared_forward(x, mask)
 
         with self.toggled_optimizer(opt_g):
             g_loss, log_g = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.get_last_layer(),
                                                      split="train")
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(g_loss)
-            opt_g.step()
+            if first:
+                opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(g_loss / window)
+            if last:
+                opt_g.step()
         logs = dict(log_g)
         if self.loss.gan_factor(step) > 0:
             with self.toggled_optimizer(opt_d):
                 d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
-                opt_d.zero_grad(set_to_none=True)
-                self.manual_backward(d_loss)
-                _step_uncounted(opt_d)
+                if first:
+                    opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_loss / window)
+                if last:
+                    _step_uncounted(opt_d)
             logs.update(log_d)
             self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
 
@@ -425,7 +458,7 @@ class AutoencoderKL(pl.LightningModule):
             logs[f"lr/{group['name']}"] = torch.tensor(group["lr"])
         logs["lr/discriminator"] = torch.tensor(opt_d.param_groups[0]["lr"])
         schedulers = self.lr_schedulers()
-        if schedulers is not None:
+        if schedulers is not None and last:
             with warnings.catch_warnings():
                 # the discriminator's schedule advances (at lr 0) before its optimizer first steps at disc_start
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
