@@ -76,3 +76,292 @@ def test_diffusion_model_scales_through_its_first_stage():
     with torch.no_grad():
         torch.testing.assert_close(model.decode_first_stage(z), model.first_stage_model.decode(z / 0.5 + 0.25),
                                    rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+# The released models' diffusers AutoencoderKL configs (vae/config.json): latent channels, quant convs, scale, shift.
+RELEASED = {
+    "sdxl": (4, True, 0.13025, 0.0),
+    "sd3": (16, False, 1.5305, 0.0609),
+    "flux": (16, False, 0.3611, 0.1159),
+}
+SPACE_CONFIGS = ["vanilla", "asymmetric_base", "asymmetric_large", "asymmetric_large2"]
+
+
+def load_params(path: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path).model.params, resolve=True)
+
+
+@pytest.mark.parametrize("space", sorted(RELEASED))
+def test_each_latent_space_is_a_config_folder_with_the_released_numbers(space):
+    from ldm.latent_spaces import LATENT_SPACES
+
+    channels, quant, scale, shift = RELEASED[space]
+    table = LATENT_SPACES[space]
+    assert (table.channels, table.quant_conv, table.scaling_factor, table.shift_factor) == RELEASED[space]
+    sd1 = load_params("configs/autoencoder/autoencoder_kl_32x32x4.yaml")
+    for name in SPACE_CONFIGS:
+        params = load_params(f"configs/autoencoder/{space}/{name}.yaml")
+        assert params["embed_dim"] == params["ddconfig"]["z_channels"] == channels
+        assert params.get("use_quant_conv", True) is quant
+        assert (params["scaling_factor"], params["shift_factor"]) == (scale, shift)
+        # the same encoder as SD 1.x's, apart from the latent channels
+        assert {**params["ddconfig"], "z_channels": 4} == sd1["ddconfig"]
+        if name != "vanilla":
+            train = load_params(f"configs/autoencoder/{space}/{name}_train.yaml")
+            for key in ("ddconfig", "decoder_overrides", "embed_dim", "scaling_factor", "shift_factor"):
+                assert train[key] == params[key], key
+            assert train.get("use_quant_conv", True) is quant
+    # the large variants are the SD 1.x overrides
+    for name, sd1_name in (("asymmetric_base", ""), ("asymmetric_large", "_large"), ("asymmetric_large2", "_large2")):
+        ours = load_params(f"configs/autoencoder/{space}/{name}.yaml")["decoder_overrides"]
+        assert ours == load_params(f"configs/autoencoder/autoencoder_kl_32x32x4{sd1_name}.yaml")["decoder_overrides"]
+
+
+def test_asuka_config_is_their_condition_decoder_yaml():
+    """ASUKA's configs/condition_decoder.yaml: z_channels 16, ch 128, ch_mult [1,2,4,4], num_res_blocks 2,
+    concat_mask True, gate_conv False; their decoder resizes the mask by area."""
+    params = load_params("configs/autoencoder/flux/asuka.yaml")
+    dec = {**params["ddconfig"], **params["decoder_overrides"]}
+    assert {k: dec[k] for k in ("z_channels", "ch", "ch_mult", "num_res_blocks", "concat_mask", "gate_conv",
+                                "mask_resize", "condition")} == dict(
+        z_channels=16, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, concat_mask=True, gate_conv=False,
+        mask_resize="area", condition=True)
+    assert (params["embed_dim"], params["use_quant_conv"], params["scaling_factor"], params["shift_factor"]) == (
+        16, False, 0.3611, 0.1159)
+
+
+# --------------------------------------------------------------------------- full-size parameter counts
+def diffusers_reference(space: str, decoder=None):
+    """diffusers' own models built on the meta device from the released VAE's config values (and, for an
+    asymmetric decoder, diffusers' AsymmetricAutoencoderKL with the paper's up widths)."""
+    import diffusers
+
+    channels, quant, _, _ = RELEASED[space]
+    common = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=channels, norm_num_groups=32)
+    with torch.device("meta"):
+        if decoder is None:
+            return diffusers.AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                                           use_quant_conv=quant, use_post_quant_conv=quant, **common)
+        ch, nrb = decoder
+        return diffusers.AsymmetricAutoencoderKL(
+            down_block_out_channels=[128, 256, 512, 512], layers_per_down_block=2,
+            up_block_out_channels=[ch, 2 * ch, 4 * ch, 4 * ch], layers_per_up_block=nrb, **common)
+
+
+def numel(module) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def build_meta(path: str):
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    with torch.device("meta"):
+        return instantiate_from_config(OmegaConf.load(path).model)
+
+
+@pytest.mark.parametrize("space", sorted(RELEASED))
+def test_full_size_configs_have_the_released_parameter_counts(space):
+    vae = diffusers_reference(space)
+    ours = build_meta(f"configs/autoencoder/{space}/vanilla.yaml")
+    assert numel(ours.encoder) == numel(vae.encoder)
+    assert numel(ours.decoder) == numel(vae.decoder)
+    assert numel(ours.quant_conv) + numel(ours.post_quant_conv) == numel(vae.quant_conv) + numel(vae.post_quant_conv)
+    assert numel(ours) == numel(vae)
+    for name, shape in (("asymmetric_base", (128, 2)), ("asymmetric_large", (192, 3)),
+                        ("asymmetric_large2", (256, 5))):
+        asym = build_meta(f"configs/autoencoder/{space}/{name}.yaml")
+        assert numel(asym.encoder) == numel(vae.encoder)
+        # diffusers' condition encoder always has 5 layers: all of them are used by a 4-level decoder
+        assert numel(asym.decoder) == numel(diffusers_reference(space, shape).decoder), name
+
+
+def test_asuka_decoder_parameter_count():
+    """ASUKA's decoder = the paper's base decoder for 16 latent channels, plus the mask's input channel in the
+    branch's first 3x3 conv (128 filters x 1 channel x 3 x 3); its unused up_layers are not built."""
+    ours = build_meta("configs/autoencoder/flux/asuka.yaml")
+    assert numel(ours.decoder) == numel(diffusers_reference("flux", (128, 2)).decoder) + 128 * 1 * 3 * 3
+    assert numel(ours.encoder) == numel(diffusers_reference("flux").encoder)
+
+
+# ------------------------------------------------------------------------------------ diffusers parity
+def randomize_(model, seed: int = 0):
+    """Random norms and biases too, so that a mapping that swaps two of them changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def image_and_mask(size: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, size, size)
+    mask[0, :, 3:11, 2:9] = 1
+    mask[1, :, : size // 2] = 1
+    return image, mask
+
+
+def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
+    import diffusers
+
+    from ldm.diffusers_interop import ldm_to_diffusers
+
+    ours = randomize_(make_16ch(condition=False))
+    sd, config = ldm_to_diffusers(ours.state_dict(), scaling_factor=ours.scaling_factor,
+                                  shift_factor=ours.shift_factor)
+    assert config["_class_name"] == "AutoencoderKL"
+    assert (config["latent_channels"], config["use_quant_conv"], config["use_post_quant_conv"]) == (16, False, False)
+    theirs = diffusers.AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16,
+                                     use_quant_conv=False, use_post_quant_conv=False, norm_num_groups=32,
+                                     down_block_types=["DownEncoderBlock2D"] * 2,
+                                     up_block_types=["UpDecoderBlock2D"] * 2).eval()
+    theirs.load_state_dict(sd, strict=True)
+    image, _ = image_and_mask()
+    with torch.no_grad():
+        post, dist = ours.encode(image), theirs.encode(image).latent_dist
+        assert (post.mean - dist.mean).abs().max() < 1e-4 and (post.logvar - dist.logvar).abs().max() < 1e-4
+        z = post.mean
+        out = ours.decode(z)
+        assert out.abs().mean() > 0.05
+        assert (out - theirs.decode(z).sample).abs().max() < 1e-4
+
+
+def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_trips(tmp_path):
+    """AsymmetricAutoencoderKL always has quant convs: a VAE without them is exported with identity 1x1 convs,
+    which change nothing (float32), and the way back drops them: the round trip is tensor-identical."""
+    import diffusers
+
+    from ldm.checkpoint import read_state_dict
+    from ldm.diffusers_interop import write_diffusers_folder
+
+    ours = randomize_(make_16ch(condition=True))
+    folder = write_diffusers_folder(ours.state_dict(), TINY16, {"condition": True}, tmp_path / "asym",
+                                    scaling_factor=ours.scaling_factor, shift_factor=ours.shift_factor,
+                                    use_quant_conv=False)
+    theirs = diffusers.AsymmetricAutoencoderKL.from_pretrained(folder).eval()
+    assert torch.equal(theirs.post_quant_conv.weight[:, :, 0, 0], torch.eye(16))
+    assert torch.equal(theirs.quant_conv.weight[:, :, 0, 0], torch.eye(32))
+    assert not theirs.quant_conv.bias.any() and not theirs.post_quant_conv.bias.any()
+    assert theirs.config.scaling_factor == 0.3611
+    image, mask = image_and_mask()
+    with torch.no_grad():
+        post = ours.encode(image)
+        assert (post.mean - theirs.encode(image).latent_dist.mean).abs().max() < 1e-4
+        z = post.mean
+        cond = ours.decode(z, image, mask)
+        assert (cond - theirs.decode(z, image=image, mask=mask).sample).abs().max() < 1e-4
+        assert (ours.decode(z) - theirs.decode(z).sample).abs().max() < 1e-4
+        # the identity convs are exact: the latent passes through bit for bit
+        assert torch.equal(theirs.post_quant_conv(z), z)
+
+    back = read_state_dict(folder)
+    original = ours.state_dict()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    restored = make_16ch(condition=True, seed=1)
+    restored.init_from_ckpt(folder, fresh_condition=False)
+    with torch.no_grad():
+        assert torch.equal(restored.decode(z, image, mask), cond)
+
+
+def test_asuka_style_branch_is_refused_by_the_diffusers_export():
+    from ldm.checkpoint import CheckpointError
+    from ldm.diffusers_interop import ldm_to_diffusers
+
+    from ldm.models.autoencoder import AutoencoderKL
+
+    asuka = AutoencoderKL(ddconfig=TINY16, lossconfig={"target": "torch.nn.Identity"}, embed_dim=16,
+                          use_quant_conv=False, decoder_overrides={"condition": True, "concat_mask": True})
+    with pytest.raises(CheckpointError, match="concat_mask"):
+        ldm_to_diffusers(asuka.state_dict())
+    with pytest.raises(CheckpointError, match="mask_resize"):
+        ldm_to_diffusers(make_16ch().state_dict(), TINY16, {"condition": True, "mask_resize": "area"},
+                         use_quant_conv=False)
+
+
+# ------------------------------------------------------------------------------------- starting weights
+def train_model(space: str, seed: int = 5):
+    """A tiny training-start model of the latent space (condition branch on, fresh)."""
+    from ldm.models.autoencoder import AutoencoderKL
+
+    channels, quant, scale, shift = RELEASED[space]
+    torch.manual_seed(seed)
+    return AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=channels), lossconfig={"target": "torch.nn.Identity"},
+                         embed_dim=channels, decoder_overrides={"condition": True}, use_quant_conv=quant,
+                         scaling_factor=scale, shift_factor=shift)
+
+
+def released_vae(space: str, seed: int = 9):
+    """The tensors of a released VAE of that latent space in the ldm names (tiny widths)."""
+    from ldm.models.autoencoder import AutoencoderKL
+
+    channels, quant, _, _ = RELEASED[space]
+    torch.manual_seed(seed)
+    return AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=channels), lossconfig={"target": "torch.nn.Identity"},
+                         embed_dim=channels, use_quant_conv=quant).state_dict()
+
+
+def assert_loaded(model, vae):
+    own = model.state_dict()
+    for k, v in vae.items():
+        assert torch.equal(own[k], v), k
+
+
+def test_sdxl_single_file_loads_as_starting_weights(tmp_path):
+    """sd_xl_base_1.0.safetensors holds the VAE under first_stage_model.* next to the UNet and text encoders."""
+    from safetensors.torch import save_file
+
+    vae = released_vae("sdxl")
+    single = {f"first_stage_model.{k}": v for k, v in vae.items()}
+    single["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4, 4, 3, 3)
+    single["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
+    path = tmp_path / "sd_xl_base_1.0.safetensors"
+    save_file(single, str(path))
+    model = train_model("sdxl")
+    model.init_from_ckpt(path)
+    assert_loaded(model, vae)
+    assert model.scaling_factor == 0.13025
+
+
+def test_flux_ae_safetensors_loads_as_starting_weights_and_wrong_spaces_are_named(tmp_path):
+    """BFL's ae.safetensors: encoder.* / decoder.* in the ldm names (attention q/k/v/proj_out as 1x1 convs), no
+    quant convs. Loaded into a 4-channel config it is refused naming the latent space it looks like."""
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import CheckpointError
+
+    vae = released_vae("flux")
+    assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in vae)
+    assert vae["encoder.mid.attn_1.q.weight"].ndim == 4
+    path = tmp_path / "ae.safetensors"
+    save_file(vae, str(path))
+    model = train_model("flux")
+    model.init_from_ckpt(path)
+    assert_loaded(model, vae)
+
+    with pytest.raises(CheckpointError, match=r"16 latent channels without quant convs.*FLUX\.1.*configs/autoencoder/"
+                                              r"flux/.*4 latent channels with quant convs"):
+        train_model("sdxl").init_from_ckpt(path)
+    sdxl = tmp_path / "sdxl_vae.safetensors"
+    save_file(released_vae("sdxl"), str(sdxl))
+    with pytest.raises(CheckpointError, match=r"4 latent channels with quant convs.*SDXL"):
+        train_model("flux").init_from_ckpt(sdxl)
+
+
+def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tmp_path):
+    """The vae/ folder of an SD 3.x / FLUX.1 pipeline (diffusers AutoencoderKL without quant convs)."""
+    from ldm.diffusers_interop import write_diffusers_folder
+
+    vae = released_vae("sd3")
+    write_diffusers_folder(vae, None, None, tmp_path / "pipe" / "vae", scaling_factor=1.5305, shift_factor=0.0609)
+    model = train_model("sd3")
+    model.init_from_ckpt(tmp_path / "pipe")
+    assert_loaded(model, vae)

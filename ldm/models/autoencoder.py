@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
+from ldm.latent_spaces import SD, autoencoder_state_dict, describe_latent_layout, describe_state_dict, latent_layout
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -25,26 +26,33 @@ from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
 
-# Known decoder shapes of released checkpoints -> the config that builds them (used in load error messages).
+# Known decoder shapes of released checkpoints -> the variant and its SD 1.x config (used in load error messages).
+# The other latent spaces have the same variants under configs/autoencoder/{sdxl,sd3,flux}/asymmetric_*.yaml.
 _VARIANT_CONFIGS = {
-    (128, 2): "configs/autoencoder/autoencoder_kl_32x32x4.yaml (base)",
-    (192, 3): "configs/autoencoder/autoencoder_kl_32x32x4_large.yaml (large 1.5x)",
-    (256, 5): "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml (large 2x)",
+    (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
+    (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
+    (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
 }
 
 
 def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
     try:
-        ch = state_dict["decoder.conv_out.weight"].shape[1]
+        out_ch, ch = state_dict["decoder.conv_out.weight"].shape[:2]
         blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
-    except (KeyError, IndexError, AttributeError):
+    except (KeyError, IndexError, AttributeError, ValueError):
         return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
-    has_condition = any(k.startswith("decoder.encoder.") for k in state_dict)
+    branch = state_dict.get("decoder.encoder.layers.0.weight")
     nrb = len(blocks) - 1
     known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
-    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch "
-            f"{'present' if has_condition else 'absent'}: it matches {known}")
+    if branch is None:
+        condition = "absent"
+    elif branch.shape[1] == out_ch + 1:
+        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
+    else:
+        condition = "present"
+    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch {condition}; "
+            f"{describe_state_dict(state_dict)}: it matches {known}")
 
 
 class AutoencoderKL(pl.LightningModule):
@@ -82,8 +90,8 @@ class AutoencoderKL(pl.LightningModule):
                  scheduler_config: Optional[Mapping[str, Any]] = None,
                  scheduler_config_d: Optional[Mapping[str, Any]] = None,
                  num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None,
-                 train_encoder: bool = False, use_quant_conv: bool = True, scaling_factor: float = 0.18215,
-                 shift_factor: float = 0.0):
+                 train_encoder: bool = False, use_quant_conv: bool = True,
+                 scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
@@ -162,11 +170,8 @@ class AutoencoderKL(pl.LightningModule):
         ``first_stage_model``. A checkpoint without a condition branch (an SD VAE) leaves the branch fresh when
         ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoint.load_model``)
         that is an error, since a random branch would overwrite the kept region."""
-        state_dict = read_state_dict(path)
-        if "encoder.conv_in.weight" not in state_dict and "first_stage_model.encoder.conv_in.weight" in state_dict:
-            log.info("%s: full Stable Diffusion checkpoint, using its first_stage_model.* weights", path)
-            state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
-                          if k.startswith("first_stage_model.")}
+        state_dict = autoencoder_state_dict(read_state_dict(path), source=path)
+        self._check_latent_layout(state_dict, path)
         allow_missing = []
         if self.decoder.has_condition and not any(k.startswith("decoder.encoder.") for k in state_dict):
             if not fresh_condition:
@@ -186,10 +191,21 @@ class AutoencoderKL(pl.LightningModule):
                   allow_missing=allow_missing, hint=self._variant_hint(state_dict))
         log.info("restored %s from %s", type(self).__name__, path)
 
+    def _check_latent_layout(self, state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:
+        """Refuse a file of another latent space (channels, quant convs), naming the one its tensors look like."""
+        theirs = latent_layout(state_dict)
+        ours = (self.embed_dim, self.use_quant_conv)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{path}: {describe_state_dict(state_dict)}, but this config builds "
+                f"{describe_latent_layout(*ours)}: use a config of the file's latent space (embed_dim, "
+                "use_quant_conv, scaling_factor and shift_factor come from there)")
+
     def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
         cfg = self.decoder_config
         return (f"{describe_decoder_checkpoint(state_dict)}; this model's decoder has ch={cfg['ch']}, "
-                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}")
+                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}, "
+                f"concat_mask={bool(cfg.get('concat_mask', False))}")
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
