@@ -57,7 +57,7 @@ def check_pipeline(pipe: Any) -> None:
 def vae_latent_space(vae_config: Mapping[str, Any]) -> Tuple[int, float, float, int]:
     """``(channels, scaling_factor, shift_factor, downsampling factor)`` of a diffusers VAE config
     (``pipe.vae.config`` or a ``vae/config.json``; a missing or null ``shift_factor`` is 0, as in SD 1.x / SDXL)."""
-    return (int(vae_config["latent_channels"]), float(vae_config.get("scaling_factor", 0.18215)),
+    return (int(vae_config["latent_channels"]), float(vae_config["scaling_factor"]),
             float(vae_config.get("shift_factor") or 0.0), 2 ** (len(vae_config["block_out_channels"]) - 1))
 
 

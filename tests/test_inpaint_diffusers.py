@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 import inpaint_st
+from ldm.latent_spaces import LATENT_SPACES
 from scripts import inpaint_diffusers
 
 from .test_pipelines import build_sd, export_vae, make_decoder
@@ -33,7 +34,7 @@ def tiny_tokenizer(folder):
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    pipe = build_sd(export_vae(make_decoder(4, 0.18215, 0.0, condition=False)))
+    pipe = build_sd(export_vae(make_decoder(LATENT_SPACES["sd"], condition=False)))
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,

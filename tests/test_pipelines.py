@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ldm.diffusers_interop import ldm_to_diffusers
+from ldm.latent_spaces import LATENT_SPACES, LatentSpace
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.pipelines import PipelineError, check_decoder_fits, inpaint, unpack_latents
 
@@ -24,20 +25,20 @@ H, W = 32, 48  # not the pipelines' default square: the output size must come fr
 TEXT_LEN, TEXT_DIM = 8, 32
 
 
-def make_decoder(channels: int, scale: float, shift: float, condition: bool, seed: int = 0) -> AutoencoderKL:
-    """A tiny autoencoder of ours in a latent space; 16-channel ones have no quant convs, as SD 3.x / FLUX.1."""
+def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> AutoencoderKL:
+    """A tiny autoencoder of ours in a latent space (channels, quant convs, scale, shift as released)."""
     torch.manual_seed(seed)
-    ddconfig = {**TINY_DDCONFIG, "z_channels": channels}
-    return AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=channels,
-                         decoder_overrides={"condition": condition}, use_quant_conv=channels == 4,
-                         scaling_factor=scale, shift_factor=shift).eval()
+    ddconfig = {**TINY_DDCONFIG, "z_channels": space.channels}
+    return AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=space.channels,
+                         decoder_overrides={"condition": condition}, use_quant_conv=space.quant_conv,
+                         scaling_factor=space.scaling_factor, shift_factor=space.shift_factor).eval()
 
 
 def export_vae(model: AutoencoderKL) -> Any:
     """diffusers ``AutoencoderKL`` with our model's weights and latent scaling."""
-    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    vae = diffusers.AutoencoderKL(**config, shift_factor=model.shift_factor)
+    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
+                                          shift_factor=model.shift_factor)
+    vae = diffusers.AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
     vae.load_state_dict(state_dict)
     return vae.eval()
 
@@ -113,13 +114,23 @@ class Case:
     """One pipeline: its latent space, how to build it, its prompt embeddings and how to make its denoiser ignore
     the image (so that a change of the image can only reach the output through the decoder)."""
     name: str
-    channels: int
-    scale: float
-    shift: float
+    space: LatentSpace
     build: Callable[[Any], Any]
     prompt: Callable[[], Dict[str, torch.Tensor]]
     blind: Callable[[Any], None]
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return self.space.channels
+
+    @property
+    def scale(self) -> float:
+        return self.space.scaling_factor
+
+    @property
+    def shift(self) -> float:
+        return self.space.shift_factor
 
 
 def sd_prompt() -> Dict[str, torch.Tensor]:
@@ -138,12 +149,12 @@ def flux_prompt() -> Dict[str, torch.Tensor]:
 
 
 CASES = [
-    Case("sd15", 4, 0.18215, 0.0, build_sd, sd_prompt, blind_sd),
-    Case("sd2-v", 4, 0.18215, 0.0, lambda vae: build_sd(vae, "v_prediction"), sd_prompt, blind_sd),
-    Case("sdxl", 4, 0.13025, 0.0, build_sdxl, pooled_prompt(2 * TEXT_DIM, TEXT_DIM), blind_sd,
+    Case("sd15", LATENT_SPACES["sd"], build_sd, sd_prompt, blind_sd),
+    Case("sd2-v", LATENT_SPACES["sd"], lambda vae: build_sd(vae, "v_prediction"), sd_prompt, blind_sd),
+    Case("sdxl", LATENT_SPACES["sdxl"], build_sdxl, pooled_prompt(2 * TEXT_DIM, TEXT_DIM), blind_sd,
          {"strength": 1.0}),
-    Case("sd3", 16, 1.5305, 0.0609, build_sd3, pooled_prompt(TEXT_DIM, 64), blind_sd3, {"strength": 1.0}),
-    Case("flux-fill", 16, 0.3611, 0.1159, build_flux, flux_prompt, blind_flux),
+    Case("sd3", LATENT_SPACES["sd3"], build_sd3, pooled_prompt(TEXT_DIM, 64), blind_sd3, {"strength": 1.0}),
+    Case("flux-fill", LATENT_SPACES["flux"], build_flux, flux_prompt, blind_flux),
 ]
 
 
@@ -151,10 +162,10 @@ CASES = [
 def setup(request):
     """(case, pipeline, vanilla decoder holding the pipeline VAE's weights, asymmetric decoder)."""
     case = request.param
-    vanilla = make_decoder(case.channels, case.scale, case.shift, condition=False)
+    vanilla = make_decoder(case.space, condition=False)
     pipe = case.build(export_vae(vanilla))
     pipe.set_progress_bar_config(disable=True)
-    asymmetric = make_decoder(case.channels, case.scale, case.shift, condition=True, seed=1)
+    asymmetric = make_decoder(case.space, condition=True, seed=1)
     return case, pipe, vanilla, asymmetric
 
 
@@ -171,6 +182,7 @@ def run(case: Case, pipe: Any, decoder: Any, image: torch.Tensor, mask: torch.Te
                    generator=torch.Generator().manual_seed(0), **case.prompt(), **case.extra, **kw)
 
 
+@torch.no_grad()
 def own_decode(pipe: Any, case: Case, image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """The pipeline's VAE decoding the pipeline's final latents with the scaling the pipeline encodes with."""
     latents = pipe(image=image, mask_image=mask, height=H, width=W, num_inference_steps=2, output_type="latent",
@@ -242,7 +254,7 @@ def test_kept_region_follows_the_input_image(setup):
 def test_flux_unpacking_is_the_inverse_of_flux_packing():
     """Guards the one private diffusers helper we call (FluxFillPipeline._unpack_latents): FLUX packs 2x2 latent
     patches into tokens (B, h/2 * w/2, 4C), row-major over patches, channel-major inside a token."""
-    pipe = build_flux(export_vae(make_decoder(16, 0.3611, 0.1159, condition=False)))
+    pipe = build_flux(export_vae(make_decoder(LATENT_SPACES["flux"], condition=False)))
     latents = torch.randn(2, 16, H // 2, W // 2)
     b, c, h, w = latents.shape
     packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
@@ -250,11 +262,11 @@ def test_flux_unpacking_is_the_inverse_of_flux_packing():
 
 
 def test_mismatched_latent_space_is_refused_naming_both():
-    pipe = build_sd(export_vae(make_decoder(4, 0.18215, 0.0, condition=False)))
-    flux_decoder = make_decoder(16, 0.3611, 0.1159, condition=True)
+    pipe = build_sd(export_vae(make_decoder(LATENT_SPACES["sd"], condition=False)))
+    flux_decoder = make_decoder(LATENT_SPACES["flux"], condition=True)
     with pytest.raises(PipelineError, match=r"16 channels, scaling_factor 0.3611.*4 channels, scaling_factor 0.18215"):
         check_decoder_fits(pipe.vae.config, flux_decoder)
-    sdxl_decoder = make_decoder(4, 0.13025, 0.0, condition=True)
+    sdxl_decoder = make_decoder(LATENT_SPACES["sdxl"], condition=True)
     image, mask = inputs()
     with pytest.raises(PipelineError, match="scaling_factor 0.13025.*scaling_factor 0.18215"):
         inpaint(pipe, sdxl_decoder, image, mask, **sd_prompt())
