@@ -365,3 +365,58 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
     model = train_model("sd3")
     model.init_from_ckpt(tmp_path / "pipe")
     assert_loaded(model, vae)
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, monkeypatch):
+    """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
+    encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import main
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            small = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((40, 40), Image.BILINEAR).save(tmp_path / split / f"{i}.png")
+    vae = released_vae("flux")
+    save_file(vae, str(tmp_path / "ae.safetensors"))
+    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
+               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml"}}
+    config = {
+        "model": {"base_learning_rate": 1e-5, "target": "ldm.models.autoencoder.AutoencoderKL",
+                  "params": {"embed_dim": 16, "use_quant_conv": False, "scaling_factor": 0.3611,
+                             "shift_factor": 0.1159, "ckpt_path": str(tmp_path / "ae.safetensors"),
+                             "ddconfig": dict(TINY_DDCONFIG, z_channels=16), "pretrained_lr_factor": 0.1,
+                             "decoder_overrides": {"condition": True, "concat_mask": True, "mask_resize": "area"},
+                             "lossconfig": {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                                            "params": {"disc_start": 2, "perceptual_weight": 0, "kl_weight": 1e-6}}}},
+        "data": {"target": "main.DataModuleFromConfig",
+                 "params": {"batch_size": 2, "num_workers": 0,
+                            "train": {**dataset, "params": {**dataset["params"], "root": str(tmp_path / "train")}},
+                            "validation": {**dataset, "params": {**dataset["params"], "random_crop": False,
+                                                                 "fixed_masks": True,
+                                                                 "root": str(tmp_path / "val")}}}},
+        "lightning": {"callbacks": {"image_logger": {"params": {"disabled": True}}},
+                      "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
+                                  "enable_progress_bar": False}},
+    }
+    OmegaConf.save(OmegaConf.create(config), tmp_path / "flux_tiny.yaml")
+    monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, "2020-01-01T00-00-00")
+    rc = main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(tmp_path / "flux_tiny.yaml"),
+                    "-t", "-n", "flux", "--max_steps", "3"])
+    assert rc == 0
+    (run,) = (tmp_path / "logs").glob("*_flux")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    sd = ckpt["state_dict"]
+    assert sd["decoder.encoder.layers.0.weight"].shape[1] == 4  # masked image + mask
+    assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in sd)
+    # the frozen encoder is the file's; the decoder trained away from it
+    assert all(torch.equal(sd[k], v) for k, v in vae.items() if k.startswith("encoder."))
+    assert not torch.equal(sd["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
