@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-from ldm.project import resolve_config_path
+from ldm.project import DECODER_FILES, check_run_files
 
 # torch and the models are imported after the flags are parsed, so that --help and flag errors come at once
 if TYPE_CHECKING:
@@ -74,39 +74,25 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torc
 
 
 def check_files(opt: argparse.Namespace) -> None:
-    """Every file the run needs exists, checked before anything heavy loads; the project's own config defaults are
-    found from any working folder. A missing one is a ``FileNotFoundError`` naming its flag."""
-    needed = [("--config_d", "config"), ("--ckpt_d", "SD inpainting checkpoint, e.g. sd-v1-5-inpainting.ckpt")]
-    if not opt.vanilla_decoder:
-        needed += [("--config", "config"), ("--ckpt", "the paper's decoder checkpoint (base.ckpt, larger1.5.ckpt, "
-                                                      "larger2.ckpt) or a diffusers AsymmetricAutoencoderKL folder")]
-    for flag, what in needed:
-        key = flag[2:]
-        path = getattr(opt, key)
-        if what == "config":
-            setattr(opt, key, str(resolve_config_path(path, flag)))
-        elif not Path(path).exists():
-            raise FileNotFoundError(f"{flag} {path}: not found; pass {what}")
+    """Every file the run needs exists (checked before anything heavy loads); the project's default configs are
+    found from any working folder."""
+    decoder = not opt.vanilla_decoder
+    check_run_files(opt, ["--config_d"] + ["--config"] * decoder,
+                    {"--ckpt_d": "an SD inpainting checkpoint, e.g. sd-v1-5-inpainting.ckpt",
+                     **({"--ckpt": DECODER_FILES} if decoder else {})})
 
 
 def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
     """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder. The decoder
     loads first: it is the smaller model, and a wrong decoder checkpoint is reported before SD has loaded."""
-    from ldm.checkpoint import CheckpointError, load_model
+    from ldm.checkpoint import CheckpointError
+    from ldm.inference import load_flagged
 
-    def load(config_flag: str, ckpt_flag: str) -> torch.nn.Module:
-        config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
-        print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
-        try:
-            return load_model(config, ckpt, device=device)
-        except CheckpointError as e:
-            raise CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
-
-    decoder = None if opt.vanilla_decoder else load("--config", "--ckpt")
+    decoder = None if opt.vanilla_decoder else load_flagged(opt, "--config", "--ckpt", device)
     if decoder is not None and not decoder.decoder.has_condition:
         logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
                                             "decoder", opt.config)
-    model = load("--config_d", "--ckpt_d")
+    model = load_flagged(opt, "--config_d", "--ckpt_d", device)
     if not hasattr(model, "inpaint_conditioning"):
         raise CheckpointError(f"--config_d {opt.config_d}: builds {type(model).__name__}, not an inpainting model "
                               "(ldm.models.diffusion.ddpm.LatentInpaintDiffusion)")

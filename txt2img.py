@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
-from ldm.project import resolve_config_path
+from ldm.project import DECODER_FILES, check_run_files
 
 # torch and the models are imported after the flags are parsed, so that --help and flag errors come at once
 if TYPE_CHECKING:
@@ -140,19 +140,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def check_files(opt: argparse.Namespace) -> None:
-    """Every file the run needs exists, checked before anything heavy loads; the project's own config defaults are
-    found from any working folder. A missing one is a ``FileNotFoundError`` naming its flag."""
-    needed = [("--config", "config"), ("--ckpt", "an SD v1 text-to-image checkpoint, e.g. v1-5-pruned-emaonly.ckpt")]
-    if not opt.vanilla_decoder:
-        needed += [("--config_c", "config"), ("--ckpt_c", "the paper's decoder checkpoint (base.ckpt, "
-                                                          "larger1.5.ckpt, larger2.ckpt) or a diffusers folder")]
-    for flag, what in needed:
-        key = flag[2:]
-        path = getattr(opt, key)
-        if what == "config":
-            setattr(opt, key, str(resolve_config_path(path, flag)))
-        elif not Path(path).exists():
-            raise FileNotFoundError(f"{flag} {path}: not found; pass {what}")
+    """Every file the run needs exists (checked before anything heavy loads); the project's default configs are
+    found from any working folder."""
+    decoder = not opt.vanilla_decoder
+    check_run_files(opt, ["--config"] + ["--config_c"] * decoder,
+                    {"--ckpt": "an SD v1 text-to-image checkpoint, e.g. v1-5-pruned-emaonly.ckpt",
+                     **({"--ckpt_c": DECODER_FILES} if decoder else {})})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -163,20 +156,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from torchvision.utils import make_grid
     from tqdm import tqdm
 
-    from ldm.checkpoint import CheckpointError, load_model
+    from ldm.checkpoint import CheckpointError
     from ldm.image_io import to_uint8, write_png_numbered
-    from ldm.inference import make_schedule, pick_device, precision_scope, prepare_outdir, seed_everything
+    from ldm.inference import (load_flagged, make_schedule, pick_device, precision_scope, prepare_outdir,
+                               seed_everything)
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.models.diffusion.plms import PLMSSampler
     from ldm.models.diffusion.sampling_common import randn
-
-    def load(config_flag: str, ckpt_flag: str) -> torch.nn.Module:
-        config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
-        print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
-        try:
-            return load_model(config, ckpt, device=device)
-        except CheckpointError as e:
-            raise CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
 
     outdir = Path(opt.outdir)
     sample_dir = outdir / "samples"
@@ -186,8 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_files(opt)
         device = pick_device(opt.device)
         # the decoder first: the smaller model, so that a wrong decoder checkpoint is reported before SD loads
-        decoder = None if opt.vanilla_decoder else load("--config_c", "--ckpt_c")
-        model = load("--config", "--ckpt")
+        decoder = None if opt.vanilla_decoder else load_flagged(opt, "--config_c", "--ckpt_c", device)
+        model = load_flagged(opt, "--config", "--ckpt", device)
         check_text_to_image(opt, model)
         check_geometry(opt, model, decoder)
         sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)

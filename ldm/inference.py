@@ -6,12 +6,14 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Union
 
 import numpy as np
 import torch
 
+from ldm import checkpoint
 from ldm.image_io import InputError
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,17 @@ def refuse_overlap(outdir: PathLike, indir: PathLike, out_flag: str = "--outdir"
         where = "is" if out == src else "lies inside" if src in out.parents else "contains"
         raise InputError(f"{out_flag} {outdir} {where} {in_flag} {indir}: outputs would mix with (or replace) the "
                          f"inputs; choose an output folder outside {indir}")
+
+
+def load_flagged(opt: Any, config_flag: str, ckpt_flag: str, device: torch.device) -> torch.nn.Module:
+    """``ldm.checkpoint.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
+    checkpoint error names both flags."""
+    config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
+    print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
+    try:
+        return checkpoint.load_model(config, ckpt, device=device)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
 
 
 def make_schedule(sampler: Any, steps: int, eta: float, steps_flag: str = "--steps") -> None:

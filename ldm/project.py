@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Mapping, Sequence, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# what --ckpt / --ckpt_c of the scripts take, for "not found" messages
+DECODER_FILES = ("the paper's decoder checkpoint (base.ckpt, larger1.5.ckpt, larger2.ckpt), a .safetensors of it or "
+                 "a diffusers AsymmetricAutoencoderKL folder")
 
 
 def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_config") -> Path:
@@ -22,3 +25,15 @@ def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_con
     if not candidate.is_absolute() and in_repo.exists():
         return in_repo
     raise FileNotFoundError(f"{argument} {path}: not found (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def check_run_files(opt: Any, configs: Sequence[str], files: Mapping[str, str]) -> None:
+    """Before anything heavy loads: each ``--flag`` in ``configs`` is resolved by :func:`resolve_config_path` (and
+    replaced on ``opt``), each one in ``files`` must exist; ``files`` maps the flag to what belongs there, for the
+    ``FileNotFoundError`` that names the flag."""
+    for flag in configs:
+        setattr(opt, flag[2:], str(resolve_config_path(getattr(opt, flag[2:]), flag)))
+    for flag, what in files.items():
+        path = getattr(opt, flag[2:])
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: not found; pass {what}")

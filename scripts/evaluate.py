@@ -51,7 +51,7 @@ from ldm.data.inpainting import find_images  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.image_io import (IMAGE_EXTENSIONS, InputError, find_pairs, quantize, read_image, read_mask,  # noqa: E402
                           read_pair, to_uint8, write_png)
-from ldm.inference import pick_device, precision_scope, seed_everything  # noqa: E402
+from ldm.inference import pick_device, precision_scope, refuse_overlap, seed_everything  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -422,6 +422,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     device = pick_device(opt.device)
     try:
+        # the report's examples.png would become an input of the next run (and with --indir a file without a mask)
+        inputs = [("--images", opt.images)] if opt.mode == "reconstruction" else [("--indir", opt.indir)]
+        for flag, folder in inputs:
+            refuse_overlap(opt.outdir, folder, "--outdir", flag)
         run = run_reconstruction if opt.mode == "reconstruction" else run_results
         samples, results, examples = run(opt, device)
     except (InputError, CheckpointError, OSError, ValueError) as err:  # OSError: unreadable inputs, not a folder

@@ -320,3 +320,13 @@ def test_rerun_never_leaves_a_stale_figure_and_writes_metrics_json_last(tmp_path
     assert not (out / "examples.png").exists()  # the earlier figure is not left next to the new numbers
     assert written == [("metrics.md", False), ("metrics.json", False)]
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
+
+
+def test_report_folder_inside_the_input_folder_is_refused(image_dir, ckpts, capsys):
+    """examples.png in (or under) --images would be scored as an image by the next run (the folder is scanned
+    recursively)."""
+    before = sorted(p.name for p in image_dir.rglob("*"))
+    assert run_rec(image_dir, ckpts, image_dir / "eval") == 2
+    err = capsys.readouterr().err
+    assert "--outdir" in err and "--images" in err
+    assert sorted(p.name for p in image_dir.rglob("*")) == before

@@ -303,14 +303,15 @@ def test_readme_resume_command_trains_and_periodic_checkpoints_are_kept(tmp_path
     """`python main.py --resume logs/<run>` as README writes it: training continues (no -t needed); 5 batches per
     epoch, a periodic checkpoint every 2 steps, the newest 2 kept; a stale temporary file of a killed write goes."""
     common = ["lightning.callbacks.image_logger.params.disabled=true", "model.params.monitor=null",
-              "lightning.periodic_checkpoints.every_n_train_steps=2", "lightning.periodic_checkpoints.keep=2"]
+              "lightning.periodic_checkpoints.every_n_train_steps=2", "lightning.periodic_checkpoints.keep=2",
+              "lightning.wandb=off"]
     assert _run(tmp_path, monkeypatch, "r", "--base", str(config_file), "-t", "-n", "r", "--max_steps", "4",
                 *common) == 0
     (run,) = (tmp_path / "logs").glob("*_r")
     (run / "checkpoints" / ".last.ckpt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
     cfg = next((run / "configs").glob("*-lightning.yaml"))
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(cfg), {"lightning": {"trainer": {"max_steps": 8}}}), cfg)
-    assert main.main(["--resume", str(run), "--wandb", "off"]) == 0
+    assert main.main(["--resume", str(run)]) == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["last.ckpt", "periodic-e000001-s000000006.ckpt", "periodic-e000001-s000000008.ckpt"]

@@ -347,8 +347,11 @@ def test_accumulated_micro_batches_give_the_update_of_one_large_batch(monkeypatc
         trainer.fit(model, DataLoader(_Masked(), batch_size=batch_size))
         assert trainer.global_step == 1 and len(grads[tag]) == 1
         results[tag] = (_snapshot(model.decoder), trainer.lr_scheduler_configs[0].scheduler.last_epoch)
-    for a, b in zip(grads["large"][0], grads["accumulated"][0]):  # float32 sums in another order: relative 1e-4
-        assert (a - b).norm() <= 1e-4 * a.norm()
+    # float32 sums in another order: equal up to 1e-5 of the largest gradient (some, e.g. of a bias that a
+    # GroupNorm cancels, are rounding noise on both sides)
+    large, accumulated = (torch.cat([g.flatten() for g in grads[k][0]]) for k in ("large", "accumulated"))
+    torch.testing.assert_close(accumulated, large, rtol=0, atol=1e-5 * large.abs().max().item())
+    assert (accumulated - large).norm() <= 1e-5 * large.norm()
     assert results["large"][1] == results["accumulated"][1] == 1
 
 
