@@ -82,16 +82,25 @@ def check_files(opt: argparse.Namespace) -> None:
                      **({"--ckpt": DECODER_FILES} if decoder else {})})
 
 
+def load_decoder(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """Our decoder's autoencoder from ``--config`` / ``--ckpt``; a decoder without condition branch is used with a
+    warning (it ignores the image and mask)."""
+    from ldm.inference import load_flagged
+
+    decoder = load_flagged(opt, "--config", "--ckpt", device)
+    if not decoder.decoder.has_condition:
+        logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
+                                            "decoder", opt.config)
+    return decoder
+
+
 def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
     """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder. The decoder
     loads first: it is the smaller model, and a wrong decoder checkpoint is reported before SD has loaded."""
     from ldm.checkpoint import CheckpointError
     from ldm.inference import load_flagged
 
-    decoder = None if opt.vanilla_decoder else load_flagged(opt, "--config", "--ckpt", device)
-    if decoder is not None and not decoder.decoder.has_condition:
-        logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
-                                            "decoder", opt.config)
+    decoder = None if opt.vanilla_decoder else load_decoder(opt, device)
     model = load_flagged(opt, "--config_d", "--ckpt_d", device)
     if not hasattr(model, "inpaint_conditioning"):
         raise CheckpointError(f"--config_d {opt.config_d}: builds {type(model).__name__}, not an inpainting model "

@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from inpaint_st import DEFAULT_PROMPT, add_pair_arguments, check_pair_arguments, run_pairs  # noqa: E402
+from inpaint_st import DEFAULT_PROMPT, add_pair_arguments, check_pair_arguments, load_decoder, run_pairs  # noqa: E402
 from ldm.pipelines import PIPELINES, PipelineError  # noqa: E402
-from ldm.project import resolve_config_path  # noqa: E402
+from ldm.project import DECODER_FILES, check_run_files  # noqa: E402
 
 # torch, diffusers and the models are imported after the flags are parsed, so that --help and flag errors come at once
 if TYPE_CHECKING:
@@ -98,10 +98,7 @@ def check_files(opt: argparse.Namespace) -> None:
     if not vae_config.is_file():
         raise FileNotFoundError(f"--pipeline {opt.pipeline}: {vae_config} is missing")
     if not opt.vanilla_decoder:
-        opt.config = str(resolve_config_path(opt.config, "--config"))
-        if not Path(opt.ckpt).exists():
-            raise FileNotFoundError(f"--ckpt {opt.ckpt}: not found; pass our decoder's weights in the pipeline's "
-                                    "latent space")
+        check_run_files(opt, ["--config"], {"--ckpt": DECODER_FILES})
 
 
 def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
@@ -110,23 +107,19 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
     import torch
     from diffusers import DiffusionPipeline
 
-    from ldm.checkpoint import load_model
     from ldm.pipelines import check_decoder_fits, inpaint, native_size
 
     name = pipeline_class(opt.pipeline)
     decoder = None
     if not opt.vanilla_decoder:
-        decoder = load_model(opt.config, opt.ckpt, device=device)  # float32: exact; the fast path hooks in here
+        decoder = load_decoder(opt, device)  # float32: exact; the fast path hooks in here
         # refused before the (large) pipeline loads
         check_decoder_fits(json.loads((opt.pipeline / "vae" / "config.json").read_text()), decoder,
                            pipe_name=f"--pipeline {opt.pipeline}", decoder_name=f"--config {opt.config}")
-        if not decoder.decoder.has_condition:
-            logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
-                                                "decoder", opt.config)
     precision = opt.precision if opt.precision != "auto" else ("bf16" if device.type == "cuda" else "full")
     try:
-        pipe = DiffusionPipeline.from_pretrained(opt.pipeline, torch_dtype=getattr(torch, DTYPES[precision]), local_files_only=True,
-                                                 **NO_EXTRAS.get(name, {}))
+        pipe = DiffusionPipeline.from_pretrained(opt.pipeline, torch_dtype=getattr(torch, DTYPES[precision]),
+                                                 local_files_only=True, **NO_EXTRAS.get(name, {}))
     except OSError as e:  # a component's files missing or unreadable
         raise FileNotFoundError(f"--pipeline {opt.pipeline}: {e}") from None
     pipe = pipe.to(device)
