@@ -112,7 +112,8 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
     name = pipeline_class(opt.pipeline)
     decoder = None
     if not opt.vanilla_decoder:
-        decoder = load_decoder(opt, device)  # float32: exact; the fast path hooks in here
+        # float32, the exact path; a faster decode of the same decoder plugs in as inpaint(..., decode=...)
+        decoder = load_decoder(opt, device)
         # refused before the (large) pipeline loads
         check_decoder_fits(json.loads((opt.pipeline / "vae" / "config.json").read_text()), decoder,
                            pipe_name=f"--pipeline {opt.pipeline}", decoder_name=f"--config {opt.config}")

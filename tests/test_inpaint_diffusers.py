@@ -55,7 +55,8 @@ def skipped_lines(err: str):
     return sorted(line for line in err.splitlines() if line.startswith("skipped:"))
 
 
-def test_inpaint_diffusers_end_to_end_with_inpaint_sts_pairs_and_messages(files, pipeline_dir, tmp_path, capsys):  # noqa: F811
+def test_inpaint_diffusers_end_to_end_as_inpaint_st(files, pipeline_dir, tmp_path, capsys):  # noqa: F811
+    """Same pairs, same messages for bad ones, same keep / overwrite rules as inpaint_st.py."""
     out = tmp_path / "out"
     assert inpaint_diffusers.main(script_args(files, pipeline_dir, out)) == 1
     ours = capsys.readouterr()
@@ -74,7 +75,8 @@ def test_inpaint_diffusers_end_to_end_with_inpaint_sts_pairs_and_messages(files,
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
     vanilla = tmp_path / "vanilla"
-    assert inpaint_diffusers.main(script_args(files, pipeline_dir, vanilla, "--vanilla_decoder", "--ckpt", "absent")) == 1
+    args = script_args(files, pipeline_dir, vanilla, "--vanilla_decoder", "--ckpt", "absent")
+    assert inpaint_diffusers.main(args) == 1
     assert not np.array_equal(read(vanilla / "a.png"), first)
 
 
@@ -98,6 +100,9 @@ def test_inpaint_diffusers_refuses_what_cannot_work(files, pipeline_dir, tmp_pat
     assert inpaint_diffusers.main(script_args(files, pipeline_dir, tmp_path / "o", "--ckpt", "absent.ckpt")) == 2
     assert "--ckpt absent.ckpt: not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    root, indir, ckpts = files
+    assert inpaint_diffusers.main(script_args(files, pipeline_dir, indir / "results")) == 2  # inputs stay inputs
+    assert "--outdir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         inpaint_diffusers.main(["--pipeline", str(pipeline_dir), "--indir", "x"])  # no decoder, not --vanilla_decoder
     assert "--config and --ckpt" in capsys.readouterr().err

@@ -218,9 +218,8 @@ def test_decoder_gets_the_pipelines_image_and_mask_at_the_output_size(setup, mon
             return made[_key][-1]
         monkeypatch.setattr(processor, "preprocess", record)
     received = []
-    decode = asymmetric.decode
-    monkeypatch.setattr(asymmetric, "decode", lambda z, im, m: received.append((z, im, m)) or decode(z, im, m))
-    out = run(case, pipe, asymmetric, image, mask)
+    out = run(case, pipe, asymmetric, image, mask,
+              decode=lambda z, im, m: received.append((z, im, m)) or asymmetric.decode(z, im, m))
     (z, got_image, got_mask), = received
     assert out.shape == (1, H, W, 3)
     assert z.shape == (1, case.channels, H // 2, W // 2)
