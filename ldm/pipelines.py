@@ -34,7 +34,6 @@ PIPELINES: Dict[str, str] = {
 _REFUSED_ARGUMENTS = {
     "padding_mask_crop": "the pipeline would inpaint a crop and paste it back with its own VAE's decode",
     "return_dict": "inpaint() returns the images",
-    "latents": "these would be the starting noise, not the latents to decode",
 }
 
 

@@ -271,3 +271,27 @@ def test_mismatched_latent_space_is_refused_naming_both():
         inpaint(pipe, sdxl_decoder, image, mask, **sd_prompt())
     with pytest.raises(PipelineError, match="padding_mask_crop"):
         inpaint(pipe, sdxl_decoder, image, mask, padding_mask_crop=8, **sd_prompt())
+
+
+def test_several_images_and_samples_pair_as_in_the_pipeline():
+    """2 images x 2 samples each: the pipeline conditions latent k on image k mod 2 (it repeats its mask and masked
+    image batch); the decoder gets the same pairing."""
+    case = CASES[0]
+    pipe = case.build(export_vae(make_decoder(case.space, condition=False)))
+    pipe.set_progress_bar_config(disable=True)
+    asymmetric = make_decoder(case.space, condition=True, seed=1)
+    (a, mask), (b, _) = inputs(0), inputs(1)
+    prompt = {k: v.repeat(2, 1, 1) for k, v in case.prompt().items()}
+    received, denoiser_input = [], []
+    prepare = pipe.prepare_mask_latents
+    pipe.prepare_mask_latents = lambda *args, **kw: denoiser_input.append(prepare(*args, **kw)) or denoiser_input[-1]
+    out = inpaint(pipe, asymmetric, torch.cat([a, b]), torch.cat([mask, mask]), num_inference_steps=2,
+                  output_type="np", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+                  decode=lambda z, im, m: received.append(im) or asymmetric.decode(z, im, m), **prompt)
+    assert out.shape == (4, H, W, 3)
+    masked_latents = denoiser_input[0][1]
+    torch.testing.assert_close(masked_latents[2], masked_latents[0])  # the pipeline's pairing: image k mod 2
+    assert not torch.equal(masked_latents[1], masked_latents[0])
+    (got,) = received
+    for k, expected in enumerate([a, b, a, b]):
+        torch.testing.assert_close(got[k:k + 1], expected * 2 - 1, rtol=0, atol=1e-6)
