@@ -12,8 +12,8 @@ longest side capped at 640, sides floored to multiples of 64, mask binarised at 
 
 Both models load once, after every flag and file has been checked. A pair that cannot be used (unreadable, above
 ``--max_pixels``) is reported and skipped; the others still run. Existing outputs are kept unless ``--overwrite``;
-outputs are written atomically; ``--outdir`` may not be, contain or lie inside ``--indir``. ``--vanilla_decoder`` decodes with the SD
-checkpoint's own VAE instead, for comparison (then ``--config``/``--ckpt`` are not read).
+outputs are written atomically; ``--outdir`` may not be, contain or lie inside ``--indir``. ``--vanilla_decoder``
+decodes with the SD checkpoint's own VAE instead, for comparison (then ``--config``/``--ckpt`` are not read).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def check_files(opt: argparse.Namespace) -> None:
     """Every file the run needs exists (checked before anything heavy loads); the project's default configs are
     found from any working folder."""
     decoder = not opt.vanilla_decoder
-    check_run_files(opt, ["--config_d"] + ["--config"] * decoder,
+    check_run_files(opt, ["--config_d", "--config"] if decoder else ["--config_d"],
                     {"--ckpt_d": "an SD inpainting checkpoint, e.g. sd-v1-5-inpainting.ckpt",
                      **({"--ckpt": DECODER_FILES} if decoder else {})})
 

@@ -39,6 +39,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from ldm.callbacks import (AtomicCheckpointIO, EpochLastCheckpoint, ImageLogger, SetupCallback,  # noqa: F401
                            StopOnSignal, TrainingStopped)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
+from ldm.project import resolve_config_path
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("main")
@@ -227,10 +228,9 @@ def periodic_checkpoints(ckptdir: Path, config: DictConfig) -> List[ModelCheckpo
 
 
 def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
-    """Merge YAML files left to right, then dot-list overrides (``key.sub=value``)."""
-    for f in files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"--base {f}: no such config file")
+    """Merge YAML files left to right (a relative path not found in the working folder is looked up in the
+    project), then dot-list overrides (``key.sub=value``)."""
+    files = [resolve_config_path(f, "--base") for f in files]  # the project's configs work from any folder
     bad = [o for o in overrides if o.startswith("-") or "=" not in o]
     if bad:
         raise ValueError(f"unrecognised arguments {bad}: use the flags of `python main.py --help` or "

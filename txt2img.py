@@ -143,7 +143,7 @@ def check_files(opt: argparse.Namespace) -> None:
     """Every file the run needs exists (checked before anything heavy loads); the project's default configs are
     found from any working folder."""
     decoder = not opt.vanilla_decoder
-    check_run_files(opt, ["--config"] + ["--config_c"] * decoder,
+    check_run_files(opt, ["--config", "--config_c"] if decoder else ["--config"],
                     {"--ckpt": "an SD v1 text-to-image checkpoint, e.g. v1-5-pruned-emaonly.ckpt",
                      **({"--ckpt_c": DECODER_FILES} if decoder else {})})
 

@@ -19,10 +19,10 @@ def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_con
     name repository-relative files, which must work from any folder). Missing: ``FileNotFoundError`` naming
     ``argument``."""
     candidate = Path(path).expanduser()
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
     in_repo = REPO_ROOT / candidate
-    if not candidate.is_absolute() and in_repo.exists():
+    if not candidate.is_absolute() and in_repo.is_file():
         return in_repo
     raise FileNotFoundError(f"{argument} {path}: not found (looked in {Path.cwd()} and {REPO_ROOT})")
 
@@ -30,10 +30,10 @@ def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_con
 def check_run_files(opt: Any, configs: Sequence[str], files: Mapping[str, str]) -> None:
     """Before anything heavy loads: each ``--flag`` in ``configs`` is resolved by :func:`resolve_config_path` (and
     replaced on ``opt``), each one in ``files`` must exist; ``files`` maps the flag to what belongs there, for the
-    ``FileNotFoundError`` that names the flag."""
+    ``FileNotFoundError`` that names every missing one with its flag."""
     for flag in configs:
         setattr(opt, flag[2:], str(resolve_config_path(getattr(opt, flag[2:]), flag)))
-    for flag, what in files.items():
-        path = getattr(opt, flag[2:])
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{flag} {path}: not found; pass {what}")
+    missing = [f"{flag} {getattr(opt, flag[2:])}: not found; pass {what}" for flag, what in files.items()
+               if not Path(getattr(opt, flag[2:])).exists()]
+    if missing:
+        raise FileNotFoundError("\n".join(missing))

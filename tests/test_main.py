@@ -200,7 +200,8 @@ def _kill_and_resume(tmp_path, config_file, monkeypatch, name, kill_at, steps, *
 def test_resume_without_monitor_keeps_writing_last_ckpt(tmp_path, config_file, monkeypatch):
     """Killed in epoch 0 before any checkpoint, resumed: the newest state goes to last.ckpt, not last-v1.ckpt."""
     run = _kill_and_resume(tmp_path, config_file, monkeypatch, "nomon", 2, 4, "model.params.monitor=null")
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert [n for n in names if not n.startswith("periodic-")] == ["last.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
@@ -330,3 +331,11 @@ def test_accumulate_grad_batches_in_the_config_trains(tmp_path, config_file, mon
                 "lightning.callbacks.image_logger.params.disabled=true") == 0
     (run,) = (tmp_path / "logs").glob("*_acc")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_project_configs_are_found_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = main.load_config(["configs/tiny/autoencoder_kl_tiny.yaml"], ["model.params.embed_dim=4"])
+    assert config.model.params.embed_dim == 4
+    with pytest.raises(FileNotFoundError, match="--base configs/nope.yaml"):
+        main.load_config(["configs/nope.yaml"], [])

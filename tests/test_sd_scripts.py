@@ -565,3 +565,26 @@ def test_txt2img_flags_that_would_do_nothing_or_crash(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         txt2img.parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def readme_command(script: str) -> list:
+    """The README's command line for ``script`` (continuation lines joined), as argv after the script name."""
+    import shlex
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"python {script} "))
+    return shlex.split(line)[2:]
+
+
+@pytest.mark.parametrize("script, module, flag", [("inpaint_st.py", inpaint_st, "--ckpt"),
+                                                  ("txt2img.py", txt2img, "--ckpt_c")])
+def test_readme_commands_run_as_written_and_name_the_missing_weights(script, module, flag, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Without the weights (none exist here) the README's command, run from another folder, finds the project's
+    configs and stops before loading anything, naming the flag and the file to bring."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DIR").mkdir()
+    write_png(tmp_path / "DIR" / "a.png", (64, 64))
+    write_png(tmp_path / "DIR" / "a_mask.png", (64, 64), "L")
+    err = refused(module, readme_command(script), capsys)
+    assert f"{flag} base.ckpt: not found" in err and "configs/" not in err
