@@ -15,7 +15,8 @@ r"""Convert autoencoder checkpoints between the original release, our files and 
 
 The architecture (widths, blocks per level, condition branch, latent channels, quant convs) is read from the
 tensors and printed; ``--config`` checks it against one of our autoencoder configs. A VAE without quant convs
-(SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none). Existing outputs are kept unless ``--overwrite``.
+(SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none).
+Existing outputs are kept unless ``--overwrite``.
 Exit status: 0 done, 2 bad input (message on stderr).
 """
 from __future__ import annotations

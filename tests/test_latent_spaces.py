@@ -2,10 +2,14 @@
 SD 3.x, FLUX.1), and the one place that converts VAE latents to diffusion latents."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.conftest import TINY_DDCONFIG
+from tests.test_interop import randomize_
+from tests.test_main import image_folder  # noqa: F401 - fixture
 
 TINY16 = dict(TINY_DDCONFIG, z_channels=16)
 
@@ -190,16 +194,6 @@ def test_asuka_decoder_parameter_count():
 
 
 # ------------------------------------------------------------------------------------ diffusers parity
-def randomize_(model, seed: int = 0):
-    """Random norms and biases too, so that a mapping that swaps two of them changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def image_and_mask(size: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     image = torch.rand(2, 3, size, size, generator=g) * 2 - 1
@@ -214,7 +208,7 @@ def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
 
     from ldm.diffusers_interop import ldm_to_diffusers
 
-    ours = randomize_(make_16ch(condition=False))
+    ours = randomize_(make_16ch(condition=False), 0)
     sd, config = ldm_to_diffusers(ours.state_dict(), scaling_factor=ours.scaling_factor,
                                   shift_factor=ours.shift_factor)
     assert config["_class_name"] == "AutoencoderKL"
@@ -242,7 +236,7 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
     from ldm.checkpoint import read_state_dict
     from ldm.diffusers_interop import write_diffusers_folder
 
-    ours = randomize_(make_16ch(condition=True))
+    ours = randomize_(make_16ch(condition=True), 0)
     folder = write_diffusers_folder(ours.state_dict(), TINY16, {"condition": True}, tmp_path / "asym",
                                     scaling_factor=ours.scaling_factor, shift_factor=ours.shift_factor,
                                     use_quant_conv=False)
@@ -368,22 +362,15 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, monkeypatch):
+def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, image_folder,
+                                                                                 monkeypatch):
     """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
     encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
-    import numpy as np
     from omegaconf import OmegaConf
-    from PIL import Image
     from safetensors.torch import save_file
 
     import main
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("val", 2)):
-        (tmp_path / split).mkdir()
-        for i in range(n):
-            small = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((40, 40), Image.BILINEAR).save(tmp_path / split / f"{i}.png")
     vae = released_vae("flux")
     save_file(vae, str(tmp_path / "ae.safetensors"))
     dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
@@ -398,10 +385,10 @@ def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors
                                             "params": {"disc_start": 2, "perceptual_weight": 0, "kl_weight": 1e-6}}}},
         "data": {"target": "main.DataModuleFromConfig",
                  "params": {"batch_size": 2, "num_workers": 0,
-                            "train": {**dataset, "params": {**dataset["params"], "root": str(tmp_path / "train")}},
+                            "train": {**dataset, "params": {**dataset["params"], "root": str(image_folder / "train")}},
                             "validation": {**dataset, "params": {**dataset["params"], "random_crop": False,
                                                                  "fixed_masks": True,
-                                                                 "root": str(tmp_path / "val")}}}},
+                                                                 "root": str(image_folder / "val")}}}},
         "lightning": {"callbacks": {"image_logger": {"params": {"disabled": True}}},
                       "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
                                   "enable_progress_bar": False}},
@@ -420,3 +407,106 @@ def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors
     # the frozen encoder is the file's; the decoder trained away from it
     assert all(torch.equal(sd[k], v) for k, v in vae.items() if k.startswith("encoder."))
     assert not torch.equal(sd["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
+
+
+# --------------------------------------------------------------------- evaluation, tiling, benchmark
+TINY_FLUX = "configs/tiny/autoencoder_kl_flux_tiny.yaml"
+
+
+def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.checkpoint import load_model, save_state_dict
+    from scripts import evaluate
+
+    torch.manual_seed(3)
+    model = load_model(TINY_FLUX)
+    ckpt = save_state_dict(randomize_(model, 0).state_dict(), tmp_path / "flux_tiny.ckpt")
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    for extra in ([], ["--tile", "16", "--tile_overlap", "4"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert evaluate.main(["reconstruction", "--images", str(tmp_path / "images"), "--size", "32", "--outdir",
+                              str(out), "--decoder", f"flux={TINY_FLUX}:{ckpt}", "--quiet", "--no_lpips", "--no_fid",
+                              "--n_examples", "0", *extra]) == 0
+        report = json.loads((out / "metrics.json").read_text())["decoders"]["flux"]
+        assert report["n_images"] == 2 and math_finite(report["psnr_kept"]) and math_finite(report["pre_error"])
+
+
+def math_finite(x) -> bool:
+    import math
+
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
+    """One tile covering everything = the untiled decode, exactly; several tiles keep the image size."""
+    from ldm.checkpoint import load_model
+
+    torch.manual_seed(4)
+    model = randomize_(load_model(TINY_FLUX), 0)
+    image, mask = image_and_mask(32)
+    z = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        full = model.decode(z, image, mask)
+        model.enable_tiling(32, 8)
+        assert torch.equal(model.decode(z, image, mask), full)
+        model.enable_tiling(16, 4)
+        tiled = model.decode(z, image, mask)
+    assert tiled.shape == full.shape and torch.isfinite(tiled).all()
+
+
+def test_benchmark_builds_16_channel_inputs_for_other_latent_spaces():
+    from scripts import benchmark
+
+    for variant in ("flux_base", "sd3_large", "asuka"):
+        model = benchmark.build_model(variant, device="meta")
+        assert model.embed_dim == 16
+        assert benchmark.count_flops(variant, 64, 1, True, None, 0) > 0
+
+
+def test_latent_space_of_a_model_and_the_sdxl_float16_warning():
+    from ldm.latent_spaces import LATENT_SPACES, latent_space_of
+
+    assert latent_space_of(build_meta("configs/autoencoder/sdxl/vanilla.yaml")) is LATENT_SPACES["sdxl"]
+    assert latent_space_of(build_meta("configs/autoencoder/flux/asuka.yaml")) is LATENT_SPACES["flux"]
+    assert latent_space_of(build_meta("configs/autoencoder/autoencoder_kl_32x32x4.yaml")) is LATENT_SPACES["sd"]
+    assert [s.name for s in LATENT_SPACES.values() if not s.fp16_safe] == ["sdxl"]
+
+
+# ---------------------------------------------------------------------------------------- converter CLI
+def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
+    """to-diffusers needs to know SD 3.x from FLUX.1 (same tensors): --config or --latent_space; the scale and
+    shift land in config.json; from-diffusers gives back the same tensors; a mismatching space is refused."""
+    import json
+
+    from ldm.checkpoint import read_state_dict, save_state_dict
+    from scripts import convert_checkpoint as cli
+
+    model = randomize_(make_16ch(), 0)
+    src = save_state_dict(model.state_dict(), tmp_path / "flux_base.ckpt")
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "a")]) == 2
+    assert "pass --config or --latent_space" in capsys.readouterr().err
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "a"), "--latent_space", "sdxl"]) == 2
+    assert "16 latent channels without quant convs" in capsys.readouterr().err
+
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "flux"), "--latent_space", "flux"]) == 0
+    config = json.loads((tmp_path / "flux" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"], config["latent_channels"]) == (0.3611, 0.1159, 16)
+    assert "identity" in capsys.readouterr().out
+    assert cli.main(["from-diffusers", str(tmp_path / "flux"), str(tmp_path / "back.safetensors")]) == 0
+    back, original = read_state_dict(tmp_path / "back.safetensors"), model.state_dict()
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+    params = tmp_path / "sd3.yaml"
+    params.write_text(Path("configs/autoencoder/sd3/asymmetric_base.yaml").read_text()
+                      .replace("ch: 128", "ch: 32").replace("ch_mult: [1, 2, 4, 4]", "ch_mult: [1, 2]")
+                      .replace("num_res_blocks: 2", "num_res_blocks: 1").replace("resolution: 256", "resolution: 32"))
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "sd3"), "--config", str(params)]) == 0
+    config = json.loads((tmp_path / "sd3" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"]) == (1.5305, 0.0609)

@@ -148,7 +148,8 @@ class AutoencoderKL(pl.LightningModule):
 
     # ------------------------------------------------------------------ latent space
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latents (B, embed_dim, h, w) -> the diffusion model's latents: ``(z - shift_factor) * scaling_factor``."""
+        """VAE latents (B, embed_dim, h, w) -> the diffusion model's latents:
+        ``(z - shift_factor) * scaling_factor``."""
         return (z - self.shift_factor) * self.scaling_factor
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:

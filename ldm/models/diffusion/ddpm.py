@@ -82,7 +82,8 @@ class LatentDiffusion(nn.Module):
     ``conditioning_key``; ``timesteps``, ``beta_schedule``, ``linear_start``, ``linear_end``, ``cosine_s``,
     ``given_betas``, ``v_posterior`` (the diffusion schedule); ``scale_factor`` (latent scaling, 0.18215 for SD;
     ``scale_by_std`` stores it as a buffer as the original does; it becomes the first stage's ``scaling_factor``,
-    whose ``scale_latents`` / ``unscale_latents`` convert between VAE and diffusion latents); ``use_ema``; ``parameterization`` ("eps");
+    whose ``scale_latents`` / ``unscale_latents`` convert between VAE and diffusion latents); ``use_ema``;
+    ``parameterization`` ("eps");
     ``first_stage_key``, ``cond_stage_key``, ``image_size``, ``channels``, ``log_every_t``, ``num_timesteps_cond``,
     ``cond_stage_trainable``, ``concat_mode``, ``cond_stage_forward``; ``ckpt_path``/``ignore_keys`` (weights to
     load after building). Training-only arguments (``monitor``, ``scheduler_config``, ``loss_type`` ...) are
