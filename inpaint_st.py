@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 from ldm.project import DECODER_FILES, check_run_files
 
@@ -82,16 +82,25 @@ def check_files(opt: argparse.Namespace) -> None:
                      **({"--ckpt": DECODER_FILES} if decoder else {})})
 
 
+def load_decoder(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """Our decoder's autoencoder from ``--config`` / ``--ckpt``; a decoder without condition branch is used with a
+    warning (it ignores the image and mask)."""
+    from ldm.inference import load_flagged
+
+    decoder = load_flagged(opt, "--config", "--ckpt", device)
+    if not decoder.decoder.has_condition:
+        logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
+                                            "decoder", opt.config)
+    return decoder
+
+
 def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
     """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder. The decoder
     loads first: it is the smaller model, and a wrong decoder checkpoint is reported before SD has loaded."""
     from ldm.checkpoint_io import CheckpointError
     from ldm.inference import load_flagged
 
-    decoder = None if opt.vanilla_decoder else load_flagged(opt, "--config", "--ckpt", device)
-    if decoder is not None and not decoder.decoder.has_condition:
-        logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
-                                            "decoder", opt.config)
+    decoder = None if opt.vanilla_decoder else load_decoder(opt, device)
     model = load_flagged(opt, "--config_d", "--ckpt_d", device)
     if not hasattr(model, "inpaint_conditioning"):
         raise CheckpointError(f"--config_d {opt.config_d}: builds {type(model).__name__}, not an inpainting model "
@@ -102,12 +111,33 @@ def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn
     return model, decoder
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_pair_arguments(p: argparse.ArgumentParser, outdir: str, max_size: Optional[int] = 640,
+                       max_size_help: str = "longest side is scaled down to this") -> None:
+    """The flags of every script that inpaints a folder of pairs (this one, ``scripts/inpaint_diffusers.py``)."""
     p.add_argument("--indir", type=Path, required=True,
                    help="folder of NAME.<ext> + NAME_mask.<ext> pairs (mask: white = generate; ext: jpg, jpeg, "
                         "png, bmp, webp, tif, tiff)")
-    p.add_argument("--outdir", type=Path, default=Path("outputs/inpainting_results"), help="where to write NAME.png")
+    p.add_argument("--outdir", type=Path, default=Path(outdir), help="where to write NAME.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start code and the sampling noise")
+    p.add_argument("--n_samples", type=int, default=1, help="samples per image (NAME_0.png, NAME_1.png, ... if > 1)")
+    p.add_argument("--max_size", type=int, default=max_size, help=max_size_help)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help="larger input files are skipped with a message (default: 100 megapixels; 0 = no limit)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+
+
+def check_pair_arguments(p: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
+    """Refuse (exit 2 with a message) values of :func:`add_pair_arguments`' flags that cannot work."""
+    if opt.n_samples < 1:
+        p.error("--n_samples must be >= 1")
+    if opt.max_size is not None and opt.max_size < 64:
+        p.error("--max_size must be >= 64 (sides are floored to multiples of 64)")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pair_arguments(p, outdir="outputs/inpainting_results")
     p.add_argument("--config", default="configs/autoencoder/autoencoder_kl_32x32x4.yaml",
                    help="config of the asymmetric decoder")
     p.add_argument("--ckpt", default="base.ckpt",
@@ -120,33 +150,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0 = deterministic DDIM)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="seed of the start code and the sampling noise")
-    p.add_argument("--n_samples", type=int, default=1, help="samples per image (NAME_0.png, NAME_1.png, ... if > 1)")
-    p.add_argument("--max_size", type=int, default=640, help="longest side is scaled down to this")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast",
                    help="autocast = float16 autocast on CUDA (float32 on CPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--vanilla_decoder", action="store_true",
                    help="decode with the SD checkpoint's own VAE instead of the asymmetric decoder")
-    p.add_argument("--max_pixels", type=int, default=None,
-                   help="larger input files are skipped with a message (default: 100 megapixels; 0 = no limit)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
     opt = p.parse_args(argv)
-    for flag in ("steps", "n_samples", "max_size"):
-        if getattr(opt, flag) < 1:
-            p.error(f"--{flag} must be >= 1")
-    if opt.max_size < 64:
-        p.error("--max_size must be >= 64 (sides are floored to multiples of 64)")
+    check_pair_arguments(p, opt)
+    if opt.steps < 1:
+        p.error("--steps must be >= 1")
     if not opt.eta >= 0:  # also refuses nan
         p.error(f"--eta must be >= 0, got {opt.eta}")
     return opt
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Returns the exit status: 0 when every pair was written or already existed, 1 when some were skipped or failed
+# Checks every file a run needs (``FileNotFoundError`` / ``ValueError`` naming its flag), before anything heavy.
+Check = Callable[[argparse.Namespace], None]
+# Loads the models on a device and returns the function that inpaints one pair: image (1,3,H,W) in [-1,1] and
+# mask (1,1,H,W) in {0,1} -> (n_samples, H, W, 3) uint8.
+Setup = Callable[["torch.device"], Callable[["torch.Tensor", "torch.Tensor"], "np.ndarray"]]
+
+
+def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
+    """Inpaint every pair of ``opt.indir`` into ``opt.outdir`` (the flags of :func:`add_pair_arguments`): inputs
+    are never overwritten, unusable pairs are reported by name and skipped, existing outputs kept unless
+    ``--overwrite``, outputs written atomically. ``check`` runs before the pairs are read; ``setup`` only when there
+    is work, and its ``FileNotFoundError`` / ``CheckpointError`` / ``ValueError`` stop the run with its message.
+
+    Returns the exit status: 0 when every pair was written or already existed, 1 when some were skipped or failed
     (each reported with its file name), 2 when nothing could start (bad flags, models, folders)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    opt = parse_args(argv)
     if not opt.indir.is_dir():
         print(f"error: --indir {opt.indir} is not a folder", file=sys.stderr)
         return 2
@@ -156,14 +187,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from ldm.checkpoint_io import CheckpointError
     from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, find_pairs, read_pair, write_png
-    from ldm.inference import make_schedule, pick_device, prepare_outdir, refuse_overlap
-    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.inference import pick_device, prepare_outdir, refuse_overlap
 
     max_pixels = DEFAULT_MAX_PIXELS if opt.max_pixels is None else opt.max_pixels
     try:
         refuse_overlap(opt.outdir, opt.indir)
         prepare_outdir(opt.outdir, create=False)
-        check_files(opt)
+        check(opt)
         device = pick_device(opt.device)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -193,9 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = 0
     if todo:
         try:
-            model, decoder = load_models(opt, device)
-            sampler = DDIMSampler(model)
-            make_schedule(sampler, opt.steps, opt.eta, steps_flag="--steps")
+            inpaint_one = setup(device)
             prepare_outdir(opt.outdir)
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -209,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             try:
                 # all n_samples are drawn even when some are kept: sample k depends on the whole batch and the seed
-                for array, path in zip(inpaint(model, sampler, decoder, image, mask, opt, device), paths):
+                for array, path in zip(inpaint_one(image, mask), paths):
                     if path in keep:
                         continue
                     try:
@@ -227,6 +255,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{written} written, {len(pairs) - len(todo)} already there, {failed} skipped for bad input, {errors} "
           f"failed; outputs in {opt.outdir}")
     return 1 if failed or errors else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Returns the exit status (see :func:`run_pairs`)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opt = parse_args(argv)
+
+    def setup(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+        from ldm.inference import make_schedule
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        model, decoder = load_models(opt, device)
+        sampler = DDIMSampler(model)
+        make_schedule(sampler, opt.steps, opt.eta, steps_flag="--steps")
+        return lambda image, mask: inpaint(model, sampler, decoder, image, mask, opt, device)
+
+    return run_pairs(opt, check_files, setup)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""Text-guided inpainting with a diffusers pipeline (SD 1.5 / SD 2, SDXL, SD 3.x, FLUX.1 Fill) and our decoder.
+
+For every ``NAME.png`` + ``NAME_mask.png`` pair in ``--indir`` (mask: white = generate), the pipeline in ``--pipeline``
+(a local folder as ``save_pretrained`` writes it) samples latents, its own VAE encoding the image; our decoder
+decodes them with the image and mask (``ldm/pipelines.py``); the result goes to ``--outdir/NAME.png``::
+
+    python scripts/inpaint_diffusers.py --pipeline models/sdxl-inpainting --indir DIR --outdir OUT \\
+        --config configs/autoencoder/sdxl/asymmetric_base.yaml --ckpt sdxl-asymmetric-base.ckpt
+
+Defaults are the pipeline's own (steps, guidance, strength; see ``--help``) and the longest side is capped at the
+pipeline's native size (512 for SD 1.5, 1024 for SDXL / SD 3 / FLUX.1 Fill), sides floored to multiples of 64.
+Pairs, reading, refusal and writing are ``inpaint_st.py``'s: bad pairs are reported and skipped, existing outputs
+kept unless ``--overwrite``, outputs written atomically. ``--vanilla_decoder`` lets the pipeline decode with its own
+VAE. Nothing is fetched from a hub; no safety checker or watermark runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
+
+from inpaint_st import DEFAULT_PROMPT, add_pair_arguments, check_pair_arguments, load_decoder, run_pairs
+from ldm.pipelines import PIPELINES, PipelineError
+from ldm.project import DECODER_FILES, check_run_files
+
+# torch, diffusers and the models are imported after the flags are parsed, so that --help and flag errors come at once
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# what from_pretrained leaves out: inpaint_st.py runs no safety checker or watermark either, and with our decoder
+# the pipelines skip them anyway (they run on their own decode only)
+NO_EXTRAS: Dict[str, Dict[str, Any]] = {
+    "StableDiffusionInpaintPipeline": {"safety_checker": None, "requires_safety_checker": False},
+    "StableDiffusionXLInpaintPipeline": {"add_watermarker": False},
+}
+DTYPES = {"full": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pair_arguments(p, outdir="outputs/inpainting_diffusers", max_size=None,
+                       max_size_help="longest side is scaled down to this (default: the pipeline's native size, "
+                                     "512 for SD 1.5, 1024 for SDXL, SD 3 and FLUX.1 Fill)")
+    p.add_argument("--pipeline", type=Path, required=True,
+                   help="local diffusers pipeline folder (model_index.json + components): "
+                        + ", ".join(PIPELINES))
+    p.add_argument("--config", help="config of our decoder, in the pipeline's latent space")
+    p.add_argument("--ckpt", help="decoder weights: .ckpt, .safetensors or a diffusers AsymmetricAutoencoderKL folder")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's, 50 for all four)")
+    p.add_argument("--guidance", type=float,
+                   help="guidance scale (default: the pipeline's: 7.5 SD 1.5/2 and SDXL, 7.0 SD 3, 30 FLUX.1 Fill)")
+    p.add_argument("--strength", type=float,
+                   help="how far the masked region is noised (default: the pipeline's: 1.0 SD 1.5/2 and FLUX.1 Fill, "
+                        "0.9999 SDXL, 0.6 SD 3)")
+    p.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
+                   help="the pipeline's dtype; auto = bf16 on CUDA (fp16 overflows in SDXL's VAE), full (float32) "
+                        "elsewhere. Our decoder runs in float32")
+    p.add_argument("--vanilla_decoder", action="store_true",
+                   help="let the pipeline decode with its own VAE (then --config/--ckpt are not read)")
+    opt = p.parse_args(argv)
+    check_pair_arguments(p, opt)
+    if opt.steps is not None and opt.steps < 1:
+        p.error("--steps must be >= 1")
+    if not opt.vanilla_decoder and (opt.config is None or opt.ckpt is None):
+        p.error("--config and --ckpt (our decoder) are required unless --vanilla_decoder")
+    return opt
+
+
+def pipeline_class(folder: Path) -> str:
+    """The pipeline class named by ``folder/model_index.json``; a folder that is not a supported pipeline is a
+    ``FileNotFoundError`` / ``PipelineError`` naming ``--pipeline``."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"--pipeline {folder}: not a diffusers pipeline folder (model_index.json is missing; "
+                                "write one with pipe.save_pretrained(folder))")
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"--pipeline {folder}: {index.name} names no pipeline class ({e})") from None
+    if name not in PIPELINES:
+        raise PipelineError(f"--pipeline {folder}: {name} is not supported; supported: {', '.join(PIPELINES)}")
+    return name
+
+
+def check_files(opt: argparse.Namespace) -> None:
+    """Everything a run needs exists, checked before anything loads (see ``inpaint_st.run_pairs``)."""
+    pipeline_class(opt.pipeline)
+    vae_config = opt.pipeline / "vae" / "config.json"
+    if not vae_config.is_file():
+        raise FileNotFoundError(f"--pipeline {opt.pipeline}: {vae_config} is missing")
+    if not opt.vanilla_decoder:
+        check_run_files(opt, ["--config"], {"--ckpt": DECODER_FILES})
+
+
+def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
+    """Load the pipeline and the decoder; returns the function that inpaints one pair (see ``inpaint_st.Setup``)."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from ldm.pipelines import check_decoder_fits, inpaint, native_size
+
+    name = pipeline_class(opt.pipeline)
+    decoder = None
+    if not opt.vanilla_decoder:
+        # float32, the exact path; a faster decode of the same decoder plugs in as inpaint(..., decode=...)
+        decoder = load_decoder(opt, device)
+        # refused before the (large) pipeline loads
+        check_decoder_fits(json.loads((opt.pipeline / "vae" / "config.json").read_text()), decoder,
+                           pipe_name=f"--pipeline {opt.pipeline}", decoder_name=f"--config {opt.config}")
+    precision = opt.precision if opt.precision != "auto" else ("bf16" if device.type == "cuda" else "full")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(opt.pipeline, torch_dtype=getattr(torch, DTYPES[precision]),
+                                                 local_files_only=True, **NO_EXTRAS.get(name, {}))
+    except OSError as e:  # a component's files missing or unreadable
+        raise FileNotFoundError(f"--pipeline {opt.pipeline}: {e}") from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # one bar: the pairs
+    if opt.max_size is None:
+        opt.max_size = native_size(pipe)
+    settings = {key: value for key, value in (("num_inference_steps", opt.steps), ("guidance_scale", opt.guidance),
+                                              ("strength", opt.strength)) if value is not None}
+
+    def inpaint_one(image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        # a CPU generator: the same seed gives the same noise on every device
+        images = inpaint(pipe, decoder, (image + 1) / 2, mask, prompt=opt.prompt, num_images_per_prompt=opt.n_samples,
+                         generator=torch.Generator().manual_seed(opt.seed), **settings)
+        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+    return inpaint_one
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Returns the exit status of ``inpaint_st.run_pairs``: 0 all written, 1 some pairs skipped or failed, 2 nothing
+    could start."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opt = parse_args(argv)
+    return run_pairs(opt, check_files, lambda device: load(opt, device))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
