@@ -159,7 +159,7 @@ class AutoencoderKL(pl.LightningModule):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
         _check_float("x", x)
-        self._check_dtype("x", x)
+        self._check_dtype("x", x, self.quant_conv.weight)
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
@@ -193,10 +193,11 @@ class AutoencoderKL(pl.LightningModule):
         """Decode in one piece again (the default)."""
         self._tiling = None
 
-    def _check_dtype(self, name: str, t: torch.Tensor) -> None:
-        """Outside autocast, inputs must have the weights' dtype (else the first conv fails with a message that
-        names no argument)."""
-        weight = self.post_quant_conv.weight
+    def _check_dtype(self, name: str, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        """Outside autocast, inputs must have the dtype of the weights that read them (default: the decoder side's,
+        which ``ldm.fast`` may convert apart from the encoder), else the first conv fails with a message that names
+        no argument."""
+        weight = self.post_quant_conv.weight if weight is None else weight
         if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} is {t.dtype} but the model's weights are {weight.dtype}: convert one to the "
                             "other (or run under torch.autocast)")

@@ -56,12 +56,12 @@ class ConditionEncoder(nn.Module):
 
 
 def keep_known(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mask-guided blend ``h * m + feat * (1 - m)``, with the mask brought to ``h``'s size by legacy 'nearest'
+    """Mask-guided blend ``h * m + feat * (1 - m)`` (computed as ``lerp(feat, h, m)``), with the mask brought to ``h``'s size by legacy 'nearest'
     (the original's choice; 'nearest-exact' would pick other pixels)."""
     if feat.shape[-2:] != h.shape[-2:] or feat.shape[1] != h.shape[1]:
         raise ValueError(f"condition feature {tuple(feat.shape)} does not fit decoder feature {tuple(h.shape)}: "
                          "condition_widths do not match the decoder widths")
     m = mask if mask.shape[-2:] == h.shape[-2:] else F.interpolate(mask, size=h.shape[-2:], mode="nearest")
-    m = m.to(h.dtype)
-    # written as the original does (not lerp): with m == 1 the result is exactly h
-    return h * m + feat * (1 - m)
+    # One pass instead of the original's four (h * m + feat * (1 - m)); torch.lerp is exact at both ends, so with a
+    # binary mask the result is bit-identical: h where m == 1, feat where m == 0.
+    return torch.lerp(feat.to(h.dtype), h, m.to(h.dtype))
