@@ -638,7 +638,7 @@ SUITES = {
     # every path on the tiny config in seconds (what the tests run)
     "quick": dict(variants=["tiny"], condition="both", sizes=[32, 64], paths=["eager", "fast"], tiled_variants=None,
                   tiled_sizes=[128], tile=64, tile_overlap=16, attention_sizes=[64], train_variants=None,
-                  train_size=32, warmup=1, repeats=1, tiled_warmup=1, psnr=True),
+                  train_size=32, warmup=1, repeats=1, tiled_warmup=1),
 }
 
 
