@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
+from ldm.fast import FAST_HELP, FastDecode
 from ldm.inference import (InputError, fit_size, image_to_tensor, make_schedule, mask_to_tensor, open_image,
                            pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -81,7 +82,7 @@ def output_paths(outdir: Path, name: str, n_samples: int) -> List[Path]:
 
 
 @torch.no_grad()
-def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torch.nn.Module], image: torch.Tensor,
+def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[FastDecode], image: torch.Tensor,
             mask: torch.Tensor, opt: argparse.Namespace, device: torch.device) -> np.ndarray:
     """Inpaint one image: (1,3,H,W), (1,1,H,W) -> (n_samples, H, W, 3) uint8. Same seed, same output."""
     n = opt.n_samples
@@ -106,8 +107,9 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torc
     return to_uint8(result)
 
 
-def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-    """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder."""
+def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[FastDecode]]:
+    """The SD inpainting model and (unless --vanilla_decoder) the asymmetric decoder's autoencoder, on the fast path
+    with ``--fast``."""
     model = load_model(opt.config_d, opt.ckpt_d, device=device)
     if not hasattr(model, "inpaint_conditioning"):
         raise CheckpointError(f"--config_d {opt.config_d}: builds {type(model).__name__}, not an inpainting model "
@@ -121,7 +123,7 @@ def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn
     if not decoder.decoder.has_condition:
         logging.getLogger(__name__).warning("%s has no condition branch: the image and mask are not used by the "
                                             "decoder", opt.config)
-    return model, decoder
+    return model, FastDecode(decoder, device, enabled=opt.fast)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -147,6 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast",
                    help="autocast = float16 autocast on CUDA (float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--vanilla_decoder", action="store_true",
                    help="decode with the SD checkpoint's own VAE instead of the asymmetric decoder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

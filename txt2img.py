@@ -24,6 +24,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError, load_model
+from ldm.fast import FAST_HELP, FastDecode
 from ldm.inference import (make_schedule, pick_device, precision_scope, prepare_outdir, save_png,
                            seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -116,6 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                    help="autocast = float16 autocast on CUDA (float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--vanilla_decoder", action="store_true",
                    help="decode with the SD checkpoint's own VAE instead of the asymmetric decoder")
     opt = p.parse_args(argv)
@@ -151,6 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_text_to_image(opt, model)
         decoder = None if opt.vanilla_decoder else load_model(opt.config_c, opt.ckpt_c, device=device)
         check_geometry(opt, model, decoder)
+        if decoder is not None:
+            decoder = FastDecode(decoder, device, enabled=opt.fast)
         sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
         make_schedule(sampler, opt.ddim_steps, opt.ddim_eta, steps_flag="--ddim_steps")
         prepare_outdir(sample_dir, flag="--outdir")

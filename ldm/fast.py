@@ -13,8 +13,8 @@ Float32 without these (``FastDecode(..., enabled=False)``, every script's defaul
 tests check against diffusers. The fast path's output differs from it by bfloat16 rounding; ``tests/test_fast.py``
 bounds the difference and ``scripts/benchmark.py`` reports its PSNR on 8-bit images next to its speed.
 
-    decode = FastDecode(model, device)          # converts the decoder in place (weights, memory format, compile)
-    image = decode(z, image=image, mask=mask)   # float32 (B,3,H,W) in the model's value range, as model.decode
+    decoder = FastDecode(model, device, enabled=opt.fast)  # converts the decoder side in place
+    image = decoder.decode(z, image, mask)                 # float32 (B,3,H,W), as model.decode
 """
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ class FastSettings:
 
 
 EXACT = FastSettings()
+
+FAST_HELP = ("decode on the fast path of the device (ldm/fast.py): bfloat16 + channels_last on CPUs with native bf16 "
+             "and on GPUs (GPUs also compile the decoder's blocks), float32 + channels_last on other CPUs; the output "
+             "differs from the exact float32 decode by bf16 rounding (PSNR in docs/benchmark.md)")
 
 
 def fast_settings(device: torch.device, enabled: bool = True) -> FastSettings:
@@ -107,7 +111,8 @@ def compile_blocks(decoder: nn.Module, **compile_kwargs) -> int:
 
 
 class FastDecode:
-    """``model.decode`` on the fast path of ``device`` (``enabled=False``: exact float32, the model untouched).
+    """``model.decode`` on the fast path of ``device`` (``enabled=False``: exact float32, the model untouched); a
+    drop-in for the model where the scripts decode.
 
     Converts ``model`` (an ``AutoencoderKL``) in place: the decoder side (``post_quant_conv``, ``decoder``) gets
     ``settings.dtype`` and memory format; blocks are compiled on CUDA. Calls take and return float32 tensors
@@ -128,8 +133,9 @@ class FastDecode:
                 log.info("fast decode: %d decoder regions compiled (the first decode of each size compiles them)", n)
         log.info("decoder runs in %s", self.settings.describe())
 
-    def __call__(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``model.decode(z, image, mask)`` on the fast path; float32 (B,3,H,W)."""
         s = self.settings
         if s == EXACT:
             return self.model.decode(z, image, mask)

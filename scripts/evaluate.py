@@ -50,6 +50,7 @@ from ldm import metrics  # noqa: E402
 from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
 from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
+from ldm.fast import FAST_HELP, FastDecode  # noqa: E402
 from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
                            save_png, seed_everything)
 from ldm.util import write_atomically  # noqa: E402
@@ -249,15 +250,16 @@ def stack(batch: Sequence[Sample], device: torch.device) -> Tuple[torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------ modes
-def reconstruct(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace,
+def reconstruct(decoder: FastDecode, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """Encode the image, decode with image + mask as the prior; (B,3,H,W) in [0,1] after 8-bit quantisation."""
+    model = decoder.model
     x = image * 2 - 1
     if opt.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     posterior = model.encode(x)
     z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
-    rec = model.decode(z, x, mask)
+    rec = decoder.decode(z, x, mask)
     return metrics.quantize_uint8(metrics.to_unit(rec.float()))
 
 
@@ -278,13 +280,14 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
             model.enable_tiling(opt.tile, opt.tile_overlap)
         if opt.compile:
             model.decoder.compile()  # in place: parameter names unchanged
+        decoder = FastDecode(model, device, enabled=opt.fast)
         generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
         scorer = image_metrics(opt, device)
         examples[name] = []
         with torch.inference_mode(), precision_scope(opt.precision, device):
             for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"decoder {name}", disable=opt.quiet):
                 image, mask = stack(batch, device)
-                pred = reconstruct(model, image, mask, opt, generator)
+                pred = reconstruct(decoder, image, mask, opt, generator)
                 scorer.update(pred, image, mask)
                 examples[name].extend(pred[:max(0, opt.n_examples - len(examples[name]))].cpu())
         results[name] = {"config": config, "checkpoint": ckpt, **scorer.summary()}
@@ -397,6 +400,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="decode a posterior sample (seeded by --seed) instead of its mode")
     rec.add_argument("--precision", choices=("full", "autocast"), default="full",
                      help="autocast = float16 on CUDA (no effect on CPU)")
+    rec.add_argument("--fast", action="store_true", help=FAST_HELP)
     rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     rec.add_argument("--tile", type=int, default=0,

@@ -37,11 +37,11 @@ def test_fast_path_stays_within_its_bound_of_float32(settings, min_psnr, max_abs
     z, image, mask = inputs(model)
     with torch.inference_mode():
         exact = model.decode(z, image, mask)
-    decode = FastDecode(model, "cpu", settings=settings)
+    fd = FastDecode(model, "cpu", settings=settings)
     assert model.decoder.conv_in.weight.dtype == settings.dtype
     assert model.encoder.conv_in.weight.dtype == torch.float32  # only the decoder side is converted
     with torch.inference_mode():
-        out = decode(z, image, mask)
+        out = fd.decode(z, image, mask)
     assert out.dtype == torch.float32 and out.shape == exact.shape
     assert (out - exact).abs().max() <= max_abs * exact.abs().max()
     assert psnr_8bit(out, exact) >= min_psnr
@@ -49,7 +49,7 @@ def test_fast_path_stays_within_its_bound_of_float32(settings, min_psnr, max_abs
     changed = image.clone()
     changed[mask.expand_as(image) == 1] = 0.5
     with torch.inference_mode():
-        assert torch.equal(decode(z, changed, mask), out)
+        assert torch.equal(fd.decode(z, changed, mask), out)
 
 
 def test_encode_works_beside_a_bf16_decoder():
@@ -59,20 +59,20 @@ def test_encode_works_beside_a_bf16_decoder():
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
         reference = model.encode(x).mean
-        decode = FastDecode(model, "cpu", settings=FastSettings(torch.bfloat16, channels_last=True))
+        fd = FastDecode(model, "cpu", settings=FastSettings(torch.bfloat16, channels_last=True))
         posterior = model.encode(x)
         assert torch.equal(posterior.mean, reference)
-        assert decode(posterior.mode(), x, torch.ones(1, 1, 32, 32)).shape == x.shape
+        assert fd.decode(posterior.mode(), x, torch.ones(1, 1, 32, 32)).shape == x.shape
 
 
 def test_exact_path_leaves_the_model_untouched():
     model = make_autoencoder(condition=True)
     z, image, mask = inputs(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    decode = FastDecode(model, "cpu", enabled=False)
-    assert decode.settings == EXACT
+    fd = FastDecode(model, "cpu", enabled=False)
+    assert fd.settings == EXACT
     with torch.inference_mode():
-        assert torch.equal(decode(z, image, mask), model.decode(z, image, mask))
+        assert torch.equal(fd.decode(z, image, mask), model.decode(z, image, mask))
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and after[k].is_contiguous() and torch.equal(after[k], v)
                for k, v in before.items())
