@@ -533,4 +533,4 @@ def test_fast_flag_decodes_on_the_fast_path_within_bf16_rounding(files, one_pair
     exact, quick = (read(tmp_path / d / "x.png").astype(np.float64) for d in ("exact", "fast"))
     assert 10 * np.log10(255 ** 2 / max(((exact - quick) ** 2).mean(), 1e-12)) >= 30
     assert txt2img.parse_args(["--fast"]).fast and evaluate.parse_args(
-        ["reconstruction", "--images", "x", "--decoder", "a=b:c", "--fast"]).fast
+        ["reconstruction", "--images", "x", "--decoder", "a=b:c", "--outdir", "o", "--fast"]).fast
