@@ -56,8 +56,8 @@ class ConditionEncoder(nn.Module):
 
 
 def keep_known(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mask-guided blend ``h * m + feat * (1 - m)`` (computed as ``lerp(feat, h, m)``), with the mask brought to ``h``'s size by legacy 'nearest'
-    (the original's choice; 'nearest-exact' would pick other pixels)."""
+    """Mask-guided blend ``h * m + feat * (1 - m)`` (computed as ``lerp(feat, h, m)``), with the mask brought to
+    ``h``'s size by legacy 'nearest' (the original's choice; 'nearest-exact' would pick other pixels)."""
     if feat.shape[-2:] != h.shape[-2:] or feat.shape[1] != h.shape[1]:
         raise ValueError(f"condition feature {tuple(feat.shape)} does not fit decoder feature {tuple(h.shape)}: "
                          "condition_widths do not match the decoder widths")
