@@ -103,7 +103,7 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[Fast
         if decoder is None:
             result = model.decode_first_stage(samples)
         else:
-            result = decoder.decode(samples / model.scale_factor, image, mask)
+            result = decoder.decode(model.first_stage_model.unscale_latents(samples), image, mask)
     return to_uint8(result)
 
 

@@ -181,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if decoder is None:
                     images = model.decode_first_stage(samples)
                 else:
-                    images = decoder.decode(samples / model.scale_factor)  # no prior: generate everything
+                    images = decoder.decode(model.first_stage_model.unscale_latents(samples))  # no prior: everything
                 images = images.float().cpu()
                 if not opt.skip_save:
                     for array in to_uint8(images):

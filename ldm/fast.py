@@ -127,7 +127,8 @@ class FastDecode:
         self.settings = settings if settings is not None else fast_settings(self.device, enabled)
         if self.settings != EXACT:
             for part in (model.post_quant_conv, model.decoder):
-                apply_settings(part, self.settings)
+                if part is not None:  # latent spaces without quant convs have no post_quant_conv
+                    apply_settings(part, self.settings)
             if self.settings.compile:
                 n = compile_blocks(model.decoder, dynamic=False)
                 log.info("fast decode: %d decoder regions compiled (the first decode of each size compiles them)", n)

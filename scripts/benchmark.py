@@ -7,8 +7,10 @@ the achieved FLOP rate next to a plain matrix-multiply rate on the same machine.
     python scripts/benchmark.py --quick --out /tmp/bench                  # tiny config, seconds (what the tests run)
 
 Weights are random (speed does not depend on them). Variants: ``base`` / ``large`` / ``large2`` are the paper's decoders
-(configs/autoencoder/autoencoder_kl_32x32x4*.yaml); ``narrow`` is the base layout at ch 32 with one block per level (for
-CPU curves); ``tiny`` is configs/tiny. "condition" rows decode with image + mask (the asymmetric path), "no condition"
+(configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
+spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers has no such
+class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is configs/tiny.
+"condition" rows decode with image + mask (the asymmetric path), "no condition"
 rows decode ``z`` alone (the text-to-image path).
 
 Paths (``--paths``): ``eager`` = the settings of ``--dtype`` / ``--channels_last`` / ``--compile`` (default: float32,
@@ -65,6 +67,10 @@ CONFIGS = {
     "large2": "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml",
     "narrow": "configs/autoencoder/autoencoder_kl_32x32x4.yaml",  # with NARROW below
     "tiny": "configs/tiny/autoencoder_kl_tiny.yaml",
+    # the other latent spaces (16 latent channels for sd3 / flux) and ASUKA's FLUX.1 decoder (no diffusers class)
+    **{f"{space}_{v}": f"configs/autoencoder/{space}/asymmetric_{v}.yaml"
+       for space in ("sdxl", "sd3", "flux") for v in ("base", "large", "large2")},
+    "asuka": "configs/autoencoder/flux/asuka.yaml",
 }
 NARROW = {"ch": 32, "num_res_blocks": 1, "condition": True}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,17 +98,19 @@ def to_diffusers(model):
 
     from ldm.diffusers_interop import ldm_to_diffusers
 
-    state_dict, config = ldm_to_diffusers(model.state_dict())
+    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
+                                          shift_factor=model.shift_factor)
     cls = getattr(diffusers, config.pop("_class_name"))
     vae = cls.from_config(config)
     vae.load_state_dict(state_dict)
     return vae.eval()
 
 
-def make_inputs(size: int, factor: int, batch: int, device, dtype=torch.float32):
-    """Latent (B,4,size/f,size/f), image (B,3,size,size) in [-1,1], mask (B,1,size,size) with a box to generate."""
+def make_inputs(size: int, factor: int, batch: int, device, dtype=torch.float32, channels: int = 4):
+    """Latent (B,channels,size/f,size/f), image (B,3,size,size) in [-1,1], mask (B,1,size,size) with a box to
+    generate."""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(batch, 4, size // factor, size // factor, generator=g)
+    z = torch.randn(batch, channels, size // factor, size // factor, generator=g)
     image = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
     mask = torch.zeros(batch, 1, size, size)
     mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
@@ -190,12 +198,11 @@ def count_flops(variant: str, size: int, batch: int, condition: bool, tile: Opti
 
     model = build_model(variant, device="meta")
     f = model.downsample_factor
-    z, image, mask = (t.to("meta") for t in make_inputs(size, f, batch, "cpu"))
+    z, image, mask = (t.to("meta") for t in make_inputs(size, f, batch, "cpu", channels=model.embed_dim))
     if not condition:
         image = mask = None
 
-    def decode(zt, it, mt):  # the model's decode minus input validation (which reads values)
-        return model.decoder(model.post_quant_conv(zt), it, mt)
+    decode = model.decode_untiled  # the model's decode minus input validation (which reads values)
 
     with FlopCounterMode(display=False) as counter:
         if tile:
@@ -339,7 +346,7 @@ _MODELS: Dict[tuple, Any] = {}
 
 
 def cached_model(variant: str, impl: str, path: str, device: torch.device, opt_dict: Dict[str, Any]):
-    """(model, downsample factor) on ``path``'s settings, built once per (variant, impl, path) in this process; other
+    """(model, downsample factor, latent channels) on ``path``'s settings, built once per (variant, impl, path) in this process; other
     variants are freed. ``impl``: ours or diffusers; ``path`` "exact" is our untouched float32 model (the PSNR
     reference); any other impl (the training steps) gets a model of its own."""
     key = (variant, impl, path)
@@ -350,21 +357,21 @@ def cached_model(variant: str, impl: str, path: str, device: torch.device, opt_d
             torch.cuda.empty_cache()
         # weights are initialised on the device (fast on GPU); diffusers gets ours converted, so both are equal
         ours = build_model(variant, device)
-        f = ours.downsample_factor
+        f, channels = ours.downsample_factor, ours.embed_dim
         model = to_diffusers(ours).to(device) if impl == "diffusers" else ours  # equal weights (seeded)
-        _MODELS[key] = (model, f)
+        _MODELS[key] = (model, f, channels)
     return _MODELS[key]
 
 
 def run_decode(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device, out: Dict[str, Any]) -> None:
-    model, f = cached_model(case["variant"], case["impl"], case["path"], device, opt_dict)
+    model, f, channels = cached_model(case["variant"], case["impl"], case["path"], device, opt_dict)
     settings = path_settings(case["path"], device, opt_dict)
-    z, image, mask = make_inputs(case["size"], f, opt_dict["batch"], device)
+    z, image, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
     tile = opt_dict["tile"] if case["tiled"] else None
     fn = decode_fn(case["impl"], model, case["condition"], tile, opt_dict["tile_overlap"])
     reference = None
     if case["path"] != "eager" and case["impl"] == "ours" and opt_dict["psnr"]:
-        exact, _ = cached_model(case["variant"], "ours", "exact", device, opt_dict)
+        exact = cached_model(case["variant"], "ours", "exact", device, opt_dict)[0]
         exact_fn = decode_fn("ours", exact, case["condition"], tile, opt_dict["tile_overlap"])
         with torch.inference_mode():
             reference = exact_fn(z, image, mask)  # our float32 output on the same weights
@@ -397,7 +404,7 @@ def run_attention(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.
                   out: Dict[str, Any]) -> None:
     """One call of the decoder's mid-level AttnBlock on the latent of a ``size`` image: peak memory and the SDPA
     kernel that ran (from the profiler's op names)."""
-    model, f = cached_model(case["variant"], "ours", "eager", device, opt_dict)
+    model, f, _ = cached_model(case["variant"], "ours", "eager", device, opt_dict)
     block = model.decoder.mid.attn_1
     side = case["size"] // f
     x = torch.randn(opt_dict["batch"], block.in_channels, side, side, device=device)
@@ -415,11 +422,11 @@ def run_attention(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.
 
 def run_train(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device, out: Dict[str, Any]) -> None:
     # a model of its own: the steps change its weights
-    model, f = cached_model(case["variant"], f"train {case['impl']}", case["path"], device, opt_dict)
+    model, f, channels = cached_model(case["variant"], f"train {case['impl']}", case["path"], device, opt_dict)
     settings = path_settings(case["path"], device, opt_dict)
     model.loss, out["lpips"] = build_training_loss(device)
     model.train()
-    _, x, mask = make_inputs(case["size"], f, opt_dict["batch"], device)
+    _, x, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
     step = make_train_step(model, case["impl"], settings, device, x, mask)
     for _ in range(opt_dict["warmup"]):
         step(PhaseTimer(device))
@@ -477,7 +484,7 @@ def plan(opt: argparse.Namespace) -> List[Dict[str, Any]]:
         for condition in conditions:
             for size in opt.sizes:
                 for path in opt.paths:
-                    for impl in impls:
+                    for impl in impls if variant != "asuka" else ["ours"]:  # diffusers has no ASUKA class
                         add(variant=variant, impl=impl, path=path, condition=condition, size=size)
     for variant in opt.tiled_variants or opt.variants:
         for condition in conditions:
@@ -674,7 +681,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no_train", action="store_true", help="same as --train_size 0")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype of the eager path")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="autocast dtype of the eager path; random weights: with real SDXL weights fp16 overflows")
     p.add_argument("--channels_last", action="store_true", help="channels_last on the eager path")
     p.add_argument("--compile", action="store_true", help="torch.compile on the eager path (both implementations)")
     p.add_argument("--no_psnr", dest="psnr", action="store_false",

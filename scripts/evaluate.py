@@ -53,6 +53,7 @@ from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.fast import FAST_HELP, FastDecode  # noqa: E402
 from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
                            save_png, seed_everything)
+from ldm.latent_spaces import latent_space_of  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -274,6 +275,10 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
     results, examples = {}, {}
     for name, config, ckpt in specs:
         model = load_model(config, ckpt, device=device)
+        space = latent_space_of(model)
+        if opt.precision == "autocast" and device.type == "cuda" and space is not None and not space.fp16_safe:
+            print(f"warning: --decoder {name}: the {space.models} VAE overflows in float16 (NaN/inf images); "
+                  "use --precision full", file=sys.stderr)
         if opt.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if opt.tile:
@@ -399,7 +404,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rec.add_argument("--sample_posterior", action="store_true",
                      help="decode a posterior sample (seeded by --seed) instead of its mode")
     rec.add_argument("--precision", choices=("full", "autocast"), default="full",
-                     help="autocast = float16 on CUDA (no effect on CPU)")
+                     help="autocast = float16 on CUDA (no effect on CPU); not for SDXL's VAE, which "
+                     "overflows in float16")
     rec.add_argument("--fast", action="store_true", help=FAST_HELP)
     rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")

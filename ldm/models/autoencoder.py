@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
 from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
+from ldm.latent_spaces import SD, autoencoder_state_dict, describe_latent_layout, describe_state_dict, latent_layout
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -25,26 +26,33 @@ from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
 
-# Known decoder shapes of released checkpoints -> the config that builds them (used in load error messages).
+# Known decoder shapes of released checkpoints -> the variant and its SD 1.x config (used in load error messages).
+# The other latent spaces have the same variants under configs/autoencoder/{sdxl,sd3,flux}/asymmetric_*.yaml.
 _VARIANT_CONFIGS = {
-    (128, 2): "configs/autoencoder/autoencoder_kl_32x32x4.yaml (base)",
-    (192, 3): "configs/autoencoder/autoencoder_kl_32x32x4_large.yaml (large 1.5x)",
-    (256, 5): "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml (large 2x)",
+    (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
+    (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
+    (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
 }
 
 
 def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
     try:
-        ch = state_dict["decoder.conv_out.weight"].shape[1]
+        out_ch, ch = state_dict["decoder.conv_out.weight"].shape[:2]
         blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
-    except (KeyError, IndexError, AttributeError):
+    except (KeyError, IndexError, AttributeError, ValueError):
         return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
-    has_condition = any(k.startswith("decoder.encoder.") for k in state_dict)
+    branch = state_dict.get("decoder.encoder.layers.0.weight")
     nrb = len(blocks) - 1
     known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
-    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch "
-            f"{'present' if has_condition else 'absent'}: it matches {known}")
+    if branch is None:
+        condition = "absent"
+    elif branch.shape[1] == out_ch + 1:
+        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
+    else:
+        condition = "present"
+    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch {condition}; "
+            f"{describe_state_dict(state_dict)}: it matches {known}")
 
 
 class AutoencoderKL(pl.LightningModule):
@@ -67,6 +75,12 @@ class AutoencoderKL(pl.LightningModule):
             the trainer).
         train_encoder: also train encoder, ``quant_conv`` and ``post_quant_conv`` (a plain KL autoencoder trained
             from scratch, e.g. stage 1 of the demo); the paper's recipe keeps them frozen (default).
+        use_quant_conv: build the 1x1 ``quant_conv`` / ``post_quant_conv`` around the latent (SD 1.x/2.x, SDXL).
+            SD 3.x and FLUX.1 VAEs have neither: their latent is the encoder's output itself (then ``embed_dim``
+            must equal ``z_channels``), and their checkpoints carry no such keys.
+        scaling_factor / shift_factor: the latent space's normalisation used by the diffusion model, see
+            :meth:`scale_latents`. SD 1.x/2.x 0.18215 / 0, SDXL 0.13025 / 0, SD 3.x 1.5305 / 0.0609,
+            FLUX.1 0.3611 / 0.1159.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -76,7 +90,8 @@ class AutoencoderKL(pl.LightningModule):
                  scheduler_config: Optional[Mapping[str, Any]] = None,
                  scheduler_config_d: Optional[Mapping[str, Any]] = None,
                  num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None,
-                 train_encoder: bool = False):
+                 train_encoder: bool = False, use_quant_conv: bool = True,
+                 scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
@@ -87,6 +102,10 @@ class AutoencoderKL(pl.LightningModule):
         self.image_key = image_key
         self.mask_key = mask_key
         self.embed_dim = embed_dim
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
         self.pretrained_lr_factor = float(pretrained_lr_factor)
         self.scheduler_config = scheduler_config
         self.scheduler_config_d = scheduler_config_d
@@ -97,8 +116,17 @@ class AutoencoderKL(pl.LightningModule):
         self.decoder_config = {**ddconfig, **dict(decoder_overrides or {})}
         self.decoder = Decoder(**self.decoder_config)
         self.loss = instantiate_from_config(lossconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        self.use_quant_conv = bool(use_quant_conv)
+        if self.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        else:
+            z_dec = self.decoder_config["z_channels"]
+            if not embed_dim == ddconfig["z_channels"] == z_dec:
+                raise ValueError(f"use_quant_conv false: embed_dim ({embed_dim}) must equal ddconfig.z_channels "
+                                 f"({ddconfig['z_channels']}) and the decoder's z_channels ({z_dec}), since no 1x1 "
+                                 "conv maps between them")
+            self.quant_conv = self.post_quant_conv = None
         # pixels per latent pixel along each side
         self.downsample_factor = 2 ** (len(self.decoder_config["ch_mult"]) - 1)
         self._tiling: Optional[Tuple[int, int]] = None  # (tile, overlap) in image pixels; see enable_tiling
@@ -108,8 +136,22 @@ class AutoencoderKL(pl.LightningModule):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
         # The paper's recipe: SD's encoder side stays frozen, only the decoder (and discriminator) train.
-        for module in (self.encoder, self.quant_conv, self.post_quant_conv):
+        for module in self.encoder_side():
             module.requires_grad_(self.train_encoder)
+
+    def encoder_side(self) -> List[nn.Module]:
+        """The modules before the latent (frozen in the paper's recipe): encoder and, if built, both quant convs."""
+        return [m for m in (self.encoder, self.quant_conv, self.post_quant_conv) if m is not None]
+
+    # ------------------------------------------------------------------ latent space
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, embed_dim, h, w) -> the diffusion model's latents:
+        ``(z - shift_factor) * scaling_factor``."""
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`scale_latents`: ``latents / scaling_factor + shift_factor``, ready for :meth:`decode`."""
+        return latents / self.scaling_factor + self.shift_factor
 
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
@@ -126,11 +168,8 @@ class AutoencoderKL(pl.LightningModule):
         ``first_stage_model``. A checkpoint without a condition branch (an SD VAE) leaves the branch fresh when
         ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoint.load_model``)
         that is an error, since a random branch would overwrite the kept region."""
-        state_dict = read_state_dict(path)
-        if "encoder.conv_in.weight" not in state_dict and "first_stage_model.encoder.conv_in.weight" in state_dict:
-            log.info("%s: full Stable Diffusion checkpoint, using its first_stage_model.* weights", path)
-            state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
-                          if k.startswith("first_stage_model.")}
+        state_dict = autoencoder_state_dict(read_state_dict(path), source=path)
+        self._check_latent_layout(state_dict, path)
         allow_missing = []
         if self.decoder.has_condition and not any(k.startswith("decoder.encoder.") for k in state_dict):
             if not fresh_condition:
@@ -150,17 +189,29 @@ class AutoencoderKL(pl.LightningModule):
                   allow_missing=allow_missing, hint=self._variant_hint(state_dict))
         log.info("restored %s from %s", type(self).__name__, path)
 
+    def _check_latent_layout(self, state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:
+        """Refuse a file of another latent space (channels, quant convs), naming the one its tensors look like."""
+        theirs = latent_layout(state_dict)
+        ours = (self.embed_dim, self.use_quant_conv)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{path}: {describe_state_dict(state_dict)}, but this config builds "
+                f"{describe_latent_layout(*ours)}: use a config of the file's latent space (embed_dim, "
+                "use_quant_conv, scaling_factor and shift_factor come from there)")
+
     def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
         cfg = self.decoder_config
         return (f"{describe_decoder_checkpoint(state_dict)}; this model's decoder has ch={cfg['ch']}, "
-                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}")
+                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}, "
+                f"concat_mask={bool(cfg.get('concat_mask', False))}")
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
         _check_float("x", x)
-        self._check_dtype("x", x, self.quant_conv.weight)
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        self._check_dtype("x", x, self.encoder.conv_in.weight)
+        moments = self.encoder(x)
+        return DiagonalGaussianDistribution(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -174,9 +225,14 @@ class AutoencoderKL(pl.LightningModule):
         image, mask = self.check_decode_inputs(z, image, mask)
         if self._tiling is not None:
             f = self.downsample_factor
-            return tiled_decode(lambda zt, it, mt: self.decoder(self.post_quant_conv(zt), it, mt), z, image, mask,
+            return tiled_decode(self.decode_untiled, z, image, mask,
                                 tile=self._tiling[0] // f, overlap=self._tiling[1] // f, scale=f)
-        return self.decoder(self.post_quant_conv(z), image, mask)
+        return self.decode_untiled(z, image, mask)
+
+    def decode_untiled(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`decode` in one piece and without input checks (the caller has run :meth:`check_decode_inputs`)."""
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z), image, mask)
 
     def enable_tiling(self, tile_sample_size: int = 512, overlap: int = 128) -> None:
         """Decode latents larger than ``tile_sample_size`` image pixels in overlapping tiles (see
@@ -194,10 +250,10 @@ class AutoencoderKL(pl.LightningModule):
         self._tiling = None
 
     def _check_dtype(self, name: str, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
-        """Outside autocast, inputs must have the dtype of the weights that read them (default: the decoder side's,
+        """Outside autocast, inputs must have the dtype of the weights that read them (default: the decoder's,
         which ``ldm.fast`` may convert apart from the encoder), else the first conv fails with a message that names
         no argument."""
-        weight = self.post_quant_conv.weight if weight is None else weight
+        weight = self.decoder.conv_in.weight if weight is None else weight
         if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} is {t.dtype} but the model's weights are {weight.dtype}: convert one to the "
                             "other (or run under torch.autocast)")
@@ -282,8 +338,7 @@ class AutoencoderKL(pl.LightningModule):
         if branch:
             groups.append({"name": "condition", "params": branch, "lr_factor": 1.0})
         if self.train_encoder:
-            encoder_side = [*self.encoder.parameters(), *self.quant_conv.parameters(),
-                            *self.post_quant_conv.parameters()]
+            encoder_side = [p for m in self.encoder_side() for p in m.parameters()]
             groups.append({"name": "encoder", "params": encoder_side, "lr_factor": 1.0})
         return groups
 
