@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model
+from ldm.checkpoint_io import CheckpointError
 from ldm.fast import FAST_HELP, FastDecode
+from ldm.loading import load_model
 from ldm.inference import (InputError, fit_size, image_to_tensor, make_schedule, mask_to_tensor, open_image,
                            pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler

@@ -23,8 +23,9 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model
+from ldm.checkpoint_io import CheckpointError
 from ldm.fast import FAST_HELP, FastDecode
+from ldm.loading import load_model
 from ldm.inference import (make_schedule, pick_device, precision_scope, prepare_outdir, save_png,
                            seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler

@@ -51,8 +51,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.checkpoint import CheckpointError, PathLike, StateDict, read_state_dict
-from ldm.latent_spaces import SD
+from ldm.checkpoint_io import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, StateDict,
+                               read_diffusers_files)
+from ldm.latent_spaces import SD, drop_unused_keys
 from ldm.modules.diffusionmodules.condition import default_condition_widths
 from ldm.util import default_file_mode
 
@@ -60,18 +61,8 @@ log = logging.getLogger(__name__)
 
 ASYMMETRIC_CLASS = "AsymmetricAutoencoderKL"
 SYMMETRIC_CLASS = "AutoencoderKL"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 DIFFUSERS_CONDITION_LAYERS = 5
 NORM_GROUPS = 32  # our GroupNorm (ldm Normalize) always uses 32 groups
-
-# Keys of the original release that no decoder reads, with the reason (logged when dropped).
-UNUSED_PREFIXES = {
-    "decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used",
-    "loss.": "training loss weights (LPIPS, discriminator)",
-}
 
 # (ours, diffusers) fragments that rename the same way in both directions; level indices are handled separately.
 _RENAMES: Tuple[Tuple[str, str], ...] = (
@@ -362,18 +353,6 @@ def _diffusers_key_to_ldm(key: str, n_up: int) -> str:
     return key
 
 
-def drop_unused_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Without the original release's keys that no decoder reads (:data:`UNUSED_PREFIXES`), logged."""
-    kept = dict(state_dict)
-    for prefix, reason in UNUSED_PREFIXES.items():
-        dropped = [k for k in kept if k.startswith(prefix)]
-        for k in dropped:
-            del kept[k]
-        if dropped:
-            log.info("dropped %d keys under %r: %s", len(dropped), prefix, reason)
-    return kept
-
-
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]] = None,
                      decoder_overrides: Optional[Mapping[str, Any]] = None, *, sample_size: Optional[int] = None,
                      scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
@@ -485,51 +464,11 @@ def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str
         raise CheckpointError("the checkpoint does not match the config: " + "; ".join(diffs))
 
 
-# ---------------------------------------------------------------------- folders
-def _weights_file(folder: Path) -> List[Path]:
-    for name in (WEIGHTS_NAME, WEIGHTS_NAME_BIN):
-        if (folder / name).is_file():
-            return [folder / name]
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a diffusers weight index ({e})") from None
-        return [folder / s for s in shards]
-    raise CheckpointError(f"{folder}: no weights: expected {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN}, or sharded "
-                          f"{WEIGHTS_INDEX_NAME}) next to {CONFIG_NAME}")
-
-
-def read_diffusers_config(folder: PathLike) -> Dict[str, Any]:
-    """``config.json`` of a diffusers model folder (a pipeline folder's ``vae/`` is used when given the pipeline)."""
-    return json.loads(_model_folder(Path(folder)).joinpath(CONFIG_NAME).read_text())
-
-
-def _model_folder(folder: Path) -> Path:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"diffusers model folder not found: {folder}")
-    if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
-        log.info("%s is a pipeline folder: reading its vae/", folder)
-        folder = folder / "vae"
-    if not (folder / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{folder}: not a diffusers model folder: {CONFIG_NAME} is missing (expected "
-                              f"{CONFIG_NAME} + {WEIGHTS_NAME}, as written by save_pretrained)")
-    return folder
-
-
 def read_diffusers_folder(folder: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     """A diffusers ``AsymmetricAutoencoderKL``/``AutoencoderKL`` folder (``config.json`` + weights) ->
     ``(state dict in our keys, decoder_overrides)``. Weights: ``.safetensors`` (also sharded) or a ``.bin`` read
     with ``weights_only=True``."""
-    folder = _model_folder(Path(folder))
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: not valid JSON ({e})") from None
-    state_dict: StateDict = {}
-    for path in _weights_file(folder):
-        state_dict.update(read_state_dict(path))
+    folder, state_dict, config = read_diffusers_files(folder)
     log.info("%s: latent scaling_factor %s, shift_factor %s (our configs carry their own)", folder,
              config.get("scaling_factor"), config.get("shift_factor"))
     try:
@@ -595,6 +534,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
         # safetensors wants contiguous tensors with their own storage
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
+        for written in tmp.iterdir():  # safetensors writes 0600 files: give them the usual permissions
+            os.chmod(written, default_file_mode())
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)

@@ -52,8 +52,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ldm.fast import (EXACT, FastDecode, FastSettings, apply_settings, compile_blocks,  # noqa: E402
                       cpu_has_native_bf16, fast_settings)

@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import TORCH_SUFFIXES, CheckpointError, StateDict, read_state_dict, save_state_dict  # noqa: E402
+from ldm.checkpoint import read_state_dict  # noqa: E402
+from ldm.checkpoint_io import (  # noqa: E402
+    TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict)
 from ldm.diffusers_interop import (  # noqa: E402
-    AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, drop_unused_keys, read_diffusers_config,
-    read_diffusers_folder, write_diffusers_folder)
+    AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, read_diffusers_folder,
+    write_diffusers_folder)
 from ldm.latent_spaces import (  # noqa: E402
-    LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_latent_layout, matching_spaces)
+    LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
+    describe_latent_layout, drop_unused_keys, matching_spaces, single_file_vae_prefix, strip_prefix)
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -63,8 +64,6 @@ def load_config(path: Path) -> Dict[str, Any]:
 
 
 def describe(sd: StateDict) -> str:
-    from ldm.models.autoencoder import describe_decoder_checkpoint
-
     return f"{AutoencoderLayout.from_state_dict(sd).describe()}\n  {describe_decoder_checkpoint(sd)}"
 
 
@@ -135,11 +134,11 @@ def from_diffusers(opt: argparse.Namespace) -> None:
 
 def extract_vae(opt: argparse.Namespace) -> None:
     full = read_state_dict(opt.input)
-    prefix = next((p for p in SINGLE_FILE_VAE_PREFIXES if f"{p}encoder.conv_in.weight" in full), None)
+    prefix = single_file_vae_prefix(full)
     if prefix is None:
         raise CheckpointError(f"{opt.input}: no VAE under {' or '.join(SINGLE_FILE_VAE_PREFIXES)} (first keys: "
                               f"{', '.join(sorted(full)[:5])})")
-    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    sd = strip_prefix(full, prefix)
     vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIXES)}
     absent = [p for p in ("encoder.", "decoder.") if not any(k.startswith(p) for k in vae)]
     if absent:

@@ -42,12 +42,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
-from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
+from ldm.checkpoint_io import CheckpointError  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.fast import FAST_HELP, FastDecode  # noqa: E402

@@ -267,7 +267,7 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
 
 
 def test_asuka_style_branch_is_refused_by_the_diffusers_export():
-    from ldm.checkpoint import CheckpointError
+    from ldm.checkpoint_io import CheckpointError
     from ldm.diffusers_interop import ldm_to_diffusers
 
     from ldm.models.autoencoder import AutoencoderKL
@@ -330,7 +330,7 @@ def test_flux_ae_safetensors_loads_as_starting_weights_and_wrong_spaces_are_name
     quant convs. Loaded into a 4-channel config it is refused naming the latent space it looks like."""
     from safetensors.torch import save_file
 
-    from ldm.checkpoint import CheckpointError
+    from ldm.checkpoint_io import CheckpointError
 
     vae = released_vae("flux")
     assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in vae)
@@ -419,7 +419,8 @@ def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_pat
     import numpy as np
     from PIL import Image
 
-    from ldm.checkpoint import load_model, save_state_dict
+    from ldm.checkpoint_io import save_state_dict
+    from ldm.loading import load_model
     from scripts import evaluate
 
     torch.manual_seed(3)
@@ -446,7 +447,7 @@ def math_finite(x) -> bool:
 
 def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
     """One tile covering everything = the untiled decode, exactly; several tiles keep the image size."""
-    from ldm.checkpoint import load_model
+    from ldm.loading import load_model
 
     torch.manual_seed(4)
     model = randomize_(load_model(TINY_FLUX), 0)
@@ -485,7 +486,8 @@ def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
     shift land in config.json; from-diffusers gives back the same tensors; a mismatching space is refused."""
     import json
 
-    from ldm.checkpoint import read_state_dict, save_state_dict
+    from ldm.checkpoint import read_state_dict
+    from ldm.checkpoint_io import save_state_dict
     from scripts import convert_checkpoint as cli
 
     model = randomize_(make_16ch(), 0)

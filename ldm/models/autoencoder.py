@@ -17,43 +17,17 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
-from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
-from ldm.latent_spaces import SD, autoencoder_state_dict, describe_latent_layout, describe_state_dict, latent_layout
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import CheckpointError, PathLike
+from ldm.framework_hooks import set_last_lr, step_uncounted
+from ldm.latent_spaces import (SD, UNUSED_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
+                               describe_latent_layout, describe_state_dict, latent_layout)
+from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
-
-# Known decoder shapes of released checkpoints -> the variant and its SD 1.x config (used in load error messages).
-# The other latent spaces have the same variants under configs/autoencoder/{sdxl,sd3,flux}/asymmetric_*.yaml.
-_VARIANT_CONFIGS = {
-    (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
-    (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
-    (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
-}
-
-
-def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
-    try:
-        out_ch, ch = state_dict["decoder.conv_out.weight"].shape[:2]
-        blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
-    except (KeyError, IndexError, AttributeError, ValueError):
-        return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
-    branch = state_dict.get("decoder.encoder.layers.0.weight")
-    nrb = len(blocks) - 1
-    known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
-    if branch is None:
-        condition = "absent"
-    elif branch.shape[1] == out_ch + 1:
-        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
-    else:
-        condition = "present"
-    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch {condition}; "
-            f"{describe_state_dict(state_dict)}: it matches {known}")
-
 
 class AutoencoderKL(pl.LightningModule):
     """Frozen encoder + trainable decoder.
@@ -112,8 +86,11 @@ class AutoencoderKL(pl.LightningModule):
         if num_gpus is not None or colorize_nlabels is not None:
             log.info("num_gpus / colorize_nlabels are accepted for old configs and ignored")
 
+        check_params(Encoder, ddconfig, "ddconfig")
         self.encoder = Encoder(**ddconfig)
-        self.decoder_config = {**ddconfig, **dict(decoder_overrides or {})}
+        self.decoder_config = {k: v for k, v in {**ddconfig, **dict(decoder_overrides or {})}.items()
+                               if k not in ENCODER_ONLY_KEYS}
+        check_params(Decoder, self.decoder_config, "decoder_overrides over ddconfig")
         self.decoder = Decoder(**self.decoder_config)
         self.loss = instantiate_from_config(lossconfig)
         self.use_quant_conv = bool(use_quant_conv)
@@ -156,9 +133,8 @@ class AutoencoderKL(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
         """Checkpoint key prefixes this model drops on load, with the reason logged."""
-        unused = {"decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used"}
-        if not any(k.startswith("loss.") for k in self.state_dict()):
-            unused["loss."] = "training loss weights (LPIPS, discriminator); this model has no loss module"
+        has_loss = any(k.startswith("loss.") for k in self.state_dict())
+        unused = {prefix: reason for prefix, reason in UNUSED_PREFIXES.items() if not (prefix == "loss." and has_loss)}
         if not self.decoder.has_condition:
             unused["decoder.encoder."] = "condition branch; this decoder is configured with condition: false"
         return unused
@@ -186,7 +162,7 @@ class AutoencoderKL(pl.LightningModule):
         # the lpips package registers lin0..lin4 a second time as lins.0..4; taming's LPIPS (the original's) does not
         allow_missing.append("loss.perceptual_loss.lins.")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  allow_missing=allow_missing, hint=self._variant_hint(state_dict))
+                  allow_missing=allow_missing, hint=self._variant_hint(state_dict), assign=True)
         log.info("restored %s from %s", type(self).__name__, path)
 
     def _check_latent_layout(self, state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:
@@ -404,7 +380,7 @@ class AutoencoderKL(pl.LightningModule):
                 f.lr_max_decay_steps = total
             for group, base_lr, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base_lr * f(sched.last_epoch)
-            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+            set_last_lr(sched, [group["lr"] for group in sched.optimizer.param_groups])
 
     def shared_forward(self, x: torch.Tensor, mask: torch.Tensor,
                        sample_posterior: bool = True) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -418,7 +394,8 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts batches, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (see :func:`_step_uncounted`).
+        discriminator's step is kept out of Lightning's step counter
+        (:func:`ldm.framework_hooks.step_uncounted`).
         """
         x, mask = self.get_input(batch)
         opt_g, opt_d = self.optimizers()
@@ -437,7 +414,7 @@ class AutoencoderKL(pl.LightningModule):
                 d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
                 opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_loss)
-                _step_uncounted(opt_d)
+                step_uncounted(opt_d)
             logs.update(log_d)
             self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
 
@@ -503,21 +480,6 @@ class AutoencoderKL(pl.LightningModule):
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
-
-
-def _step_uncounted(optimizer: Any) -> None:
-    """Step a LightningOptimizer without advancing ``trainer.global_step``.
-
-    With manual optimization Lightning counts every ``optimizer.step()`` as a global step, so two optimizers
-    would count each batch twice and shift ``disc_start``, the LR schedules and ``max_steps``. The manual loop
-    injects its counter through these two hooks; they are disabled for this one step.
-    """
-    before, after = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    try:
-        optimizer.step()
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = before, after
 
 
 def _check_float(name: str, t: Any) -> None:

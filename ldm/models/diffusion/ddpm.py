@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import PathLike, load_into, read_state_dict
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import PathLike
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -245,7 +246,7 @@ class LatentDiffusion(nn.Module):
             hint = ("the checkpoint holds no EMA shadow weights: set use_ema: false in the config (the released "
                     "SD v1.5 files keep a single set of weights)")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  hint=hint)
+                  hint=hint, assign=True)
         if self.scale_by_std:  # the buffer came from the checkpoint
             self._set_first_stage_scaling()
         log.info("restored %s from %s", type(self).__name__, path)

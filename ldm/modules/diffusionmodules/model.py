@@ -25,6 +25,9 @@ from torch import nn
 from ldm.modules.diffusionmodules.condition import (MASK_RESIZE_MODES, ConditionEncoder, default_condition_widths,
                                                     keep_known, resize_mask)
 
+# SD's ``ddconfig`` is shared by the Encoder and the Decoder; these of its keys shape the encoder alone.
+ENCODER_ONLY_KEYS = ("double_z",)
+
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
@@ -150,7 +153,7 @@ class Encoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 attn_type: str = "vanilla", **ignore_kwargs):
+                 attn_type: str = "vanilla"):
         super().__init__()
         self.ch = ch
         self.temb_ch = 0
@@ -222,7 +225,7 @@ class Decoder(nn.Module):
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
                  tanh_out: bool = False, attn_type: str = "vanilla", condition: bool = False,
                  condition_widths: Optional[Sequence[int]] = None, concat_mask: bool = False,
-                 gate_conv: bool = False, mask_resize: str = "nearest", **ignore_kwargs):
+                 gate_conv: bool = False, mask_resize: str = "nearest"):
         super().__init__()
         self.ch = ch
         self.temb_ch = 0
