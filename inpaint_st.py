@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
-from ldm.project import DECODER_FILES, check_run_files
+from ldm.project import DECODER_FILES, FAST_HELP, check_run_files
 
 # torch and the models are imported after the flags are parsed, so that --help and flag errors come at once
 if TYPE_CHECKING:
@@ -100,6 +100,8 @@ def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn
     from ldm.checkpoint_io import CheckpointError
     from ldm.inference import load_flagged
 
+    from ldm.fast import FastDecode
+
     decoder = None if opt.vanilla_decoder else load_decoder(opt, device)
     model = load_flagged(opt, "--config_d", "--ckpt_d", device)
     if not hasattr(model, "inpaint_conditioning"):
@@ -108,7 +110,7 @@ def load_models(opt: argparse.Namespace, device: torch.device) -> Tuple[torch.nn
     if decoder is not None and decoder.downsample_factor != model.first_stage_model.downsample_factor:
         raise CheckpointError(f"--config {opt.config}: the decoder upsamples by {decoder.downsample_factor} but the "
                               f"SD model's latents are {model.first_stage_model.downsample_factor}x smaller")
-    return model, decoder
+    return model, None if decoder is None else FastDecode(decoder, device, enabled=opt.fast)
 
 
 def add_pair_arguments(p: argparse.ArgumentParser, outdir: str, max_size: Optional[int] = 640,
@@ -122,6 +124,7 @@ def add_pair_arguments(p: argparse.ArgumentParser, outdir: str, max_size: Option
     p.add_argument("--n_samples", type=int, default=1, help="samples per image (NAME_0.png, NAME_1.png, ... if > 1)")
     p.add_argument("--max_size", type=int, default=max_size, help=max_size_help)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--max_pixels", type=int, default=None,
                    help="larger input files are skipped with a message (default: 100 megapixels; 0 = no limit)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")

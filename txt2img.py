@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
-from ldm.project import DECODER_FILES, check_run_files
+from ldm.project import DECODER_FILES, FAST_HELP, check_run_files
 
 # torch and the models are imported after the flags are parsed, so that --help and flag errors come at once
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                    help="autocast = float16 autocast on CUDA (float32 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--vanilla_decoder", action="store_true",
                    help="decode with the SD checkpoint's own VAE instead of the asymmetric decoder")
     opt = p.parse_args(argv)
@@ -161,6 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ldm.inference import (load_flagged, make_schedule, pick_device, precision_scope, prepare_outdir,
                                seed_everything)
     from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.fast import FastDecode
     from ldm.models.diffusion.plms import PLMSSampler
     from ldm.models.diffusion.sampling_common import randn
 
@@ -176,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = load_flagged(opt, "--config", "--ckpt", device)
         check_text_to_image(opt, model)
         check_geometry(opt, model, decoder)
+        if decoder is not None:
+            decoder = FastDecode(decoder, device, enabled=opt.fast)
         sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
         make_schedule(sampler, opt.ddim_steps, opt.ddim_eta, steps_flag="--ddim_steps")
         prepare_outdir(sample_dir, flag="--outdir")

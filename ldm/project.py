@@ -12,6 +12,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # what --ckpt / --ckpt_c of the scripts take, for "not found" messages
 DECODER_FILES = ("the paper's decoder checkpoint (base.ckpt, larger1.5.ckpt, larger2.ckpt), a .safetensors of it or "
                  "a diffusers AsymmetricAutoencoderKL folder")
+# help of the --fast flag every decoding script takes (ldm.fast.FastDecode)
+FAST_HELP = ("decode on the fast path of the device (ldm/fast.py): bfloat16 + channels_last on CPUs with native bf16 "
+             "and on GPUs (GPUs also compile the decoder's blocks), float32 + channels_last on other CPUs; the output "
+             "differs from the exact float32 decode by bf16 rounding (PSNR in docs/benchmark.md)")
 
 
 def resolve_config_path(path: Union[str, os.PathLike], argument: str = "mask_config") -> Path:

@@ -1,32 +1,44 @@
-"""Decoder speed and memory: latency and peak memory of decoding (untiled and tiled) and of one training step, for
-our decoder and diffusers' ``AsymmetricAutoencoderKL`` on the same weights, in the same run (so results are ratios),
-with the achieved FLOP rate next to a plain matrix-multiply rate on the same machine.
+"""Decoder speed and memory: decoding (untiled and tiled), one attention call, and the whole training step, for our
+decoder and diffusers' ``AsymmetricAutoencoderKL`` on the same weights, in the same run (so results are ratios), with
+the achieved FLOP rate next to a plain matrix-multiply rate on the same machine.
 
-    python scripts/benchmark.py --out docs/benchmark_gpu                 # GPU: base/large/large2, 256-1024, tiled 2048/4096
-    python scripts/benchmark.py --device cpu --variants base --sizes 256 --tiled_sizes --out docs/benchmark_cpu_full
-    python scripts/benchmark.py --device cpu --variants narrow --sizes 512 1024 --tiled_sizes 512 1024 2048 4096 \\
-        --no_diffusers --no_train --out docs/benchmark_cpu_tiling      # memory flatness of tiled decoding on CPU
+    python scripts/benchmark.py --suite cpu --threads 2 --out docs/benchmark_cpu   # the CPU report (~11 min, 2 cores)
+    python scripts/benchmark.py --suite gpu --out docs/benchmark_gpu      # the GPU report
     python scripts/benchmark.py --quick --out /tmp/bench                  # tiny config, seconds (what the tests run)
 
 Weights are random (speed does not depend on them). Variants: ``base`` / ``large`` / ``large2`` are the paper's decoders
 (configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
 spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers has no such
 class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is configs/tiny.
-"condition" rows decode with image + mask (the asymmetric path), "no condition" rows decode ``z`` alone (the
-text-to-image path). Latency: median of ``--repeats`` timed calls after ``--warmup``, under ``torch.inference_mode``;
-the training step is the decoder's forward + backward of an L1 loss only (no LPIPS, no discriminator, no optimizer
-step), so it is a lower bound on a real training step.
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU each case runs
-in a fresh subprocess and reports the rise of the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
-over the resident set before the first call (model weights excluded). FLOPs: ``torch.utils.flop_counter`` on the meta
-device (convolutions, matmuls, attention), achieved rate = FLOPs / median latency.
-Writes ``OUT.json`` and ``OUT.md``.
+"condition" rows decode with image + mask (the asymmetric path), "no condition"
+rows decode ``z`` alone (the text-to-image path).
+
+Paths (``--paths``): ``eager`` = the settings of ``--dtype`` / ``--channels_last`` / ``--compile`` (default: float32,
+the exact path); ``fast`` = ``ldm.fast.fast_settings`` of the device (what the scripts' ``--fast`` gives: bf16 on CPUs
+with native bf16 and on GPUs, channels_last, regional compile on GPUs); ``fast_fp32`` = the fast path kept in float32
+(what a CPU without bf16 gets). diffusers runs each path the same way (same dtype and memory format; on GPUs its
+decoder compiled whole). Fast rows of ours report the PSNR of their 8-bit output against our float32 output.
+
+Training step (``--train_size``): the whole step as ``AutoencoderKL.training_step`` runs it under ``main.py``: frozen
+encoder (no graph), decoder forward, generator loss (L1 + LPIPS + KL + GAN term with the adaptive weight), backward,
+Adam step, discriminator loss on the detached reconstruction, backward, Adam step, with the discriminator active from
+the first step; ``original`` = the same with a second encoder + decoder forward for the discriminator update, as the
+paper's PyTorch Lightning 1.4 code ran it. LPIPS uses the real VGG16 file when present, else VGG16-shaped random
+weights (the report says which). Reported in images/s with a per-phase breakdown.
+
+Latency: median of ``--repeats`` timed calls after ``--warmup``, decodes under ``torch.inference_mode``. Peak memory: on
+CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU each case runs in a fresh
+subprocess and reports the rise of the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) over the
+resident set before the first call (model weights excluded). FLOPs: ``torch.utils.flop_counter`` on the meta device
+(convolutions, matmuls, attention), achieved rate = FLOPs / median latency. Writes ``OUT.json`` and ``OUT.md``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -41,7 +53,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ldm.inference import pick_device  # noqa: E402
+from ldm.fast import (EXACT, FastDecode, FastSettings, apply_settings, compile_blocks,  # noqa: E402
+                      cpu_has_native_bf16, fast_settings)
+from ldm.inference import pick_device, to_uint8  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
 from ldm.util import instantiate_from_config, write_atomically  # noqa: E402
 
@@ -211,66 +225,230 @@ def matmul_tflops(device: torch.device, dtype: str, repeats: int) -> Dict[str, A
             / 1e12}
 
 
+# ------------------------------------------------------------------------------------------------ paths
+def path_settings(path: str, device: torch.device, opt_dict: Dict[str, Any]) -> FastSettings:
+    """The dtype / memory format / compile of a path (see the module docstring). ``eager`` keeps float32 weights
+    (its ``--dtype`` is applied as autocast around the call, the way the H100 tables were measured)."""
+    if path == "eager":
+        return FastSettings(torch.float32, bool(opt_dict["channels_last"]), bool(opt_dict["compile"]))
+    fast = fast_settings(device)
+    if path == "fast_fp32":
+        return dataclasses.replace(fast, dtype=torch.float32)
+    return fast
+
+
+def prepare_decoder(impl: str, model, settings: FastSettings, device: torch.device) -> Optional[FastDecode]:
+    """Put the decoder side of ``model`` on ``settings``, in place: ours through ``ldm.fast.FastDecode`` (returned:
+    what the scripts' ``--fast`` runs), diffusers' the same way by hand (its decoder compiled whole, as users of
+    diffusers compile it)."""
+    if impl == "ours":
+        return FastDecode(model, device, settings=settings)
+    for part in (model.post_quant_conv, model.decoder):
+        apply_settings(part, settings)
+    if settings.compile:
+        model.decoder.compile(dynamic=False)
+    return None
+
+
+def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1,1] after quantising both to 8 bits as the scripts write them."""
+    qa, qb = (torch.from_numpy(to_uint8(t)).double() for t in (a, b))
+    mse = float(((qa - qb) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+# ------------------------------------------------------------------------------------------------ training step
+def build_training_loss(device: torch.device) -> Tuple[torch.nn.Module, str]:
+    """The training configs' ``LPIPSWithDiscriminator`` (kl_weight 1e-6, disc_weight 0.8), with the discriminator on
+    from step 0. LPIPS reads the real VGG16 file when it is there; otherwise VGG16-shaped random weights (same cost)."""
+    import lpips
+
+    from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator, default_vgg16_path
+
+    torch.manual_seed(0)
+    if default_vgg16_path().is_file():
+        loss, lpips_note = LPIPSWithDiscriminator(disc_start=0, kl_weight=1e-6, disc_weight=0.8), "VGG16 weights"
+    else:
+        loss = LPIPSWithDiscriminator(disc_start=0, kl_weight=1e-6, disc_weight=0.8, perceptual_weight=0.0)
+        loss.perceptual_weight = 1.0
+        loss.perceptual_loss = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).eval()
+        loss.perceptual_loss.requires_grad_(False)
+        lpips_note = f"random VGG16-shaped weights ({default_vgg16_path()} absent)"
+    return loss.to(device), lpips_note
+
+
+class PhaseTimer:
+    """Wall-clock milliseconds per named phase of one call, device synchronised at each boundary."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ms = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+
+def make_train_step(model, impl: str, settings: FastSettings, device: torch.device, x, mask):
+    """One training step of ``model`` (its ``loss`` attached) as ``AutoencoderKL.training_step`` does it, phase by
+    phase; ``impl == "original"`` adds the second forward of the paper's code. ``settings``: bf16 autocast, the
+    memory format of weights and inputs, fused Adam (``dtype != float32``), compiled decoder blocks."""
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if settings.compile:
+        compile_blocks(model.decoder)
+    fused = settings != EXACT and device.type in ("cuda", "cpu")
+    groups = [{"params": g["params"], "lr": 1e-5 * g["lr_factor"]} for g in model.trainable_groups()]
+    opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9), fused=fused or None)
+    opt_d = torch.optim.Adam(model.loss.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9), fused=fused or None)
+    disc = model.loss.discriminator
+    autocast = (torch.autocast(device.type, dtype=settings.dtype) if settings.dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def forward(timer, name):
+        with timer(name), autocast:
+            with torch.no_grad():  # frozen encoder
+                posterior = model.encode(x)
+                z = posterior.sample()
+            return model.decode(z, x, mask), posterior
+
+    def step(timer: PhaseTimer) -> None:
+        rec, posterior = forward(timer, "decoder forward")
+        disc.requires_grad_(False)  # Lightning's toggled_optimizer: no discriminator gradients in the generator step
+        with timer("generator loss"), autocast:
+            g_loss, _ = model.loss.generator_loss(x, rec, posterior, 0, last_layer=model.get_last_layer())
+        with timer("generator backward"):
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+        with timer("generator Adam"):
+            opt_g.step()
+        disc.requires_grad_(True)
+        if impl == "original":  # PL 1.4 called training_step again for the discriminator's optimizer
+            rec, _ = forward(timer, "second forward")
+        with timer("discriminator loss"), autocast:
+            d_loss, _ = model.loss.discriminator_loss(x, rec, 0)
+        with timer("discriminator backward"):
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+        with timer("discriminator Adam"):
+            opt_d.step()
+    return step
+
+
 # ------------------------------------------------------------------------------------------------ one case
 _MODELS: Dict[tuple, Any] = {}
 
 
-def cached_model(variant: str, impl: str, device: torch.device, opt_dict: Dict[str, Any]):
-    """(model, downsample factor, latent channels), built once per (variant, impl) in this process; other variants
-    are freed."""
-    key = (variant, impl)
+def cached_model(variant: str, impl: str, path: str, device: torch.device, opt_dict: Dict[str, Any]):
+    """(model, downsample factor, latent channels) on ``path``'s settings, built once per (variant, impl, path) in this process; other
+    variants are freed. ``impl``: ours or diffusers; ``path`` "exact" is our untouched float32 model (the PSNR
+    reference); any other impl (the training steps) gets a model of its own."""
+    key = (variant, impl, path)
     if key not in _MODELS:
         for k in [k for k in _MODELS if k[0] != variant]:
             del _MODELS[k]
         if device.type == "cuda":
             torch.cuda.empty_cache()
         # weights are initialised on the device (fast on GPU); diffusers gets ours converted, so both are equal
-        ours = _MODELS.get((variant, "ours"), (None,))[0] or build_model(variant, device)
+        ours = build_model(variant, device)
         f, channels = ours.downsample_factor, ours.embed_dim
-        model = ours if impl == "ours" else to_diffusers(ours).to(device)
-        if opt_dict["channels_last"]:
-            model = model.to(memory_format=torch.channels_last)
-        if opt_dict["compile"]:
-            # in place (state_dict keys unchanged); static shapes: one graph per size, as a deployment would use
-            model.decoder.compile(dynamic=False)
+        model = to_diffusers(ours).to(device) if impl == "diffusers" else ours  # equal weights (seeded)
         _MODELS[key] = (model, f, channels)
     return _MODELS[key]
 
 
+def run_decode(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device, out: Dict[str, Any]) -> None:
+    model, f, channels = cached_model(case["variant"], case["impl"], case["path"], device, opt_dict)
+    settings = path_settings(case["path"], device, opt_dict)
+    z, image, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
+    tile = opt_dict["tile"] if case["tiled"] else None
+    fn = decode_fn(case["impl"], model, case["condition"], tile, opt_dict["tile_overlap"])
+    reference = None
+    if case["path"] != "eager" and case["impl"] == "ours" and opt_dict["psnr"]:
+        exact = cached_model(case["variant"], "ours", "exact", device, opt_dict)[0]
+        exact_fn = decode_fn("ours", exact, case["condition"], tile, opt_dict["tile_overlap"])
+        with torch.inference_mode():
+            reference = exact_fn(z, image, mask)  # our float32 output on the same weights
+    if not hasattr(model, "_benchmark_fast"):  # outside inference mode: the weights stay normal tensors
+        model._benchmark_fast = prepare_decoder(case["impl"], model, settings, device)
+    if model._benchmark_fast is not None and case["path"] != "eager":
+        fast = model._benchmark_fast
+        fn = (lambda z, image, mask: fast.decode(z, image, mask)) if case["condition"] else \
+            (lambda z, image, mask: fast.decode(z))
+    fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+    z, mask = z.to(settings.dtype), mask.to(settings.dtype)
+    image = image.to(settings.dtype).contiguous(memory_format=fmt)
+    autocast = precision(device, opt_dict["dtype"]) if case["path"] == "eager" else contextlib.nullcontext()
+
+    def call():
+        with autocast:
+            return fn(z, image, mask)
+
+    with torch.inference_mode():
+        with PeakMemory(device) as mem:
+            times = time_calls(call, device, case.get("warmup", opt_dict["warmup"]), opt_dict["repeats"])
+        if reference is not None:
+            out["psnr_db"] = psnr_8bit(call(), reference)
+            out["max_abs_diff"] = float((call().float() - reference).abs().max())
+    out.update(latency_ms=statistics.median(times), times_ms=[round(t, 3) for t in times], peak_mib=mem.mib,
+               settings=settings.describe())
+
+
+def run_attention(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device,
+                  out: Dict[str, Any]) -> None:
+    """One call of the decoder's mid-level AttnBlock on the latent of a ``size`` image: peak memory and the SDPA
+    kernel that ran (from the profiler's op names)."""
+    model, f, _ = cached_model(case["variant"], "ours", "eager", device, opt_dict)
+    block = model.decoder.mid.attn_1
+    side = case["size"] // f
+    x = torch.randn(opt_dict["batch"], block.in_channels, side, side, device=device)
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            block(x[..., :8, :8])  # the kernel choice depends on layout and dtype, not on the size
+        kernels = sorted({e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")})
+        with PeakMemory(device) as mem:
+            times = time_calls(lambda: block(x), device, 0, 1)
+    tokens = side * side
+    out.update(latency_ms=statistics.median(times), times_ms=[round(t, 3) for t in times], peak_mib=mem.mib,
+               kernel=", ".join(k.replace("aten::", "") for k in kernels),
+               attention_matrix_mib=opt_dict["batch"] * tokens * tokens * 4 / 2 ** 20, tokens=tokens)
+
+
+def run_train(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device, out: Dict[str, Any]) -> None:
+    # a model of its own: the steps change its weights
+    model, f, channels = cached_model(case["variant"], f"train {case['impl']}", case["path"], device, opt_dict)
+    settings = path_settings(case["path"], device, opt_dict)
+    model.loss, out["lpips"] = build_training_loss(device)
+    model.train()
+    _, x, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
+    step = make_train_step(model, case["impl"], settings, device, x, mask)
+    for _ in range(opt_dict["warmup"]):
+        step(PhaseTimer(device))
+    timers = []
+    with PeakMemory(device) as mem:
+        for _ in range(opt_dict["repeats"]):
+            timers.append(PhaseTimer(device))
+            step(timers[-1])
+    totals = [sum(t.ms.values()) for t in timers]
+    i = totals.index(sorted(totals)[len(totals) // 2])  # the median step, with its own phases
+    out.update(latency_ms=totals[i], times_ms=[round(t, 3) for t in totals], phases_ms=timers[i].ms,
+               images_per_s=opt_dict["batch"] / (totals[i] / 1e3), peak_mib=mem.mib,
+               settings=settings.describe() + (", fused Adam" if settings != EXACT else ""))
+
+
 def run_case(case: Dict[str, Any], opt_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """Measure one (variant, impl, condition, size, tiled, kind) case in this process."""
+    """Measure one (variant, impl, path, condition, size, tiled, kind) case in this process."""
     device = torch.device(opt_dict["device"])
     if opt_dict["threads"]:
         torch.set_num_threads(opt_dict["threads"])
     out = dict(case)
     try:
-        model, f, channels = cached_model(case["variant"], case["impl"], device, opt_dict)
-        model.eval()
-        z, image, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
-        if opt_dict["channels_last"]:
-            image = image.contiguous(memory_format=torch.channels_last)
-        tile = opt_dict["tile"] if case["tiled"] else None
-        fn = decode_fn(case["impl"], model, case["condition"], tile, opt_dict["tile_overlap"])
-        if case["kind"] == "train_step":
-            model.train()
-            model.requires_grad_(True)
-            z.requires_grad_(False)
-
-            def step():
-                with precision(device, opt_dict["dtype"]):
-                    loss = fn(z, image, mask).float().abs().mean()
-                loss.backward()
-                model.zero_grad(set_to_none=True)
-            call, grad = step, contextlib.nullcontext
-        else:
-            def call():
-                with precision(device, opt_dict["dtype"]):
-                    return fn(z, image, mask)
-            grad = torch.inference_mode
-        with grad():
-            with PeakMemory(device) as mem:
-                times = time_calls(call, device, opt_dict["warmup"], opt_dict["repeats"])
-        out.update(latency_ms=statistics.median(times), times_ms=[round(t, 3) for t in times], peak_mib=mem.mib)
+        {"decode": run_decode, "attention": run_attention, "train_step": run_train}[case["kind"]](
+            case, opt_dict, device, out)
     except torch.cuda.OutOfMemoryError as err:
         out["error"] = f"out of memory: {str(err).splitlines()[0]}"
     except Exception as err:  # noqa: BLE001 - one failed case must not lose the others; the row says why
@@ -296,20 +474,32 @@ def plan(opt: argparse.Namespace) -> List[Dict[str, Any]]:
     impls = ["ours"] + ([] if opt.no_diffusers else ["diffusers"])
     conditions = {"both": [True, False], "on": [True], "off": [False]}[opt.condition]
     cases = []
+
+    def add(**case):
+        cases.append(dict(dict(impl="ours", path="eager", condition=True, tiled=False, kind="decode"), **case))
+
     for variant in opt.variants:
         for condition in conditions:
             for size in opt.sizes:
-                for impl in impls:
-                    cases.append(dict(variant=variant, impl=impl, condition=condition, size=size, tiled=False,
-                                      kind="decode"))
-            for size in opt.tiled_sizes:  # diffusers' asymmetric VAE has no tiled decode
-                cases.append(dict(variant=variant, impl="ours", condition=condition, size=size, tiled=True,
-                                  kind="decode"))
+                for path in opt.paths:
+                    for impl in impls if variant != "asuka" else ["ours"]:  # diffusers has no ASUKA class
+                        add(variant=variant, impl=impl, path=path, condition=condition, size=size)
+    for variant in opt.tiled_variants or opt.variants:
+        for condition in conditions:
+            for size in opt.tiled_sizes:  # diffusers' asymmetric VAE has no tiled decode; untiled at the same size
+                for tiled in (False, True):
+                    add(variant=variant, condition=condition, size=size, tiled=tiled, warmup=opt.tiled_warmup)
+    for size in opt.attention_sizes:
+        add(variant=opt.variants[0], size=size, kind="attention")
+    for variant in opt.train_variants or opt.variants:
         if opt.train_size:
-            for impl in impls:
-                cases.append(dict(variant=variant, impl=impl, condition=True, size=opt.train_size, tiled=False,
-                                  kind="train_step"))
-    return cases
+            for impl, path in (("ours", "eager"), ("original", "eager"), ("ours", "fast")):
+                add(variant=variant, impl=impl, path=path, size=opt.train_size, kind="train_step")
+    unique = []  # an untiled size listed in both --sizes and --tiled_sizes is measured once
+    for case in cases:
+        if case not in unique:
+            unique.append(case)
+    return unique
 
 
 def machine_info(device: torch.device) -> Dict[str, Any]:
@@ -321,6 +511,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     except (OSError, AttributeError):
         info["cpu"] = platform.processor()
     info["cpu_count"] = os.cpu_count()
+    info["cpu_native_bf16"] = cpu_has_native_bf16()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
@@ -332,51 +523,101 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
-TRAIN_STEP_NOTE = ("train_step rows: the decoder's forward + backward of an L1 loss only (no LPIPS, no "
-                   "discriminator, no optimizer step).")
+TRAIN_STEP_NOTE = ("Training step: the whole step of AutoencoderKL.training_step (frozen encoder, decoder forward, "
+                   "L1 + LPIPS + KL + adaptive GAN term, backward, Adam; discriminator loss, backward, Adam), the "
+                   "discriminator active; original = the same with a second encoder + decoder forward for the "
+                   "discriminator, as the paper's code ran it.")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def markdown(report: Dict[str, Any]) -> str:
     m = report["machine"]
     where = m.get("gpu") or f"{m['cpu']} ({m['threads']} threads)"
     s = report["settings"]
-    lines = [f"Measured on {where}, torch {m['torch']}, diffusers {m['diffusers']}, {s['dtype']}, batch {s['batch']}"
+    results = [r for r in report["results"] if "error" not in r]
+    lines = [f"Measured on {where}, torch {m['torch']}, diffusers {m['diffusers']}, batch {s['batch']}; "
+             f"{'native' if m.get('cpu_native_bf16') else 'no native'} CPU bf16; eager path: {s['dtype']}"
              f"{', channels_last' if s['channels_last'] else ''}{', torch.compile' if s['compile'] else ''}; "
-             f"tiles {s['tile']} px, overlap {s['tile_overlap']} px; plain matmul {report['matmul']['n']}^3 "
-             f"{report['matmul']['dtype']}: {report['matmul']['tflops']:.2f} TFLOP/s.", "",
-             *([TRAIN_STEP_NOTE, ""] if any(r["kind"] == "train_step" for r in report["results"]) else []),
-             "| variant | kind | condition | size | tiled | ours ms | diffusers ms | ours / diffusers | ours peak MiB | "
-             "diffusers peak MiB | GFLOP | ours TFLOP/s | % of matmul |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows: Dict[tuple, Dict[str, Dict]] = {}
+             f"fast path: {report['fast_path']}; tiles {s['tile']} px, overlap {s['tile_overlap']} px; plain matmul "
+             f"{report['matmul']['n']}^3 {report['matmul']['dtype']}: {report['matmul']['tflops']:.2f} TFLOP/s; "
+             f"warm-up {s['warmup']}, timed {s['repeats']}.", ""]
+    by_key: Dict[tuple, Dict[str, Dict]] = {}
+    for r in results:
+        by_key.setdefault((r["kind"], r["variant"], r["condition"], r["size"], r["tiled"], r["path"]),
+                          {})[r["impl"]] = r
+
+    decodes = [(k, v) for k, v in by_key.items() if k[0] == "decode" and not k[4]]
+    if decodes:
+        lines += ["### Decode", "",
+                  "ours / diffusers compares the two run the same way; vs diffusers fp32 compares with diffusers' "
+                  "eager path. PSNR: 8-bit output of the row against our float32 (eager) output.", "",
+                  "| variant | condition | size | path | ours ms | diffusers ms | ours / diffusers | "
+                  "ours / diffusers eager | PSNR dB | ours peak MiB | diffusers peak MiB | GFLOP | ours TFLOP/s | "
+                  "% of matmul |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (kind, variant, cond, size, tiled, path), by in decodes:
+            ours, theirs = by.get("ours"), by.get("diffusers")
+            eager = by_key.get((kind, variant, cond, size, tiled, "eager"), {}).get("diffusers")
+            ratio = ours["latency_ms"] / theirs["latency_ms"] if ours and theirs else None
+            vs_eager = ours["latency_ms"] / eager["latency_ms"] if ours and eager else None
+            gflop = ours.get("gflop") if ours else None
+            rate = gflop / ours["latency_ms"] if gflop else None  # GFLOP / ms = TFLOP/s
+            lines.append(
+                f"| {variant} | {'yes' if cond else 'no'} | {size} | {path} | "
+                f"{_fmt(ours and ours['latency_ms'], '.1f')} | {_fmt(theirs and theirs['latency_ms'], '.1f')} | "
+                f"{_fmt(ratio, '.2f')} | {_fmt(vs_eager, '.2f')} | {_fmt(ours and ours.get('psnr_db'), '.1f')} | "
+                f"{_fmt(ours and ours['peak_mib'], '.0f')} | {_fmt(theirs and theirs['peak_mib'], '.0f')} | "
+                f"{_fmt(gflop, '.1f')} | {_fmt(rate, '.3f')} | "
+                f"{_fmt(rate and 100 * rate / report['matmul']['tflops'], '.0f')} |")
+        lines.append("")
+
+    tiled = [(k, v["ours"]) for k, v in by_key.items() if k[0] == "decode" and k[4] and "ours" in v]
+    if tiled:
+        lines += ["### Tiled decoding", "",
+                  "time ratio = tiled / untiled latency at the same size; FLOP ratio likewise; overhead = time ratio / "
+                  "FLOP ratio (1.00 = tiling costs exactly its extra FLOPs).", "",
+                  "| variant | condition | size | untiled ms | tiled ms | time ratio | FLOP ratio | overhead | "
+                  "untiled peak MiB | tiled peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (kind, variant, cond, size, _, path), t in tiled:
+            u = by_key.get((kind, variant, cond, size, False, path), {}).get("ours")
+            time_ratio = t["latency_ms"] / u["latency_ms"] if u else None
+            flop_ratio = t["gflop"] / u["gflop"] if u and u.get("gflop") else None
+            lines.append(f"| {variant} | {'yes' if cond else 'no'} | {size} | {_fmt(u and u['latency_ms'], '.0f')} | "
+                         f"{t['latency_ms']:.0f} | {_fmt(time_ratio, '.2f')} | {_fmt(flop_ratio, '.2f')} | "
+                         f"{_fmt(time_ratio and flop_ratio and time_ratio / flop_ratio, '.2f')} | "
+                         f"{_fmt(u and u['peak_mib'], '.0f')} | {t['peak_mib']:.0f} |")
+        lines.append("")
+
+    attention = [r for r in results if r["kind"] == "attention"]
+    if attention:
+        lines += ["### One attention call (decoder mid block)", "",
+                  "| variant | image size | tokens | SDPA kernel | peak MiB | HW x HW matrix MiB | ms |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['size']} | {r['tokens']} | {r['kernel']} | {r['peak_mib']:.0f} | "
+                  f"{r['attention_matrix_mib']:.0f} | {r['latency_ms']:.0f} |" for r in attention]
+        lines.append("")
+
+    train = [r for r in results if r["kind"] == "train_step"]
+    if train:
+        phases = list(dict.fromkeys(p for r in train for p in r["phases_ms"]))
+        lines += ["### Training step", "", TRAIN_STEP_NOTE + f" LPIPS: {train[0]['lpips']}.", "",
+                  "| variant | size | step | settings | images/s | vs original | ms | " + " | ".join(phases)
+                  + " | peak MiB |", "|---" * (8 + len(phases)) + "|"]
+        for r in train:
+            original = by_key.get(("train_step", r["variant"], True, r["size"], False, "eager"), {}).get("original")
+            speedup = r["images_per_s"] / original["images_per_s"] if original else None
+            lines.append(f"| {r['variant']} | {r['size']} | {r['impl']} {r['path']} | {r['settings']} | "
+                         f"{r['images_per_s']:.3g} | {_fmt(speedup, '.2f')}x | {r['latency_ms']:.0f} | "
+                         + " | ".join(_fmt(r["phases_ms"].get(p), ".0f") for p in phases)
+                         + f" | {r['peak_mib']:.0f} |")
+        lines.append("")
+
     for r in report["results"]:
-        key = (r["variant"], r["kind"], r["condition"], r["size"], r["tiled"])
-        rows.setdefault(key, {})[r["impl"]] = r
-
-    def cell(r, k, fmt):
-        if r is None:
-            return "-"
         if "error" in r:
-            return "error"
-        return format(r[k], fmt) if r.get(k) is not None else "-"
-
-    for (variant, kind, cond, size, tiled), by in rows.items():
-        ours, theirs = by.get("ours"), by.get("diffusers")
-        ratio = "-"
-        if ours and theirs and "error" not in ours and "error" not in theirs:
-            ratio = f"{ours['latency_ms'] / theirs['latency_ms']:.2f}"
-        rate = pct = "-"
-        if ours and "error" not in ours and ours.get("gflop"):
-            tf = ours["gflop"] / ours["latency_ms"]  # GFLOP / ms = TFLOP/s
-            rate, pct = f"{tf:.3f}", f"{100 * tf / report['matmul']['tflops']:.0f}"
-        gflop = f"{ours['gflop']:.1f}" if ours and ours.get("gflop") else "-"
-        lines.append(f"| {variant} | {kind} | {'yes' if cond else 'no'} | {size} | {'yes' if tiled else 'no'} | "
-                     f"{cell(ours, 'latency_ms', '.1f')} | {cell(theirs, 'latency_ms', '.1f')} | {ratio} | "
-                     f"{cell(ours, 'peak_mib', '.0f')} | {cell(theirs, 'peak_mib', '.0f')} | {gflop} | {rate} | {pct} |")
-    errors = [r for r in report["results"] if "error" in r]
-    for r in errors:
-        lines.append(f"\n- error in {r['variant']} {r['impl']} {r['kind']} {r['size']}"
-                     f"{' tiled' if r['tiled'] else ''}: {r['error']}")
+            lines.append(f"- error in {r['variant']} {r['impl']} {r['path']} {r['kind']} {r['size']}"
+                         f"{' tiled' if r['tiled'] else ''}: {r['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -389,42 +630,78 @@ def report_paths(out: str) -> Tuple[Path, Path]:
     return path.with_name(path.name + ".json"), path.with_name(path.name + ".md")
 
 
+SUITES = {
+    # the CPU report: base at 512 on every path against diffusers; tiling at 1024 and 2048 with the narrow decoder
+    # (the full-size one would take hours untiled at 2048 on 2 cores); the attention call; the training step at
+    # 128 px (256 px for large2 alone takes minutes per step on 2 cores)
+    "cpu": dict(variants=["base"], condition="on", sizes=[512], paths=["eager", "fast", "fast_fp32"],
+                tiled_variants=["narrow"], tiled_sizes=[1024, 2048], tile=512, tile_overlap=128,
+                attention_sizes=[512, 1024], train_variants=["base", "large", "large2"], train_size=128,
+                warmup=1, repeats=1, tiled_warmup=0),
+    # the GPU report: the issue's comparisons (eager bf16 autocast vs the fast path, both implementations)
+    "gpu": dict(variants=["base", "large2"], condition="on", sizes=[512, 1024], paths=["eager", "fast"],
+                dtype="bf16", tiled_variants=["large2"], tiled_sizes=[2048], tile=512, tile_overlap=128,
+                attention_sizes=[1024, 2048], train_variants=["base", "large", "large2"], train_size=256,
+                warmup=3, repeats=10, tiled_warmup=1),
+    # every path on the tiny config in seconds (what the tests run)
+    "quick": dict(variants=["tiny"], condition="both", sizes=[32, 64], paths=["eager", "fast"], tiled_variants=None,
+                  tiled_sizes=[128], tile=64, tile_overlap=16, attention_sizes=[64], train_variants=None,
+                  train_size=32, warmup=1, repeats=1, tiled_warmup=1),
+}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", required=False, default="benchmark",
                    help="writes OUT.json and OUT.md (a trailing .json or .md in OUT is dropped)")
+    p.add_argument("--suite", choices=sorted(SUITES), help="a preset of the options below (given options are "
+                   "overridden): cpu / gpu = the reports in docs/benchmark.md, quick = the tiny config in seconds")
+    p.add_argument("--quick", action="store_true", help="same as --suite quick, on one thread")
     p.add_argument("--variants", nargs="+", default=["base", "large", "large2"], choices=sorted(CONFIGS))
     p.add_argument("--sizes", nargs="*", type=int, default=[256, 512, 1024], help="untiled decode sizes (pixels)")
-    p.add_argument("--tiled_sizes", nargs="*", type=int, default=[2048, 4096], help="tiled decode sizes")
+    p.add_argument("--paths", nargs="+", choices=("eager", "fast", "fast_fp32"), default=["eager", "fast"],
+                   help="decode paths: eager (--dtype/--channels_last/--compile), fast (ldm.fast for the device), "
+                        "fast_fp32 (the fast path in float32)")
+    p.add_argument("--tiled_sizes", nargs="*", type=int, default=[2048, 4096],
+                   help="tiled decode sizes, each also decoded untiled for the FLOP and time ratios")
+    p.add_argument("--tiled_variants", nargs="*", choices=sorted(CONFIGS), help="variants of the tiled rows "
+                   "(default --variants)")
+    p.add_argument("--tiled_warmup", type=int, help="warm-up calls of the tiled comparison (default --warmup)")
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels (model.enable_tiling)")
     p.add_argument("--tile_overlap", type=int, default=128, help="tile overlap in pixels")
     p.add_argument("--condition", choices=("both", "on", "off"), default="both")
+    p.add_argument("--attention_sizes", nargs="*", type=int, default=[1024],
+                   help="image sizes of the one-attention-call memory check (first variant's mid block)")
     p.add_argument("--train_size", type=int, default=256,
-                   help="training-step image size (0 = no training step); the step is the decoder's forward + "
-                        "backward of an L1 loss only (no LPIPS, discriminator or optimizer)")
+                   help="training-step image size (0 = no training step); the whole step as main.py runs it")
+    p.add_argument("--train_variants", nargs="*", choices=sorted(CONFIGS), help="default --variants")
     p.add_argument("--no_train", action="store_true", help="same as --train_size 0")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="autocast dtype (fp32 = none); random weights: with real SDXL weights fp16 overflows")
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (both implementations)")
+                   help="autocast dtype of the eager path; random weights: with real SDXL weights fp16 overflows")
+    p.add_argument("--channels_last", action="store_true", help="channels_last on the eager path")
+    p.add_argument("--compile", action="store_true", help="torch.compile on the eager path (both implementations)")
+    p.add_argument("--no_psnr", dest="psnr", action="store_false",
+                   help="skip the float32 reference decode that the fast rows' PSNR needs")
     p.add_argument("--no_diffusers", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--case_timeout", type=float, default=None, help="seconds per CPU case (subprocess)")
     p.add_argument("--in_process", action="store_true", help="CPU: no subprocess per case (peak memory less exact)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny config, sizes 32/64, tiled 128, 1 thread, 1 repeat: checks every path in seconds")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     opt = p.parse_args(argv)
     if opt.quick:
-        opt.variants, opt.sizes, opt.tiled_sizes, opt.tile, opt.tile_overlap = ["tiny"], [32, 64], [128], 64, 16
-        opt.train_size, opt.warmup, opt.repeats = 32, 1, 1
+        opt.suite = "quick"
         # one thread: on a shared machine, OpenMP threads waiting for each other make tiny ops 30x slower
         opt.threads = opt.threads or 1
+    if opt.suite:
+        for k, v in SUITES[opt.suite].items():
+            setattr(opt, k, v)
+    if opt.tiled_warmup is None:
+        opt.tiled_warmup = opt.warmup
     if opt.no_train:
         opt.train_size = 0
     return opt
@@ -456,9 +733,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _benchmark(opt: argparse.Namespace, device: torch.device) -> int:
     opt_dict = {k: getattr(opt, k) for k in ("batch", "dtype", "channels_last", "compile", "warmup", "repeats",
-                                             "tile", "tile_overlap", "threads")}
+                                             "tile", "tile_overlap", "threads", "psnr")}
     opt_dict["device"] = str(device)
     report = {"machine": machine_info(device), "settings": dict(opt_dict),
+              "fast_path": fast_settings(device).describe(),
               "matmul": matmul_tflops(device, opt.dtype, opt.repeats), "results": []}
     cases = plan(opt)
     flops_cache: Dict[tuple, int] = {}
@@ -469,17 +747,16 @@ def _benchmark(opt: argparse.Namespace, device: torch.device) -> int:
             result = run_case(case, opt_dict)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        key = (case["variant"], case["size"], case["condition"], case["tiled"], case["kind"])
-        if case["impl"] == "ours":
+        key = (case["variant"], case["size"], case["condition"], case["tiled"])
+        if case["kind"] == "decode":
             if key not in flops_cache:
                 flops_cache[key] = count_flops(case["variant"], case["size"], opt.batch, case["condition"],
-                                               opt.tile if case["tiled"] else None, opt.tile_overlap,
-                                               train=case["kind"] == "train_step")
+                                               opt.tile if case["tiled"] else None, opt.tile_overlap)
             result["gflop"] = flops_cache[key] / 1e9
         report["results"].append(result)
         status = result.get("error") or f"{result['latency_ms']:.1f} ms, peak {result['peak_mib']:.0f} MiB"
-        print(f"[{i + 1}/{len(cases)}] {case['variant']} {case['impl']} {case['kind']} cond={case['condition']} "
-              f"{case['size']}{' tiled' if case['tiled'] else ''}: {status}", flush=True)
+        print(f"[{i + 1}/{len(cases)}] {case['variant']} {case['impl']} {case['path']} {case['kind']} "
+              f"cond={case['condition']} {case['size']}{' tiled' if case['tiled'] else ''}: {status}", flush=True)
     json_path, md_path = report_paths(opt.out)
     text = json.dumps(report, indent=2) + "\n"
     table = markdown(report)

@@ -48,10 +48,12 @@ from ldm.checkpoint_io import CheckpointError  # noqa: E402
 from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import find_images  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
+from ldm.fast import FastDecode  # noqa: E402
 from ldm.image_io import (IMAGE_EXTENSIONS, InputError, find_pairs, quantize, read_image, read_mask,  # noqa: E402
                           read_pair, to_uint8, write_png)
 from ldm.inference import pick_device, precision_scope, refuse_overlap, seed_everything  # noqa: E402
 from ldm.latent_spaces import latent_space_of  # noqa: E402
+from ldm.project import FAST_HELP  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -239,15 +241,16 @@ def stack(batch: Sequence[Sample], device: torch.device) -> Tuple[torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------ modes
-def reconstruct(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace,
+def reconstruct(decoder: FastDecode, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """Encode the image, decode with image + mask as the prior; (B,3,H,W) in [0,1] after 8-bit quantisation."""
+    model = decoder.model
     x = image * 2 - 1
     if opt.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     posterior = model.encode(x)
     z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
-    rec = model.decode(z, x, mask)
+    rec = decoder.decode(z, x, mask)
     return quantize(metrics.to_unit(rec.float()))
 
 
@@ -272,13 +275,14 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
             model.enable_tiling(opt.tile, opt.tile_overlap)
         if opt.compile:
             model.decoder.compile()  # in place: parameter names unchanged
+        decoder = FastDecode(model, device, enabled=opt.fast)
         generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
         scorer = image_metrics(opt, device)
         examples[name] = []
         with torch.inference_mode(), precision_scope(opt.precision, device):
             for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"decoder {name}", disable=opt.quiet):
                 image, mask = stack(batch, device)
-                pred = reconstruct(model, image, mask, opt, generator)
+                pred = reconstruct(decoder, image, mask, opt, generator)
                 scorer.update(pred, image, mask)
                 examples[name].extend(pred[:max(0, opt.n_examples - len(examples[name]))].cpu())
         results[name] = {"config": config, "checkpoint": ckpt, **scorer.summary()}
@@ -392,6 +396,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rec.add_argument("--precision", choices=("full", "autocast"), default="full",
                      help="autocast = float16 on CUDA (no effect on CPU); not for SDXL's VAE, which "
                      "overflows in float16")
+    rec.add_argument("--fast", action="store_true", help=FAST_HELP)
     rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     rec.add_argument("--tile", type=int, default=0,

@@ -103,12 +103,12 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
     import torch
     from diffusers import DiffusionPipeline
 
+    from ldm.fast import FastDecode
     from ldm.pipelines import check_decoder_fits, inpaint, native_size
 
     name = pipeline_class(opt.pipeline)
     decoder = None
     if not opt.vanilla_decoder:
-        # float32, the exact path; a faster decode of the same decoder plugs in as inpaint(..., decode=...)
         decoder = load_decoder(opt, device)
         # refused before the (large) pipeline loads
         check_decoder_fits(json.loads((opt.pipeline / "vae" / "config.json").read_text()), decoder,
@@ -123,13 +123,16 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
     pipe.set_progress_bar_config(disable=True)  # one bar: the pairs
     if opt.max_size is None:
         opt.max_size = native_size(pipe)
+    # --fast: the same decoder on the device's fast path (ldm.fast); default: exact float32
+    decode = None if decoder is None else FastDecode(decoder, device, enabled=opt.fast).decode
     settings = {key: value for key, value in (("num_inference_steps", opt.steps), ("guidance_scale", opt.guidance),
                                               ("strength", opt.strength)) if value is not None}
 
     def inpaint_one(image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         # a CPU generator: the same seed gives the same noise on every device
-        images = inpaint(pipe, decoder, (image + 1) / 2, mask, prompt=opt.prompt, num_images_per_prompt=opt.n_samples,
-                         generator=torch.Generator().manual_seed(opt.seed), **settings)
+        images = inpaint(pipe, decoder, (image + 1) / 2, mask, decode=decode, prompt=opt.prompt,
+                         num_images_per_prompt=opt.n_samples, generator=torch.Generator().manual_seed(opt.seed),
+                         **settings)
         return np.stack([np.asarray(im.convert("RGB")) for im in images])
 
     return inpaint_one

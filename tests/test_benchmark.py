@@ -1,5 +1,6 @@
-"""scripts/benchmark.py: the quick mode runs every path (ours, diffusers, tiled, training step) on the tiny config
-and writes its report; FLOP counts equal a hand count. No timing assertions: numbers go to the report."""
+"""scripts/benchmark.py: the quick mode runs every path (ours and diffusers, eager and fast, tiled, the attention
+call, the training step) on the tiny config and writes its report; FLOP counts equal a hand count. No timing
+assertions: numbers go to the report."""
 from __future__ import annotations
 
 import json
@@ -19,28 +20,60 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     report = json.loads(out.read_text())
     results = report["results"]
     assert not [r for r in results if "error" in r]
-    kinds = {(r["impl"], r["kind"], r["condition"], r["size"], r["tiled"]) for r in results}
-    assert ("diffusers", "decode", True, 64, False) in kinds and ("ours", "decode", False, 128, True) in kinds
-    assert ("ours", "train_step", True, 32, False) in kinds and len(results) == 12
+    kinds = {(r["impl"], r["path"], r["kind"], r["condition"], r["size"], r["tiled"]) for r in results}
+    for path in ("eager", "fast"):
+        assert ("diffusers", path, "decode", True, 64, False) in kinds and ("ours", path, "decode", True, 64, False) in kinds
+    assert {("ours", "eager", "decode", c, 128, t) for c in (True, False) for t in (True, False)} <= kinds
+    assert {("ours", "eager", "train_step", True, 32, False), ("original", "eager", "train_step", True, 32, False),
+            ("ours", "fast", "train_step", True, 32, False), ("ours", "eager", "attention", True, 64, False)} <= kinds
+    assert len(results) == 16 + 4 + 1 + 3
     assert all(r["latency_ms"] > 0 and len(r["times_ms"]) == 1 for r in results)
-    assert all(r["gflop"] > 0 for r in results if r["impl"] == "ours")
+    assert all(r["gflop"] > 0 for r in results if r["kind"] == "decode")
+    # the fast rows of ours carry their distance to our float32 output
+    assert all(r["psnr_db"] >= 40 for r in results if r["impl"] == "ours" and r["path"] == "fast" and r["kind"] == "decode")
+    attention = next(r for r in results if r["kind"] == "attention")
+    assert "math" not in attention["kernel"] and attention["tokens"] == 32 * 32
+    # the training step: every phase of main.py's step, and the original's second forward
+    steps = {(r["impl"], r["path"]): r for r in results if r["kind"] == "train_step"}
+    phases = {"decoder forward", "generator loss", "generator backward", "generator Adam", "discriminator loss",
+              "discriminator backward", "discriminator Adam"}
+    assert set(steps["ours", "eager"]["phases_ms"]) == phases
+    assert set(steps["original", "eager"]["phases_ms"]) == phases | {"second forward"}
+    assert all(r["images_per_s"] > 0 for r in steps.values()) and "fused Adam" in steps["ours", "fast"]["settings"]
+    assert "LPIPS" in steps["ours", "eager"]["lpips"] or "VGG16" in steps["ours", "eager"]["lpips"]
     assert report["matmul"]["tflops"] > 0 and report["machine"]["torch"] == torch.__version__
     table = (tmp_path / "bench_v1.5.md").read_text()
-    assert table.count("\n| tiny |") == 7  # one row per case, ours and diffusers side by side
-    assert benchmark.TRAIN_STEP_NOTE in table and "L1 loss only (no LPIPS" in benchmark.TRAIN_STEP_NOTE
+    for section in ("### Decode", "### Tiled decoding", "### One attention call", "### Training step"):
+        assert section in table
+    # decode rows (ours and diffusers side by side, untiled 128 too), tiled rows, attention, training steps
+    assert table.count("\n| tiny |") == 8 + 2 + 2 + 1 + 3
+    assert benchmark.TRAIN_STEP_NOTE in table
 
 
 def test_help_says_what_the_training_step_measures(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "forward + backward of an L1 loss only (no LPIPS, discriminator or optimizer)" in text
+    assert "the whole step as main.py runs it" in text and "--suite" in text
+
+
+def test_cpu_suite_covers_the_issue_comparisons():
+    """--suite cpu: base at 512 on the eager, fast and fast_fp32 paths against diffusers; tiling at 1024 and 2048
+    against untiled; the attention call; the training step of base, large and large2 (ours, original, fast)."""
+    cases = benchmark.plan(benchmark.parse_args(["--suite", "cpu"]))
+    decode = {(c["impl"], c["path"]) for c in cases if c["kind"] == "decode" and c["size"] == 512}
+    assert decode == {(i, p) for i in ("ours", "diffusers") for p in ("eager", "fast", "fast_fp32")}
+    assert {(c["size"], c["tiled"]) for c in cases if c["variant"] == "narrow"} == {
+        (s, t) for s in (1024, 2048) for t in (True, False)}
+    assert {(c["variant"], c["impl"], c["path"]) for c in cases if c["kind"] == "train_step"} == {
+        (v, i, p) for v in ("base", "large", "large2") for i, p in (("ours", "eager"), ("original", "eager"),
+                                                                    ("ours", "fast"))}
 
 
 def test_cpu_case_in_a_subprocess_reports_peak_memory():
-    case = dict(variant="tiny", impl="ours", condition=True, size=64, tiled=False, kind="decode")
+    case = dict(variant="tiny", impl="ours", path="eager", condition=True, size=64, tiled=False, kind="decode")
     opt = dict(device="cpu", batch=1, dtype="fp32", channels_last=True, compile=False, warmup=0, repeats=1,
-               tile=64, tile_overlap=16, threads=1)
+               tile=64, tile_overlap=16, threads=1, psnr=False)
     result = benchmark.run_case_subprocess(case, opt, timeout=300)
     assert "error" not in result, result.get("error")
     # at least the 3x64x64 float32 output plus the 32-channel full-resolution activations
@@ -48,7 +81,8 @@ def test_cpu_case_in_a_subprocess_reports_peak_memory():
 
 
 def test_flop_count_equals_a_hand_count():
-    """Convolutions (2 * out elements * in/groups * k*k) plus the mid attention's two matmuls (2 * 2*T*T*C)."""
+    """Convolutions (2 * out elements * in/groups * k*k) plus the mid attention's projections (4 * 2*T*C*C) and its
+    two attention matmuls (2 * 2*T*T*C)."""
     model = benchmark.build_model("tiny")
     z, image, mask = benchmark.make_inputs(32, model.downsample_factor, 1, "cpu")
     counts = []
@@ -63,7 +97,8 @@ def test_flop_count_equals_a_hand_count():
     with torch.no_grad():
         model.decoder(model.post_quant_conv(z), image, mask)
     tokens, channels = z.shape[-1] * z.shape[-2], model.decoder.mid.attn_1.q.in_channels
-    expected = sum(counts) + 2 * (2 * tokens * tokens * channels)
+    # the mid attention: its four 1x1 projections run as matmuls (no conv hook fires), then q k^T and (.) v
+    expected = sum(counts) + 4 * (2 * tokens * channels * channels) + 2 * (2 * tokens * tokens * channels)
     assert benchmark.count_flops("tiny", 32, 1, True, None, 0) == expected
 
 

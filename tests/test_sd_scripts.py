@@ -589,3 +589,32 @@ def test_readme_commands_run_as_written_and_name_the_missing_weights(script, mod
     write_png(tmp_path / "DIR" / "a_mask.png", (64, 64), "L")
     err = refused(module, readme_command(script), capsys)
     assert f"{flag} base.ckpt: not found" in err and "configs/" not in err
+
+
+def test_fast_flag_decodes_on_the_fast_path_within_bf16_rounding(files, one_pair, tmp_path, monkeypatch):
+    """inpaint_st.py --fast: the decoder runs on ldm.fast's settings for the CPU (bf16 + channels_last where the
+    CPU has native bf16) and the written image stays within bf16 rounding of the exact run; txt2img.py and
+    evaluate.py take the same flag."""
+    from ldm import fast
+    from scripts import evaluate
+
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)  # the same test on any CPU
+    used = []
+    real_load = inpaint_st.load_models
+
+    def load_models(opt, device):
+        model, decoder = real_load(opt, device)
+        used.append((decoder.settings, decoder.model.decoder.conv_in.weight.dtype))
+        return model, decoder
+
+    monkeypatch.setattr(inpaint_st, "load_models", load_models)
+    args = inpaint_args(files, tmp_path / "exact", "--n_samples", "1")
+    args[args.index("--indir") + 1] = str(one_pair)
+    assert inpaint_st.main(args) == 0
+    assert inpaint_st.main(with_flag(args, "--outdir", tmp_path / "fast") + ["--fast"]) == 0
+    assert used == [(fast.EXACT, torch.float32),
+                    (fast.FastSettings(torch.bfloat16, channels_last=True), torch.bfloat16)]
+    exact, quick = (read(tmp_path / d / "x.png").astype(np.float64) for d in ("exact", "fast"))
+    assert 10 * np.log10(255 ** 2 / max(((exact - quick) ** 2).mean(), 1e-12)) >= 30
+    assert txt2img.parse_args(["--fast"]).fast and evaluate.parse_args(
+        ["reconstruction", "--images", "x", "--decoder", "a=b:c", "--outdir", "o", "--fast"]).fast

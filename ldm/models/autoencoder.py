@@ -188,7 +188,7 @@ class AutoencoderKL(pl.LightningModule):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
         _check_float("x", x)
-        self._check_dtype("x", x)
+        self._check_dtype("x", x, self.encoder.conv_in.weight)
         moments = self.encoder(x)
         return DiagonalGaussianDistribution(moments if self.quant_conv is None else self.quant_conv(moments))
 
@@ -228,10 +228,11 @@ class AutoencoderKL(pl.LightningModule):
         """Decode in one piece again (the default)."""
         self._tiling = None
 
-    def _check_dtype(self, name: str, t: torch.Tensor) -> None:
-        """Outside autocast, inputs must have the weights' dtype (else the first conv fails with a message that
-        names no argument)."""
-        weight = self.decoder.conv_in.weight
+    def _check_dtype(self, name: str, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        """Outside autocast, inputs must have the dtype of the weights that read them (default: the decoder's,
+        which ``ldm.fast`` may convert apart from the encoder), else the first conv fails with a message that names
+        no argument."""
+        weight = self.decoder.conv_in.weight if weight is None else weight
         if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} is {t.dtype} but the model's weights are {weight.dtype}: convert one to the "
                             "other (or run under torch.autocast)")
@@ -334,8 +335,10 @@ class AutoencoderKL(pl.LightningModule):
                                "(scaled by --scale_lr); set model.learning_rate yourself when training without it")
         groups = [{"params": g["params"], "lr": lr * g["lr_factor"], "name": g["name"]}
                   for g in self.trainable_groups()]
-        opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        # fused Adam (one kernel for all parameters) on GPUs; on CPU the default keeps updates as they were
+        fused = True if self.device.type == "cuda" else None
+        opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9), fused=fused)
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
         if self.scheduler_config is None:
             return [opt_g, opt_d]
         total = self.total_steps()

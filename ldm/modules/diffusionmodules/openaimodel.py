@@ -187,8 +187,10 @@ class AttentionBlock(nn.Module):
             q, k, v = (t.reshape(b * self.num_heads, ch, length) for t in qkv.chunk(3, dim=1))
         else:
             q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, length).split(ch, dim=1)
-        # (B*heads, ch, T) -> (B*heads, T, ch) for SDPA; scale 1/sqrt(ch) as the original
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # (B*heads, ch, T) -> (B*heads, T, ch) for SDPA, contiguous (a strided view sends CPU SDPA to the math
+        # kernel, which builds the T x T matrix); scale 1/sqrt(ch) as the original
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        h = F.scaled_dot_product_attention(q, k, v)
         h = h.transpose(1, 2).reshape(b, c, length)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 

@@ -78,12 +78,14 @@ def tiled_decode(decode: DecodeFn, z: torch.Tensor, image: Optional[torch.Tensor
         return decode(z, image, mask)
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     th, tw = min(tile, h), min(tile, w)
+    # The tiles form a grid and each tile's weight is a product wy(row) * wx(column), so the sum of all weights at
+    # a pixel is (sum of the wy) * (sum of the wx): normalising each axis once replaces a full-resolution weight
+    # buffer, its per-tile accumulation and the final division.
+    wys = _normalised_ramps(ys, th, h, overlap, scale, z.device)
+    wxs = _normalised_ramps(xs, tw, w, overlap, scale, z.device)
     out: Optional[torch.Tensor] = None
-    weight = torch.zeros(1, 1, h * scale, w * scale, dtype=torch.float32, device=z.device)
-    for y in ys:
-        wy = blend_ramp(th * scale, overlap * scale, y == 0, y + th == h, device=z.device)
-        for x in xs:
-            wx = blend_ramp(tw * scale, overlap * scale, x == 0, x + tw == w, device=z.device)
+    for y, wy in zip(ys, wys):
+        for x, wx in zip(xs, wxs):
             py, px = slice(y * scale, (y + th) * scale), slice(x * scale, (x + tw) * scale)
             z_tile = z[:, :, y:y + th, x:x + tw]
             image_tile = image[:, :, py, px] if image is not None else None
@@ -93,9 +95,17 @@ def tiled_decode(decode: DecodeFn, z: torch.Tensor, image: Optional[torch.Tensor
                 out_dtype = dec.dtype
                 out = torch.zeros(dec.shape[0], dec.shape[1], h * scale, w * scale, dtype=torch.float32,
                                   device=dec.device)
-            wt = wy[:, None] * wx[None, :]
-            out[:, :, py, px] += dec.float() * wt
-            weight[:, :, py, px] += wt
+            out[:, :, py, px].addcmul_(dec, wy[:, None] * wx[None, :])  # one pass, no float copy of the tile
             del dec  # free the tile's activations before the next one
-    out /= weight
     return out.to(out_dtype)
+
+
+def _normalised_ramps(starts: List[int], length: int, size: int, overlap: int, scale: int,
+                      device) -> List[torch.Tensor]:
+    """The blend ramps of the tiles at ``starts`` along one axis (image pixels), divided by their sum, so that the
+    weights of the tiles covering any pixel add up to 1."""
+    ramps = [blend_ramp(length * scale, overlap * scale, s == 0, s + length == size, device=device) for s in starts]
+    total = torch.zeros(size * scale, dtype=torch.float32, device=device)
+    for s, r in zip(starts, ramps):
+        total[s * scale:(s + length) * scale] += r
+    return [r / total[s * scale:(s + length) * scale] for s, r in zip(starts, ramps)]
