@@ -55,7 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 from ldm.fast import (EXACT, FastDecode, FastSettings, apply_settings, compile_blocks,  # noqa: E402
                       cpu_has_native_bf16, fast_settings)
-from ldm.inference import pick_device, to_uint8  # noqa: E402
+from ldm.image_io import to_uint8  # noqa: E402
+from ldm.inference import pick_device  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
 from ldm.util import instantiate_from_config, write_atomically  # noqa: E402
 
