@@ -1,4 +1,5 @@
-# `make demo` and `make test` create .venv from requirements.txt on first use.
+# `make demo` and `make test` create .venv from requirements.txt and install this checkout into it
+# (`pip install -e .`, so scripts and tests import `ldm` from here) on first use.
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
@@ -6,10 +7,11 @@ VENV_STAMP := .venv/.installed
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): requirements.txt
+$(VENV_STAMP): requirements.txt pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet --upgrade pip
 	.venv/bin/pip install --quiet -r requirements.txt
+	.venv/bin/pip install --quiet --no-deps -e .
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model
+from ldm.checkpoint_io import CheckpointError
+from ldm.loading import load_model
 from ldm.inference import (InputError, fit_size, image_to_tensor, make_schedule, mask_to_tensor, open_image,
                            pick_device, precision_scope, prepare_outdir, save_png, seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -102,7 +103,7 @@ def inpaint(model: torch.nn.Module, sampler: DDIMSampler, decoder: Optional[torc
         if decoder is None:
             result = model.decode_first_stage(samples)
         else:
-            result = decoder.decode(samples / model.scale_factor, image, mask)
+            result = decoder.decode(model.first_stage_model.unscale_latents(samples), image, mask)
     return to_uint8(result)
 
 

@@ -11,7 +11,8 @@ Several ``--base`` files are merged left to right, then the ``key.sub=value`` ov
 (PNG grids), ``csv/metrics.csv`` (after a ``--resume``: ``csv/resumed-<timestamp>/metrics.csv``) and a wandb folder
 (offline unless ``--wandb online``). SIGTERM / Ctrl-C save ``last.ckpt`` after the current batch.
 
-Config sections: ``model`` (target/params + ``base_learning_rate``), ``data`` (usually ``main.DataModuleFromConfig``),
+Config sections: ``model`` (target/params + ``base_learning_rate``), ``data`` (usually
+``ldm.data.datamodule.DataModuleFromConfig``; the original configs' ``main.DataModuleFromConfig`` still works),
 ``lightning`` (``trainer``: Trainer kwargs incl. ``strategy``; ``callbacks``: extra/overridden callbacks;
 ``modelcheckpoint``: ModelCheckpoint params; ``wandb``: off / offline / online).
 """
@@ -35,7 +36,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from ldm.callbacks import (AtomicCheckpointIO, EpochLastCheckpoint, ImageLogger, SetupCallback,  # noqa: F401
                            StopOnSignal, TrainingStopped)
-from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (configs name main.DataModuleFromConfig)
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (the original configs name main.DataModuleFromConfig)
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("main")
@@ -254,7 +255,6 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.path.insert(0, os.getcwd())  # configs may name classes of this file as `main.X`
     # DDP re-runs this script once per extra device; they inherit the timestamp, so every rank names the same folder
     now = os.environ.setdefault(RUN_TIMESTAMP_ENV, datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
     opt, overrides = get_parser().parse_known_args(_explicit_bools(sys.argv[1:] if argv is None else list(argv)))

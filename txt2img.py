@@ -23,7 +23,8 @@ import torch
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError, load_model
+from ldm.checkpoint_io import CheckpointError
+from ldm.loading import load_model
 from ldm.inference import (make_schedule, pick_device, precision_scope, prepare_outdir, save_png,
                            seed_everything, to_uint8)
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -177,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if decoder is None:
                     images = model.decode_first_stage(samples)
                 else:
-                    images = decoder.decode(samples / model.scale_factor)  # no prior: generate everything
+                    images = decoder.decode(model.first_stage_model.unscale_latents(samples))  # no prior: everything
                 images = images.float().cpu()
                 if not opt.skip_save:
                     for array in to_uint8(images):

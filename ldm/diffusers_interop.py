@@ -15,9 +15,19 @@ Key mapping (ours = the original LDM names, which the paper's release uses; diff
                                             conv weights (C,C,1,1) are Linear weights (C,C) there
 ``*.norm_out``                              ``*.conv_norm_out``
 ``decoder.encoder.layers.{k}``              ``decoder.condition_encoder.layers.{k}``
-``quant_conv``, ``post_quant_conv``         unchanged
+``quant_conv``, ``post_quant_conv``         unchanged (absent in SD 3.x / FLUX.1 VAEs, see below)
 ``decoder.up_layers.*``, ``loss.*``         dropped (never used by the decoder; training-only)
 ==========================================  ====================================================
+
+VAEs without quant convs (SD 3.x, FLUX.1: ``use_quant_conv: false``) export to ``AutoencoderKL`` with
+``use_quant_conv`` / ``use_post_quant_conv`` false. ``AsymmetricAutoencoderKL`` always has both convs, so there they
+are written as identity 1x1 convs (weight = identity matrix, bias 0): exact in float32 (each output channel is
+``1 * x + 0 * others + 0``), and read back as "no quant convs" (an exact identity pair is dropped on import).
+Under TF32 convolutions on NVIDIA GPUs (``torch.backends.cudnn.allow_tf32``, on by default) an identity conv
+rounds its input to TF32, a relative error of about 1e-3.
+
+``scaling_factor`` (and ``shift_factor`` where not 0) go to ``config.json``; diffusers' ``AsymmetricAutoencoderKL``
+has no ``shift_factor`` argument and logs that it ignores the entry, which is kept for the way back.
 
 diffusers' ``MaskConditionEncoder`` always builds 5 layers (it is written for 4-level decoders). A decoder with
 fewer levels uses only the first ``levels + 1``; diffusers looks features up by shape, and the extra layers run at
@@ -29,6 +39,7 @@ config, when given, is checked against them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -40,7 +51,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.checkpoint import CheckpointError, PathLike, StateDict, read_state_dict
+from ldm.checkpoint_io import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, StateDict,
+                               read_diffusers_files)
+from ldm.latent_spaces import SD, drop_unused_keys
 from ldm.modules.diffusionmodules.condition import default_condition_widths
 from ldm.util import default_file_mode
 
@@ -48,19 +61,8 @@ log = logging.getLogger(__name__)
 
 ASYMMETRIC_CLASS = "AsymmetricAutoencoderKL"
 SYMMETRIC_CLASS = "AutoencoderKL"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 DIFFUSERS_CONDITION_LAYERS = 5
 NORM_GROUPS = 32  # our GroupNorm (ldm Normalize) always uses 32 groups
-SD_SCALING_FACTOR = 0.18215
-
-# Keys of the original release that no decoder reads, with the reason (logged when dropped).
-UNUSED_PREFIXES = {
-    "decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used",
-    "loss.": "training loss weights (LPIPS, discriminator)",
-}
 
 # (ours, diffusers) fragments that rename the same way in both directions; level indices are handled separately.
 _RENAMES: Tuple[Tuple[str, str], ...] = (
@@ -76,6 +78,8 @@ _RENAMES: Tuple[Tuple[str, str], ...] = (
 )
 # diffusers before 0.14 named the attention projections differently; from_pretrained still accepts them.
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+_NO_ASUKA_BRANCH = ("diffusers' MaskConditionDecoder has no counterpart of ASUKA's condition-branch options "
+                    "(concat_mask, gate_conv, mask_resize: area): such a decoder cannot be converted")
 _ATTENTION_WEIGHT = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 _OURS_LEVEL = re.compile(r"^(encoder\.down|decoder\.up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.")
 _DIFFUSERS_LEVEL = re.compile(r"^(encoder\.down_blocks|decoder\.up_blocks)\.(\d+)\.(resnets\.(\d+)|downsamplers\.0|"
@@ -114,6 +118,7 @@ class AutoencoderLayout:
     decoder_widths: Tuple[int, ...]
     decoder_blocks: int
     condition_widths: Optional[Tuple[int, ...]]
+    quant_conv: bool = True
 
     @property
     def symmetric(self) -> bool:
@@ -138,7 +143,7 @@ class AutoencoderLayout:
                 else "no condition branch")
         return (f"encoder widths {list(self.encoder_widths)} x {self.encoder_blocks} blocks; decoder widths "
                 f"{list(self.decoder_widths)} x {self.decoder_blocks} (+1) blocks, {cond}; "
-                f"latent channels {self.latent_channels}")
+                f"latent channels {self.latent_channels}, {'with' if self.quant_conv else 'no'} quant convs")
 
     # ------------------------------------------------------------------ our side
     @classmethod
@@ -174,35 +179,45 @@ class AutoencoderLayout:
         if shape("encoder.conv_in.weight")[0] != enc_widths[0]:
             raise CheckpointError("encoder.conv_in is narrower than the first level (ch_mult[0] != 1): diffusers' "
                                   "Encoder cannot hold it")
-        latent = shape("quant_conv.weight")[0] // 2
         z_enc = shape("encoder.conv_out.weight")[0] // 2
         z_dec = shape("decoder.conv_in.weight")[1]
-        if not latent == z_enc == z_dec == shape("post_quant_conv.weight")[0]:
+        quant = "quant_conv.weight" in state_dict or "post_quant_conv.weight" in state_dict
+        latent = shape("quant_conv.weight")[0] // 2 if quant else z_enc
+        if not latent == z_enc == z_dec == (shape("post_quant_conv.weight")[0] if quant else latent):
             raise CheckpointError(f"latent channels differ (encoder {z_enc}, quant_conv {latent}, decoder {z_dec}): "
                                   "diffusers has one latent_channels")
         n_cond = len({k.split(".")[3] for k in state_dict if k.startswith("decoder.encoder.layers.")})
+        if n_cond and shape("decoder.encoder.layers.0.weight")[1] != shape("decoder.conv_out.weight")[0]:
+            raise CheckpointError(_NO_ASUKA_BRANCH + " (this condition branch reads the mask: concat_mask)")
         cond = tuple(shape(f"decoder.encoder.layers.{k}.weight")[0] for k in range(n_cond)) if n_cond else None
         return cls(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
                    latent_channels=latent, encoder_widths=tuple(enc_widths), encoder_blocks=enc_blocks,
-                   decoder_widths=tuple(dec_widths), decoder_blocks=dec_blocks - 1, condition_widths=cond)
+                   decoder_widths=tuple(dec_widths), decoder_blocks=dec_blocks - 1, condition_widths=cond,
+                   quant_conv=quant)
 
     @classmethod
     def from_ldm_config(cls, ddconfig: Mapping[str, Any], decoder_overrides: Optional[Mapping[str, Any]] = None,
-                        embed_dim: Optional[int] = None) -> "AutoencoderLayout":
-        """The layout an ``AutoencoderKL(ddconfig, decoder_overrides=..., embed_dim=...)`` builds."""
+                        embed_dim: Optional[int] = None, use_quant_conv: bool = True) -> "AutoencoderLayout":
+        """The layout an ``AutoencoderKL(ddconfig, decoder_overrides=..., embed_dim=..., use_quant_conv=...)``
+        builds."""
         dec = {**ddconfig, **dict(decoder_overrides or {})}
         if ddconfig.get("attn_resolutions") or dec.get("attn_resolutions"):
             raise CheckpointError("attn_resolutions must be empty: attention inside the levels has no diffusers "
                                   "counterpart")
         cond = None
         if dec.get("condition", False):
+            options = {k: dec[k] for k in ("concat_mask", "gate_conv") if dec.get(k)}
+            if dec.get("mask_resize", "nearest") != "nearest":
+                options["mask_resize"] = dec["mask_resize"]
+            if options:
+                raise CheckpointError(f"{_NO_ASUKA_BRANCH} (the config sets {options})")
             cond = tuple(dec.get("condition_widths") or default_condition_widths(dec["ch"], dec["ch_mult"]))
         return cls(in_channels=ddconfig["in_channels"], out_channels=dec["out_ch"],
                    latent_channels=embed_dim or ddconfig["z_channels"],
                    encoder_widths=tuple(ddconfig["ch"] * m for m in ddconfig["ch_mult"]),
                    encoder_blocks=ddconfig["num_res_blocks"],
                    decoder_widths=tuple(dec["ch"] * m for m in dec["ch_mult"]),
-                   decoder_blocks=dec["num_res_blocks"], condition_widths=cond)
+                   decoder_blocks=dec["num_res_blocks"], condition_widths=cond, quant_conv=bool(use_quant_conv))
 
     def to_ldm_config(self, resolution: int = 256) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """``(ddconfig, decoder_overrides)`` for our ``AutoencoderKL`` (``embed_dim`` = ``latent_channels``)."""
@@ -234,9 +249,11 @@ class AutoencoderLayout:
             problems.append(f"act_fn {config['act_fn']!r} (ours: silu)")
         if config.get("norm_num_groups", NORM_GROUPS) != NORM_GROUPS:
             problems.append(f"norm_num_groups {config['norm_num_groups']} (ours: {NORM_GROUPS})")
-        for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-            if not config.get(key, True):
-                problems.append(f"{key} false (ours always has it)")
+        if not config.get("mid_block_add_attention", True):
+            problems.append("mid_block_add_attention false (ours always has it)")
+        quant = config.get("use_quant_conv", True)
+        if quant != config.get("use_post_quant_conv", True):
+            problems.append("use_quant_conv != use_post_quant_conv (ours has both quant convs or neither)")
         if name == ASYMMETRIC_CLASS:
             enc, enc_blocks = config["down_block_out_channels"], config["layers_per_down_block"]
             dec, dec_blocks = config["up_block_out_channels"], config["layers_per_up_block"]
@@ -260,18 +277,21 @@ class AutoencoderLayout:
         return cls(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
                    latent_channels=config.get("latent_channels", 4), encoder_widths=tuple(enc),
                    encoder_blocks=enc_blocks, decoder_widths=tuple(dec), decoder_blocks=dec_blocks,
-                   condition_widths=cond)
+                   condition_widths=cond, quant_conv=bool(quant))
 
-    def to_diffusers_config(self, sample_size: int = 256, scaling_factor: float = SD_SCALING_FACTOR
-                            ) -> Dict[str, Any]:
+    def to_diffusers_config(self, sample_size: int = 256, scaling_factor: float = SD.scaling_factor,
+                            shift_factor: float = SD.shift_factor) -> Dict[str, Any]:
         """``config.json`` contents (without ``_class_name``/``_diffusers_version``) of :attr:`diffusers_class`."""
         common = dict(in_channels=self.in_channels, out_channels=self.out_channels,
                       down_block_types=["DownEncoderBlock2D"] * len(self.encoder_widths),
                       up_block_types=["UpDecoderBlock2D"] * len(self.decoder_widths), act_fn="silu",
                       latent_channels=self.latent_channels, norm_num_groups=NORM_GROUPS, sample_size=sample_size,
                       scaling_factor=scaling_factor)
+        if shift_factor:
+            common["shift_factor"] = shift_factor
         if self.diffusers_class == SYMMETRIC_CLASS:
-            return dict(common, block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks)
+            return dict(common, block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks,
+                        use_quant_conv=self.quant_conv, use_post_quant_conv=self.quant_conv)
         self.check_condition_fits_diffusers()
         return dict(common, down_block_out_channels=list(self.encoder_widths),
                     layers_per_down_block=self.encoder_blocks, up_block_out_channels=list(self.decoder_widths),
@@ -333,34 +353,28 @@ def _diffusers_key_to_ldm(key: str, n_up: int) -> str:
     return key
 
 
-def drop_unused_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Without the original release's keys that no decoder reads (:data:`UNUSED_PREFIXES`), logged."""
-    kept = dict(state_dict)
-    for prefix, reason in UNUSED_PREFIXES.items():
-        dropped = [k for k in kept if k.startswith(prefix)]
-        for k in dropped:
-            del kept[k]
-        if dropped:
-            log.info("dropped %d keys under %r: %s", len(dropped), prefix, reason)
-    return kept
-
-
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]] = None,
                      decoder_overrides: Optional[Mapping[str, Any]] = None, *, sample_size: Optional[int] = None,
-                     scaling_factor: float = SD_SCALING_FACTOR) -> Tuple[StateDict, Dict[str, Any]]:
+                     scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
+                     use_quant_conv: Optional[bool] = None) -> Tuple[StateDict, Dict[str, Any]]:
     """Our (or the original release's) autoencoder state dict -> ``(diffusers state dict, diffusers config)``.
 
     The architecture is read from the tensors; ``ddconfig``/``decoder_overrides`` (as in our configs), when given,
     must describe the same one (a config with ``condition: false`` accepts a checkpoint that carries the branch:
-    diffusers keeps it, and decoding without image/mask ignores it). ``config["_class_name"]`` is
-    ``AsymmetricAutoencoderKL`` with a condition branch, ``AutoencoderKL`` for a plain SD-style VAE.
+    diffusers keeps it, and decoding without image/mask ignores it; ``use_quant_conv``, when given, too).
+    ``config["_class_name"]`` is ``AsymmetricAutoencoderKL`` with a condition branch, ``AutoencoderKL`` for a plain
+    VAE. ``scaling_factor`` / ``shift_factor``: the latent space's (our model's ``scaling_factor`` /
+    ``shift_factor``). A VAE without quant convs gets identity ones in ``AsymmetricAutoencoderKL`` (see the
+    module docstring).
     """
     sd = drop_unused_keys(state_dict)
     layout = AutoencoderLayout.from_state_dict(sd)
     if ddconfig is not None:
-        check_layout_matches_config(layout, ddconfig, decoder_overrides)
+        check_layout_matches_config(layout, ddconfig, decoder_overrides,
+                                    layout.quant_conv if use_quant_conv is None else use_quant_conv)
     config = {"_class_name": layout.diffusers_class,
-              **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), scaling_factor)}
+              **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), scaling_factor,
+                                           shift_factor)}
 
     n_up = len(layout.decoder_widths)
     out: StateDict = {}
@@ -378,7 +392,20 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[
             # never read by diffusers for this decoder depth (see module docstring): zeros
             out[f"decoder.condition_encoder.layers.{k}.weight"] = ref.new_zeros(theirs[k], theirs[k - 1], 4, 4)
             out[f"decoder.condition_encoder.layers.{k}.bias"] = ref.new_zeros(theirs[k])
+    if not layout.quant_conv and layout.diffusers_class == ASYMMETRIC_CLASS:
+        ref = sd["decoder.conv_in.weight"]
+        for name, channels in (("quant_conv", 2 * layout.latent_channels), ("post_quant_conv", layout.latent_channels)):
+            out[f"{name}.weight"] = torch.eye(channels, dtype=ref.dtype)[:, :, None, None]
+            out[f"{name}.bias"] = ref.new_zeros(channels)
     return out, config
+
+
+def _is_identity_conv(state_dict: Mapping[str, torch.Tensor], name: str) -> bool:
+    weight, bias = state_dict.get(f"{name}.weight"), state_dict.get(f"{name}.bias")
+    if weight is None or bias is None or weight.ndim != 4 or weight.shape[0] != weight.shape[1]:
+        return False
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype)[:, :, None, None]
+    return bool(torch.equal(weight, eye) and not bias.any())
 
 
 def diffusers_to_ldm(diffusers_state_dict: Mapping[str, torch.Tensor], diffusers_config: Mapping[str, Any]
@@ -392,6 +419,13 @@ def diffusers_to_ldm(diffusers_state_dict: Mapping[str, torch.Tensor], diffusers
     layout = AutoencoderLayout.from_diffusers_config(diffusers_config)
     n_up = len(layout.decoder_widths)
     n_cond = len(layout.condition_widths or ())
+    quant_convs = ("quant_conv", "post_quant_conv")
+    if layout.diffusers_class == ASYMMETRIC_CLASS and all(_is_identity_conv(diffusers_state_dict, n)
+                                                         for n in quant_convs):
+        # how a VAE without quant convs is exported (module docstring); identity convs compute nothing
+        log.info("quant_conv and post_quant_conv are identity convs: read as a VAE without quant convs "
+                 "(use_quant_conv: false)")
+        diffusers_state_dict = {k: v for k, v in diffusers_state_dict.items() if not k.startswith(quant_convs)}
     out: StateDict = {}
     dead = 0
     for key, tensor in diffusers_state_dict.items():
@@ -417,9 +451,9 @@ def diffusers_config_to_ldm(diffusers_config: Mapping[str, Any]) -> Tuple[Dict[s
 
 
 def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str, Any],
-                                decoder_overrides: Optional[Mapping[str, Any]]) -> None:
+                                decoder_overrides: Optional[Mapping[str, Any]], use_quant_conv: bool = True) -> None:
     """Raise :class:`CheckpointError` listing every field where the tensors' layout and our config differ."""
-    expected = AutoencoderLayout.from_ldm_config(ddconfig, decoder_overrides)
+    expected = AutoencoderLayout.from_ldm_config(ddconfig, decoder_overrides, use_quant_conv=use_quant_conv)
     if expected.condition_widths is None and layout.condition_widths is not None:
         log.info("the config has condition: false but the checkpoint carries a condition branch; it is kept "
                  "(decode without image/mask to ignore it)")
@@ -430,54 +464,13 @@ def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str
         raise CheckpointError("the checkpoint does not match the config: " + "; ".join(diffs))
 
 
-# ---------------------------------------------------------------------- folders
-def _weights_file(folder: Path) -> List[Path]:
-    for name in (WEIGHTS_NAME, WEIGHTS_NAME_BIN):
-        if (folder / name).is_file():
-            return [folder / name]
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a diffusers weight index ({e})") from None
-        return [folder / s for s in shards]
-    raise CheckpointError(f"{folder}: no weights: expected {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN}, or sharded "
-                          f"{WEIGHTS_INDEX_NAME}) next to {CONFIG_NAME}")
-
-
-def read_diffusers_config(folder: PathLike) -> Dict[str, Any]:
-    """``config.json`` of a diffusers model folder (a pipeline folder's ``vae/`` is used when given the pipeline)."""
-    return json.loads(_model_folder(Path(folder)).joinpath(CONFIG_NAME).read_text())
-
-
-def _model_folder(folder: Path) -> Path:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"diffusers model folder not found: {folder}")
-    if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
-        log.info("%s is a pipeline folder: reading its vae/", folder)
-        folder = folder / "vae"
-    if not (folder / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{folder}: not a diffusers model folder: {CONFIG_NAME} is missing (expected "
-                              f"{CONFIG_NAME} + {WEIGHTS_NAME}, as written by save_pretrained)")
-    return folder
-
-
 def read_diffusers_folder(folder: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     """A diffusers ``AsymmetricAutoencoderKL``/``AutoencoderKL`` folder (``config.json`` + weights) ->
     ``(state dict in our keys, decoder_overrides)``. Weights: ``.safetensors`` (also sharded) or a ``.bin`` read
     with ``weights_only=True``."""
-    folder = _model_folder(Path(folder))
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: not valid JSON ({e})") from None
-    state_dict: StateDict = {}
-    for path in _weights_file(folder):
-        state_dict.update(read_state_dict(path))
-    if config.get("scaling_factor", SD_SCALING_FACTOR) != SD_SCALING_FACTOR:
-        log.warning("%s: scaling_factor %s differs from SD's %s; our SD configs set scale_factor themselves",
-                    folder, config["scaling_factor"], SD_SCALING_FACTOR)
+    folder, state_dict, config = read_diffusers_files(folder)
+    log.info("%s: latent scaling_factor %s, shift_factor %s (our configs carry their own)", folder,
+             config.get("scaling_factor"), config.get("shift_factor"))
     try:
         return diffusers_to_ldm(state_dict, config)
     except KeyError as e:
@@ -492,8 +485,9 @@ def check_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: M
     import diffusers
 
     cls = getattr(diffusers, config["_class_name"])
+    accepted = inspect.signature(cls.__init__).parameters  # shift_factor is not AsymmetricAutoencoderKL's
     with torch.device("meta"):
-        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+        model = cls(**{k: v for k, v in config.items() if k in accepted})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -507,7 +501,8 @@ def check_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: M
 def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]],
                            decoder_overrides: Optional[Mapping[str, Any]], folder: PathLike, *,
                            overwrite: bool = False, sample_size: Optional[int] = None,
-                           scaling_factor: float = SD_SCALING_FACTOR) -> Path:
+                           scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
+                           use_quant_conv: Optional[bool] = None) -> Path:
     """Write our state dict as a folder that ``diffusers.AsymmetricAutoencoderKL.from_pretrained`` (or
     ``AutoencoderKL`` for a VAE without condition branch) loads: ``config.json`` + ``.safetensors``.
 
@@ -520,7 +515,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists (pass overwrite=True / --overwrite to replace it)")
     sd, config = ldm_to_diffusers(state_dict, ddconfig, decoder_overrides, sample_size=sample_size,
-                                  scaling_factor=scaling_factor)
+                                  scaling_factor=scaling_factor, shift_factor=shift_factor,
+                                  use_quant_conv=use_quant_conv)
     check_diffusers_state_dict(sd, config)
     try:
         from importlib.metadata import version
@@ -538,6 +534,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
         # safetensors wants contiguous tensors with their own storage
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
+        for written in tmp.iterdir():  # safetensors writes 0600 files: give them the usual permissions
+            os.chmod(written, default_file_mode())
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)

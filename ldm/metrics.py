@@ -3,7 +3,7 @@
 All functions take ``pred`` and ``target`` as (B,3,H,W) float tensors in [0, 1] and ``mask`` as (B,1,H,W) with
 1 = generated (hole), 0 = kept; the mask is binarised at 0.5 as the original evaluation does.
 
-``pre_error`` (shared/SPEC.md sections 5 and 7): per image, the squared error over the kept region, summed over
+``pre_error`` (docs/design.md, *Metrics*): per image, the squared error over the kept region, summed over
 all three channels. The original code reports that sum (``pre_error_sum``); its magnitude does not match the
 paper's table, whose numbers match the per-element mean ``pre_error = pre_error_sum / (3*H*W)`` (note: divided by
 all pixels of the image, not only the kept ones). Both are returned; tables label which is which.

@@ -1,7 +1,9 @@
 """Shared by every entry point: ``target`` / ``params`` instantiation and atomic file writes."""
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -18,8 +20,28 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
     return getattr(importlib.import_module(module, package=None), cls)
 
 
+def check_params(target: Callable[..., Any], params: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming every key of ``params`` that ``target`` does not take, with the keys it does take.
+
+    A misspelt key must never be swallowed: ``conditon: true`` would otherwise build a decoder without its branch.
+    Targets that take ``**kwargs`` check their own keys.
+    """
+    signature = inspect.signature(target)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    known = [name for name, p in signature.parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [key for key in params if key not in known]
+    if unknown:
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, 1))
+                 else repr(key) for key in unknown]
+        raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                         f"the keys it takes: {', '.join(known)}")
+
+
 def instantiate_from_config(config: Mapping[str, Any], **extra: Any) -> Any:
-    """Build ``config["target"](**config["params"], **extra)``.
+    """Build ``config["target"](**config["params"], **extra)``; a key the target does not take is an error that
+    names it (:func:`check_params`).
 
     The two sentinel strings of the original code are kept: ``__is_first_stage__`` and
     ``__is_unconditional__`` return ``None``.
@@ -30,14 +52,9 @@ def instantiate_from_config(config: Mapping[str, Any], **extra: Any) -> Any:
         raise KeyError(f"config has no 'target' key: {dict(config) if isinstance(config, Mapping) else config!r}")
     params = dict(config.get("params", None) or {})
     params.update(extra)
-    return get_obj_from_str(config["target"])(**params)
-
-
-def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if verbose:
-        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
-    return total
+    target = get_obj_from_str(config["target"])
+    check_params(target, params, f"params of {config['target']}")
+    return target(**params)
 
 
 def exists(x: Any) -> bool:

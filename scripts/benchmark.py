@@ -9,11 +9,13 @@ with the achieved FLOP rate next to a plain matrix-multiply rate on the same mac
     python scripts/benchmark.py --quick --out /tmp/bench                  # tiny config, seconds (what the tests run)
 
 Weights are random (speed does not depend on them). Variants: ``base`` / ``large`` / ``large2`` are the paper's decoders
-(configs/autoencoder/autoencoder_kl_32x32x4*.yaml); ``narrow`` is the base layout at ch 32 with one block per level (for
-CPU curves); ``tiny`` is configs/tiny. "condition" rows decode with image + mask (the asymmetric path), "no condition"
-rows decode ``z`` alone (the text-to-image path). Latency: median of ``--repeats`` timed calls after ``--warmup``, under
-``torch.inference_mode``; the training step is the decoder's forward + backward of an L1 loss only (no LPIPS, no
-discriminator, no optimizer step), so it is a lower bound on a real training step.
+(configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
+spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers has no such
+class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is configs/tiny.
+"condition" rows decode with image + mask (the asymmetric path), "no condition" rows decode ``z`` alone (the
+text-to-image path). Latency: median of ``--repeats`` timed calls after ``--warmup``, under ``torch.inference_mode``;
+the training step is the decoder's forward + backward of an L1 loss only (no LPIPS, no discriminator, no optimizer
+step), so it is a lower bound on a real training step.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU each case runs
 in a fresh subprocess and reports the rise of the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``)
 over the resident set before the first call (model weights excluded). FLOPs: ``torch.utils.flop_counter`` on the meta
@@ -38,8 +40,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ldm.inference import pick_device  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
@@ -51,6 +51,10 @@ CONFIGS = {
     "large2": "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml",
     "narrow": "configs/autoencoder/autoencoder_kl_32x32x4.yaml",  # with NARROW below
     "tiny": "configs/tiny/autoencoder_kl_tiny.yaml",
+    # the other latent spaces (16 latent channels for sd3 / flux) and ASUKA's FLUX.1 decoder (no diffusers class)
+    **{f"{space}_{v}": f"configs/autoencoder/{space}/asymmetric_{v}.yaml"
+       for space in ("sdxl", "sd3", "flux") for v in ("base", "large", "large2")},
+    "asuka": "configs/autoencoder/flux/asuka.yaml",
 }
 NARROW = {"ch": 32, "num_res_blocks": 1, "condition": True}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,17 +82,19 @@ def to_diffusers(model):
 
     from ldm.diffusers_interop import ldm_to_diffusers
 
-    state_dict, config = ldm_to_diffusers(model.state_dict())
+    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
+                                          shift_factor=model.shift_factor)
     cls = getattr(diffusers, config.pop("_class_name"))
     vae = cls.from_config(config)
     vae.load_state_dict(state_dict)
     return vae.eval()
 
 
-def make_inputs(size: int, factor: int, batch: int, device, dtype=torch.float32):
-    """Latent (B,4,size/f,size/f), image (B,3,size,size) in [-1,1], mask (B,1,size,size) with a box to generate."""
+def make_inputs(size: int, factor: int, batch: int, device, dtype=torch.float32, channels: int = 4):
+    """Latent (B,channels,size/f,size/f), image (B,3,size,size) in [-1,1], mask (B,1,size,size) with a box to
+    generate."""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(batch, 4, size // factor, size // factor, generator=g)
+    z = torch.randn(batch, channels, size // factor, size // factor, generator=g)
     image = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
     mask = torch.zeros(batch, 1, size, size)
     mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
@@ -176,12 +182,11 @@ def count_flops(variant: str, size: int, batch: int, condition: bool, tile: Opti
 
     model = build_model(variant, device="meta")
     f = model.downsample_factor
-    z, image, mask = (t.to("meta") for t in make_inputs(size, f, batch, "cpu"))
+    z, image, mask = (t.to("meta") for t in make_inputs(size, f, batch, "cpu", channels=model.embed_dim))
     if not condition:
         image = mask = None
 
-    def decode(zt, it, mt):  # the model's decode minus input validation (which reads values)
-        return model.decoder(model.post_quant_conv(zt), it, mt)
+    decode = model.decode_untiled  # the model's decode minus input validation (which reads values)
 
     with FlopCounterMode(display=False) as counter:
         if tile:
@@ -211,7 +216,8 @@ _MODELS: Dict[tuple, Any] = {}
 
 
 def cached_model(variant: str, impl: str, device: torch.device, opt_dict: Dict[str, Any]):
-    """(model, downsample factor), built once per (variant, impl) in this process; other variants are freed."""
+    """(model, downsample factor, latent channels), built once per (variant, impl) in this process; other variants
+    are freed."""
     key = (variant, impl)
     if key not in _MODELS:
         for k in [k for k in _MODELS if k[0] != variant]:
@@ -220,14 +226,14 @@ def cached_model(variant: str, impl: str, device: torch.device, opt_dict: Dict[s
             torch.cuda.empty_cache()
         # weights are initialised on the device (fast on GPU); diffusers gets ours converted, so both are equal
         ours = _MODELS.get((variant, "ours"), (None,))[0] or build_model(variant, device)
-        f = ours.downsample_factor
+        f, channels = ours.downsample_factor, ours.embed_dim
         model = ours if impl == "ours" else to_diffusers(ours).to(device)
         if opt_dict["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
         if opt_dict["compile"]:
             # in place (state_dict keys unchanged); static shapes: one graph per size, as a deployment would use
             model.decoder.compile(dynamic=False)
-        _MODELS[key] = (model, f)
+        _MODELS[key] = (model, f, channels)
     return _MODELS[key]
 
 
@@ -238,9 +244,9 @@ def run_case(case: Dict[str, Any], opt_dict: Dict[str, Any]) -> Dict[str, Any]:
         torch.set_num_threads(opt_dict["threads"])
     out = dict(case)
     try:
-        model, f = cached_model(case["variant"], case["impl"], device, opt_dict)
+        model, f, channels = cached_model(case["variant"], case["impl"], device, opt_dict)
         model.eval()
-        z, image, mask = make_inputs(case["size"], f, opt_dict["batch"], device)
+        z, image, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
         if opt_dict["channels_last"]:
             image = image.contiguous(memory_format=torch.channels_last)
         tile = opt_dict["tile"] if case["tiled"] else None
@@ -400,7 +406,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no_train", action="store_true", help="same as --train_size 0")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = none)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="autocast dtype (fp32 = none); random weights: with real SDXL weights fp16 overflows")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (both implementations)")
     p.add_argument("--no_diffusers", action="store_true")

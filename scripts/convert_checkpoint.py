@@ -3,15 +3,20 @@ r"""Convert autoencoder checkpoints between the original release, our files and 
     # the paper's release (or our .ckpt/.safetensors) -> a diffusers AsymmetricAutoencoderKL folder
     python scripts/convert_checkpoint.py to-diffusers larger1.5.ckpt models/asym-x-1-5 \
         [--config configs/autoencoder/autoencoder_kl_32x32x4_large.yaml]
+    # another latent space: its config (or --latent_space sdxl|sd3|flux) gives scaling / shift and quant convs
+    python scripts/convert_checkpoint.py to-diffusers flux_base.ckpt models/flux-asym-base \
+        --config configs/autoencoder/flux/asymmetric_base.yaml
     # a diffusers AsymmetricAutoencoderKL / AutoencoderKL folder -> our keys (.ckpt or .safetensors by extension)
     python scripts/convert_checkpoint.py from-diffusers asymmetric-autoencoder-kl-x-1-5 larger1.5.safetensors
-    # a full Stable Diffusion v1.x checkpoint -> its VAE, the starting point of training (stable_vqgan.ckpt)
+    # a single-file SD 1.x/2.x, SDXL or SD 3.x checkpoint -> its VAE, the starting point of training
     python scripts/convert_checkpoint.py extract-vae v1-5-pruned-emaonly.ckpt stable_vqgan.ckpt
     # .ckpt <-> .safetensors, optionally without the keys no decoder reads (decoder.up_layers.*, loss.*)
     python scripts/convert_checkpoint.py reformat base.ckpt base.safetensors [--strip]
 
-The architecture (widths, blocks per level, condition branch) is read from the tensors and printed; ``--config``
-checks it against one of our autoencoder configs. Existing outputs are kept unless ``--overwrite``.
+The architecture (widths, blocks per level, condition branch, latent channels, quant convs) is read from the
+tensors and printed; ``--config`` checks it against one of our autoencoder configs. A VAE without quant convs
+(SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none).
+Existing outputs are kept unless ``--overwrite``.
 Exit status: 0 done, 2 bad input (message on stderr).
 """
 from __future__ import annotations
@@ -23,31 +28,30 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import TORCH_SUFFIXES, CheckpointError, StateDict, read_state_dict, save_state_dict  # noqa: E402
+from ldm.checkpoint import read_state_dict  # noqa: E402
+from ldm.checkpoint_io import (  # noqa: E402
+    TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict)
 from ldm.diffusers_interop import (  # noqa: E402
-    SD_SCALING_FACTOR, AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, drop_unused_keys,
-    read_diffusers_config, read_diffusers_folder, write_diffusers_folder)
+    AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, read_diffusers_folder,
+    write_diffusers_folder)
+from ldm.latent_spaces import (  # noqa: E402
+    LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
+    describe_latent_layout, drop_unused_keys, matching_spaces, single_file_vae_prefix, strip_prefix)
 
-SD_PREFIX = "first_stage_model."
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
 WEIGHT_SUFFIXES = TORCH_SUFFIXES | {".safetensors"}
 
 
 def read_autoencoder(path: Path) -> StateDict:
-    """Our/original autoencoder tensors; a full SD checkpoint gives its ``first_stage_model``."""
-    sd = read_state_dict(path)
-    if "encoder.conv_in.weight" not in sd and f"{SD_PREFIX}encoder.conv_in.weight" in sd:
-        print(f"{path}: full Stable Diffusion checkpoint, using its {SD_PREFIX}* weights")
-        sd = {k[len(SD_PREFIX):]: v for k, v in sd.items() if k.startswith(SD_PREFIX)}
-    return sd
+    """Our/original autoencoder tensors; a single-file diffusion checkpoint gives its VAE."""
+    return autoencoder_state_dict(read_state_dict(path), source=path)
 
 
-def load_config(path: Path) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]], Optional[int]]:
-    """``(ddconfig, decoder_overrides, embed_dim)`` of one of our autoencoder YAMLs."""
+def load_config(path: Path) -> Dict[str, Any]:
+    """``model.params`` of one of our autoencoder YAMLs (``ddconfig``, ``decoder_overrides``, ``embed_dim``,
+    ``use_quant_conv``, ``scaling_factor``, ``shift_factor`` ...)."""
     from omegaconf import OmegaConf
 
     if not path.is_file():
@@ -56,52 +60,91 @@ def load_config(path: Path) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]], O
     params = (cfg.get("model", cfg) or {}).get("params", {})
     if "ddconfig" not in params:
         raise ValueError(f"--config {path}: no model.params.ddconfig (not an autoencoder config)")
-    return params["ddconfig"], params.get("decoder_overrides"), params.get("embed_dim")
+    return params
 
 
 def describe(sd: StateDict) -> str:
-    from ldm.models.autoencoder import describe_decoder_checkpoint
-
     return f"{AutoencoderLayout.from_state_dict(sd).describe()}\n  {describe_decoder_checkpoint(sd)}"
 
 
+def latent_scaling(opt: argparse.Namespace, params: Dict[str, Any], layout: AutoencoderLayout) -> Tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` for config.json: the flags, else --config, else --latent_space, else the
+    only known latent space with the tensors' layout (SD 1.x for 4 channels with quant convs, as before)."""
+    if opt.latent_space is not None:
+        space = LATENT_SPACES[opt.latent_space]
+        if (space.channels, space.quant_conv) != (layout.latent_channels, layout.quant_conv):
+            raise ValueError(f"--latent_space {opt.latent_space}: {space.models} has {space.channels} latent channels "
+                             f"{'with' if space.quant_conv else 'without'} quant convs, the checkpoint "
+                             f"{describe_latent_layout(layout.latent_channels, layout.quant_conv)}")
+        default = (space.scaling_factor, space.shift_factor)
+    elif "scaling_factor" in params or "shift_factor" in params or opt.config is not None:
+        default = (params.get("scaling_factor", SD.scaling_factor), params.get("shift_factor", SD.shift_factor))
+    else:
+        spaces = matching_spaces(layout.latent_channels, layout.quant_conv)
+        if (layout.latent_channels, layout.quant_conv) == (SD.channels, SD.quant_conv):
+            spaces = [SD]  # the paper's latent space; SDXL's VAE needs --latent_space sdxl
+        if len(spaces) != 1 and (opt.scaling_factor is None or opt.shift_factor is None):
+            raise ValueError(f"the checkpoint has {describe_latent_layout(layout.latent_channels, layout.quant_conv)}: "
+                             "pass --config or --latent_space (or --scaling_factor and --shift_factor) to say which")
+        default = (spaces[0].scaling_factor, spaces[0].shift_factor) if spaces else (None, None)
+    scale = default[0] if opt.scaling_factor is None else opt.scaling_factor
+    shift = default[1] if opt.shift_factor is None else opt.shift_factor
+    return float(scale), float(shift)
+
+
 def to_diffusers(opt: argparse.Namespace) -> None:
+    params: Dict[str, Any] = {}
     ddconfig = overrides = None
     if opt.config is not None:
-        ddconfig, overrides, embed_dim = load_config(opt.config)
+        params = load_config(opt.config)
+        ddconfig, overrides, embed_dim = params["ddconfig"], params.get("decoder_overrides"), params.get("embed_dim")
         if embed_dim is not None and embed_dim != ddconfig["z_channels"]:
             raise ValueError(f"--config {opt.config}: embed_dim {embed_dim} != z_channels "
                              f"{ddconfig['z_channels']}; diffusers has one latent_channels")
     sd = read_autoencoder(opt.input)
     print(f"{opt.input}: {describe(sd)}")
+    layout = AutoencoderLayout.from_state_dict(drop_unused_keys(sd))
+    use_quant_conv = params.get("use_quant_conv", True)
     if ddconfig is not None:
         try:
-            check_layout_matches_config(AutoencoderLayout.from_state_dict(sd), ddconfig, overrides)
+            check_layout_matches_config(layout, ddconfig, overrides, use_quant_conv)
         except CheckpointError as e:
             raise CheckpointError(f"{opt.input} vs --config {opt.config}: {e}") from None
-    write_diffusers_folder(sd, ddconfig, overrides, opt.output, overwrite=opt.overwrite,
-                           scaling_factor=opt.scaling_factor)
+    scale, shift = latent_scaling(opt, params, layout)
+    write_diffusers_folder(sd, ddconfig, overrides, opt.output, overwrite=opt.overwrite, scaling_factor=scale,
+                           shift_factor=shift)
     cls = read_diffusers_config(opt.output)["_class_name"]
-    print(f"wrote {opt.output} (diffusers {cls}; load with {cls}.from_pretrained)")
+    print(f"wrote {opt.output} (diffusers {cls}; load with {cls}.from_pretrained); scaling_factor {scale}, "
+          f"shift_factor {shift}")
+    if not layout.quant_conv and cls == "AsymmetricAutoencoderKL":
+        print("  the VAE has no quant convs: AsymmetricAutoencoderKL holds identity ones (exact in float32)")
 
 
 def from_diffusers(opt: argparse.Namespace) -> None:
     sd, overrides = read_diffusers_folder(opt.input)
-    ddconfig, _ = diffusers_config_to_ldm(read_diffusers_config(opt.input))
+    config = read_diffusers_config(opt.input)
+    ddconfig, _ = diffusers_config_to_ldm(config)
     save_state_dict(sd, opt.output, metadata={"source": str(opt.input), "converted_by": "from-diffusers"})
     print(f"{opt.input}: {describe(sd)}")
     print(f"wrote {opt.output} ({len(sd)} tensors); config: ddconfig ch {ddconfig['ch']}, ch_mult "
-          f"{ddconfig['ch_mult']}, num_res_blocks {ddconfig['num_res_blocks']}; decoder_overrides {overrides}")
+          f"{ddconfig['ch_mult']}, num_res_blocks {ddconfig['num_res_blocks']}, z_channels {ddconfig['z_channels']}; "
+          f"decoder_overrides {overrides}; use_quant_conv {'quant_conv.weight' in sd}; scaling_factor "
+          f"{config.get('scaling_factor', SD.scaling_factor)}, shift_factor {config.get('shift_factor') or 0.0}")
 
 
 def extract_vae(opt: argparse.Namespace) -> None:
-    sd = read_state_dict(opt.input, prefix=SD_PREFIX)
+    full = read_state_dict(opt.input)
+    prefix = single_file_vae_prefix(full)
+    if prefix is None:
+        raise CheckpointError(f"{opt.input}: no VAE under {' or '.join(SINGLE_FILE_VAE_PREFIXES)} (first keys: "
+                              f"{', '.join(sorted(full)[:5])})")
+    sd = strip_prefix(full, prefix)
     vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIXES)}
-    absent = [p for p in VAE_PREFIXES if not any(k.startswith(p) for k in vae)]
+    absent = [p for p in ("encoder.", "decoder.") if not any(k.startswith(p) for k in vae)]
     if absent:
-        raise CheckpointError(f"{opt.input}: {SD_PREFIX}* has no {', '.join(absent)}* keys: not an SD VAE")
+        raise CheckpointError(f"{opt.input}: {prefix}* has no {', '.join(absent)}* keys: not a VAE")
     if len(vae) < len(sd):
-        print(f"left out {len(sd) - len(vae)} {SD_PREFIX}* tensors outside {', '.join(VAE_PREFIXES)}")
+        print(f"left out {len(sd) - len(vae)} {prefix}* tensors outside {', '.join(VAE_PREFIXES)}")
     save_state_dict(vae, opt.output, metadata={"source": str(opt.input), "converted_by": "extract-vae"})
     print(f"{opt.input}: {describe(vae)}")
     print(f"wrote {opt.output} ({len(vae)} tensors)")
@@ -118,7 +161,7 @@ def reformat(opt: argparse.Namespace) -> None:
 COMMANDS = {
     "to-diffusers": (to_diffusers, "our/original .ckpt or .safetensors (or a full SD checkpoint) -> diffusers folder"),
     "from-diffusers": (from_diffusers, "diffusers AsymmetricAutoencoderKL/AutoencoderKL folder -> .ckpt/.safetensors"),
-    "extract-vae": (extract_vae, "full SD v1.x checkpoint -> its VAE (encoder, decoder, quant convs) in our keys"),
+    "extract-vae": (extract_vae, "single-file SD 1.x/2.x, SDXL or SD 3.x checkpoint -> its VAE in our keys"),
     "reformat": (reformat, ".ckpt <-> .safetensors with the same tensors"),
 }
 
@@ -136,8 +179,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if name == "to-diffusers":
             s.add_argument("--config", type=Path, default=None,
                            help="our autoencoder YAML; the checkpoint must match its architecture")
-            s.add_argument("--scaling_factor", type=float, default=SD_SCALING_FACTOR,
-                           help="latent scaling factor written to config.json")
+            s.add_argument("--latent_space", choices=sorted(LATENT_SPACES), default=None,
+                           help="latent space of the checkpoint (scaling and shift for config.json) when no --config "
+                                "says it; default: sd for 4 channels with quant convs")
+            s.add_argument("--scaling_factor", type=float, default=None,
+                           help="latent scaling factor written to config.json (default: from --config/--latent_space)")
+            s.add_argument("--shift_factor", type=float, default=None,
+                           help="latent shift factor written to config.json (default: from --config/--latent_space)")
         if name == "reformat":
             s.add_argument("--strip", action="store_true",
                            help="leave out decoder.up_layers.* and loss.* (never read at inference)")

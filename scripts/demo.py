@@ -33,10 +33,9 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ldm.util import write_atomically  # noqa: E402
-from ldm.checkpoint import load_model  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import ImageFolderInpainting  # noqa: E402
 from ldm import metrics  # noqa: E402
 

@@ -42,16 +42,16 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from inpaint_st import find_pairs, load_pair  # noqa: E402
 from ldm import metrics  # noqa: E402
-from ldm.checkpoint import CheckpointError, load_model  # noqa: E402
+from ldm.checkpoint_io import CheckpointError  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.data.inpainting import IMAGE_EXTENSIONS, UnreadableImageError, find_images, load_image  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.inference import (InputError, mask_to_tensor, open_image, pick_device, precision_scope,  # noqa: E402
                            save_png, seed_everything)
+from ldm.latent_spaces import latent_space_of  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -272,6 +272,10 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
     results, examples = {}, {}
     for name, config, ckpt in specs:
         model = load_model(config, ckpt, device=device)
+        space = latent_space_of(model)
+        if opt.precision == "autocast" and device.type == "cuda" and space is not None and not space.fp16_safe:
+            print(f"warning: --decoder {name}: the {space.models} VAE overflows in float16 (NaN/inf images); "
+                  "use --precision full", file=sys.stderr)
         if opt.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if opt.tile:
@@ -396,7 +400,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rec.add_argument("--sample_posterior", action="store_true",
                      help="decode a posterior sample (seeded by --seed) instead of its mode")
     rec.add_argument("--precision", choices=("full", "autocast"), default="full",
-                     help="autocast = float16 on CUDA (no effect on CPU)")
+                     help="autocast = float16 on CUDA (no effect on CPU); not for SDXL's VAE, which "
+                     "overflows in float16")
     rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
     rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     rec.add_argument("--tile", type=int, default=0,

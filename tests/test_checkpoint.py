@@ -4,10 +4,15 @@ from __future__ import annotations
 import logging
 import os
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, load_model, read_state_dict, save_state_dict
+from ldm.checkpoint import read_state_dict
+from ldm.checkpoint_io import CheckpointError, save_state_dict
+from ldm.loading import load_model
 from tests.conftest import TINY_DDCONFIG, make_autoencoder
 
 
@@ -20,8 +25,10 @@ def original_style_checkpoint(model, path, extra=None):
     sd["loss.logvar"] = torch.zeros(())
     sd["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
     sd.update(extra or {})
-    torch.save({"state_dict": sd, "global_step": 120030, "epoch": 3,
-                "callbacks": {pl.callbacks.ModelCheckpoint: {"best_model_path": "x"}}}, path)
+    # PL 1.4 (the release) keys callback states by class; they hold numpy scalars and paths
+    torch.save({"state_dict": sd, "global_step": 120030, "epoch": 3, "pytorch-lightning_version": "1.4.2",
+                "callbacks": {pl.callbacks.ModelCheckpoint: {"best_model_path": "x", "dirpath": Path("logs"),
+                                                             "best_model_score": np.float64(0.5)}}}, path)
     return sd
 
 
@@ -113,7 +120,8 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, tiny_autoencoder):
 
 @pytest.mark.parametrize("name, content, error, message", [
     ("garbage.ckpt", b"not a checkpoint at all", CheckpointError, "garbage.ckpt"),
-    ("text.ckpt", b"hello world", CheckpointError, "text.ckpt: not a readable PyTorch checkpoint"),
+    ("text.ckpt", b"hello world", CheckpointError, "text.ckpt: not a PyTorch checkpoint"),
+    ("torn.ckpt", b"PK\x03\x04 torn zip", CheckpointError, "torn.ckpt: not a readable PyTorch checkpoint"),
     ("broken.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", CheckpointError, "broken.safetensors"),
     ("weights.npz", b"PK", CheckpointError, "unknown checkpoint format"),
 ])
@@ -179,19 +187,105 @@ def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path, tiny_autoen
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-def test_a_pickle_the_safe_loader_cannot_read_gets_no_advice_to_disable_it(tmp_path, monkeypatch):
+def test_legacy_format_pickle_with_code_is_refused_with_the_same_message_and_no_advice(tmp_path, tiny_autoencoder):
+    """torch.save's pre-zip format has no static listing of its globals: torch's own weights-only refusal is
+    reported with the one message, without torch's advice to disable the safe loader."""
+    marker = tmp_path / "pwned"
+    payload = _Exploit()
+    payload.target = marker
+    torch.save({"state_dict": tiny_autoencoder.state_dict(), "hook": payload}, tmp_path / "old.ckpt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"old.ckpt: refusing to load: the file holds pickled Python objects "
+                                              r"where only tensors and plain containers") as info:
+        read_state_dict(tmp_path / "old.ckpt")
+    assert "weights_only" not in str(info.value) and not marker.exists()
+    save_state_dict(tiny_autoencoder.state_dict(), tmp_path / "plain_old.ckpt")
+    torch.save(tiny_autoencoder.state_dict(), tmp_path / "plain_old.pt", _use_new_zipfile_serialization=False)
+    assert read_state_dict(tmp_path / "plain_old.pt").keys() == tiny_autoencoder.state_dict().keys()
+
+
+def test_a_global_is_refused_whatever_package_it_lives_in(tmp_path, tiny_autoencoder):
+    """Only Lightning's metadata, by exact name, is tolerated: a class of this project (or of Lightning) that no
+    Lightning checkpoint carries is refused, never neutralised, and convert_checkpoint.py writes nothing."""
+    import subprocess
+    import sys
+
+    import pytorch_lightning as pl
+
+    from ldm.lr_scheduler import LambdaWarmUpCosineScheduler
+
+    from .conftest import REPO
+
+    sd = tiny_autoencoder.state_dict()
+    odd = {"ours.ckpt": LambdaWarmUpCosineScheduler(warm_up_steps=1, lr_min=0.1, lr_max=1, lr_start=0.1,
+                                                     max_decay_steps=2),
+           "trainer.ckpt": pl.callbacks.LearningRateMonitor()}
+    for name, obj in odd.items():
+        torch.save({"state_dict": sd, "extra": obj}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=rf"{name}: refusing to load: the file holds pickled Python "
+                                                  rf"objects \({type(obj).__module__}\.{type(obj).__name__}\)"):
+            read_state_dict(tmp_path / name)
+    result = subprocess.run([sys.executable, str(REPO / "scripts/convert_checkpoint.py"), "reformat",
+                             str(tmp_path / "ours.ckpt"), str(tmp_path / "out.safetensors")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "refusing to load" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_plain_pickle_is_refused_without_unpickling_it_or_a_torch_warning(tmp_path, tiny_autoencoder):
     import pickle
+    import warnings
 
-    def unreadable(*args, **kwargs):
-        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
-                                     "`False` will likely succeed.\nWeightsUnpickler error: Unsupported operand 149")
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({k: v.numpy() for k, v in tiny_autoencoder.state_dict().items()}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"plain.pt: not a PyTorch checkpoint \(a file written by "
+                                                  r"torch.save\); other pickles are never loaded"):
+            read_state_dict(tmp_path / "plain.pt")
 
-    (tmp_path / "odd.ckpt").write_bytes(b"x")
-    monkeypatch.setattr(torch, "load", unreadable)
-    with pytest.raises(CheckpointError, match=r"odd.ckpt: not a weights checkpoint this loader can read safely "
-                                              r"\(Unsupported operand 149\)") as info:
-        read_state_dict(tmp_path / "odd.ckpt")
-    assert "weights_only" not in str(info.value)
+
+def test_lightning_metadata_among_the_weights_is_refused(tmp_path, tiny_autoencoder):
+    from omegaconf import OmegaConf
+
+    sd = dict(tiny_autoencoder.state_dict(), config=OmegaConf.create({"a": 1}))
+    torch.save({"state_dict": sd}, tmp_path / "mixed.ckpt")
+    with pytest.raises(CheckpointError, match=r"mixed.ckpt: refusing to load.*DictConfig"):
+        read_state_dict(tmp_path / "mixed.ckpt")
+
+
+def test_a_checkpoint_written_by_lightning_2_loads(tmp_path):
+    """What Lightning 2 writes (string-keyed callback states, loops, optimizer and LambdaLR states, OmegaConf
+    hyper-parameters through save_hyperparameters) reads without running code."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from ldm.lr_scheduler import LambdaWarmUpCosineScheduler
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, config):
+            super().__init__()
+            self.save_hyperparameters()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=0.1)
+            schedule = LambdaWarmUpCosineScheduler(warm_up_steps=1, lr_min=0.1, lr_max=1, lr_start=0.1,
+                                                   max_decay_steps=4)
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
+
+    torch.manual_seed(0)
+    model = Tiny(OmegaConf.create({"model": {"ch": 32, "ch_mult": [1, 2]}}))
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2))
+    back = read_state_dict(tmp_path / "last.ckpt")
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias(tmp_path):
@@ -222,3 +316,50 @@ def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias
     assert torch.equal(dst.loss.perceptual_loss.lins[0].model[1].weight, torch.full_like(
         dst.loss.perceptual_loss.lins[0].model[1].weight, 0.25))
     assert torch.equal(dst.decoder.conv_out.weight, src.decoder.conv_out.weight)
+
+
+_PEAK_CHILD = """
+import json, re, sys, torch
+from ldm.loading import load_model
+config = json.loads(sys.argv[2])
+
+def peak_since_reset():  # the kernel's resident high-water mark (VmHWM), reset by writing 5 to clear_refs
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+def current():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+load_model(config)  # warm up: imports and allocator pools
+for what in ("built", "loaded"):
+    base = current()
+    open("/proc/self/clear_refs", "w").write("5")
+    model = load_model(config, sys.argv[1] if what == "loaded" else None)
+    sizes = {what: peak_since_reset() - base}
+    del model
+    print(json.dumps({"model": sum(t.numel() * t.element_size() for t in load_model(config).state_dict().values()),
+                      **sizes}))
+"""
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_loading_weights_peaks_near_the_model_size(tmp_path, suffix):
+    """Peak resident memory (the kernel's high-water mark, reset before each step) of building a ~100 MB
+    autoencoder, and of building it and loading a checkpoint into it: the file must not add a second copy of the
+    weights (before: about 2x the model)."""
+    import json
+    import subprocess
+    import sys
+
+    config = {"target": "ldm.models.autoencoder.AutoencoderKL",
+              "params": {"embed_dim": 4, "lossconfig": {"target": "torch.nn.Identity"},
+                         "ddconfig": {**TINY_DDCONFIG, "ch": 64, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+                         "decoder_overrides": {"condition": True}}}
+    model = load_model(config)
+    save_state_dict(model.state_dict(), tmp_path / f"w{suffix}")
+    del model
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / f"w{suffix}"), json.dumps(config)],
+                         capture_output=True, text=True, check=True)
+    sizes = {k: v for line in out.stdout.strip().splitlines()[-2:] for k, v in json.loads(line).items()}
+    assert sizes["model"] > 80e6
+    assert 0.7 * sizes["model"] < sizes["built"] < 1.3 * sizes["model"], sizes  # the measure sees the model
+    assert sizes["loaded"] < 1.3 * sizes["model"], sizes

@@ -10,7 +10,7 @@ from tests.conftest import make_autoencoder
 
 CONFIGS = "configs/autoencoder"
 
-# shared/SPEC.md section 1.6 (encoder, decoder main path, condition branch); SD VAE decoder = 49,490,179.
+# The paper's models (encoder, decoder main path, condition branch; docs/design.md); SD VAE decoder = 49,490,179.
 PARAM_COUNTS = {
     "autoencoder_kl_32x32x4": (34_163_592, 49_490_179, 10_786_048),
     "autoencoder_kl_32x32x4_large": (34_163_592, 135_872_259, 24_264_576),

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ldm.checkpoint import read_state_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import demo  # noqa: E402
+from scripts import demo
 
 
 def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys):

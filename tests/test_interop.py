@@ -4,6 +4,7 @@ own x-1-5 / x-2 models, and scripts/convert_checkpoint.py works end to end and r
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, read_state_dict, save_state_dict
+from ldm.checkpoint import read_state_dict
+from ldm.checkpoint_io import CheckpointError, save_state_dict
 from ldm.diffusers_interop import (AutoencoderLayout, check_diffusers_state_dict, diffusers_condition_widths,
                                    diffusers_config_to_ldm, diffusers_to_ldm, ldm_to_diffusers,
                                    read_diffusers_folder, write_diffusers_folder)
@@ -402,3 +404,15 @@ def test_cli_runs_as_a_script(tmp_path):
                              str(tmp_path / "a.ckpt")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert_same_tensors(read_state_dict(tmp_path / "a.ckpt"), read_state_dict(src))
+
+
+def test_cli_to_diffusers_files_get_the_umask_mode(cli, tmp_path):
+    """safetensors writes 0600 files; the folder's files get what the umask gives any new file."""
+    original = save_state_dict(build_ours("tiny").state_dict(), tmp_path / "base.ckpt")
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["to-diffusers", str(original), str(tmp_path / "asym")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "asym", *(tmp_path / "asym").iterdir()]}
+    assert modes == {"asym": 0o755, "config.json": 0o644, "diffusion_pytorch_model.safetensors": 0o644}

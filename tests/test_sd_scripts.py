@@ -10,7 +10,8 @@ from PIL import Image
 
 import inpaint_st
 import txt2img
-from ldm.checkpoint import read_state_dict, save_state_dict
+from ldm.checkpoint import read_state_dict
+from ldm.checkpoint_io import save_state_dict
 
 from .conftest import REPO
 from .test_ddpm import TINY_INPAINT, TINY_T2I, build, original_layout

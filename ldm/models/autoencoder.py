@@ -17,35 +17,17 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
-from ldm.checkpoint import CheckpointError, PathLike, load_into, read_state_dict
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import CheckpointError, PathLike
+from ldm.framework_hooks import set_last_lr, step_uncounted
+from ldm.latent_spaces import (SD, UNUSED_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
+                               describe_latent_layout, describe_state_dict, latent_layout)
+from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
-
-# Known decoder shapes of released checkpoints -> the config that builds them (used in load error messages).
-_VARIANT_CONFIGS = {
-    (128, 2): "configs/autoencoder/autoencoder_kl_32x32x4.yaml (base)",
-    (192, 3): "configs/autoencoder/autoencoder_kl_32x32x4_large.yaml (large 1.5x)",
-    (256, 5): "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml (large 2x)",
-}
-
-
-def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
-    try:
-        ch = state_dict["decoder.conv_out.weight"].shape[1]
-        blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
-    except (KeyError, IndexError, AttributeError):
-        return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
-    has_condition = any(k.startswith("decoder.encoder.") for k in state_dict)
-    nrb = len(blocks) - 1
-    known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
-    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch "
-            f"{'present' if has_condition else 'absent'}: it matches {known}")
-
 
 class AutoencoderKL(pl.LightningModule):
     """Frozen encoder + trainable decoder.
@@ -67,6 +49,12 @@ class AutoencoderKL(pl.LightningModule):
             the trainer).
         train_encoder: also train encoder, ``quant_conv`` and ``post_quant_conv`` (a plain KL autoencoder trained
             from scratch, e.g. stage 1 of the demo); the paper's recipe keeps them frozen (default).
+        use_quant_conv: build the 1x1 ``quant_conv`` / ``post_quant_conv`` around the latent (SD 1.x/2.x, SDXL).
+            SD 3.x and FLUX.1 VAEs have neither: their latent is the encoder's output itself (then ``embed_dim``
+            must equal ``z_channels``), and their checkpoints carry no such keys.
+        scaling_factor / shift_factor: the latent space's normalisation used by the diffusion model, see
+            :meth:`scale_latents`. SD 1.x/2.x 0.18215 / 0, SDXL 0.13025 / 0, SD 3.x 1.5305 / 0.0609,
+            FLUX.1 0.3611 / 0.1159.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -76,7 +64,8 @@ class AutoencoderKL(pl.LightningModule):
                  scheduler_config: Optional[Mapping[str, Any]] = None,
                  scheduler_config_d: Optional[Mapping[str, Any]] = None,
                  num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None,
-                 train_encoder: bool = False):
+                 train_encoder: bool = False, use_quant_conv: bool = True,
+                 scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
@@ -87,18 +76,34 @@ class AutoencoderKL(pl.LightningModule):
         self.image_key = image_key
         self.mask_key = mask_key
         self.embed_dim = embed_dim
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
         self.pretrained_lr_factor = float(pretrained_lr_factor)
         self.scheduler_config = scheduler_config
         self.scheduler_config_d = scheduler_config_d
         if num_gpus is not None or colorize_nlabels is not None:
             log.info("num_gpus / colorize_nlabels are accepted for old configs and ignored")
 
+        check_params(Encoder, ddconfig, "ddconfig")
         self.encoder = Encoder(**ddconfig)
-        self.decoder_config = {**ddconfig, **dict(decoder_overrides or {})}
+        self.decoder_config = {k: v for k, v in {**ddconfig, **dict(decoder_overrides or {})}.items()
+                               if k not in ENCODER_ONLY_KEYS}
+        check_params(Decoder, self.decoder_config, "decoder_overrides over ddconfig")
         self.decoder = Decoder(**self.decoder_config)
         self.loss = instantiate_from_config(lossconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        self.use_quant_conv = bool(use_quant_conv)
+        if self.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, self.decoder_config["z_channels"], 1)
+        else:
+            z_dec = self.decoder_config["z_channels"]
+            if not embed_dim == ddconfig["z_channels"] == z_dec:
+                raise ValueError(f"use_quant_conv false: embed_dim ({embed_dim}) must equal ddconfig.z_channels "
+                                 f"({ddconfig['z_channels']}) and the decoder's z_channels ({z_dec}), since no 1x1 "
+                                 "conv maps between them")
+            self.quant_conv = self.post_quant_conv = None
         # pixels per latent pixel along each side
         self.downsample_factor = 2 ** (len(self.decoder_config["ch_mult"]) - 1)
         self._tiling: Optional[Tuple[int, int]] = None  # (tile, overlap) in image pixels; see enable_tiling
@@ -108,15 +113,28 @@ class AutoencoderKL(pl.LightningModule):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
         # The paper's recipe: SD's encoder side stays frozen, only the decoder (and discriminator) train.
-        for module in (self.encoder, self.quant_conv, self.post_quant_conv):
+        for module in self.encoder_side():
             module.requires_grad_(self.train_encoder)
+
+    def encoder_side(self) -> List[nn.Module]:
+        """The modules before the latent (frozen in the paper's recipe): encoder and, if built, both quant convs."""
+        return [m for m in (self.encoder, self.quant_conv, self.post_quant_conv) if m is not None]
+
+    # ------------------------------------------------------------------ latent space
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, embed_dim, h, w) -> the diffusion model's latents:
+        ``(z - shift_factor) * scaling_factor``."""
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`scale_latents`: ``latents / scaling_factor + shift_factor``, ready for :meth:`decode`."""
+        return latents / self.scaling_factor + self.shift_factor
 
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
         """Checkpoint key prefixes this model drops on load, with the reason logged."""
-        unused = {"decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used"}
-        if not any(k.startswith("loss.") for k in self.state_dict()):
-            unused["loss."] = "training loss weights (LPIPS, discriminator); this model has no loss module"
+        has_loss = any(k.startswith("loss.") for k in self.state_dict())
+        unused = {prefix: reason for prefix, reason in UNUSED_PREFIXES.items() if not (prefix == "loss." and has_loss)}
         if not self.decoder.has_condition:
             unused["decoder.encoder."] = "condition branch; this decoder is configured with condition: false"
         return unused
@@ -126,11 +144,8 @@ class AutoencoderKL(pl.LightningModule):
         ``first_stage_model``. A checkpoint without a condition branch (an SD VAE) leaves the branch fresh when
         ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoint.load_model``)
         that is an error, since a random branch would overwrite the kept region."""
-        state_dict = read_state_dict(path)
-        if "encoder.conv_in.weight" not in state_dict and "first_stage_model.encoder.conv_in.weight" in state_dict:
-            log.info("%s: full Stable Diffusion checkpoint, using its first_stage_model.* weights", path)
-            state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
-                          if k.startswith("first_stage_model.")}
+        state_dict = autoencoder_state_dict(read_state_dict(path), source=path)
+        self._check_latent_layout(state_dict, path)
         allow_missing = []
         if self.decoder.has_condition and not any(k.startswith("decoder.encoder.") for k in state_dict):
             if not fresh_condition:
@@ -147,20 +162,32 @@ class AutoencoderKL(pl.LightningModule):
         # the lpips package registers lin0..lin4 a second time as lins.0..4; taming's LPIPS (the original's) does not
         allow_missing.append("loss.perceptual_loss.lins.")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  allow_missing=allow_missing, hint=self._variant_hint(state_dict))
+                  allow_missing=allow_missing, hint=self._variant_hint(state_dict), assign=True)
         log.info("restored %s from %s", type(self).__name__, path)
+
+    def _check_latent_layout(self, state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:
+        """Refuse a file of another latent space (channels, quant convs), naming the one its tensors look like."""
+        theirs = latent_layout(state_dict)
+        ours = (self.embed_dim, self.use_quant_conv)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{path}: {describe_state_dict(state_dict)}, but this config builds "
+                f"{describe_latent_layout(*ours)}: use a config of the file's latent space (embed_dim, "
+                "use_quant_conv, scaling_factor and shift_factor come from there)")
 
     def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
         cfg = self.decoder_config
         return (f"{describe_decoder_checkpoint(state_dict)}; this model's decoder has ch={cfg['ch']}, "
-                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}")
+                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}, "
+                f"concat_mask={bool(cfg.get('concat_mask', False))}")
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B,3,H,W) in [-1,1] -> posterior over latents (B,embed_dim,H/f,W/f)."""
         _check_float("x", x)
         self._check_dtype("x", x)
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        moments = self.encoder(x)
+        return DiagonalGaussianDistribution(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -174,9 +201,14 @@ class AutoencoderKL(pl.LightningModule):
         image, mask = self.check_decode_inputs(z, image, mask)
         if self._tiling is not None:
             f = self.downsample_factor
-            return tiled_decode(lambda zt, it, mt: self.decoder(self.post_quant_conv(zt), it, mt), z, image, mask,
+            return tiled_decode(self.decode_untiled, z, image, mask,
                                 tile=self._tiling[0] // f, overlap=self._tiling[1] // f, scale=f)
-        return self.decoder(self.post_quant_conv(z), image, mask)
+        return self.decode_untiled(z, image, mask)
+
+    def decode_untiled(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`decode` in one piece and without input checks (the caller has run :meth:`check_decode_inputs`)."""
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z), image, mask)
 
     def enable_tiling(self, tile_sample_size: int = 512, overlap: int = 128) -> None:
         """Decode latents larger than ``tile_sample_size`` image pixels in overlapping tiles (see
@@ -196,7 +228,7 @@ class AutoencoderKL(pl.LightningModule):
     def _check_dtype(self, name: str, t: torch.Tensor) -> None:
         """Outside autocast, inputs must have the weights' dtype (else the first conv fails with a message that
         names no argument)."""
-        weight = self.post_quant_conv.weight
+        weight = self.decoder.conv_in.weight
         if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
             raise TypeError(f"{name} is {t.dtype} but the model's weights are {weight.dtype}: convert one to the "
                             "other (or run under torch.autocast)")
@@ -281,8 +313,7 @@ class AutoencoderKL(pl.LightningModule):
         if branch:
             groups.append({"name": "condition", "params": branch, "lr_factor": 1.0})
         if self.train_encoder:
-            encoder_side = [*self.encoder.parameters(), *self.quant_conv.parameters(),
-                            *self.post_quant_conv.parameters()]
+            encoder_side = [p for m in self.encoder_side() for p in m.parameters()]
             groups.append({"name": "encoder", "params": encoder_side, "lr_factor": 1.0})
         return groups
 
@@ -346,7 +377,7 @@ class AutoencoderKL(pl.LightningModule):
                 f.lr_max_decay_steps = total
             for group, base_lr, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base_lr * f(sched.last_epoch)
-            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+            set_last_lr(sched, [group["lr"] for group in sched.optimizer.param_groups])
 
     def shared_forward(self, x: torch.Tensor, mask: torch.Tensor,
                        sample_posterior: bool = True) -> Tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -360,7 +391,8 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts batches, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (see :func:`_step_uncounted`).
+        discriminator's step is kept out of Lightning's step counter
+        (:func:`ldm.framework_hooks.step_uncounted`).
         """
         x, mask = self.get_input(batch)
         opt_g, opt_d = self.optimizers()
@@ -379,7 +411,7 @@ class AutoencoderKL(pl.LightningModule):
                 d_loss, log_d = self.loss.discriminator_loss(x, rec, step, split="train")
                 opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_loss)
-                _step_uncounted(opt_d)
+                step_uncounted(opt_d)
             logs.update(log_d)
             self.log("discloss", d_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
 
@@ -445,21 +477,6 @@ class AutoencoderKL(pl.LightningModule):
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
-
-
-def _step_uncounted(optimizer: Any) -> None:
-    """Step a LightningOptimizer without advancing ``trainer.global_step``.
-
-    With manual optimization Lightning counts every ``optimizer.step()`` as a global step, so two optimizers
-    would count each batch twice and shift ``disc_start``, the LR schedules and ``max_steps``. The manual loop
-    injects its counter through these two hooks; they are disabled for this one step.
-    """
-    before, after = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    try:
-        optimizer.step()
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = before, after
 
 
 def _check_float(name: str, t: Any) -> None:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import PathLike, load_into, read_state_dict
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import PathLike
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -81,7 +82,9 @@ class LatentDiffusion(nn.Module):
     Args (original names): ``unet_config``, ``first_stage_config``, ``cond_stage_config`` (``target``/``params``);
     ``conditioning_key``; ``timesteps``, ``beta_schedule``, ``linear_start``, ``linear_end``, ``cosine_s``,
     ``given_betas``, ``v_posterior`` (the diffusion schedule); ``scale_factor`` (latent scaling, 0.18215 for SD;
-    ``scale_by_std`` stores it as a buffer as the original does); ``use_ema``; ``parameterization`` ("eps");
+    ``scale_by_std`` stores it as a buffer as the original does; it becomes the first stage's ``scaling_factor``,
+    whose ``scale_latents`` / ``unscale_latents`` convert between VAE and diffusion latents); ``use_ema``;
+    ``parameterization`` ("eps");
     ``first_stage_key``, ``cond_stage_key``, ``image_size``, ``channels``, ``log_every_t``, ``num_timesteps_cond``,
     ``cond_stage_trainable``, ``concat_mode``, ``cond_stage_forward``; ``ckpt_path``/``ignore_keys`` (weights to
     load after building). Training-only arguments (``monitor``, ``scheduler_config``, ``loss_type`` ...) are
@@ -135,6 +138,7 @@ class LatentDiffusion(nn.Module):
             self.scale_factor = scale_factor
 
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self._set_first_stage_scaling()
         if cond_stage_config == "__is_first_stage__":
             self.cond_stage_model = self.first_stage_model
         elif cond_stage_config == "__is_unconditional__":
@@ -144,6 +148,15 @@ class LatentDiffusion(nn.Module):
             self.cond_stage_model = model if cond_stage_trainable else self._frozen(model)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+
+    def _set_first_stage_scaling(self) -> None:
+        """The diffusion config's ``scale_factor`` is the latent space the UNet was trained in: the first stage
+        scales and unscales with it."""
+        scale = float(self.scale_factor)
+        if scale != self.first_stage_model.scaling_factor:
+            log.info("first stage scaling_factor %s -> %s (the diffusion model's scale_factor)",
+                     self.first_stage_model.scaling_factor, scale)
+            self.first_stage_model.scaling_factor = scale
 
     @staticmethod
     def _frozen(model: nn.Module) -> nn.Module:
@@ -233,7 +246,9 @@ class LatentDiffusion(nn.Module):
             hint = ("the checkpoint holds no EMA shadow weights: set use_ema: false in the config (the released "
                     "SD v1.5 files keep a single set of weights)")
         load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  hint=hint)
+                  hint=hint, assign=True)
+        if self.scale_by_std:  # the buffer came from the checkpoint
+            self._set_first_stage_scaling()
         log.info("restored %s from %s", type(self).__name__, path)
 
     # ------------------------------------------------------------------ diffusion
@@ -289,19 +304,20 @@ class LatentDiffusion(nn.Module):
 
     def get_first_stage_encoding(self, encoder_posterior: Union[DiagonalGaussianDistribution, torch.Tensor],
                                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Posterior (or latents) -> diffusion latents: a sample times ``scale_factor``, as the original."""
+        """Posterior (or latents) -> diffusion latents: a sample, scaled by the first stage's ``scale_latents``
+        (for SD: times ``scale_factor``, as the original)."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
             z = encoder_posterior
         else:
             raise TypeError(f"encoder_posterior of type {type(encoder_posterior).__name__} is not supported")
-        return self.scale_factor * z
+        return self.first_stage_model.scale_latents(z)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> images (B,3,H,W) in about [-1,1], with the model's own first stage (the SD VAE)."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        return self.first_stage_model.decode(self.first_stage_model.unscale_latents(z))
 
 
 class LatentInpaintDiffusion(LatentDiffusion):

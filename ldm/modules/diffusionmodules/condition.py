@@ -7,7 +7,7 @@ image size and feeds the input of decoder up level ``i``.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,44 +24,77 @@ def default_condition_widths(ch: int, ch_mult: Sequence[int]) -> List[int]:
     return [ch * ch_mult[0]] + [ch * ch_mult[min(i + 1, n - 1)] for i in range(n)]
 
 
+MASK_RESIZE_MODES = ("nearest", "area")
+
+
 class ConditionEncoder(nn.Module):
     """Masked image (B, in_channels, H, W) -> ``len(widths)`` feature maps.
 
     Two 3x3 stride-1 convs at full resolution, then one 4x4 stride-2 conv per lower level; ReLU between layers,
     features returned *before* the ReLU, no normalisation (as in the released checkpoints, keys ``layers.N``).
+
+    ASUKA's options (both off in the paper's decoder):
+        concat_mask: the first conv also reads the mask, ``cat([masked_image, mask])`` (in_channels + 1 inputs).
+        gate_conv: every conv gives twice its width, split into ``x, gate``; the layer's output is
+            ``x * clamp(1 - tanh(gate), 0, 1)``.
     """
 
-    def __init__(self, in_channels: int, widths: Sequence[int]):
+    def __init__(self, in_channels: int, widths: Sequence[int], concat_mask: bool = False, gate_conv: bool = False):
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"condition branch needs at least 2 widths, got {list(widths)}")
         self.widths = list(widths)
-        layers, c_in = [], in_channels
+        self.concat_mask = bool(concat_mask)
+        self.gate_conv = bool(gate_conv)
+        layers, c_in = [], in_channels + int(self.concat_mask)
         for i, c_out in enumerate(self.widths):
+            conv_out = 2 * c_out if self.gate_conv else c_out
             if i < 2:
-                layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1))
+                layers.append(nn.Conv2d(c_in, conv_out, kernel_size=3, stride=1, padding=1))
             else:
-                layers.append(nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
+                layers.append(nn.Conv2d(c_in, conv_out, kernel_size=4, stride=2, padding=1))
             c_in = c_out
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, masked_image: torch.Tensor) -> List[torch.Tensor]:
-        feats, x = [], masked_image
+    def forward(self, masked_image: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """``mask`` (B, 1, H, W) is read only with ``concat_mask``."""
+        x = masked_image
+        if self.concat_mask:
+            if mask is None:
+                raise ValueError("this condition branch (concat_mask) needs the mask")
+            x = torch.cat([masked_image, mask], dim=1)
+        feats = []
         for i, layer in enumerate(self.layers):
             x = layer(x)
+            if self.gate_conv:
+                x, gate = x.chunk(2, dim=1)
+                x = x * torch.clamp(1 - torch.tanh(gate), 0, 1)
             feats.append(x)
             if i + 1 < len(self.layers):
                 x = F.relu(x)
         return feats
 
 
+def resize_mask(mask: torch.Tensor, size: Sequence[int], mode: str = "nearest") -> torch.Tensor:
+    """The mask (B, 1, H, W) at a decoder level's size.
+
+    ``nearest``: the paper's choice, legacy 'nearest' ('nearest-exact' would pick other pixels); a mask already at
+    ``size`` is returned as is. ``area``: ASUKA's choice, the area average, then every value > 0 set to 1, so a
+    latent pixel that touches the generated region is generated (applied at every size, full resolution included).
+    """
+    size = tuple(size)
+    if mode == "nearest":
+        return mask if tuple(mask.shape[-2:]) == size else F.interpolate(mask, size=size, mode="nearest")
+    if mode == "area":
+        return (F.interpolate(mask, size=size, mode="area") > 0).to(mask.dtype)
+    raise ValueError(f"mask_resize must be one of {MASK_RESIZE_MODES}, got {mode!r}")
+
+
 def keep_known(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mask-guided blend ``h * m + feat * (1 - m)``, with the mask brought to ``h``'s size by legacy 'nearest'
-    (the original's choice; 'nearest-exact' would pick other pixels)."""
+    """Mask-guided blend ``h * m + feat * (1 - m)`` with ``mask`` already at ``h``'s size (see :func:`resize_mask`)."""
     if feat.shape[-2:] != h.shape[-2:] or feat.shape[1] != h.shape[1]:
         raise ValueError(f"condition feature {tuple(feat.shape)} does not fit decoder feature {tuple(h.shape)}: "
                          "condition_widths do not match the decoder widths")
-    m = mask if mask.shape[-2:] == h.shape[-2:] else F.interpolate(mask, size=h.shape[-2:], mode="nearest")
-    m = m.to(h.dtype)
+    m = mask.to(h.dtype)
     # written as the original does (not lerp): with m == 1 the result is exactly h
     return h * m + feat * (1 - m)

@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.condition import ConditionEncoder, default_condition_widths, keep_known
+from ldm.modules.diffusionmodules.condition import (MASK_RESIZE_MODES, ConditionEncoder, default_condition_widths,
+                                                    keep_known, resize_mask)
+
+# SD's ``ddconfig`` is shared by the Encoder and the Decoder; these of its keys shape the encoder alone.
+ENCODER_ONLY_KEYS = ("double_z",)
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +135,7 @@ class Encoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 attn_type: str = "vanilla", **ignore_kwargs):
+                 attn_type: str = "vanilla"):
         super().__init__()
         self.ch = ch
         self.temb_ch = 0
@@ -191,13 +195,19 @@ class Decoder(nn.Module):
 
     ``condition_widths`` (len(ch_mult) + 1 ints) sets the branch widths; by default they follow ``ch``/``ch_mult``
     exactly as in the paper's released checkpoints.
+
+    ASUKA's variant of the branch (its released FLUX.1 decoder: ``concat_mask: true, mask_resize: area``):
+    ``concat_mask`` and ``gate_conv`` are :class:`ConditionEncoder` options; ``mask_resize`` ("nearest", the
+    paper's, or "area") is how the mask reaches each level's blend (:func:`resize_mask`). The last blend, at full
+    resolution before ``norm_out``, uses the mask as given in both.
     """
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
                  tanh_out: bool = False, attn_type: str = "vanilla", condition: bool = False,
-                 condition_widths: Optional[Sequence[int]] = None, **ignore_kwargs):
+                 condition_widths: Optional[Sequence[int]] = None, concat_mask: bool = False,
+                 gate_conv: bool = False, mask_resize: str = "nearest"):
         super().__init__()
         self.ch = ch
         self.temb_ch = 0
@@ -207,6 +217,9 @@ class Decoder(nn.Module):
         self.in_channels = in_channels
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
+        if mask_resize not in MASK_RESIZE_MODES:
+            raise ValueError(f"mask_resize must be one of {MASK_RESIZE_MODES}, got {mask_resize!r}")
+        self.mask_resize = mask_resize
 
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
@@ -241,7 +254,7 @@ class Decoder(nn.Module):
         self.encoder: Optional[ConditionEncoder] = None
         if condition:
             widths = list(condition_widths) if condition_widths is not None else default_condition_widths(ch, ch_mult)
-            self.encoder = ConditionEncoder(out_ch, widths)
+            self.encoder = ConditionEncoder(out_ch, widths, concat_mask=concat_mask, gate_conv=gate_conv)
 
     @property
     def has_condition(self) -> bool:
@@ -251,13 +264,14 @@ class Decoder(nn.Module):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         feats = None
         if self.encoder is not None and image is not None and mask is not None:
-            feats = self.encoder((1 - mask) * image)  # feats[0]: full res for the last blend; feats[i + 1]: up[i]
+            # feats[0]: full res for the last blend; feats[i + 1]: up[i]
+            feats = self.encoder((1 - mask) * image, mask)
 
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
             if feats is not None:
-                h = keep_known(h, feats[i_level + 1], mask)
+                h = keep_known(h, feats[i_level + 1], resize_mask(mask, h.shape[-2:], self.mask_resize))
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):
                 h = block(h)

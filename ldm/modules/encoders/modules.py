@@ -3,17 +3,14 @@
 * :class:`FrozenCLIPEmbedder` (SD v1): the CLIP ViT-L/14 text transformer as ``transformers.CLIPTextModel``,
   built from a config written here (never ``from_pretrained``); its weights are the SD checkpoint's
   ``cond_stage_model.transformer.text_model.*``.
-* :class:`FrozenOpenCLIPEmbedder` (SD 2.x): the OpenCLIP ViT-H/14 text tower, built by open-clip-torch from its
-  model config without any pretrained download; weights from ``cond_stage_model.model.*``.
 
-Both tokenize with the CLIP BPE vocabulary that open-clip-torch ships (``bpe_simple_vocab_16e6.txt.gz``), so
+It tokenizes with the CLIP BPE vocabulary that open-clip-torch ships (``bpe_simple_vocab_16e6.txt.gz``), so
 nothing is fetched from a hub. Nothing here loads weights: ``LatentDiffusion`` (or ``ldm.checkpoint.load_into``)
 does, with the rest of the SD checkpoint.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -159,84 +156,6 @@ class FrozenCLIPEmbedder(FrozenModule):
         if self.layer == "pooled":
             return outputs.pooler_output[:, None, :]
         return outputs.hidden_states[self.layer_idx]
-
-    def encode(self, text: Texts) -> torch.Tensor:
-        return self(text)
-
-
-class FrozenOpenCLIPEmbedder(FrozenModule):
-    """SD 2.x text encoder: prompts -> (B, 77, width) from the OpenCLIP text tower (ViT-H-14: width 1024).
-
-    ``arch``: an open-clip-torch model config name; only its text tower is built (no vision tower, no download).
-    ``version``: the pretrained tag SD 2.x was trained from (``laion2b_s32b_b79k``), kept for config compatibility
-    and never fetched: the weights come from the SD checkpoint (``cond_stage_model.model.*``). ``config``:
-    ``{"embed_dim": ..., "text_cfg": {...}}`` merged over the arch's config (tests pass tiny widths).
-    ``layer``: ``"last"`` or ``"penultimate"`` (SD 2.x), both followed by the final layer norm. Tokens are padded
-    with 0, as OpenCLIP does.
-
-    State dict: ``model.{token_embedding,positional_embedding,transformer.resblocks.N,ln_final,text_projection,
-    logit_scale}`` -- the text half of ``open_clip.CLIP``. ``text_projection`` and ``logit_scale`` are unused here
-    but part of SD 2.x checkpoints.
-    """
-
-    LAYERS = ("last", "penultimate")
-
-    def __init__(self, arch: str = "ViT-H-14", version: Optional[str] = "laion2b_s32b_b79k",
-                 device: Optional[Union[str, torch.device]] = None, max_length: int = 77, freeze: bool = True,
-                 layer: str = "last", config: Optional[Mapping[str, Any]] = None):
-        super().__init__()
-        import open_clip
-        from open_clip.model import _build_text_tower
-
-        if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
-        model_cfg = open_clip.get_model_config(arch)
-        if model_cfg is None:
-            raise ValueError(f"unknown open_clip architecture {arch!r}; e.g. ViT-H-14 (SD 2.x)")
-        config = dict(config or {})
-        text_cfg = {**model_cfg["text_cfg"], **config.pop("text_cfg", {})}
-        embed_dim = config.pop("embed_dim", model_cfg["embed_dim"])
-        quick_gelu = config.pop("quick_gelu", model_cfg.get("quick_gelu", False))
-        if config:
-            raise ValueError(f"unknown config keys {sorted(config)}; expected embed_dim, text_cfg, quick_gelu")
-        self.model = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
-        # CLIP keeps its logit scale next to the text tower; SD 2.x checkpoints carry it
-        self.model.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
-        self.version = version
-        context_length = self.model.context_length
-        if not 1 <= max_length <= context_length:
-            raise ValueError(f"max_length must be in [1, {context_length}], got {max_length}")
-        self.max_length = max_length
-        self.layer = layer
-        self.layer_idx = {"last": 0, "penultimate": 1}[layer]
-        if device is not None:
-            self.to(device)
-        if freeze:
-            self.freeze()
-
-    @classmethod
-    def tokenize(cls, text: Texts, max_length: int = 77) -> torch.Tensor:
-        """Token ids (B, max_length) int64 as OpenCLIP makes them: 49406, text, 49407, zeros; a text too long is
-        cut and ends with 49407."""
-        return clip_bpe_tokenizer()(_as_text_list(text), context_length=max_length)
-
-    def forward(self, text: Texts) -> torch.Tensor:
-        tokens = self.tokenize(text, self.max_length).to(self.model.positional_embedding.device)
-        return self.encode_with_transformer(tokens)
-
-    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, width): embeddings, the first ``layers - layer_idx`` blocks (causal), final norm."""
-        length = tokens.shape[1]
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding[:length]
-        attn_mask = self.model.attn_mask[:length, :length]
-        transformer = self.model.transformer
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)  # (L, B, D)
-        for block in transformer.resblocks[:len(transformer.resblocks) - self.layer_idx]:
-            x = block(x, attn_mask=attn_mask)
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
-        return self.model.ln_final(x)
 
     def encode(self, text: Texts) -> torch.Tensor:
         return self(text)

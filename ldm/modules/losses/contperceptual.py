@@ -1,6 +1,6 @@
 """The autoencoder training loss of LDM / the paper: L1 + LPIPS, learned log-variance, KL, PatchGAN.
 
-Images are (B,3,H,W) in [-1, 1]. Formulas (shared/SPEC.md section 3, "Loss"), computed on the whole image:
+Images are (B,3,H,W) in [-1, 1]. Formulas (docs/design.md, *Training recipe*), computed on the whole image:
 
     rec = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)     # LPIPS (B,1,1,1) broadcast over C,H,W
     nll = sum(rec / exp(logvar) + logvar) / B

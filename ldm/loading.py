@@ -1,0 +1,42 @@
+"""Config + checkpoint -> a model ready to use: the entry point above the models (scripts, notebooks, tests)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoint_io import PathLike
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.util import instantiate_from_config
+
+
+def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
+               eval_mode: bool = True) -> nn.Module:
+    """Instantiate ``config`` (a path to a YAML, an OmegaConf/dict with ``target``, or with a ``model`` section)
+    and load ``ckpt_path`` into it through the model's ``init_from_ckpt`` (or :func:`load_into`), strictly: an
+    autoencoder whose config has a condition branch needs one in the file."""
+    if isinstance(config, (str, os.PathLike)):
+        config_path = Path(config)
+        if not config_path.is_file():
+            raise FileNotFoundError(f"config not found: {config_path}")
+        config = OmegaConf.load(config_path)
+    if "model" in config:
+        config = config["model"]
+    model = instantiate_from_config(config)
+    if ckpt_path is not None:
+        if isinstance(model, AutoencoderKL):
+            # a model to use: every part, the condition branch included, must come from the file
+            model.init_from_ckpt(ckpt_path, fresh_condition=False)
+        elif hasattr(model, "init_from_ckpt"):
+            model.init_from_ckpt(ckpt_path)
+        else:
+            load_into(model, read_state_dict(ckpt_path), source=ckpt_path, assign=True)
+    model = model.to(device)
+    if eval_mode:
+        model.eval()
+    return model

@@ -1,0 +1,83 @@
+"""Imports inside ``ldm`` go one way: no module imports (at the top or inside a function) one that imports it back,
+directly or through others."""
+from __future__ import annotations
+
+import ast
+from typing import Dict, List, Set
+
+from .conftest import REPO
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    """``{module: ldm modules it imports}`` from every import statement, function-local ones included."""
+    files = {_module_name(p): p for p in (REPO / "ldm").rglob("*.py")}
+    graph: Dict[str, Set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from ldm.x import y` may name the module ldm.x.y or an object of ldm.x
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
+                           for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(node: str) -> List[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycle_inside_ldm():
+    graph = import_graph()
+    assert "ldm.checkpoint" in graph and graph["ldm.models.autoencoder"]
+    assert find_cycle(graph) == []
+
+
+# Checkpoint handling, bottom to top; a module may import from its own layer or below, never above.
+CHECKPOINT_LAYERS = [
+    ["ldm.util"],
+    ["ldm.checkpoint_io"],                                   # files -> tensors
+    ["ldm.latent_spaces"],                                   # what the tensors are
+    ["ldm.diffusers_interop", "ldm.checkpoint"],             # key layouts; any format into our keys, key checks
+    ["ldm.models.autoencoder", "ldm.models.diffusion.ddpm"],  # models
+    ["ldm.loading"],                                         # config + checkpoint -> model
+]
+
+
+def test_checkpoint_code_imports_downwards_only():
+    graph = import_graph()
+    layer = {module: i for i, modules in enumerate(CHECKPOINT_LAYERS) for module in modules}
+    assert set(layer) <= set(graph)
+    upward = [f"{a} (layer {layer[a]}) imports {b} (layer {layer[b]})" for a in layer for b in graph[a]
+              if b in layer and layer[b] > layer[a]]
+    assert upward == []

@@ -1,0 +1,84 @@
+"""The project as a package: installable, importable without path edits, its own configs name its own classes,
+and no import cycle inside ``ldm``."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+from .conftest import REPO
+
+PYTHON_FILES = sorted(p for p in REPO.rglob("*.py") if not set(p.relative_to(REPO).parts) & {".venv", "build"})
+
+
+def _requirement_lines(text: str) -> list[str]:
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+def test_pyproject_pins_the_requirements():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["test"]
+    assert sorted(declared) == sorted(_requirement_lines((REPO / "requirements.txt").read_text()))
+
+
+def test_no_file_edits_sys_path():
+    offenders = [str(p.relative_to(REPO)) for p in PYTHON_FILES
+                 if re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*[+]?=", p.read_text())]
+    assert offenders == []
+
+
+def test_project_configs_name_classes_of_the_package():
+    targets = {m.group(1) for p in (REPO / "configs").rglob("*.yaml")
+               for m in re.finditer(r"target:\s*([\w.]+)", p.read_text())}
+    assert targets and all(t.startswith(("ldm.", "torch.", "pytorch_lightning.")) for t in targets), sorted(targets)
+
+
+def test_editable_install_serves_scripts_from_any_folder(tmp_path):
+    """``pip install -e .`` (into a throwaway folder, no network, no dependencies) makes ``ldm`` and the scripts'
+    imports work from another working directory, with this checkout not on the path."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), "-e", str(REPO)], check=True, capture_output=True,
+                   cwd=tmp_path)
+    script = REPO / "scripts" / "convert_checkpoint.py"
+    code = (f"import site, sys, runpy; site.addsitedir({str(site)!r}); sys.argv = [{str(script)!r}, '--help']; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "to-diffusers" in result.stdout
+
+
+def test_every_top_level_definition_in_ldm_is_used_by_the_project():
+    """Nothing that no path uses: each module-level class or function of ``ldm`` is named by other code, a script
+    or a config (tests alone do not count)."""
+    import ast
+
+    texts = {p: p.read_text() for p in [*REPO.glob("ldm/**/*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("*.py"),
+                                        *REPO.glob("configs/**/*.yaml")]}
+    unused = []
+    for path in REPO.glob("ldm/**/*.py"):
+        for node in ast.parse(texts[path]).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                uses = sum(len(re.findall(rf"\b{node.name}\b", text)) for text in texts.values())
+                if uses <= 1:
+                    unused.append(f"{path.relative_to(REPO)}: {node.name}")
+    assert unused == []
+
+
+def test_readme_layout_lists_every_module():
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## ", text.index("## Layout") + 3)]
+    missing = [str(p.relative_to(REPO)) for p in PYTHON_FILES
+               if p.parts[len(REPO.parts)] in ("ldm", "scripts") or p.parent == REPO
+               if p.name != "__init__.py" and p.name not in layout]
+    assert missing == []
+
+
+def test_the_project_points_only_to_its_own_files():
+    """Code, tests, configs and docs name files of this repository, never notes kept outside it."""
+    texts = [*PYTHON_FILES, *REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("configs/**/*.yaml")]
+    outside = "shared" + "/"  # spelled apart so that this file does not name it
+    assert [str(p.relative_to(REPO)) for p in texts if outside in p.read_text()] == []
