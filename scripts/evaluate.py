@@ -246,8 +246,6 @@ def reconstruct(decoder: FastDecode, image: torch.Tensor, mask: torch.Tensor, op
     """Encode the image, decode with image + mask as the prior; (B,3,H,W) in [0,1] after 8-bit quantisation."""
     model = decoder.model
     x = image * 2 - 1
-    if opt.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     posterior = model.encode(x)
     z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
     rec = decoder.decode(z, x, mask)
@@ -269,12 +267,8 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
         if opt.precision == "autocast" and device.type == "cuda" and space is not None and not space.fp16_safe:
             print(f"warning: --decoder {name}: the {space.models} VAE overflows in float16 (NaN/inf images); "
                   "use --precision full", file=sys.stderr)
-        if opt.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         if opt.tile:
             model.enable_tiling(opt.tile, opt.tile_overlap)
-        if opt.compile:
-            model.decoder.compile()  # in place: parameter names unchanged
         decoder = FastDecode(model, device, enabled=opt.fast)
         generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
         scorer = image_metrics(opt, device)
@@ -397,8 +391,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="autocast = float16 on CUDA (no effect on CPU); not for SDXL's VAE, which "
                      "overflows in float16")
     rec.add_argument("--fast", action="store_true", help=FAST_HELP)
-    rec.add_argument("--channels_last", action="store_true", help="channels_last memory format")
-    rec.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     rec.add_argument("--tile", type=int, default=0,
                      help="decode in tiles of TILE image pixels (model.enable_tiling); 0 = off")
     rec.add_argument("--tile_overlap", type=int, default=128, help="tile overlap in image pixels")

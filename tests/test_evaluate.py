@@ -105,7 +105,7 @@ def test_reconstruction_with_mask_folder_and_tiling(image_dir, ckpts, tmp_path):
     for i, size in enumerate([(40, 36), (48, 48), (36, 44)]):
         write_png(masks / f"img{i}_mask.png", size, mode="L")
     assert run_rec(image_dir, ckpts, tmp_path / "out", "--mask_dir", str(masks), "--tile", "16",
-                   "--tile_overlap", "4", "--n_examples", "0", "--channels_last") == 0
+                   "--tile_overlap", "4", "--n_examples", "0", "--fast") == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["decoders"]["asym"]["n_images"] == 3
     assert not (tmp_path / "out" / "examples.png").exists()
