@@ -22,8 +22,9 @@ decoder compiled whole). Fast rows of ours report the PSNR of their 8-bit output
 Training step (``--train_size``): the whole step as ``AutoencoderKL.training_step`` runs it under ``main.py``: frozen
 encoder (no graph), decoder forward, generator loss (L1 + LPIPS + KL + GAN term with the adaptive weight), backward,
 Adam step, discriminator loss on the detached reconstruction, backward, Adam step, with the discriminator active from
-the first step; ``original`` = the same with a second encoder + decoder forward for the discriminator update, as the
-paper's PyTorch Lightning 1.4 code ran it. LPIPS uses the real VGG16 file when present, else VGG16-shaped random
+the first step; ``original`` = the step as the paper's PyTorch Lightning 1.4 code ran it: a second encoder + decoder
+forward for the discriminator update, and LDM's adaptive weight (``autograd.grad`` through LPIPS and the
+discriminator down to the last layer, then the full backward through both again: :func:`ldm_generator_loss`). LPIPS uses the real VGG16 file when present, else VGG16-shaped random
 weights (the report says which). Reported in images/s with a per-phase breakdown.
 
 Latency: median of ``--repeats`` timed calls after ``--warmup``, decodes under ``torch.inference_mode``. Peak memory: on
@@ -278,6 +279,20 @@ def build_training_loss(device: torch.device) -> Tuple[torch.nn.Module, str]:
     return loss.to(device), lpips_note
 
 
+def ldm_generator_loss(loss, x, rec, posterior, last_layer) -> torch.Tensor:
+    """The generator loss as LDM's ``LPIPSWithDiscriminator`` computes it (discriminator active): ``autograd.grad`` of
+    nll and g down to the last layer for the adaptive weight, and the whole loss returned for a second, full backward
+    (``LPIPSWithDiscriminator.generator_loss`` differentiates LPIPS and the discriminator once)."""
+    rec_loss = torch.abs(x - rec) + loss.perceptual_weight * loss.perceptual_loss(x, rec)
+    nll = torch.sum(rec_loss / torch.exp(loss.logvar) + loss.logvar) / rec_loss.shape[0]
+    g = -torch.mean(loss.discriminator(rec))
+    nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+    d_weight = torch.clamp(nll_grads.norm() / (g_grads.norm() + 1e-4), 0, 1e4).detach() * loss.discriminator_weight
+    kl = posterior.kl().sum() / posterior.kl().shape[0]
+    return nll + loss.kl_weight * kl + d_weight * loss.disc_factor * g
+
+
 class PhaseTimer:
     """Wall-clock milliseconds per named phase of one call, device synchronised at each boundary."""
 
@@ -295,7 +310,7 @@ class PhaseTimer:
 
 def make_train_step(model, impl: str, settings: FastSettings, device: torch.device, x, mask):
     """One training step of ``model`` (its ``loss`` attached) as ``AutoencoderKL.training_step`` does it, phase by
-    phase; ``impl == "original"`` adds the second forward of the paper's code. ``settings``: bf16 autocast, the
+    phase; ``impl == "original"`` adds the second forward and LDM's adaptive weight of the paper's code. ``settings``: bf16 autocast, the
     memory format of weights and inputs, fused Adam (``dtype != float32``), compiled decoder blocks."""
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -321,7 +336,10 @@ def make_train_step(model, impl: str, settings: FastSettings, device: torch.devi
         rec, posterior = forward(timer, "decoder forward")
         disc.requires_grad_(False)  # Lightning's toggled_optimizer: no discriminator gradients in the generator step
         with timer("generator loss"), autocast:
-            g_loss, _ = model.loss.generator_loss(x, rec, posterior, 0, last_layer=model.get_last_layer())
+            if impl == "original":
+                g_loss = ldm_generator_loss(model.loss, x, rec, posterior, model.get_last_layer())
+            else:
+                g_loss, _ = model.loss.generator_loss(x, rec, posterior, 0, last_layer=model.get_last_layer())
         with timer("generator backward"):
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -526,8 +544,10 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
 
 TRAIN_STEP_NOTE = ("Training step: the whole step of AutoencoderKL.training_step (frozen encoder, decoder forward, "
                    "L1 + LPIPS + KL + adaptive GAN term, backward, Adam; discriminator loss, backward, Adam), the "
-                   "discriminator active; original = the same with a second encoder + decoder forward for the "
-                   "discriminator, as the paper's code ran it.")
+                   "discriminator active; ours differentiates LPIPS and the discriminator once per step (the "
+                   "'generator loss' phase holds that backward, 'generator backward' the decoder's); original = the "
+                   "step as the paper's code ran it: a second encoder + decoder forward for the discriminator, and "
+                   "LDM's adaptive weight, which differentiates LPIPS and the discriminator twice.")
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -11,7 +11,10 @@ Images are (B,3,H,W) in [-1, 1]. Formulas (docs/design.md, *Training recipe*), c
     L_D = disc_factor * [step >= disc_start] * disc_loss(D(x), D(x_hat))   # hinge or vanilla
 
 The generator and discriminator parts are separate methods so that one encoder/decoder forward serves both
-updates of a training step.
+updates of a training step. In a training step the gradients of ``nll`` and ``g`` with respect to the reconstruction
+are taken once each: they give ``d_w`` (carried through the last layer alone) and, summed, the gradient that the
+returned loss sends into the decoder, so LPIPS and the discriminator are differentiated once per step where the
+original code differentiated them twice (``autograd.grad`` down to the last layer, then the full backward again).
 """
 from __future__ import annotations
 
@@ -123,13 +126,20 @@ class LPIPSWithDiscriminator(nn.Module):
         """``disc_factor`` from ``disc_start`` on, 0 before (taming's ``adopt_weight``)."""
         return self.disc_factor if global_step >= self.discriminator_iter_start else 0.0
 
-    def calculate_adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor,
-                                  last_layer: torch.Tensor) -> torch.Tensor:
-        """Balance the GAN gradient against the reconstruction gradient at the decoder's last layer."""
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    def calculate_adaptive_weight(self, nll_grads: torch.Tensor, g_grads: torch.Tensor) -> torch.Tensor:
+        """Balance the GAN gradient against the reconstruction gradient, both taken at the decoder's last layer."""
         d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
         return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
+
+    def reconstruction_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        """``rec`` per pixel: L1 plus the weighted LPIPS distance (B,1,1,1), broadcast."""
+        rec_loss = torch.abs(inputs - reconstructions)
+        if self.perceptual_loss is not None:
+            rec_loss = rec_loss + self.perceptual_weight * self.perceptual_loss(inputs, reconstructions)
+        return rec_loss
+
+    def nll(self, rec_loss: torch.Tensor) -> torch.Tensor:
+        return torch.sum(rec_loss / torch.exp(self.logvar) + self.logvar) / rec_loss.shape[0]
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posteriors,
                        global_step: int, last_layer: Optional[torch.Tensor] = None,
@@ -138,24 +148,40 @@ class LPIPSWithDiscriminator(nn.Module):
 
         The adaptive weight needs a graph to ``last_layer``; without one (validation) it is 0, as in LDM.
         Before ``disc_start`` the discriminator is not run at all: its term is multiplied by 0 anyway.
+        With the adaptive weight, the returned loss has the value of ``L_G`` and its exact gradient, but its graph
+        starts at the reconstruction: what lies above it (LPIPS, the discriminator) has already been differentiated.
         """
         inputs, reconstructions = inputs.contiguous(), reconstructions.contiguous()
-        rec_loss = torch.abs(inputs - reconstructions)
-        if self.perceptual_loss is not None:
-            p_loss = self.perceptual_loss(inputs, reconstructions)
-            rec_loss = rec_loss + self.perceptual_weight * p_loss
-        nll_loss = torch.sum(rec_loss / torch.exp(self.logvar) + self.logvar) / rec_loss.shape[0]
         kl_loss = posteriors.kl()
         kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
-
         disc_factor = self.gan_factor(global_step)
         zero = torch.zeros((), device=inputs.device)
-        g_loss, d_weight = zero, zero
-        if disc_factor > 0:
-            g_loss = -torch.mean(self.discriminator(reconstructions))
-            if last_layer is not None and torch.is_grad_enabled() and g_loss.requires_grad:
-                d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
-        loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+        adaptive = (disc_factor > 0 and last_layer is not None and torch.is_grad_enabled()
+                    and reconstructions.requires_grad)
+        if adaptive:
+            # d nll / d rec and d g / d rec, each through LPIPS or the discriminator once
+            leaf = reconstructions.detach().requires_grad_()
+            rec_loss = self.reconstruction_loss(inputs, leaf)
+            nll_loss = self.nll(rec_loss)
+            g_loss = -torch.mean(self.discriminator(leaf))
+            nll_rec_grad, = torch.autograd.grad(nll_loss, leaf)
+            g_rec_grad, = torch.autograd.grad(g_loss, leaf)
+            # the same gradients at the last layer: a backward through the layers between it and the output only
+            nll_grads, = torch.autograd.grad(reconstructions, last_layer, nll_rec_grad, retain_graph=True)
+            g_grads, = torch.autograd.grad(reconstructions, last_layer, g_rec_grad, retain_graph=True)
+            d_weight = self.calculate_adaptive_weight(nll_grads, g_grads)
+            rec_grad = nll_rec_grad + (d_weight * disc_factor).to(g_rec_grad.dtype) * g_rec_grad
+            # value 0, gradient: rec_grad into the decoder and d nll / d logvar into the log-variance
+            carrier = torch.sum(reconstructions * rec_grad, dtype=torch.float32) + self.nll(rec_loss.detach())
+            loss = (nll_loss.detach() + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss.detach()
+                    + (carrier - carrier.detach()))
+        else:
+            rec_loss = self.reconstruction_loss(inputs, reconstructions)
+            nll_loss = self.nll(rec_loss)
+            g_loss, d_weight = zero, zero
+            if disc_factor > 0:
+                g_loss = -torch.mean(self.discriminator(reconstructions))
+            loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         log_dict = {
             f"{split}/total_loss": loss.detach(),
             f"{split}/logvar": self.logvar.detach(),
