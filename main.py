@@ -80,6 +80,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="GPU ids ('0,1' or '0,') or a count ('2', '-1' = all); absent = CPU")
     p.add_argument("--num_nodes", type=int, default=None, help="machines (DDP)")
     p.add_argument("--precision", default=None, choices=sorted(PRECISIONS), help="32, 16-mixed or bf16-mixed")
+    p.add_argument("--fast", action="store_true",
+                   help="train on the fast path of the device (ldm/fast.py): bf16 mixed precision + channels_last on "
+                        "CPUs with native bf16 and on GPUs (GPUs also compile the decoder's blocks), float32 + "
+                        "channels_last on other CPUs; chooses the precision, so it does not go with --precision")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (batches)")
     p.add_argument("--max_epochs", "--epoch", dest="max_epochs", type=int, default=None,
                    help="stop after this many epochs (--epoch is the original's name)")
@@ -297,6 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # DDP re-runs this script once per extra device; they inherit the timestamp, so every rank names the same folder
     now = os.environ.setdefault(RUN_TIMESTAMP_ENV, datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
     opt, overrides = get_parser().parse_known_args(_explicit_bools(sys.argv[1:] if argv is None else list(argv)))
+    if opt.fast and opt.precision is not None:
+        raise ValueError(f"--fast chooses the precision itself; drop --precision {opt.precision} or --fast")
     logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
     start_step = resume_step(resume_ckpt) if resume_ckpt is not None else None  # before anything heavy
     if not config_files:
@@ -307,6 +313,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = load_config(config_files, overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_kwargs, world = build_trainer_kwargs(opt, lightning_config.get("trainer", OmegaConf.create()))
+    fast = None
+    if opt.fast:
+        from ldm.fast import TRAINING_PRECISION, fast_settings, fast_training
+
+        accelerator = trainer_kwargs["accelerator"]
+        fast_device = torch.device({"gpu": "cuda", "auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(
+            accelerator, accelerator))
+        fast = fast_settings(fast_device)
+        trainer_kwargs["precision"] = TRAINING_PRECISION[fast.dtype]
     lightning_config.trainer = trainer_kwargs
     if resume_ckpt is not None and OmegaConf.select(config, "model.params.ckpt_path") is not None:
         # every weight comes back from the checkpoint; the starting weights file need not exist any more
@@ -317,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config.data.params.seed = opt.seed
 
     model = instantiate_from_config(config.model)
+    if fast is not None:
+        fast_training(model, fast_device, fast)
     data = instantiate_from_config(config.data)
     data.setup("fit")  # builds the datasets now: an empty or missing folder fails before any training
 

@@ -106,6 +106,26 @@ def compile_blocks(decoder: nn.Module, **compile_kwargs) -> int:
     return count
 
 
+# Lightning's mixed precision for a fast dtype (main.py --fast)
+TRAINING_PRECISION = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
+
+
+def fast_training(model: nn.Module, device: torch.device, settings: Optional[FastSettings] = None) -> FastSettings:
+    """Put a training ``AutoencoderKL`` on the fast settings of ``device`` (``main.py --fast``), in place:
+    channels_last weights and batches (``model.input_memory_format``) and, on CUDA, compiled decoder blocks. The
+    dtype is not applied to the weights: training runs it as mixed precision (``TRAINING_PRECISION``), which the
+    caller gives the trainer. Returns the settings."""
+    settings = settings if settings is not None else fast_settings(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.input_memory_format = torch.channels_last
+    if settings.compile:
+        n = compile_blocks(model.decoder)
+        log.info("fast training: %d decoder regions compiled", n)
+    log.info("training runs in %s (%s)", settings.describe(), TRAINING_PRECISION[settings.dtype])
+    return settings
+
+
 class FastDecode:
     """``model.decode`` on the fast path of ``device`` (``enabled=False``: exact float32, the model untouched); a
     drop-in for the model where the scripts decode.

@@ -54,10 +54,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ldm.fast import (EXACT, FastDecode, FastSettings, apply_settings, compile_blocks,  # noqa: E402
-                      cpu_has_native_bf16, fast_settings)
+from ldm.fast import (FastDecode, FastSettings, apply_settings, cpu_has_native_bf16,  # noqa: E402
+                      fast_settings, fast_training)
 from ldm.image_io import to_uint8  # noqa: E402
+from ldm.models.autoencoder import FUSED_ADAM_DEVICES  # noqa: E402
 from ldm.inference import pick_device  # noqa: E402
+from ldm.modules.diffusionmodules.model import AttnBlock  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
 from ldm.util import instantiate_from_config, write_atomically  # noqa: E402
 
@@ -192,8 +194,9 @@ def precision(device: torch.device, dtype: str):
 
 
 def count_flops(variant: str, size: int, batch: int, condition: bool, tile: Optional[int], overlap: int,
-                train: bool = False) -> int:
-    """FLOPs of one decode (or forward + backward) on the meta device: exact operator counts, no computation."""
+                train: bool = False) -> Tuple[int, int]:
+    """FLOPs of one decode (or forward + backward) on the meta device: exact operator counts, no computation.
+    Returns (all FLOPs, the FLOPs inside the decoder's attention blocks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(variant, device="meta")
@@ -213,7 +216,36 @@ def count_flops(variant: str, size: int, batch: int, condition: bool, tile: Opti
         else:
             with torch.no_grad():
                 out = decode(z, image, mask)
-    return int(counter.get_total_flops())
+    by_module = counter.get_flop_counts()  # keyed by the module path under the called root, the decoder
+    root = type(model.decoder).__name__
+    attention = sum(sum(by_module.get(f"{root}.{name}", {}).values()) for name in attention_blocks(model.decoder))
+    return int(counter.get_total_flops()), int(attention)
+
+
+def attention_blocks(decoder: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """The decoder's self-attention blocks by module path."""
+    return {name: m for name, m in decoder.named_modules() if isinstance(m, AttnBlock)}
+
+
+class AttentionClock:
+    """Wall-clock time spent inside ``decoder``'s attention blocks while active (device synchronised at each block
+    boundary): separates the attention, whose share of the work tiling changes, from the convolutions."""
+
+    def __init__(self, decoder: torch.nn.Module, device: torch.device):
+        self.device, self.ms, self.active, self._t0 = device, 0.0, False, 0.0
+        for block in attention_blocks(decoder).values():
+            block.register_forward_pre_hook(self._start)
+            block.register_forward_hook(self._stop)
+
+    def _start(self, *_) -> None:
+        if self.active:
+            _sync(self.device)
+            self._t0 = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        if self.active:
+            _sync(self.device)
+            self.ms += (time.perf_counter() - self._t0) * 1e3
 
 
 def matmul_tflops(device: torch.device, dtype: str, repeats: int) -> Dict[str, Any]:
@@ -311,13 +343,11 @@ class PhaseTimer:
 def make_train_step(model, impl: str, settings: FastSettings, device: torch.device, x, mask):
     """One training step of ``model`` (its ``loss`` attached) as ``AutoencoderKL.training_step`` does it, phase by
     phase; ``impl == "original"`` adds the second forward and LDM's adaptive weight of the paper's code. ``settings``: bf16 autocast, the
-    memory format of weights and inputs, fused Adam (``dtype != float32``), compiled decoder blocks."""
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    if settings.compile:
-        compile_blocks(model.decoder)
-    fused = settings != EXACT and device.type in ("cuda", "cpu")
+    memory format of weights and inputs, compiled decoder blocks; fused Adam as ``configure_optimizers``
+    gives it (not in the original)."""
+    fast_training(model, device, settings)  # what main.py --fast does (nothing on the exact settings)
+    x = x.contiguous(memory_format=model.input_memory_format)
+    fused = impl != "original" and device.type in FUSED_ADAM_DEVICES  # as configure_optimizers; LDM's plain Adam
     groups = [{"params": g["params"], "lr": 1e-5 * g["lr_factor"]} for g in model.trainable_groups()]
     opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9), fused=fused or None)
     opt_d = torch.optim.Adam(model.loss.discriminator.parameters(), lr=1e-5, betas=(0.5, 0.9), fused=fused or None)
@@ -407,9 +437,18 @@ def run_decode(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.dev
         with autocast:
             return fn(z, image, mask)
 
+    clock = AttentionClock(model.decoder, device) if case.get("attention_time") else None
     with torch.inference_mode():
         with PeakMemory(device) as mem:
-            times = time_calls(call, device, case.get("warmup", opt_dict["warmup"]), opt_dict["repeats"])
+            warmup = case.get("warmup", opt_dict["warmup"])
+            if clock is not None:
+                for _ in range(warmup):
+                    call()
+                warmup, clock.active = 0, True
+            times = time_calls(call, device, warmup, opt_dict["repeats"])
+            if clock is not None:
+                clock.active = False
+                out["attention_ms"] = clock.ms / len(times)
         if reference is not None:
             out["psnr_db"] = psnr_8bit(call(), reference)
             out["max_abs_diff"] = float((call().float() - reference).abs().max())
@@ -456,7 +495,7 @@ def run_train(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.devi
     i = totals.index(sorted(totals)[len(totals) // 2])  # the median step, with its own phases
     out.update(latency_ms=totals[i], times_ms=[round(t, 3) for t in totals], phases_ms=timers[i].ms,
                images_per_s=opt_dict["batch"] / (totals[i] / 1e3), peak_mib=mem.mib,
-               settings=settings.describe() + (", fused Adam" if settings != EXACT else ""))
+               settings=settings.describe() + (", fused Adam" if case["impl"] != "original" else ""))
 
 
 def run_case(case: Dict[str, Any], opt_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -507,7 +546,8 @@ def plan(opt: argparse.Namespace) -> List[Dict[str, Any]]:
         for condition in conditions:
             for size in opt.tiled_sizes:  # diffusers' asymmetric VAE has no tiled decode; untiled at the same size
                 for tiled in (False, True):
-                    add(variant=variant, condition=condition, size=size, tiled=tiled, warmup=opt.tiled_warmup)
+                    add(variant=variant, condition=condition, size=size, tiled=tiled, warmup=opt.tiled_warmup,
+                        attention_time=True)
     for size in opt.attention_sizes:
         add(variant=opt.variants[0], size=size, kind="attention")
     for variant in opt.train_variants or opt.variants:
@@ -598,16 +638,21 @@ def markdown(report: Dict[str, Any]) -> str:
     if tiled:
         lines += ["### Tiled decoding", "",
                   "time ratio = tiled / untiled latency at the same size; FLOP ratio likewise; overhead = time ratio / "
-                  "FLOP ratio (1.00 = tiling costs exactly its extra FLOPs).", "",
+                  "FLOP ratio (1.00 = tiling costs exactly its extra FLOPs). Tiles attend within themselves, so "
+                  "tiling removes most of the attention FLOPs, and attention and convolutions run at different rates: "
+                  "attention share = the untiled decode's time and FLOPs inside the attention blocks; overhead "
+                  "outside attention = the same ratio of ratios with the attention blocks' measured time and "
+                  "counted FLOPs taken out of both decodes.", "",
                   "| variant | condition | size | untiled ms | tiled ms | time ratio | FLOP ratio | overhead | "
-                  "untiled peak MiB | tiled peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "attention share (time / FLOPs) | overhead outside attention | untiled peak MiB | tiled peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (kind, variant, cond, size, _, path), t in tiled:
             u = by_key.get((kind, variant, cond, size, False, path), {}).get("ours")
-            time_ratio = t["latency_ms"] / u["latency_ms"] if u else None
-            flop_ratio = t["gflop"] / u["gflop"] if u and u.get("gflop") else None
+            overhead, share, outside = tiling_overhead(u, t) if u else (None, None, None)
             lines.append(f"| {variant} | {'yes' if cond else 'no'} | {size} | {_fmt(u and u['latency_ms'], '.0f')} | "
-                         f"{t['latency_ms']:.0f} | {_fmt(time_ratio, '.2f')} | {_fmt(flop_ratio, '.2f')} | "
-                         f"{_fmt(time_ratio and flop_ratio and time_ratio / flop_ratio, '.2f')} | "
+                         f"{t['latency_ms']:.0f} | {_fmt(overhead and overhead[0], '.2f')} | "
+                         f"{_fmt(overhead and overhead[1], '.2f')} | {_fmt(overhead and overhead[2], '.2f')} | "
+                         f"{share or '-'} | {_fmt(outside, '.2f')} | "
                          f"{_fmt(u and u['peak_mib'], '.0f')} | {t['peak_mib']:.0f} |")
         lines.append("")
 
@@ -642,6 +687,21 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tiling_overhead(untiled: Dict[str, Any], tiled: Dict[str, Any]):
+    """((time ratio, FLOP ratio, overhead), "attention share of the untiled decode", overhead outside attention)
+    of a tiled row against its untiled row; parts that were not measured are None."""
+    if not untiled.get("gflop"):
+        return None, None, None
+    time_ratio, flop_ratio = tiled["latency_ms"] / untiled["latency_ms"], tiled["gflop"] / untiled["gflop"]
+    if "attention_ms" not in untiled or "attention_ms" not in tiled:
+        return (time_ratio, flop_ratio, time_ratio / flop_ratio), None, None
+    share = (f"{100 * untiled['attention_ms'] / untiled['latency_ms']:.0f} % / "
+             f"{100 * untiled['attention_gflop'] / untiled['gflop']:.0f} %")
+    rest_time = (tiled["latency_ms"] - tiled["attention_ms"]) / (untiled["latency_ms"] - untiled["attention_ms"])
+    rest_flops = (tiled["gflop"] - tiled["attention_gflop"]) / (untiled["gflop"] - untiled["attention_gflop"])
+    return (time_ratio, flop_ratio, time_ratio / flop_ratio), share, rest_time / rest_flops
+
+
 def report_paths(out: str) -> Tuple[Path, Path]:
     """``--out OUT`` -> (OUT.json, OUT.md). A trailing .json / .md is taken off; any other dot is part of the name
     (``bench_v1.5`` -> ``bench_v1.5.json``, where ``Path.with_suffix`` would give ``bench_v1.json``)."""
@@ -653,11 +713,11 @@ def report_paths(out: str) -> Tuple[Path, Path]:
 
 SUITES = {
     # the CPU report: base at 512 on every path against diffusers; tiling at 1024 and 2048 with the narrow decoder
-    # (the full-size one would take hours untiled at 2048 on 2 cores); the attention call; the training step at
-    # 128 px (256 px for large2 alone takes minutes per step on 2 cores)
+    # (the full-size one takes about 6 minutes untiled at 2048 on 2 cores); the attention call; the training step
+    # at 256 px (large2: over a minute per step on 2 cores)
     "cpu": dict(variants=["base"], condition="on", sizes=[512], paths=["eager", "fast", "fast_fp32"],
                 tiled_variants=["narrow"], tiled_sizes=[1024, 2048], tile=512, tile_overlap=128,
-                attention_sizes=[512, 1024], train_variants=["base", "large", "large2"], train_size=128,
+                attention_sizes=[512, 1024], train_variants=["base", "large", "large2"], train_size=256,
                 warmup=1, repeats=1, tiled_warmup=0),
     # the GPU report: the issue's comparisons (eager bf16 autocast vs the fast path, both implementations)
     "gpu": dict(variants=["base", "large2"], condition="on", sizes=[512, 1024], paths=["eager", "fast"],
@@ -773,7 +833,7 @@ def _benchmark(opt: argparse.Namespace, device: torch.device) -> int:
             if key not in flops_cache:
                 flops_cache[key] = count_flops(case["variant"], case["size"], opt.batch, case["condition"],
                                                opt.tile if case["tiled"] else None, opt.tile_overlap)
-            result["gflop"] = flops_cache[key] / 1e9
+            result["gflop"], result["attention_gflop"] = (n / 1e9 for n in flops_cache[key])
         report["results"].append(result)
         status = result.get("error") or f"{result['latency_ms']:.1f} ms, peak {result['peak_mib']:.0f} MiB"
         print(f"[{i + 1}/{len(cases)}] {case['variant']} {case['impl']} {case['path']} {case['kind']} "

@@ -28,7 +28,10 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
             ("ours", "fast", "train_step", True, 32, False), ("ours", "eager", "attention", True, 64, False)} <= kinds
     assert len(results) == 16 + 4 + 1 + 3
     assert all(r["latency_ms"] > 0 and len(r["times_ms"]) == 1 for r in results)
-    assert all(r["gflop"] > 0 for r in results if r["kind"] == "decode")
+    assert all(r["gflop"] > r["attention_gflop"] > 0 for r in results if r["kind"] == "decode")
+    # the tiling comparison rows time their attention blocks: a part of the latency
+    tiling_rows = [r for r in results if r["kind"] == "decode" and r["size"] == 128]
+    assert len(tiling_rows) == 4 and all(0 < r["attention_ms"] < r["latency_ms"] for r in tiling_rows)
     # the fast rows of ours carry their distance to our float32 output
     assert all(r["psnr_db"] >= 40 for r in results if r["impl"] == "ours" and r["path"] == "fast" and r["kind"] == "decode")
     attention = next(r for r in results if r["kind"] == "attention")
@@ -82,7 +85,7 @@ def test_cpu_case_in_a_subprocess_reports_peak_memory():
 
 def test_flop_count_equals_a_hand_count():
     """Convolutions (2 * out elements * in/groups * k*k) plus the mid attention's projections (4 * 2*T*C*C) and its
-    two attention matmuls (2 * 2*T*T*C)."""
+    two attention matmuls (2 * 2*T*T*C); the attention part is also returned alone."""
     model = benchmark.build_model("tiny")
     z, image, mask = benchmark.make_inputs(32, model.downsample_factor, 1, "cpu")
     counts = []
@@ -98,8 +101,8 @@ def test_flop_count_equals_a_hand_count():
         model.decoder(model.post_quant_conv(z), image, mask)
     tokens, channels = z.shape[-1] * z.shape[-2], model.decoder.mid.attn_1.q.in_channels
     # the mid attention: its four 1x1 projections run as matmuls (no conv hook fires), then q k^T and (.) v
-    expected = sum(counts) + 4 * (2 * tokens * channels * channels) + 2 * (2 * tokens * tokens * channels)
-    assert benchmark.count_flops("tiny", 32, 1, True, None, 0) == expected
+    attention = 4 * (2 * tokens * channels * channels) + 2 * (2 * tokens * tokens * channels)
+    assert benchmark.count_flops("tiny", 32, 1, True, None, 0) == (sum(counts) + attention, attention)
 
 
 def test_report_paths_keep_dots_in_the_name(tmp_path):
@@ -107,3 +110,13 @@ def test_report_paths_keep_dots_in_the_name(tmp_path):
                                                                      tmp_path / "bench_v1.5.md")
     for given in ("docs/benchmark_cpu", "docs/benchmark_cpu.json", "docs/benchmark_cpu.md"):
         assert benchmark.report_paths(given) == (Path("docs/benchmark_cpu.json"), Path("docs/benchmark_cpu.md"))
+
+
+def test_tiling_overhead_outside_attention_by_hand():
+    untiled = {"latency_ms": 100.0, "attention_ms": 40.0, "gflop": 10.0, "attention_gflop": 5.0}
+    tiled = {"latency_ms": 90.0, "attention_ms": 5.0, "gflop": 8.5, "attention_gflop": 0.5}
+    (time_ratio, flop_ratio, overhead), share, outside = benchmark.tiling_overhead(untiled, tiled)
+    assert (time_ratio, flop_ratio) == pytest.approx((0.9, 0.85)) and overhead == pytest.approx(0.9 / 0.85)
+    assert share == "40 % / 50 %" and outside == pytest.approx((85 / 60) / (8 / 5))
+    del untiled["attention_ms"]  # rows measured without the attention clock
+    assert benchmark.tiling_overhead(untiled, tiled)[1:] == (None, None)

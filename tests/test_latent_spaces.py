@@ -468,7 +468,7 @@ def test_benchmark_builds_16_channel_inputs_for_other_latent_spaces():
     for variant in ("flux_base", "sd3_large", "asuka"):
         model = benchmark.build_model(variant, device="meta")
         assert model.embed_dim == 16
-        assert benchmark.count_flops(variant, 64, 1, True, None, 0) > 0
+        assert benchmark.count_flops(variant, 64, 1, True, None, 0)[0] > 0
 
 
 def test_latent_space_of_a_model_and_the_sdxl_float16_warning():

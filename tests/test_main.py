@@ -18,6 +18,7 @@ from PIL import Image
 
 import main
 from ldm.callbacks import AtomicCheckpointIO
+from ldm.util import instantiate_from_config
 
 
 class Recorder(pl.Callback):
@@ -105,6 +106,41 @@ def test_main_trains_and_writes_the_run_folder(tmp_path, config_file, monkeypatc
     assert images == {"inputs", "masks", "masked_inputs", "reconstructions", "samples"}
     assert list((run / "images" / "val").glob("reconstructions_*.png"))
     assert not list(run.rglob("*.tmp")), "no temporary files left behind"
+
+
+def test_fast_training_runs_the_device_fast_path_and_saves_ordinary_weights(tmp_path, config_file, monkeypatch):
+    """--fast: the fast path's mixed precision and channels_last batches in every step; the checkpoint's weights load
+    into a model built the ordinary way."""
+    from ldm.fast import TRAINING_PRECISION, fast_settings
+    from ldm.models.autoencoder import AutoencoderKL
+
+    seen = []
+    real_get_input = AutoencoderKL.get_input
+
+    def get_input(self, batch, k=None):
+        x, mask = real_get_input(self, batch, k)
+        seen.append((x.is_contiguous(memory_format=torch.channels_last), self.decoder.conv_out.weight.dtype,
+                     torch.is_autocast_enabled("cpu")))
+        return x, mask
+
+    monkeypatch.setattr(AutoencoderKL, "get_input", get_input)
+    assert _run(tmp_path, monkeypatch, "fast", "--base", str(config_file), "-t", "-n", "fast", "--max_steps", "2",
+                "--fast") == 0
+    expected = fast_settings(torch.device("cpu"))
+    (run,) = (tmp_path / "logs").glob("*_fast")
+    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml")))
+    assert lightning.lightning.trainer.precision == TRAINING_PRECISION[expected.dtype]
+    # every batch channels_last, weights kept float32; the training steps autocast (the image logger's calls do not)
+    assert seen and all(s[:2] == (True, torch.float32) for s in seen)
+    assert any(s[2] for s in seen) == (expected.dtype == torch.bfloat16)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    config = OmegaConf.load(config_file).model
+    config.params.lossconfig = {"target": "torch.nn.Identity"}
+    fresh = instantiate_from_config(config)
+    fresh.load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})
+    assert torch.equal(fresh.decoder.conv_out.weight, state["decoder.conv_out.weight"])
+    with pytest.raises(ValueError, match="--fast chooses the precision"):
+        _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "--fast", "--precision", "32")
 
 
 def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_file, monkeypatch):

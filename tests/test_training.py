@@ -279,6 +279,7 @@ def test_param_groups_and_learning_rates():
     names = [g["name"] for g in opt_g.param_groups]
     assert names == ["decoder", "condition"]
     assert opt_g.defaults["betas"] == (0.5, 0.9) and opt_d.defaults["betas"] == (0.5, 0.9)
+    assert opt_g.defaults["fused"] and opt_d.defaults["fused"]  # torch's fused Adam runs on the CPU too
     assert [g["initial_lr"] for g in opt_g.param_groups] == pytest.approx([1e-4, 1e-3])
     branch = {id(p) for p in model.decoder.encoder.parameters()}
     assert {id(p) for p in opt_g.param_groups[1]["params"]} == branch

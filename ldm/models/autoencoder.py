@@ -28,6 +28,9 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
+# devices where torch.optim.Adam(fused=True) runs
+FUSED_ADAM_DEVICES = ("cuda", "cpu")
+
 
 class AutoencoderKL(pl.LightningModule):
     """Frozen encoder + trainable decoder.
@@ -78,6 +81,7 @@ class AutoencoderKL(pl.LightningModule):
             raise ValueError("ddconfig.double_z must be true: the KL autoencoder predicts mean and log-variance")
         self.image_key = image_key
         self.mask_key = mask_key
+        self.input_memory_format = torch.contiguous_format  # ldm.fast.fast_training sets channels_last
         self.embed_dim = embed_dim
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor)
@@ -292,7 +296,7 @@ class AutoencoderKL(pl.LightningModule):
             x = x[..., None]
         if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
             x = x.permute(0, 3, 1, 2)
-        x = x.to(memory_format=torch.contiguous_format).float()
+        x = x.float().contiguous(memory_format=self.input_memory_format)
         if self.mask_key in batch:
             mask = batch[self.mask_key].float()
             if mask.ndim == 3:
@@ -335,8 +339,8 @@ class AutoencoderKL(pl.LightningModule):
                                "(scaled by --scale_lr); set model.learning_rate yourself when training without it")
         groups = [{"params": g["params"], "lr": lr * g["lr_factor"], "name": g["name"]}
                   for g in self.trainable_groups()]
-        # fused Adam (one kernel for all parameters) on GPUs; on CPU the default keeps updates as they were
-        fused = True if self.device.type == "cuda" else None
+        # fused Adam (one kernel for all parameters) where torch has it: the same update, fewer passes over memory
+        fused = True if self.device.type in FUSED_ADAM_DEVICES else None
         opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9), fused=fused)
         opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused)
         if self.scheduler_config is None:
