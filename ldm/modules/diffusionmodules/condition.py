@@ -62,7 +62,8 @@ class ConditionEncoder(nn.Module):
         if self.concat_mask:
             if mask is None:
                 raise ValueError("this condition branch (concat_mask) needs the mask")
-            x = torch.cat([masked_image, mask], dim=1)
+            # the concatenation of channels-last inputs comes out NCHW: keep the caller's layout for every level
+            x = torch.cat([masked_image, mask], dim=1).contiguous(memory_format=memory_format_of(masked_image))
         feats = []
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -73,6 +74,14 @@ class ConditionEncoder(nn.Module):
             if i + 1 < len(self.layers):
                 x = F.relu(x)
         return feats
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-d tensor stored channels-last (and not also plain contiguous), else
+    ``torch.contiguous_format``."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def resize_mask(mask: torch.Tensor, size: Sequence[int], mode: str = "nearest") -> torch.Tensor:
@@ -98,4 +107,5 @@ def keep_known(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch
                          "condition_widths do not match the decoder widths")
     # One pass instead of the original's four (h * m + feat * (1 - m)); torch.lerp is exact at both ends, so with a
     # binary mask the result is bit-identical: h where m == 1, feat where m == 0.
-    return torch.lerp(feat.to(h.dtype), h, mask.to(h.dtype))
+    # (in h's memory format whatever the others': the decoder's layers after the blend keep theirs)
+    return torch.lerp(feat.to(h.dtype), h, mask.to(h.dtype)).contiguous(memory_format=memory_format_of(h))
