@@ -24,8 +24,9 @@ encoder (no graph), decoder forward, generator loss (L1 + LPIPS + KL + GAN term 
 Adam step, discriminator loss on the detached reconstruction, backward, Adam step, with the discriminator active from
 the first step; ``original`` = the step as the paper's PyTorch Lightning 1.4 code ran it: a second encoder + decoder
 forward for the discriminator update, and LDM's adaptive weight (``autograd.grad`` through LPIPS and the
-discriminator down to the last layer, then the full backward through both again: :func:`ldm_generator_loss`). LPIPS uses the real VGG16 file when present, else VGG16-shaped random
-weights (the report says which). Reported in images/s with a per-phase breakdown.
+discriminator down to the last layer, then the full backward through both again: :func:`ldm_generator_loss`).
+LPIPS uses the real VGG16 file when present, else VGG16-shaped random weights (the report says which). Reported in
+images/s with a per-phase breakdown.
 
 Latency: median of ``--repeats`` timed calls after ``--warmup``, decodes under ``torch.inference_mode``. Peak memory: on
 CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU each case runs in a fresh
@@ -342,9 +343,9 @@ class PhaseTimer:
 
 def make_train_step(model, impl: str, settings: FastSettings, device: torch.device, x, mask):
     """One training step of ``model`` (its ``loss`` attached) as ``AutoencoderKL.training_step`` does it, phase by
-    phase; ``impl == "original"`` adds the second forward and LDM's adaptive weight of the paper's code. ``settings``: bf16 autocast, the
-    memory format of weights and inputs, compiled decoder blocks; fused Adam as ``configure_optimizers``
-    gives it (not in the original)."""
+    phase; ``impl == "original"`` adds the second forward and LDM's adaptive weight of the paper's code.
+    ``settings``: bf16 autocast, the memory format of weights and inputs, compiled decoder blocks; fused Adam as
+    ``configure_optimizers`` gives it (not in the original)."""
     fast_training(model, device, settings)  # what main.py --fast does (nothing on the exact settings)
     x = x.contiguous(memory_format=model.input_memory_format)
     fused = impl != "original" and device.type in FUSED_ADAM_DEVICES  # as configure_optimizers; LDM's plain Adam

@@ -112,16 +112,16 @@ def test_all_ones_mask_equals_no_prior(tiny_autoencoder):
 
 @pytest.mark.parametrize("overrides", [{}, {"concat_mask": True, "mask_resize": "area"}])
 def test_cpu_decode_runs_channels_last_and_returns_the_callers_layout(overrides):
-    """On the CPU every convolution of the decoder and of the condition branch reads a channels-last activation
-    (oneDNN then makes no layout reorders), also after the concatenated mask input and the blends; the image comes
-    back in the latent's layout, the same values (to float32 rounding) either way."""
+    """Decoding on the CPU, every convolution of the decoder and of the condition branch reads a channels-last
+    activation (oneDNN then makes no layout reorders), also after the concatenated mask input and the blends; the
+    image comes back in the latent's layout, the same values (to float32 rounding) either way."""
     model = make_autoencoder(condition=True, **overrides)
     z, x, mask = _inputs()
     seen = []
     for name, module in model.decoder.named_modules():
         if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_pre_hook(
-                lambda m, args, name=name: seen.append((name, args[0].is_contiguous(memory_format=torch.channels_last))))
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.append(
+                (name, args[0].is_contiguous(memory_format=torch.channels_last))))
     with torch.no_grad():
         out = model.decode(z, x, mask)
         assert out.is_contiguous()
@@ -132,6 +132,10 @@ def test_cpu_decode_runs_channels_last_and_returns_the_callers_layout(overrides)
     assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
     # the decoder runs the same layout either way; post_quant_conv (a 1x1 conv outside it) sees the caller's
     torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=2e-5)
+    # with autograd (float32 training) the layout stays as given
+    seen.clear()
+    model.decode(z, x, mask)
+    assert seen and not any(cl for _, cl in seen)
 
 
 def test_decoder_without_condition_ignores_the_prior():

@@ -109,7 +109,8 @@ def test_generator_loss_with_gan_and_adaptive_weight():
 
 def test_generator_loss_gradients_equal_ldm_with_one_lpips_and_discriminator_backward():
     """Every trained parameter (decoder layers, last layer, a trained encoder through the KL term, the log-variance)
-    gets the gradient of LDM's way of computing the loss (restated in the benchmark, which times it), while LPIPS and the discriminator are differentiated once instead of twice."""
+    gets the gradient of LDM's way of computing the loss (restated in the benchmark, which times it), while LPIPS
+    and the discriminator are differentiated once instead of twice."""
     import lpips
 
     torch.manual_seed(0)

@@ -132,10 +132,12 @@ class AttnBlock(nn.Module):
 
 
 def cpu_layout(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """On the CPU, 4-d activations run channels-last: oneDNN's convolutions then skip the layout reorders they make
-    around every NCHW call (base decoder with condition, 512 px, 2 threads: 0.92x the time). Results stay within
-    float32 rounding of NCHW (another summation order, as diffusers' own differ). Other devices: unchanged."""
-    if x is None or x.device.type != "cpu" or x.dim() != 4:
+    """Without autograd on the CPU, 4-d activations run channels-last: oneDNN's convolutions then skip the layout
+    reorders they make around every NCHW call (base decoder with condition, 512 px, 2 threads: 0.90x the time).
+    Results stay within float32 rounding of NCHW (another summation order). With autograd the layout is left as
+    given: on NCHW weights the channels-last backward was slower (large2 training step at 256 px: 1.16x the time);
+    ``main.py --fast`` trains with channels-last weights and batches instead. Other devices: unchanged."""
+    if x is None or x.device.type != "cpu" or x.dim() != 4 or torch.is_grad_enabled():
         return x
     return x.contiguous(memory_format=torch.channels_last)
 
