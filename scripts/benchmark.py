@@ -2,7 +2,7 @@
 decoder and diffusers' ``AsymmetricAutoencoderKL`` on the same weights, in the same run (so results are ratios), with
 the achieved FLOP rate next to a plain matrix-multiply rate on the same machine.
 
-    python scripts/benchmark.py --suite cpu --threads 2 --out docs/benchmark_cpu   # the CPU report (13 min on 2 cores)
+    python scripts/benchmark.py --suite cpu --threads 2 --out docs/benchmark_cpu   # the CPU report (27 min on 2 cores)
     python scripts/benchmark.py --suite gpu --out docs/benchmark_gpu      # the GPU report
     python scripts/benchmark.py --quick --out /tmp/bench                  # tiny config, seconds (what the tests run)
 
