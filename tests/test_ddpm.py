@@ -120,7 +120,8 @@ def test_inpaint_conditioning_is_built_as_the_original(inpaint_model):
     mask[1, :, 20:, :] = 1
     c_cat = model.inpaint_conditioning(image, mask, generator=torch.Generator().manual_seed(7))
 
-    posterior = model.first_stage_model.encode(image * (mask < 0.5))
+    with torch.no_grad():  # as inpaint_conditioning runs it (the CPU layout of inference differs by rounding)
+        posterior = model.first_stage_model.encode(image * (mask < 0.5))
     g = torch.Generator().manual_seed(7)
     latent = 0.18215 * (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g))
     assert c_cat.shape == (2, 5, 24, 32)
