@@ -606,6 +606,9 @@ def markdown(report: Dict[str, Any]) -> str:
              f"fast path: {report['fast_path']}; tiles {s['tile']} px, overlap {s['tile_overlap']} px; plain matmul "
              f"{report['matmul']['n']}^3 {report['matmul']['dtype']}: {report['matmul']['tflops']:.2f} TFLOP/s; "
              f"warm-up {s['warmup']}, timed {s['repeats']}.", ""]
+    if "gpu" not in m:
+        lines += ["No GPU in this run: every number below is a CPU number; the GPU comparisons are "
+                  "`python scripts/benchmark.py --suite gpu` on a machine with one.", ""]
     by_key: Dict[tuple, Dict[str, Dict]] = {}
     for r in results:
         by_key.setdefault((r["kind"], r["variant"], r["condition"], r["size"], r["tiled"], r["path"]),

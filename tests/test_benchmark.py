@@ -48,6 +48,7 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     table = (tmp_path / "bench_v1.5.md").read_text()
     for section in ("### Decode", "### Tiled decoding", "### One attention call", "### Training step"):
         assert section in table
+    assert ("No GPU in this run" in table) == ("gpu" not in report["machine"])
     # decode rows (ours and diffusers side by side, untiled 128 too), tiled rows, attention, training steps
     assert table.count("\n| tiny |") == 8 + 2 + 2 + 1 + 3
     assert benchmark.TRAIN_STEP_NOTE in table
