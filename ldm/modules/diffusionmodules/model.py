@@ -133,7 +133,7 @@ class AttnBlock(nn.Module):
 
 def cpu_layout(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Without autograd on the CPU, 4-d activations run channels-last: oneDNN's convolutions then skip the layout
-    reorders they make around every NCHW call (base decoder with condition, 512 px, 2 threads: 0.90x the time).
+    reorders they make around every NCHW call (base decoder with condition, 512 px, 2 threads: 0.92x the time).
     Results stay within float32 rounding of NCHW (another summation order). With autograd the layout is left as
     given: on NCHW weights the channels-last backward was slower (large2 training step at 256 px: 1.16x the time);
     ``main.py --fast`` trains with channels-last weights and batches instead. Other devices: unchanged."""
