@@ -316,10 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fast = None
     if opt.fast:
         from ldm.fast import TRAINING_PRECISION, fast_settings, fast_training
+        from ldm.inference import pick_device
 
-        accelerator = trainer_kwargs["accelerator"]
-        fast_device = torch.device({"gpu": "cuda", "auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(
-            accelerator, accelerator))
+        accelerator = trainer_kwargs["accelerator"]  # Lightning's name: cpu, gpu, cuda, mps or auto
+        fast_device = pick_device("auto") if accelerator == "auto" else torch.device(
+            {"gpu": "cuda"}.get(accelerator, accelerator))
         fast = fast_settings(fast_device)
         trainer_kwargs["precision"] = TRAINING_PRECISION[fast.dtype]
     lightning_config.trainer = trainer_kwargs

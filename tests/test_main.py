@@ -136,9 +136,9 @@ def test_fast_training_runs_the_device_fast_path_and_saves_ordinary_weights(tmp_
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     config = OmegaConf.load(config_file).model
     config.params.lossconfig = {"target": "torch.nn.Identity"}
-    fresh = instantiate_from_config(config)
-    fresh.load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})
-    assert torch.equal(fresh.decoder.conv_out.weight, state["decoder.conv_out.weight"])
+    # mixed precision keeps float32 master weights, and compiled blocks would show as renamed keys (strict load)
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    instantiate_from_config(config).load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})
     with pytest.raises(ValueError, match="--fast chooses the precision"):
         _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "--fast", "--precision", "32")
 
