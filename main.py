@@ -37,10 +37,16 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # 
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from ldm.callbacks import (AtomicCheckpointIO, EpochLastCheckpoint, ImageLogger, SetupCallback,  # noqa: F401
-                           StopOnSignal, TrainingStopped)
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (the original configs name main.DataModuleFromConfig)
 from ldm.project import resolve_config_path
+from ldm.training.callbacks import (  # noqa: F401
+    AtomicCheckpointIO,
+    EpochLastCheckpoint,
+    ImageLogger,
+    SetupCallback,
+    StopOnSignal,
+    TrainingStopped,
+)
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("main")
@@ -315,8 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer_kwargs, world = build_trainer_kwargs(opt, lightning_config.get("trainer", OmegaConf.create()))
     fast = None
     if opt.fast:
+        from ldm.cli.common import pick_device
         from ldm.fast import TRAINING_PRECISION, fast_settings, fast_training
-        from ldm.inference import pick_device
 
         accelerator = trainer_kwargs["accelerator"]  # Lightning's name: cpu, gpu, cuda, mps or auto
         fast_device = pick_device("auto") if accelerator == "auto" else torch.device(
@@ -364,11 +370,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if wandb_mode not in ("off", "offline", "online"):
         raise ValueError(f"lightning.wandb must be off, offline or online, got {wandb_mode!r}")
     callbacks_config = {
-        "setup_callback": {"target": "ldm.callbacks.SetupCallback",
+        "setup_callback": {"target": "ldm.training.callbacks.SetupCallback",
                            "params": {"resume": str(opt.resume), "now": now, "logdir": str(logdir),
                                       "ckptdir": str(ckptdir), "cfgdir": str(cfgdir), "config": config,
                                       "lightning_config": lightning_config}},
-        "image_logger": {"target": "ldm.callbacks.ImageLogger",
+        "image_logger": {"target": "ldm.training.callbacks.ImageLogger",
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True, "save_dir": str(logdir)}},
     }
     callbacks_config = OmegaConf.merge(callbacks_config, lightning_config.get("callbacks", OmegaConf.create()))

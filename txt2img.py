@@ -157,12 +157,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from torchvision.utils import make_grid
     from tqdm import tqdm
 
-    from ldm.checkpoint_io import CheckpointError
-    from ldm.image_io import to_uint8, write_png_numbered
-    from ldm.inference import (load_flagged, make_schedule, pick_device, precision_scope, prepare_outdir,
-                               seed_everything)
-    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.checkpoints.files import CheckpointError
+    from ldm.cli.common import (
+        load_flagged,
+        make_schedule,
+        pick_device,
+        precision_scope,
+        prepare_outdir,
+        seed_everything,
+    )
     from ldm.fast import FastDecode
+    from ldm.image_io import to_uint8, write_png_numbered
+    from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.models.diffusion.plms import PLMSSampler
     from ldm.models.diffusion.sampling_common import randn
 

@@ -11,8 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Union
 
-import torch
-
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``."""

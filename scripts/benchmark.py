@@ -55,11 +55,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ldm.fast import (FastDecode, FastSettings, apply_settings, cpu_has_native_bf16,  # noqa: E402
-                      fast_settings, fast_training)
+from ldm.cli.common import pick_device  # noqa: E402
+from ldm.fast import FastDecode, FastSettings, apply_settings, cpu_has_native_bf16, fast_settings, fast_training  # noqa: E402
 from ldm.image_io import to_uint8  # noqa: E402
 from ldm.models.autoencoder import FUSED_ADAM_DEVICES  # noqa: E402
-from ldm.inference import pick_device  # noqa: E402
 from ldm.modules.diffusionmodules.model import AttnBlock  # noqa: E402
 from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
 from ldm.util import instantiate_from_config, write_atomically  # noqa: E402
@@ -96,10 +95,10 @@ def build_model(variant: str, device: Any = "cpu"):
 
 
 def to_diffusers(model):
-    """diffusers ``AsymmetricAutoencoderKL`` holding ``model``'s weights (converted by ldm.diffusers_interop)."""
+    """diffusers ``AsymmetricAutoencoderKL`` holding ``model``'s weights (converted by ldm.checkpoints.diffusers)."""
     import diffusers
 
-    from ldm.diffusers_interop import ldm_to_diffusers
+    from ldm.checkpoints.diffusers import ldm_to_diffusers
 
     state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
                                           shift_factor=model.shift_factor)

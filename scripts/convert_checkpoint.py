@@ -29,15 +29,24 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ldm.checkpoint import read_state_dict  # noqa: E402
-from ldm.checkpoint_io import (  # noqa: E402
-    TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict)
-from ldm.diffusers_interop import (  # noqa: E402
-    AutoencoderLayout, check_layout_matches_config, diffusers_config_to_ldm, read_diffusers_folder,
-    write_diffusers_folder)
-from ldm.latent_spaces import (  # noqa: E402
-    LATENT_SPACES, SD, SINGLE_FILE_VAE_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
-    describe_latent_layout, drop_unused_keys, matching_spaces, single_file_vae_prefix, strip_prefix)
+from ldm.checkpoints.diffusers import (  # noqa: E402
+    AutoencoderLayout,
+    check_layout_matches_config,
+    diffusers_config_to_ldm,
+    read_diffusers_folder,
+    write_diffusers_folder,
+)
+from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict  # noqa: E402
+from ldm.checkpoints.keys import read_state_dict  # noqa: E402
+from ldm.checkpoints.tensors import (  # noqa: E402
+    SINGLE_FILE_VAE_PREFIXES,
+    autoencoder_state_dict,
+    describe_decoder_checkpoint,
+    drop_unused_keys,
+    single_file_vae_prefix,
+    strip_prefix,
+)
+from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces  # noqa: E402
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})

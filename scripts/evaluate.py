@@ -44,15 +44,24 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm import metrics  # noqa: E402
-from ldm.checkpoint_io import CheckpointError  # noqa: E402
-from ldm.loading import load_model  # noqa: E402
+from ldm.checkpoints.files import CheckpointError  # noqa: E402
+from ldm.checkpoints.loading import load_model  # noqa: E402
+from ldm.cli.common import pick_device, precision_scope, refuse_overlap, seed_everything  # noqa: E402
 from ldm.data.inpainting import find_images  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.fast import FastDecode  # noqa: E402
-from ldm.image_io import (IMAGE_EXTENSIONS, InputError, find_pairs, quantize, read_image, read_mask,  # noqa: E402
-                          read_pair, to_uint8, write_png)
-from ldm.inference import pick_device, precision_scope, refuse_overlap, seed_everything  # noqa: E402
-from ldm.latent_spaces import latent_space_of  # noqa: E402
+from ldm.image_io import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    InputError,
+    find_pairs,
+    quantize,
+    read_image,
+    read_mask,
+    read_pair,
+    to_uint8,
+    write_png,
+)
+from ldm.latent_spaces import latent_space_of
 from ldm.project import FAST_HELP  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 

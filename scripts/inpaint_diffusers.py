@@ -2,14 +2,14 @@
 
 For every ``NAME.png`` + ``NAME_mask.png`` pair in ``--indir`` (mask: white = generate), the pipeline in ``--pipeline``
 (a local folder as ``save_pretrained`` writes it) samples latents, its own VAE encoding the image; our decoder
-decodes them with the image and mask (``ldm/pipelines.py``); the result goes to ``--outdir/NAME.png``::
+decodes them with the image and mask (``ldm/integrations/diffusers_pipelines.py``); the result goes to ``--outdir/NAME.png``::
 
     python scripts/inpaint_diffusers.py --pipeline models/sdxl-inpainting --indir DIR --outdir OUT \\
         --config configs/autoencoder/sdxl/asymmetric_base.yaml --ckpt sdxl-asymmetric-base.ckpt
 
 Defaults are the pipeline's own (steps, guidance, strength; see ``--help``) and the longest side is capped at the
 pipeline's native size (512 for SD 1.5, 1024 for SDXL / SD 3 / FLUX.1 Fill), sides floored to multiples of 64.
-Pairs, reading, refusal and writing are ``inpaint_st.py``'s: bad pairs are reported and skipped, existing outputs
+Pairs, reading, refusal and writing are ``ldm.cli.pairs``': bad pairs are reported and skipped, existing outputs
 kept unless ``--overwrite``, outputs written atomically. ``--vanilla_decoder`` lets the pipeline decode with its own
 VAE. Nothing is fetched from a hub; no safety checker or watermark runs.
 """
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
-from inpaint_st import DEFAULT_PROMPT, add_pair_arguments, check_pair_arguments, load_decoder, run_pairs
-from ldm.pipelines import PIPELINES, PipelineError
+from ldm.cli.pairs import DEFAULT_PROMPT, add_pair_arguments, check_pair_arguments, load_decoder, run_pairs
+from ldm.integrations.diffusers_pipelines import PIPELINES, PipelineError
 from ldm.project import DECODER_FILES, check_run_files
 
 # torch, diffusers and the models are imported after the flags are parsed, so that --help and flag errors come at once
@@ -88,7 +88,7 @@ def pipeline_class(folder: Path) -> str:
 
 
 def check_files(opt: argparse.Namespace) -> None:
-    """Everything a run needs exists, checked before anything loads (see ``inpaint_st.run_pairs``)."""
+    """Everything a run needs exists, checked before anything loads (see ``ldm.cli.pairs.run_pairs``)."""
     pipeline_class(opt.pipeline)
     vae_config = opt.pipeline / "vae" / "config.json"
     if not vae_config.is_file():
@@ -98,13 +98,13 @@ def check_files(opt: argparse.Namespace) -> None:
 
 
 def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray]:
-    """Load the pipeline and the decoder; returns the function that inpaints one pair (see ``inpaint_st.Setup``)."""
+    """Load the pipeline and the decoder; returns the function that inpaints one pair (see ``ldm.cli.pairs.Setup``)."""
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline
 
     from ldm.fast import FastDecode
-    from ldm.pipelines import check_decoder_fits, inpaint, native_size
+    from ldm.integrations.diffusers_pipelines import check_decoder_fits, inpaint, native_size
 
     name = pipeline_class(opt.pipeline)
     decoder = None
@@ -139,7 +139,7 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Returns the exit status of ``inpaint_st.run_pairs``: 0 all written, 1 some pairs skipped or failed, 2 nothing
+    """Returns the exit status of ``ldm.cli.pairs.run_pairs``: 0 all written, 1 some pairs skipped or failed, 2 nothing
     could start."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import read_state_dict
-from ldm.checkpoint_io import CheckpointError, save_state_dict
-from ldm.loading import load_model
+from ldm.checkpoints.files import CheckpointError, save_state_dict
+from ldm.checkpoints.keys import read_state_dict
+from ldm.checkpoints.loading import load_model
 from tests.conftest import TINY_DDCONFIG, make_autoencoder
 
 
@@ -320,7 +319,7 @@ def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias
 
 _PEAK_CHILD = """
 import json, re, sys, torch
-from ldm.loading import load_model
+from ldm.checkpoints.loading import load_model
 config = json.loads(sys.argv[2])
 
 def peak_since_reset():  # the kernel's resident high-water mark (VmHWM), reset by writing 5 to clear_refs

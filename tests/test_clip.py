@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.checkpoint import load_into, read_state_dict
+from ldm.checkpoints.keys import load_into, read_state_dict
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
 open_clip = pytest.importorskip("open_clip")

@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
 from ldm.data.inpainting import ImageFolderInpainting, ImageNetSRTrain, ImageNetSRValidation
+from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
 from ldm.image_io import InputError as UnreadableImageError
 from ldm.image_io import read_image as load_image
-from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
 
 P_BOX = 0.3 / 1.3
 
@@ -113,6 +113,7 @@ def test_masks_scale_with_resolution(generator):
 def _kwargs() -> dict:
     """The ``mask_generator_kwargs`` of the shipped yaml."""
     from omegaconf import OmegaConf
+
     from ldm.data.masks import resolve_config_path
     config = OmegaConf.to_container(OmegaConf.load(resolve_config_path(DEFAULT_MASK_CONFIG)))
     return dict(config["mask_generator_kwargs"])

@@ -8,8 +8,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from ldm.checkpoint import read_state_dict
-
+from ldm.checkpoints.keys import read_state_dict
 from scripts import demo
 
 

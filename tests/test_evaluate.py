@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm import metrics
-from ldm.checkpoint_io import save_state_dict
+from ldm.checkpoints.files import save_state_dict
 from ldm.image_io import quantize
 from scripts import evaluate
 from tests.conftest import make_autoencoder

@@ -10,8 +10,17 @@ import torch
 from PIL import Image
 
 from ldm.data.inpainting import ImageNetSRValidation
-from ldm.image_io import (InputError, Pair, find_pairs, read_image, read_pair, to_tensor, to_uint8, write_png,
-                          write_png_numbered)
+from ldm.image_io import (
+    InputError,
+    Pair,
+    find_pairs,
+    read_image,
+    read_pair,
+    to_tensor,
+    to_uint8,
+    write_png,
+    write_png_numbered,
+)
 from ldm.util import remove_stale_temporaries, write_atomically
 
 from .conftest import REPO

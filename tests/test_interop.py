@@ -4,19 +4,26 @@ own x-1-5 / x-2 models, and scripts/convert_checkpoint.py works end to end and r
 from __future__ import annotations
 
 import importlib.util
-import os
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from ldm.checkpoint import read_state_dict
-from ldm.checkpoint_io import CheckpointError, save_state_dict
-from ldm.diffusers_interop import (AutoencoderLayout, check_diffusers_state_dict, diffusers_condition_widths,
-                                   diffusers_config_to_ldm, diffusers_to_ldm, ldm_to_diffusers,
-                                   read_diffusers_folder, write_diffusers_folder)
+from ldm.checkpoints.diffusers import (
+    AutoencoderLayout,
+    check_diffusers_state_dict,
+    diffusers_condition_widths,
+    diffusers_config_to_ldm,
+    diffusers_to_ldm,
+    ldm_to_diffusers,
+    read_diffusers_folder,
+    write_diffusers_folder,
+)
+from ldm.checkpoints.files import CheckpointError, save_state_dict
+from ldm.checkpoints.keys import read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 
 from .conftest import REPO, TINY_DDCONFIG
@@ -112,7 +119,7 @@ def test_diffusers_folder_to_ours_same_outputs(levels, tmp_path):
 
     ddconfig, overrides = diffusers_config_to_ldm(json.loads((tmp_path / "hf" / "config.json").read_text()))
     assert overrides == {"ch": 64, "ch_mult": [w // 32 for w in widths], "num_res_blocks": 2, "condition": True}
-    # the one loader: AutoencoderKL(ckpt_path=folder) goes through ldm.checkpoint.read_state_dict
+    # the one loader: AutoencoderKL(ckpt_path=folder) goes through ldm.checkpoints.keys.read_state_dict
     ours = AutoencoderKL(ddconfig=ddconfig, lossconfig=IDENTITY_LOSS, embed_dim=4, decoder_overrides=overrides,
                          ckpt_path=tmp_path / "hf").eval()
     assert_same_model(ours, theirs, 32, condition=True)

@@ -206,7 +206,7 @@ def image_and_mask(size: int = 16, seed: int = 0):
 def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
     import diffusers
 
-    from ldm.diffusers_interop import ldm_to_diffusers
+    from ldm.checkpoints.diffusers import ldm_to_diffusers
 
     ours = randomize_(make_16ch(condition=False), 0)
     sd, config = ldm_to_diffusers(ours.state_dict(), scaling_factor=ours.scaling_factor,
@@ -233,8 +233,8 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
     which change nothing (float32), and the way back drops them: the round trip is tensor-identical."""
     import diffusers
 
-    from ldm.checkpoint import read_state_dict
-    from ldm.diffusers_interop import write_diffusers_folder
+    from ldm.checkpoints.diffusers import write_diffusers_folder
+    from ldm.checkpoints.keys import read_state_dict
 
     ours = randomize_(make_16ch(condition=True), 0)
     folder = write_diffusers_folder(ours.state_dict(), TINY16, {"condition": True}, tmp_path / "asym",
@@ -267,9 +267,8 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
 
 
 def test_asuka_style_branch_is_refused_by_the_diffusers_export():
-    from ldm.checkpoint_io import CheckpointError
-    from ldm.diffusers_interop import ldm_to_diffusers
-
+    from ldm.checkpoints.diffusers import ldm_to_diffusers
+    from ldm.checkpoints.files import CheckpointError
     from ldm.models.autoencoder import AutoencoderKL
 
     asuka = AutoencoderKL(ddconfig=TINY16, lossconfig={"target": "torch.nn.Identity"}, embed_dim=16,
@@ -330,7 +329,7 @@ def test_flux_ae_safetensors_loads_as_starting_weights_and_wrong_spaces_are_name
     quant convs. Loaded into a 4-channel config it is refused naming the latent space it looks like."""
     from safetensors.torch import save_file
 
-    from ldm.checkpoint_io import CheckpointError
+    from ldm.checkpoints.files import CheckpointError
 
     vae = released_vae("flux")
     assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in vae)
@@ -352,7 +351,7 @@ def test_flux_ae_safetensors_loads_as_starting_weights_and_wrong_spaces_are_name
 
 def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tmp_path):
     """The vae/ folder of an SD 3.x / FLUX.1 pipeline (diffusers AutoencoderKL without quant convs)."""
-    from ldm.diffusers_interop import write_diffusers_folder
+    from ldm.checkpoints.diffusers import write_diffusers_folder
 
     vae = released_vae("sd3")
     write_diffusers_folder(vae, None, None, tmp_path / "pipe" / "vae", scaling_factor=1.5305, shift_factor=0.0609)
@@ -419,8 +418,8 @@ def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_pat
     import numpy as np
     from PIL import Image
 
-    from ldm.checkpoint_io import save_state_dict
-    from ldm.loading import load_model
+    from ldm.checkpoints.files import save_state_dict
+    from ldm.checkpoints.loading import load_model
     from scripts import evaluate
 
     torch.manual_seed(3)
@@ -447,7 +446,7 @@ def math_finite(x) -> bool:
 
 def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
     """One tile covering everything = the untiled decode, exactly; several tiles keep the image size."""
-    from ldm.loading import load_model
+    from ldm.checkpoints.loading import load_model
 
     torch.manual_seed(4)
     model = randomize_(load_model(TINY_FLUX), 0)
@@ -486,8 +485,8 @@ def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
     shift land in config.json; from-diffusers gives back the same tensors; a mismatching space is refused."""
     import json
 
-    from ldm.checkpoint import read_state_dict
-    from ldm.checkpoint_io import save_state_dict
+    from ldm.checkpoints.files import save_state_dict
+    from ldm.checkpoints.keys import read_state_dict
     from scripts import convert_checkpoint as cli
 
     model = randomize_(make_16ch(), 0)

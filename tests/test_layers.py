@@ -59,18 +59,18 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_inside_ldm():
     graph = import_graph()
-    assert "ldm.checkpoint" in graph and graph["ldm.models.autoencoder"]
+    assert "ldm.checkpoints.keys" in graph and graph["ldm.models.autoencoder"]
     assert find_cycle(graph) == []
 
 
 # Checkpoint handling, bottom to top; a module may import from its own layer or below, never above.
 CHECKPOINT_LAYERS = [
-    ["ldm.util"],
-    ["ldm.checkpoint_io"],                                   # files -> tensors
-    ["ldm.latent_spaces"],                                   # what the tensors are
-    ["ldm.diffusers_interop", "ldm.checkpoint"],             # key layouts; any format into our keys, key checks
-    ["ldm.models.autoencoder", "ldm.models.diffusion.ddpm"],  # models
-    ["ldm.loading"],                                         # config + checkpoint -> model
+    ["ldm.util", "ldm.latent_spaces"],
+    ["ldm.checkpoints.files"],                                    # files -> tensors
+    ["ldm.checkpoints.tensors"],                                  # what the tensors are
+    ["ldm.checkpoints.diffusers", "ldm.checkpoints.keys"],        # key layouts; any format into our keys, key checks
+    ["ldm.models.autoencoder", "ldm.models.diffusion.ddpm"],      # models
+    ["ldm.checkpoints.loading"],                                  # config + checkpoint -> model
 ]
 
 

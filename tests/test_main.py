@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main
-from ldm.callbacks import AtomicCheckpointIO
+from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.util import instantiate_from_config
 
 

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from ldm.metrics import (RegionMetricAccumulator, json_safe, pre_error, pre_error_sum, psnr_from_mse, region_metrics,
-                         region_mse)
+from ldm.metrics import (
+    RegionMetricAccumulator,
+    json_safe,
+    pre_error,
+    pre_error_sum,
+    psnr_from_mse,
+    region_metrics,
+    region_mse,
+)
 
 
 def _pair():

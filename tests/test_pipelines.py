@@ -1,4 +1,4 @@
-"""Our decoder inside diffusers' four inpainting pipelines (ldm/pipelines.py), on tiny random components built here.
+"""Our decoder inside diffusers' four inpainting pipelines (ldm/integrations/diffusers_pipelines.py), on tiny random components built here.
 
 Text encoders are left out: the pipelines take precomputed prompt embeddings. Each pipeline's VAE is exported from one
 of our tiny autoencoders, so a condition-free decoder of ours holds exactly the pipeline VAE's weights.
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.diffusers_interop import ldm_to_diffusers
+from ldm.checkpoints.diffusers import ldm_to_diffusers
+from ldm.integrations.diffusers_pipelines import PipelineError, check_decoder_fits, inpaint, unpack_latents
 from ldm.latent_spaces import LATENT_SPACES, LatentSpace
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.pipelines import PipelineError, check_decoder_fits, inpaint, unpack_latents
 
 from .conftest import TINY_DDCONFIG
 

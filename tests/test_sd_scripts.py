@@ -10,8 +10,8 @@ from PIL import Image
 
 import inpaint_st
 import txt2img
-from ldm.checkpoint import read_state_dict
-from ldm.checkpoint_io import save_state_dict
+from ldm.checkpoints.files import save_state_dict
+from ldm.checkpoints.keys import read_state_dict
 
 from .conftest import REPO
 from .test_ddpm import TINY_INPAINT, TINY_T2I, build, original_layout
@@ -138,7 +138,7 @@ def test_inpaint_st_decoder_formats_and_vanilla(files, inpaint_ref, tmp_path):
 def test_decoder_as_diffusers_folder(files, inpaint_ref, tmp_path):
     """A diffusers AsymmetricAutoencoderKL folder works as --ckpt / --ckpt_c, with the same result as its weights
     saved in our key layout."""
-    pytest.importorskip("ldm.diffusers_interop")
+    pytest.importorskip("ldm.checkpoints.diffusers")
     from diffusers import AsymmetricAutoencoderKL
 
     torch.manual_seed(2)
@@ -341,9 +341,9 @@ def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, f
 
 def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
-    import ldm.loading
+    import ldm.checkpoints.loading
 
-    real_load = ldm.loading.load_model
+    real_load = ldm.checkpoints.loading.load_model
 
     def load_model(config, ckpt, **kwargs):
         model = real_load(config, ckpt, **kwargs)
@@ -353,7 +353,7 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
             scale.append(model.scale_factor)
         return model
 
-    monkeypatch.setattr(ldm.loading, "load_model", load_model)
+    monkeypatch.setattr(ldm.checkpoints.loading, "load_model", load_model)
     spy_samples(monkeypatch, samples)
     out = tmp_path / "asym"
     assert txt2img.main(t2i_args(files, out, "--skip_grid")) == 0
@@ -413,7 +413,7 @@ def test_bad_setups_are_messages_naming_the_flag(files, one_pair, tmp_path, caps
 
 
 def test_pick_device():
-    from ldm.inference import pick_device
+    from ldm.cli.common import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     for bad in ("foo", "cuda:x", "meta"):
@@ -535,11 +535,11 @@ def test_inpaint_st_skips_an_image_above_max_pixels_and_runs_the_rest(files, one
 
 
 def test_missing_decoder_is_reported_by_flag_before_sd_loads(files, one_pair, tmp_path, monkeypatch, capsys):
-    import ldm.loading
+    import ldm.checkpoints.loading
 
     loaded = []
-    real = ldm.loading.load_model
-    monkeypatch.setattr(ldm.loading, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    real = ldm.checkpoints.loading.load_model
+    monkeypatch.setattr(ldm.checkpoints.loading, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
     args = with_flag(with_flag(inpaint_args(files, tmp_path / "o"), "--indir", one_pair), "--ckpt",
                      tmp_path / "nope.ckpt")
     assert "--ckpt " in refused(inpaint_st, args, capsys)
@@ -569,10 +569,11 @@ def test_txt2img_flags_that_would_do_nothing_or_crash(args, message, capsys):
 
 
 def readme_command(script: str) -> list:
-    """The README's command line for ``script`` (continuation lines joined), as argv after the script name."""
+    """The documented command line for ``script`` (docs/inpainting.md, continuation lines joined), as argv after the
+    script name."""
     import shlex
 
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    text = (REPO / "docs" / "inpainting.md").read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if ln.startswith(f"python {script} "))
     return shlex.split(line)[2:]
 

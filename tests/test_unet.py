@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, UNetModel
-from ldm.modules.diffusionmodules.util import (GroupNorm32, make_beta_schedule, make_ddim_sampling_parameters,
-                                               make_ddim_timesteps, timestep_embedding)
+from ldm.modules.diffusionmodules.util import (
+    GroupNorm32,
+    make_beta_schedule,
+    make_ddim_sampling_parameters,
+    make_ddim_timesteps,
+    timestep_embedding,
+)
 from ldm.modules.ema import LitEma
 
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")

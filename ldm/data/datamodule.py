@@ -27,7 +27,7 @@ def worker_init_fn(worker_id: int, rank: int = 0) -> None:
 
     A cluster scheduler (Slurm's ``scancel``) signals every process of the job: a worker that dies of it makes
     the main process fail with "DataLoader worker ... killed by signal" before it can save ``last.ckpt``. The main
-    process handles the signal (:class:`~ldm.callbacks.StopOnSignal`) and shuts its workers down as usual.
+    process handles the signal (:class:`~ldm.training.callbacks.StopOnSignal`) and shuts its workers down as usual.
     Setting a ``worker_init_fn`` stops Lightning from adding its own, so its per-worker seeding
     (``seed_everything(workers=True)`` sets ``PL_SEED_WORKERS``) is done here.
     """

@@ -17,14 +17,20 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
-from ldm.checkpoint import load_into, read_state_dict
-from ldm.checkpoint_io import CheckpointError, PathLike
-from ldm.framework_hooks import set_last_lr, step_uncounted
-from ldm.latent_spaces import (SD, UNUSED_PREFIXES, autoencoder_state_dict, describe_decoder_checkpoint,
-                               describe_latent_layout, describe_state_dict, latent_layout)
+from ldm.checkpoints.files import CheckpointError, PathLike
+from ldm.checkpoints.keys import load_into, read_state_dict
+from ldm.checkpoints.tensors import (
+    UNUSED_PREFIXES,
+    autoencoder_state_dict,
+    describe_decoder_checkpoint,
+    describe_state_dict,
+    latent_layout,
+)
+from ldm.latent_spaces import SD, describe_latent_layout
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.training.framework_hooks import set_last_lr, step_uncounted
 from ldm.util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,7 @@ class AutoencoderKL(pl.LightningModule):
             condition: true}`` for large 2x. ``condition`` switches the condition branch.
         pretrained_lr_factor: learning-rate factor of the decoder's pretrained part (the condition branch trains
             at the full rate). The paper's base recipe uses 0.1, the large ones 1.0.
-        ckpt_path / ignore_keys: weights to start from (any format of :mod:`ldm.checkpoint`; a full SD checkpoint
+        ckpt_path / ignore_keys: weights to start from (any format of :mod:`ldm.checkpoints.keys`; a full SD checkpoint
             gives its ``first_stage_model``); key prefixes in ``ignore_keys`` keep their fresh initialisation.
         image_key / mask_key: batch entries of the image (B,3,H,W) in [-1,1] and the mask (B,1,H,W), 1 = generate.
         scheduler_config / scheduler_config_d: LR schedules of the decoder and discriminator optimizers.
@@ -149,7 +155,7 @@ class AutoencoderKL(pl.LightningModule):
     def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = (), fresh_condition: bool = True) -> None:
         """Load weights from any supported checkpoint. A full Stable Diffusion checkpoint contributes its
         ``first_stage_model``. A checkpoint without a condition branch (an SD VAE) leaves the branch fresh when
-        ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoint.load_model``)
+        ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoints.keys.load_model``)
         that is an error, since a random branch would overwrite the kept region."""
         state_dict = autoencoder_state_dict(read_state_dict(path), source=path)
         self._check_latent_layout(state_dict, path)
@@ -423,7 +429,7 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts optimizer steps, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (:func:`ldm.framework_hooks.step_uncounted`).
+        discriminator's step is kept out of Lightning's step counter (:func:`ldm.training.framework_hooks.step_uncounted`).
         With ``accumulate_grad_batches`` = N both optimizers step once per N batches, on the mean of their
         gradients, which is the update of one batch N times larger (the GAN's adaptive weight is computed per
         micro-batch).

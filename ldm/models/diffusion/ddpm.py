@@ -9,7 +9,7 @@ The attribute tree is the checkpoint format of ``sd-v1-5*.ckpt``:
 * ``model_ema.*``: EMA weights, only built with ``use_ema: true``.
 
 Training (losses, logging, optimizers) is not part of this reimplementation: the paper keeps the diffusion model
-frozen. Checkpoints load through :mod:`ldm.checkpoint` (:meth:`LatentDiffusion.init_from_ckpt`).
+frozen. Checkpoints load through :mod:`ldm.checkpoints.keys` (:meth:`LatentDiffusion.init_from_ckpt`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import load_into, read_state_dict
-from ldm.checkpoint_io import PathLike
+from ldm.checkpoints.files import PathLike
+from ldm.checkpoints.keys import load_into, read_state_dict
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -224,7 +224,7 @@ class LatentDiffusion(nn.Module):
                     log.info("%s: restored training weights", context)
 
     def known_unused_keys(self) -> Dict[str, str]:
-        """Checkpoint key prefixes dropped on load, with the reason logged (see ``ldm.checkpoint.load_into``)."""
+        """Checkpoint key prefixes dropped on load, with the reason logged (see ``ldm.checkpoints.keys.load_into``)."""
         unused: Dict[str, str] = {}
         if not self.use_ema:
             unused["model_ema."] = ("EMA bookkeeping of the training run (decay, num_updates; shadow weights if "

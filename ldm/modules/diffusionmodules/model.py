@@ -22,8 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.condition import (MASK_RESIZE_MODES, ConditionEncoder, default_condition_widths,
-                                                    keep_known, memory_format_of, resize_mask)
+from ldm.modules.diffusionmodules.condition import (
+    MASK_RESIZE_MODES,
+    ConditionEncoder,
+    default_condition_widths,
+    keep_known,
+    memory_format_of,
+    resize_mask,
+)
 
 # SD's ``ddconfig`` is shared by the Encoder and the Decoder; these of its keys shape the encoder alone.
 ENCODER_ONLY_KEYS = ("double_z",)

@@ -5,7 +5,7 @@
   ``cond_stage_model.transformer.text_model.*``.
 
 It tokenizes with the CLIP BPE vocabulary that open-clip-torch ships (``bpe_simple_vocab_16e6.txt.gz``), so
-nothing is fetched from a hub. Nothing here loads weights: ``LatentDiffusion`` (or ``ldm.checkpoint.load_into``)
+nothing is fetched from a hub. Nothing here loads weights: ``LatentDiffusion`` (or ``ldm.checkpoints.keys.load_into``)
 does, with the rest of the SD checkpoint.
 """
 from __future__ import annotations

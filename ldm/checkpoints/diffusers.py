@@ -51,9 +51,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.checkpoint_io import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, StateDict,
-                               read_diffusers_files)
-from ldm.latent_spaces import SD, drop_unused_keys
+from ldm.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, StateDict, read_diffusers_files
+from ldm.checkpoints.tensors import drop_unused_keys
+from ldm.latent_spaces import SD
 from ldm.modules.diffusionmodules.condition import default_condition_widths
 from ldm.util import default_file_mode
 

@@ -13,7 +13,8 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
-from ldm import checkpoint_io, loading
+from ldm.checkpoints import files as checkpoint_files
+from ldm.checkpoints import loading
 from ldm.image_io import InputError
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,14 @@ def refuse_overlap(outdir: PathLike, indir: PathLike, out_flag: str = "--outdir"
 
 
 def load_flagged(opt: Any, config_flag: str, ckpt_flag: str, device: torch.device) -> torch.nn.Module:
-    """``ldm.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
+    """``ldm.checkpoints.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
     checkpoint error names both flags."""
     config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
     print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
     try:
         return loading.load_model(config, ckpt, device=device)
-    except checkpoint_io.CheckpointError as e:
-        raise checkpoint_io.CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
+    except checkpoint_files.CheckpointError as e:
+        raise checkpoint_files.CheckpointError(f"{ckpt_flag} {ckpt} with {config_flag} {config}: {e}") from None
 
 
 def make_schedule(sampler: Any, steps: int, eta: float, steps_flag: str = "--steps") -> None:

@@ -1,9 +1,9 @@
 """The one reader of weights into our key layout, and the key check against a model.
 
-:func:`read_state_dict` takes every format a user may bring (:mod:`ldm.checkpoint_io`: ``.ckpt``/``.pt``
-weights-only, ``.safetensors``; a diffusers folder through :mod:`ldm.diffusers_interop`) and returns our keys;
+:func:`read_state_dict` takes every format a user may bring (:mod:`ldm.checkpoints.files`: ``.ckpt``/``.pt``
+weights-only, ``.safetensors``; a diffusers folder through :mod:`ldm.checkpoints.diffusers`) and returns our keys;
 :func:`load_into` checks them against a model, explains every mismatch and assigns the tensors. Models call these;
-:func:`ldm.loading.load_model` (config + checkpoint -> model) sits above the models.
+:func:`ldm.checkpoints.loading.load_model` (config + checkpoint -> model) sits above the models.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Iterable, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ldm.checkpoint_io import CheckpointError, PathLike, StateDict, read_weights_file
-from ldm.diffusers_interop import read_diffusers_folder
-from ldm.latent_spaces import strip_prefix
+from ldm.checkpoints.diffusers import read_diffusers_folder
+from ldm.checkpoints.files import CheckpointError, PathLike, StateDict, read_weights_file
+from ldm.checkpoints.tensors import strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def read_state_dict(path: PathLike, prefix: Optional[str] = None) -> StateDict:
     """The tensors of a checkpoint in any supported format, a diffusers folder converted to our keys.
 
     ``prefix`` keeps only keys that start with it, stripped (``"cond_stage_model."`` takes the text encoder out of
-    a full Stable Diffusion checkpoint; for the VAE see :func:`ldm.latent_spaces.autoencoder_state_dict`).
+    a full Stable Diffusion checkpoint; for the VAE see :func:`ldm.checkpoints.tensors.autoencoder_state_dict`).
     """
     path = Path(path)
     if not path.exists():

@@ -9,9 +9,9 @@ pickled code; nothing here knows a key layout or a model.
 * ``.safetensors`` (memory-mapped).
 * a diffusers model folder's files (``config.json`` + weights), still in diffusers' keys.
 
-The layers above: :mod:`ldm.latent_spaces` (what the tensors are), :mod:`ldm.diffusers_interop` and
-:mod:`ldm.checkpoint` (key layouts; any format into our keys, checked against a model), the models, and
-:mod:`ldm.loading` (config + checkpoint -> model).
+The layers above: :mod:`ldm.latent_spaces` (what the tensors are), :mod:`ldm.checkpoints.diffusers` and
+:mod:`ldm.checkpoints.keys` (key layouts; any format into our keys, checked against a model), the models, and
+:mod:`ldm.checkpoints.loading` (config + checkpoint -> model).
 """
 from __future__ import annotations
 

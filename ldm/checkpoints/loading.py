@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.checkpoint import load_into, read_state_dict
-from ldm.checkpoint_io import PathLike
+from ldm.checkpoints.files import PathLike
+from ldm.checkpoints.keys import load_into, read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.util import instantiate_from_config
 

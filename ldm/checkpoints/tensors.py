@@ -1,0 +1,114 @@
+"""What a checkpoint's tensors are, read off the tensors themselves: which latent space, which decoder variant,
+which keys of the released files no model reads, and where a single-file checkpoint keeps its VAE.
+
+Files users bring, in our key layout after :func:`autoencoder_state_dict`:
+
+* our / the paper's checkpoints, BFL's ``ae.safetensors`` (FLUX.1) and ASUKA's decoder checkpoint: ``encoder.*``,
+  ``decoder.*`` with the LDM names (the last two without quant convs; ASUKA adds the unused ``decoder.up_layers.*``);
+* single-file SD 1.x/2.x, SDXL and SD 3.x checkpoints: the VAE under ``first_stage_model.`` (some under ``vae.``);
+* diffusers ``vae/`` folders, converted by :mod:`ldm.checkpoints.diffusers`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from ldm.latent_spaces import describe_latent_layout
+
+log = logging.getLogger(__name__)
+
+
+# Keys of the original release that no decoder reads, with the reason (logged when dropped).
+UNUSED_PREFIXES = {
+    "decoder.up_layers.": "the original decoder's ConvTranspose stack, built but never used",
+    "loss.": "training loss weights (LPIPS, discriminator)",
+}
+
+# Prefixes under which single-file diffusion checkpoints store their VAE (diffusers' single-file loader reads both).
+SINGLE_FILE_VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def single_file_vae_prefix(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The prefix under which a single-file diffusion checkpoint keeps its VAE; ``None`` when the tensors hold no
+    VAE under one of :data:`SINGLE_FILE_VAE_PREFIXES`."""
+    return next((p for p in SINGLE_FILE_VAE_PREFIXES if f"{p}encoder.conv_in.weight" in state_dict), None)
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The tensors whose keys start with ``prefix``, without it."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def autoencoder_state_dict(state_dict: Mapping[str, torch.Tensor], source: object = "<state dict>"
+                           ) -> Dict[str, torch.Tensor]:
+    """The autoencoder's tensors in our keys: a single-file diffusion checkpoint gives its VAE (prefix stripped),
+    anything with ``encoder.*`` keys at the top (ours, the paper's, BFL's ``ae.safetensors``, ASUKA's) is kept."""
+    prefix = None if "encoder.conv_in.weight" in state_dict else single_file_vae_prefix(state_dict)
+    if prefix is None:
+        return dict(state_dict)
+    log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
+    return strip_prefix(state_dict, prefix)
+
+
+def latent_layout(state_dict: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, bool]]:
+    """``(latent channels, has quant convs)`` of an autoencoder state dict in our keys, ``None`` if it has no
+    encoder or decoder to read them from."""
+    quant = "quant_conv.weight" in state_dict or "post_quant_conv.weight" in state_dict
+    if "post_quant_conv.weight" in state_dict:
+        return int(state_dict["post_quant_conv.weight"].shape[0]), quant
+    if "decoder.conv_in.weight" in state_dict:
+        return int(state_dict["decoder.conv_in.weight"].shape[1]), quant
+    if "encoder.conv_out.weight" in state_dict:
+        return int(state_dict["encoder.conv_out.weight"].shape[0]) // 2, quant
+    return None
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which latent space the tensors look like, for error messages."""
+    layout = latent_layout(state_dict)
+    if layout is None:
+        return "the tensors hold no encoder or decoder to tell their latent space"
+    return "the tensors have " + describe_latent_layout(*layout)
+
+
+def drop_unused_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Without the original release's keys that no decoder reads (:data:`UNUSED_PREFIXES`), logged."""
+    kept = dict(state_dict)
+    for prefix, reason in UNUSED_PREFIXES.items():
+        dropped = [k for k in kept if k.startswith(prefix)]
+        for k in dropped:
+            del kept[k]
+        if dropped:
+            log.info("dropped %d keys under %r: %s", len(dropped), prefix, reason)
+    return kept
+
+
+# Known decoder shapes of released checkpoints -> the variant and its SD 1.x config (used in load error messages).
+# The other latent spaces have the same variants under configs/autoencoder/{sdxl,sd3,flux}/asymmetric_*.yaml.
+_VARIANT_CONFIGS = {
+    (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
+    (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
+    (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
+}
+
+
+def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
+    try:
+        out_ch, ch = state_dict["decoder.conv_out.weight"].shape[:2]
+        blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
+    except (KeyError, IndexError, AttributeError, ValueError):
+        return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
+    branch = state_dict.get("decoder.encoder.layers.0.weight")
+    nrb = len(blocks) - 1
+    known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
+    if branch is None:
+        condition = "absent"
+    elif branch.shape[1] == out_ch + 1:
+        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
+    else:
+        condition = "present"
+    return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch {condition}; "
+            f"{describe_state_dict(state_dict)}: it matches {known}")
