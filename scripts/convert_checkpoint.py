@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
+from ldm.checkpoints.architecture import default_latent_space  # noqa: E402
 from ldm.checkpoints.diffusers import (  # noqa: E402
     AutoencoderLayout,
     check_layout_matches_config,
@@ -46,7 +47,7 @@ from ldm.checkpoints.tensors import (  # noqa: E402
     single_file_vae_prefix,
     strip_prefix,
 )
-from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces  # noqa: E402
+from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout  # noqa: E402
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -89,13 +90,12 @@ def latent_scaling(opt: argparse.Namespace, params: Dict[str, Any], layout: Auto
     elif "scaling_factor" in params or "shift_factor" in params or opt.config is not None:
         default = (params.get("scaling_factor", SD.scaling_factor), params.get("shift_factor", SD.shift_factor))
     else:
-        spaces = matching_spaces(layout.latent_channels, layout.quant_conv)
-        if (layout.latent_channels, layout.quant_conv) == (SD.channels, SD.quant_conv):
-            spaces = [SD]  # the paper's latent space; SDXL's VAE needs --latent_space sdxl
-        if len(spaces) != 1 and (opt.scaling_factor is None or opt.shift_factor is None):
+        # SD 1.x for 4 channels with quant convs (SDXL's VAE needs --latent_space sdxl)
+        space = default_latent_space(layout.latent_channels, layout.quant_conv)
+        if space is None and (opt.scaling_factor is None or opt.shift_factor is None):
             raise ValueError(f"the checkpoint has {describe_latent_layout(layout.latent_channels, layout.quant_conv)}: "
                              "pass --config or --latent_space (or --scaling_factor and --shift_factor) to say which")
-        default = (spaces[0].scaling_factor, spaces[0].shift_factor) if spaces else (None, None)
+        default = (space.scaling_factor, space.shift_factor) if space else (None, None)
     scale = default[0] if opt.scaling_factor is None else opt.scaling_factor
     shift = default[1] if opt.shift_factor is None else opt.shift_factor
     return float(scale), float(shift)
