@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.checkpoints.files import PathLike
+from ldm.checkpoints.architecture import autoencoder_config
+from ldm.checkpoints.files import CheckpointError, PathLike
 from ldm.checkpoints.keys import load_into, read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.util import instantiate_from_config
@@ -39,4 +40,18 @@ def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[
     model = model.to(device)
     if eval_mode:
         model.eval()
+    return model
+
+
+def load_autoencoder(ckpt_path: PathLike, config: Optional[Any] = None, latent_space: Optional[str] = None,
+                     device: Union[str, torch.device] = "cpu") -> AutoencoderKL:
+    """An ``AutoencoderKL`` ready to use from a file in any format we read (the original ``.ckpt``, our
+    ``.safetensors``, a diffusers folder, ASUKA's checkpoint), its config read from the tensors
+    (:func:`ldm.checkpoints.architecture.autoencoder_config`; ``latent_space`` names the space where the tensors do
+    not tell) unless ``config`` is given (then :func:`load_model` of it)."""
+    if config is None:
+        config = autoencoder_config(read_state_dict(ckpt_path), latent_space=latent_space, source=ckpt_path)
+    model = load_model(config, ckpt_path, device=device)
+    if not isinstance(model, AutoencoderKL):
+        raise CheckpointError(f"config {config}: builds a {type(model).__name__}, not an AutoencoderKL")
     return model
