@@ -47,8 +47,8 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import numpy as np
     import torch
 
+    # ComfyUI reads its flags from sys.argv; its folder is on PYTHONPATH (set by the fixture below)
     sys.argv = ["main.py", "--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    sys.path.insert(0, str(comfy_dir))
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -224,7 +224,7 @@ def report(tmp_path_factory):
     if path is None:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfyui_base")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(path), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, str(path), str(base)], capture_output=True, text=True,
                           env=env, cwd=base, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT)]
