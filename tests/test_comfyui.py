@@ -202,3 +202,13 @@ def test_latent_space_and_layout_errors(tmp_path):
     save_state_dict({"something.else": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="other.safetensors: not an autoencoder checkpoint"):
         load_autoencoder(tmp_path / "other.safetensors")
+
+
+def test_bfloat16_weights_as_comfyui_loads_them_on_gpus():
+    """ComfyUI casts the VAE to its working dtype (bfloat16 on GPUs); IMAGE and MASK stay float32 and are cast."""
+    model = make_autoencoder()
+    z, pixels, mask = comfy_inputs()
+    ref = integration.decode_with_prior(model, z, pixels, mask)
+    got = integration.decode_with_prior(model.to(torch.bfloat16), z, pixels, mask)
+    assert got.dtype == torch.float32
+    assert 0 < (got - ref).abs().mean() < 0.01  # bfloat16 rounding (8 bits of mantissa) in [0, 1] images

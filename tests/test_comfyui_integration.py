@@ -52,6 +52,7 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import comfy.options
 
     comfy.options.enable_args_parsing()
+    import comfy.model_management
     import execution
     import folder_paths
     import nodes
@@ -192,6 +193,16 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
         ours = models["base.ckpt"].encode(img.movedim(-1, 1) * 2 - 1).mode()
     report["inpaint_conditioning_latent_diff"] = float((latent["samples"] - ours).abs().max())
 
+    # ComfyUI's bfloat16 VAE (its default on GPUs; --bf16-vae here): the patcher holds bfloat16 weights
+    comfy.model_management.args.bf16_vae = True
+    vae16 = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAELoader"]().load_vae("base.ckpt")[0]
+    comfy.model_management.args.bf16_vae = False
+    mask = torch.from_numpy(hole * 1.0)[None].float()
+    decode = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAEDecode"]().decode
+    out16 = decode({"samples": ours}, vae16, img, mask)[0]
+    out32 = decode({"samples": ours}, vae, img, mask)[0]
+    report["bf16"] = [str(vae16.vae_dtype), str(out16.dtype), float((out16 - out32).abs().mean())]
+
     # errors, as ComfyUI shows them (the exception's message)
     def error(fn) -> str:
         try:
@@ -265,6 +276,12 @@ def test_comfyui_executor_decodes_with_the_prior_and_the_kept_region_follows_it(
 def test_comfyui_inpaint_conditioning_takes_our_vae(report):
     assert report["inpaint_conditioning_latent_diff"] < 1e-5
     assert report["flux_latent_channels"] == 16
+
+
+def test_comfyui_bfloat16_vae_decodes_close_to_float32(report):
+    dtype, out_dtype, mean_diff = report["bf16"]
+    assert (dtype, out_dtype) == ("torch.bfloat16", "torch.float32")
+    assert 0 < mean_diff < 0.01  # bfloat16 rounding (8 bits of mantissa) in [0, 1] images
 
 
 def test_comfyui_errors_are_one_line_and_name_the_problem(report):

@@ -68,6 +68,10 @@ def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Opt
     ``None`` = :func:`default_latent_space`. Raises :class:`CheckpointError` naming ``source`` for tensors that are
     no autoencoder of ours, or whose latent space is not known or not the one asked for."""
     sd = drop_unused_keys(autoencoder_state_dict(state_dict, source=source))
+    absent = [k for k in ("encoder.conv_in.weight", "decoder.conv_out.weight") if k not in sd]
+    if absent:
+        raise CheckpointError(f"{source}: not an autoencoder checkpoint this project reads: no {' or '.join(absent)} "
+                              f"(first keys: {', '.join(sorted(sd)[:4])}); a VAE here needs its encoder and decoder")
     main_path = {k: v for k, v in sd.items() if not k.startswith(BRANCH)}
     try:
         layout = AutoencoderLayout.from_state_dict(main_path)
