@@ -66,6 +66,10 @@ class AsymmetricVAE(comfy.sd.VAE):
         """The ``AutoencoderKL``."""
         return self.first_stage_model.model
 
+    def get_sd(self):
+        """Our keys (ComfyUI's VAESave writes them; AsymmetricVAELoader reads that file back)."""
+        return self.model.state_dict()
+
     def decode_with_prior(self, samples, pixels, mask, tile_size=None, overlap=64):
         """Raw latents, IMAGE, MASK -> IMAGE, decoded with the condition branch reading image and mask; models
         loaded and batches split as ``VAE.decode`` does (by ComfyUI's memory estimate)."""

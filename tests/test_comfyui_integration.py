@@ -193,6 +193,13 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
         ours = models["base.ckpt"].encode(img.movedim(-1, 1) * 2 - 1).mode()
     report["inpaint_conditioning_latent_diff"] = float((latent["samples"] - ours).abs().max())
 
+    # what ComfyUI's VAESave writes (vae.get_sd()) loads back
+    import comfy.utils
+
+    comfy.utils.save_torch_file(vae.get_sd(), str(vae_dir / "saved_by_comfyui.safetensors"))
+    again = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAELoader"]().load_vae("saved_by_comfyui.safetensors")[0]
+    report["saved_equal"] = all(torch.equal(a, b) for a, b in zip(again.get_sd().values(), vae.get_sd().values()))
+
     # ComfyUI's bfloat16 VAE (its default on GPUs; --bf16-vae here): the patcher holds bfloat16 weights
     comfy.model_management.args.bf16_vae = True
     vae16 = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAELoader"]().load_vae("base.ckpt")[0]
@@ -273,8 +280,9 @@ def test_comfyui_executor_decodes_with_the_prior_and_the_kept_region_follows_it(
     assert r["tiled_differs_from_untiled"] > 0
 
 
-def test_comfyui_inpaint_conditioning_takes_our_vae(report):
+def test_comfyui_inpaint_conditioning_takes_our_vae_and_vae_save_round_trips(report):
     assert report["inpaint_conditioning_latent_diff"] < 1e-5
+    assert report["saved_equal"] is True
     assert report["flux_latent_channels"] == 16
 
 
