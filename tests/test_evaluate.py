@@ -312,13 +312,15 @@ def test_rerun_never_leaves_a_stale_figure_and_writes_metrics_json_last(tmp_path
         return evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--outdir", str(out),
                               "--quiet", *extra])
 
-    assert run() == 0 and (out / "examples.png").exists()
+    assert run() == 0 and (out / "examples.png").exists() and (out / "boundary.png").exists()
     monkeypatch.setattr(os, "replace", recording_replace)
     assert run("--n_examples", "1") == 0
-    assert written == [("examples.png", False), ("metrics.md", False), ("metrics.json", False)]
+    assert written == [("examples.png", False), ("boundary.png", False), ("metrics.md", False),
+                       ("metrics.json", False)]
     written.clear()
     assert run("--n_examples", "0") == 0
-    assert not (out / "examples.png").exists()  # the earlier figure is not left next to the new numbers
+    # the earlier figures are not left next to the new numbers
+    assert not (out / "examples.png").exists() and not (out / "boundary.png").exists()
     assert written == [("metrics.md", False), ("metrics.json", False)]
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
 
