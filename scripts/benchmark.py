@@ -393,9 +393,9 @@ _MODELS: Dict[tuple, Any] = {}
 
 
 def cached_model(variant: str, impl: str, path: str, device: torch.device, opt_dict: Dict[str, Any]):
-    """(model, downsample factor, latent channels) on ``path``'s settings, built once per (variant, impl, path) in this process; other
-    variants are freed. ``impl``: ours or diffusers; ``path`` "exact" is our untouched float32 model (the PSNR
-    reference); any other impl (the training steps) gets a model of its own."""
+    """(model, downsample factor, latent channels) on ``path``'s settings, built once per (variant, impl, path) in
+    this process; other variants are freed. ``impl``: ours or diffusers; ``path`` "exact" is our untouched float32
+    model (the PSNR reference); any other impl (the training steps) gets a model of its own."""
     key = (variant, impl, path)
     if key not in _MODELS:
         for k in [k for k in _MODELS if k[0] != variant]:

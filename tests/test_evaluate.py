@@ -38,8 +38,9 @@ def write_png(path, size, mode="RGB", seed=0):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {"asym": save_state_dict(make_autoencoder(condition=True, num_res_blocks=2).state_dict(), root / "asym.ckpt"),
-            "vanilla": save_state_dict(make_autoencoder(condition=False, num_res_blocks=2).state_dict(), root / "vanilla.ckpt")}
+    return {name: save_state_dict(make_autoencoder(condition=condition, num_res_blocks=2).state_dict(),
+                                  root / f"{name}.ckpt")
+            for name, condition in (("asym", True), ("vanilla", False))}
 
 
 @pytest.fixture(scope="module")

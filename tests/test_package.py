@@ -23,6 +23,14 @@ def test_pyproject_pins_the_requirements():
     assert sorted(declared) == sorted(_requirement_lines((REPO / "requirements.txt").read_text()))
 
 
+def test_the_pinned_ruff_is_the_one_installed():
+    """``make test`` lints with the ruff of requirements.txt: a newer ruff may find other things."""
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in _requirement_lines((REPO / "requirements.txt").read_text()))
+    assert pins["ruff"] == version("ruff")
+
+
 def test_no_file_edits_sys_path():
     offenders = [str(p.relative_to(REPO)) for p in PYTHON_FILES
                  if re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*[+]?=", p.read_text())]

@@ -72,8 +72,8 @@ def refuse_overlap(outdir: PathLike, indir: PathLike, out_flag: str = "--outdir"
 
 
 def load_flagged(opt: Any, config_flag: str, ckpt_flag: str, device: torch.device) -> torch.nn.Module:
-    """``ldm.checkpoints.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
-    checkpoint error names both flags."""
+    """``ldm.checkpoints.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what
+    loads; a checkpoint error names both flags."""
     config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
     print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
     try:

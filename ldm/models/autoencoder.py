@@ -294,7 +294,8 @@ class AutoencoderKL(pl.LightningModule):
             return self.decode(z), posterior
         return self.decode(z, input, mask), posterior
 
-    def get_input(self, batch: Mapping[str, torch.Tensor], k: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get_input(self, batch: Mapping[str, torch.Tensor],
+                  k: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Image (B,3,H,W) float and mask (B,1,H,W) from a batch; channel-last tensors (the original's layout)
         are permuted."""
         x = batch[k or self.image_key]
@@ -429,7 +430,8 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts optimizer steps, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (:func:`ldm.training.framework_hooks.step_uncounted`).
+        discriminator's step is kept out of Lightning's step counter
+        (:func:`ldm.training.framework_hooks.step_uncounted`).
         With ``accumulate_grad_batches`` = N both optimizers step once per N batches, on the mean of their
         gradients, which is the update of one batch N times larger (the GAN's adaptive weight is computed per
         micro-batch).
