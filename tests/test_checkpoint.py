@@ -102,7 +102,8 @@ def test_a_train_config_started_from_a_decoder_of_its_own_variant_trains_from_it
                                 ckpt_path=tmp_path / "larger2.ckpt", ignore_keys=["decoder"])
     assert all(torch.equal(started.state_dict()[k], v) for k, v in release.state_dict().items())
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(said) == 1 and "larger2.ckpt: its decoder is this config's variant, so training starts from it" in said[0]
+    assert len(said) == 1
+    assert "larger2.ckpt: its decoder is this config's variant, so training starts from it" in said[0]
 
 
 def test_wrong_variant_is_refused_with_the_variant_named(tmp_path):
