@@ -113,6 +113,8 @@ def test_report_paths_keep_dots_in_the_name(tmp_path):
                                                                      tmp_path / "bench_v1.5.md")
     for given in ("docs/benchmark_cpu", "docs/benchmark_cpu.json", "docs/benchmark_cpu.md"):
         assert benchmark.report_paths(given) == (Path("docs/benchmark_cpu.json"), Path("docs/benchmark_cpu.md"))
+    # generated reports have a folder of their own, found from any working folder
+    assert benchmark.parse_args(["--suite", "cpu"]).out == str(benchmark.REPO / "docs/reports/benchmark_cpu")
 
 
 def test_tiling_overhead_outside_attention_by_hand():
