@@ -18,18 +18,16 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ldm.util import write_atomically
+from ldm.util import PathLike, write_atomically
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
 CONFIG_NAME = "config.json"

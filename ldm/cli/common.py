@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import sys
 from pathlib import Path
@@ -16,10 +15,10 @@ import torch
 from ldm.checkpoints import files as checkpoint_files
 from ldm.checkpoints import loading
 from ldm.image_io import InputError
+from ldm.util import PathLike
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 
 def pick_device(device: str = "auto") -> torch.device:
