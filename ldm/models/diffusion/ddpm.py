@@ -265,10 +265,6 @@ class LatentDiffusion(nn.Module):
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
-
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Optional[Conditioning],
                     return_ids: bool = False) -> torch.Tensor:
         """Noise prediction for latents ``x_noisy`` (B,C,h,w) at integer timesteps ``t`` (B,).
