@@ -92,7 +92,18 @@ def check_latent_layout(model: Any, state_dict: Mapping[str, torch.Tensor], path
         raise CheckpointError(
             f"{path}: {describe_state_dict(state_dict)}, but this config builds "
             f"{describe_latent_layout(*ours)}: use a config of the file's latent space (embed_dim, "
-            "use_quant_conv, scaling_factor and shift_factor come from there)")
+            "use_quant_conv and the latent normalisation come from there)")
+    # FLUX.2 normalises its latents with BatchNorm statistics held in the file (a model built with
+    # latent_batch_norm has a ``bn`` module; others have none)
+    has_bn, wants_bn = "bn.running_mean" in state_dict, getattr(model, "bn", None) is not None
+    if has_bn and not wants_bn:
+        raise CheckpointError(f"{path}: holds latent BatchNorm statistics (bn.*, FLUX.2's latent normalisation) "
+                              "but this config normalises without them: use a config with latent_batch_norm "
+                              "(configs/autoencoder/flux2/)")
+    if wants_bn and not has_bn and theirs is not None:
+        raise CheckpointError(f"{path}: has no latent BatchNorm statistics (bn.running_mean / bn.running_var), "
+                              "which this config's latent_batch_norm normalises with: use FLUX.2's VAE as "
+                              "released (BFL's ae.safetensors or a diffusers AutoencoderKLFlux2 vae/ folder)")
 
 
 def variant_hint(model: Any, state_dict: Mapping[str, torch.Tensor]) -> str:
