@@ -384,3 +384,13 @@ def test_loading_weights_peaks_near_the_model_size(tmp_path, suffix):
     assert sizes["model"] > 80e6
     assert 0.7 * sizes["model"] < sizes["built"] < 1.3 * sizes["model"], sizes  # the measure sees the model
     assert sizes["loaded"] < 1.3 * sizes["model"], sizes
+
+
+def test_load_model_finds_the_projects_configs_from_any_folder(tmp_path, monkeypatch):
+    """``load_model("configs/...")`` as the scripts resolve their configs: as given, else from the repository."""
+    save_state_dict(make_autoencoder(seed=1).state_dict(), tmp_path / "base.ckpt")
+    monkeypatch.chdir(tmp_path)
+    model = load_model("configs/tiny/autoencoder_kl_tiny.yaml", "base.ckpt")
+    assert model.decoder.has_condition and not model.training
+    with pytest.raises(FileNotFoundError, match=r"config configs/tiny/nowhere\.yaml: not found"):
+        load_model("configs/tiny/nowhere.yaml", "base.ckpt")
