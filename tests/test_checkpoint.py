@@ -388,7 +388,8 @@ def test_loading_weights_peaks_near_the_model_size(tmp_path, suffix):
 
 def test_load_model_finds_the_projects_configs_from_any_folder(tmp_path, monkeypatch):
     """``load_model("configs/...")`` as the scripts resolve their configs: as given, else from the repository."""
-    save_state_dict(make_autoencoder(seed=1).state_dict(), tmp_path / "base.ckpt")
+    # configs/tiny/autoencoder_kl_tiny.yaml: the tiny config with two blocks per decoder level
+    save_state_dict(make_autoencoder(seed=1, num_res_blocks=2).state_dict(), tmp_path / "base.ckpt")
     monkeypatch.chdir(tmp_path)
     model = load_model("configs/tiny/autoencoder_kl_tiny.yaml", "base.ckpt")
     assert model.decoder.has_condition and not model.training
