@@ -18,19 +18,16 @@ never replaced, also when another process creates it meanwhile.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ldm.util import write_atomically, write_numbered
-
-PathLike = Union[str, os.PathLike]
+from ldm.util import PathLike, write_atomically, write_numbered
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"
