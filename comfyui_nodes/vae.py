@@ -12,7 +12,6 @@ import torch
 from ldm.checkpoints.loading import load_autoencoder
 from ldm.integrations import comfyui as integration
 from ldm.latent_spaces import latent_space_of
-from ldm.project import resolve_config_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,7 @@ class AsymmetricVAE(comfy.sd.VAE):
 
     @classmethod
     def from_file(cls, path, config=None, latent_space=None) -> "AsymmetricVAE":
-        if config is not None:
-            config = resolve_config_path(config, "config")
+        """``config``: a YAML path, as given or relative to the repository (``load_model``'s rule)."""
         return cls(load_autoencoder(path, config=config, latent_space=latent_space))
 
     @property

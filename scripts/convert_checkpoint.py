@@ -27,19 +27,17 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-REPO = Path(__file__).resolve().parents[1]
-
-from ldm.checkpoints.architecture import default_latent_space  # noqa: E402
-from ldm.checkpoints.diffusers import (  # noqa: E402
+from ldm.checkpoints.architecture import default_latent_space
+from ldm.checkpoints.diffusers import (
     AutoencoderLayout,
     check_layout_matches_config,
     diffusers_config_to_ldm,
     read_diffusers_folder,
     write_diffusers_folder,
 )
-from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict  # noqa: E402
-from ldm.checkpoints.keys import read_state_dict  # noqa: E402
-from ldm.checkpoints.tensors import (  # noqa: E402
+from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict
+from ldm.checkpoints.keys import read_state_dict
+from ldm.checkpoints.tensors import (
     SINGLE_FILE_VAE_PREFIXES,
     autoencoder_state_dict,
     describe_decoder_checkpoint,
@@ -47,7 +45,7 @@ from ldm.checkpoints.tensors import (  # noqa: E402
     single_file_vae_prefix,
     strip_prefix,
 )
-from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout  # noqa: E402
+from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})

@@ -361,7 +361,7 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, image_folder,
+def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, image_folder,  # noqa: F811
                                                                                  monkeypatch):
     """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
     encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
