@@ -10,7 +10,8 @@ Weights are random (speed does not depend on them). Variants: ``base`` / ``large
 (configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
 spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``flux2_*`` in FLUX.2's (configs/autoencoder/flux2/; ours only: a
 FLUX.2 decoder with condition branch has no diffusers class), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers
-has no such class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is configs/tiny.
+has no such class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is
+configs/tiny.
 "condition" rows decode with image + mask (the asymmetric path), "no condition"
 rows decode ``z`` alone (the text-to-image path).
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import TINY_DDCONFIG
 from tests.test_interop import randomize_
-from tests.test_main import image_folder  # noqa: F401 - fixture
+from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY32 = dict(TINY_DDCONFIG, z_channels=32)
 BN = {"patch_size": 2, "batch_norm_eps": 1e-4}
@@ -286,10 +286,11 @@ def bfl_file(path, seed: int = 21):
     return vae
 
 
-def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensors(tmp_path, image_folder,
+def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensors(tmp_path, request,
                                                                                   monkeypatch):
     """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
     ae.safetensors, the statistics kept as loaded, a fresh condition branch, a few steps."""
+    images = request.getfixturevalue("image_folder")
     from omegaconf import OmegaConf
 
     import main
@@ -304,7 +305,7 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
     config.model.base_learning_rate = 1e-5
     dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
                "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml",
-                          "root": str(image_folder / "train")}}
+                          "root": str(images / "train")}}
     config.data = {"target": "main.DataModuleFromConfig",
                    "params": {"batch_size": 2, "num_workers": 0, "train": dataset}}
     config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},

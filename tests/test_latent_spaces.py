@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY_DDCONFIG
 from tests.test_interop import randomize_
-from tests.test_main import image_folder  # noqa: F401 - fixture
+from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY16 = dict(TINY_DDCONFIG, z_channels=16)
 
@@ -361,10 +361,11 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, image_folder,
+def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, request,
                                                                                  monkeypatch):
     """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
     encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
+    images = request.getfixturevalue("image_folder")
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -384,10 +385,10 @@ def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors
                                             "params": {"disc_start": 2, "perceptual_weight": 0, "kl_weight": 1e-6}}}},
         "data": {"target": "main.DataModuleFromConfig",
                  "params": {"batch_size": 2, "num_workers": 0,
-                            "train": {**dataset, "params": {**dataset["params"], "root": str(image_folder / "train")}},
+                            "train": {**dataset, "params": {**dataset["params"], "root": str(images / "train")}},
                             "validation": {**dataset, "params": {**dataset["params"], "random_crop": False,
                                                                  "fixed_masks": True,
-                                                                 "root": str(image_folder / "val")}}}},
+                                                                 "root": str(images / "val")}}}},
         "lightning": {"callbacks": {"image_logger": {"params": {"disabled": True}}},
                       "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
                                   "enable_progress_bar": False}},
