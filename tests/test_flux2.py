@@ -364,3 +364,36 @@ def test_evaluate_tiling_and_benchmark_in_the_flux2_space(tmp_path):
     assert (meta.embed_dim, meta.latent_normalization) == (32, "batch_norm")
     assert benchmark.count_flops("flux2_large", 64, 1, True, None, 0)[0] > 0
     assert "flux2_base" in benchmark.OURS_ONLY
+
+
+def test_convert_checkpoint_cli_in_the_flux2_space(tmp_path, capsys):
+    """to-diffusers: FLUX.2's VAE -> AutoencoderKLFlux2 (batch_norm_eps / patch_size in config.json, no scale),
+    from-diffusers and reformat --bfl_flux2 give the same tensors back; the asymmetric decoder is refused."""
+    import json
+
+    from ldm.checkpoints.files import read_weights_file, save_state_dict
+    from ldm.checkpoints.keys import read_state_dict
+    from scripts import convert_checkpoint as cli
+
+    model = make_flux2()
+    original = model.state_dict()
+    src = save_state_dict(original, tmp_path / "flux2_vae.ckpt")
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "vae"), "--latent_space", "flux2"]) == 0
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKLFlux2" and "scaling_factor" not in config
+    assert (config["batch_norm_eps"], config["patch_size"], config["latent_channels"]) == (1e-4, [2, 2], 32)
+    assert "latent_batch_norm" in capsys.readouterr().out
+    assert cli.main(["from-diffusers", str(tmp_path / "vae"), str(tmp_path / "back.safetensors")]) == 0
+    back = read_state_dict(tmp_path / "back.safetensors")
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+    assert cli.main(["reformat", str(src), str(tmp_path / "ae.safetensors"), "--bfl_flux2"]) == 0
+    bfl = read_weights_file(tmp_path / "ae.safetensors")
+    assert "encoder.quant_conv.weight" in bfl and "quant_conv.weight" not in bfl
+    assert torch.equal(bfl["decoder.post_quant_conv.weight"], original["post_quant_conv.weight"])
+
+    asym = save_state_dict(make_flux2(condition=True).state_dict(), tmp_path / "flux2_base.ckpt")
+    assert cli.main(["to-diffusers", str(asym), str(tmp_path / "asym"), "--latent_space", "flux2"]) == 2
+    assert "AsymmetricAutoencoderKL has no BatchNorm" in capsys.readouterr().err
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "x"), "--latent_space", "flux"]) == 2
+    assert "latent BatchNorm statistics" in capsys.readouterr().err
