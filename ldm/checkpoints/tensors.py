@@ -136,6 +136,7 @@ _VARIANT_CONFIGS = {
     (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
     (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
     (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
+    (96, 2): "BFL's small FLUX.2 decoder (configs/autoencoder/flux2/small_decoder.yaml)",
 }
 
 
