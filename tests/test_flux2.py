@@ -120,6 +120,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path, decoder_
 
     from ldm.checkpoints.diffusers import write_diffusers_folder
     from ldm.checkpoints.keys import read_state_dict
+    from tests.test_latent_spaces import assert_same_vae
 
     ours = make_flux2(decoder_ch=decoder_ch).eval()
     folder = write_diffusers_folder(ours.state_dict(), TINY32, {"condition": False, "ch": decoder_ch},
@@ -129,13 +130,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path, decoder_
     assert (theirs.config.decoder_block_out_channels is None) == (decoder_ch == 32)
     assert torch.equal(theirs.bn.running_var, ours.bn.running_var)
     image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        post, dist = ours.encode(image), theirs.encode(image).latent_dist
-        assert (post.mean - dist.mean).abs().max() < 1e-4 and (post.logvar - dist.logvar).abs().max() < 1e-4
-        z = post.mean
-        out = ours.decode(z)
-        assert out.abs().mean() > 0.05
-        assert (out - theirs.decode(z).sample).abs().max() < 1e-4
+    assert_same_vae(ours, theirs, image)
 
     back = read_state_dict(folder)
     original = ours.state_dict()
@@ -290,11 +285,11 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
                                                                                   monkeypatch):
     """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
     ae.safetensors, the statistics kept as loaded, a fresh condition branch, a few steps."""
-    images = request.getfixturevalue("image_folder")
     from omegaconf import OmegaConf
 
-    import main
+    from tests.test_latent_spaces import train_with_main
 
+    images = request.getfixturevalue("image_folder")
     vae = bfl_file(tmp_path / "ae.safetensors")
     config = OmegaConf.load(TINY_FLUX2)
     params = config.model.params
@@ -311,15 +306,7 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
     config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},
                         "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
                                     "enable_progress_bar": False, "limit_val_batches": 0}}
-    OmegaConf.save(config, tmp_path / "flux2_tiny.yaml")
-    monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, "2020-01-01T00-00-00")
-    rc = main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(tmp_path / "flux2_tiny.yaml"),
-                    "-t", "-n", "flux2", "--max_steps", "2"])
-    assert rc == 0
-    (run,) = (tmp_path / "logs").glob("*_flux2")
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 2
-    sd = ckpt["state_dict"]
+    sd = train_with_main(tmp_path, monkeypatch, config, "flux2", steps=2)
     frozen = [k for k in vae if k.startswith(("encoder.", "quant_conv.", "post_quant_conv.", "bn."))]
     assert all(torch.equal(sd[k], vae[k]) for k in frozen)
     assert not torch.equal(sd["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
