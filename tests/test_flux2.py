@@ -384,3 +384,24 @@ def test_convert_checkpoint_cli_in_the_flux2_space(tmp_path, capsys):
     assert "AsymmetricAutoencoderKL has no BatchNorm" in capsys.readouterr().err
     assert cli.main(["to-diffusers", str(src), str(tmp_path / "x"), "--latent_space", "flux"]) == 2
     assert "latent BatchNorm statistics" in capsys.readouterr().err
+
+
+def test_normalization_params_equal_those_read_from_diffusers_vae_configs():
+    """What a pipeline check compares: our model's normalisation and the one a diffusers VAE config describes."""
+    import diffusers
+
+    from ldm.checkpoints.diffusers import ldm_normalization
+    from ldm.models.autoencoder import AutoencoderKL
+
+    assert make_flux2().normalization_params() == ldm_normalization(dict(diffusers_flux2().config))
+    mean, std = [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]
+    playground_like = AutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
+                                    scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(latents_mean=mean, latents_std=std, scaling_factor=0.5)
+    assert playground_like.normalization_params() == ldm_normalization(dict(vae.config))
+    flux1 = AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=16), lossconfig={"target": "torch.nn.Identity"},
+                          embed_dim=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+    assert flux1.normalization_params() == ldm_normalization(dict(vae.config))
