@@ -204,8 +204,6 @@ class AutoencoderKL(pl.LightningModule):
         of the patchified latents for ``batch_norm`` (std = ``sqrt(running_var + eps)``, computed in the
         statistics' dtype and then cast, as diffusers' FLUX.2 pipelines do)."""
         if self.bn is not None:
-            if self.bn.running_mean is None:  # pragma: no cover - track_running_stats is always on
-                raise RuntimeError("the latent BatchNorm has no running statistics")
             mean = self.bn.running_mean.view(1, -1, 1, 1)
             std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps)
             return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
