@@ -2,7 +2,8 @@
 
 For every ``NAME.png`` + ``NAME_mask.png`` pair in ``--indir`` (mask: white = generate), the pipeline in ``--pipeline``
 (a local folder as ``save_pretrained`` writes it) samples latents, its own VAE encoding the image; our decoder
-decodes them with the image and mask (``ldm/integrations/diffusers_pipelines.py``); the result goes to ``--outdir/NAME.png``::
+decodes them with the image and mask (``ldm/integrations/diffusers_pipelines.py``); the result goes to
+``--outdir/NAME.png``::
 
     python scripts/inpaint_diffusers.py --pipeline models/sdxl-inpainting --indir DIR --outdir OUT \\
         --config configs/autoencoder/sdxl/asymmetric_base.yaml --ckpt sdxl-asymmetric-base.ckpt

@@ -1,4 +1,5 @@
-"""Our decoder inside diffusers' four inpainting pipelines (ldm/integrations/diffusers_pipelines.py), on tiny random components built here.
+"""Our decoder inside diffusers' four inpainting pipelines (ldm/integrations/diffusers_pipelines.py), on tiny random
+components built here.
 
 Text encoders are left out: the pipelines take precomputed prompt embeddings. Each pipeline's VAE is exported from one
 of our tiny autoencoders, so a condition-free decoder of ours holds exactly the pipeline VAE's weights.
