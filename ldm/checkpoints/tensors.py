@@ -5,6 +5,10 @@ Files users bring, in our key layout after :func:`autoencoder_state_dict`:
 
 * our / the paper's checkpoints, BFL's ``ae.safetensors`` (FLUX.1) and ASUKA's decoder checkpoint: ``encoder.*``,
   ``decoder.*`` with the LDM names (the last two without quant convs; ASUKA adds the unused ``decoder.up_layers.*``);
+* BFL's FLUX.2 ``ae.safetensors`` (``flux2/autoencoder.py``): the same LDM names, but the quant convs sit inside
+  the encoder and decoder (``encoder.quant_conv.*``, ``decoder.post_quant_conv.*``: renamed to our top-level
+  ``quant_conv.*`` / ``post_quant_conv.*``), plus the latent BatchNorm's ``bn.running_mean`` / ``bn.running_var`` /
+  ``bn.num_batches_tracked`` (kept: our model has the same ``bn``);
 * single-file SD 1.x/2.x, SDXL and SD 3.x checkpoints: the VAE under ``first_stage_model.`` (some under ``vae.``);
 * diffusers ``vae/`` folders, converted by :mod:`ldm.checkpoints.diffusers`.
 """
@@ -49,9 +53,43 @@ def autoencoder_state_dict(state_dict: Mapping[str, torch.Tensor], source: objec
     anything with ``encoder.*`` keys at the top (ours, the paper's, BFL's ``ae.safetensors``, ASUKA's) is kept."""
     prefix = None if "encoder.conv_in.weight" in state_dict else single_file_vae_prefix(state_dict)
     if prefix is None:
+        state_dict = dict(state_dict)
+    else:
+        log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
+        state_dict = strip_prefix(state_dict, prefix)
+    return from_bfl_flux2_layout(state_dict, source)
+
+
+# BFL's FLUX.2 AutoEncoder keeps the quant convs inside encoder / decoder: (its prefix, ours)
+BFL_FLUX2_QUANT_CONVS = (("encoder.quant_conv.", "quant_conv."), ("decoder.post_quant_conv.", "post_quant_conv."))
+
+
+def from_bfl_flux2_layout(state_dict: Mapping[str, torch.Tensor], source: object = "<state dict>"
+                          ) -> Dict[str, torch.Tensor]:
+    """BFL's FLUX.2 key layout (``encoder.quant_conv.*``, ``decoder.post_quant_conv.*``) -> ours (top-level
+    ``quant_conv.*``, ``post_quant_conv.*``); any other state dict is returned unchanged."""
+    if not any(k.startswith(tuple(theirs for theirs, _ in BFL_FLUX2_QUANT_CONVS)) for k in state_dict):
         return dict(state_dict)
-    log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
-    return strip_prefix(state_dict, prefix)
+    clash = [k for k in state_dict if k.startswith(tuple(ours for _, ours in BFL_FLUX2_QUANT_CONVS))]
+    if clash:
+        raise CheckpointError(f"{source}: has both BFL's FLUX.2 encoder.quant_conv / decoder.post_quant_conv and "
+                              f"top-level {clash[0]}: which quant convs are meant is ambiguous")
+    log.info("%s: BFL FLUX.2 key layout (quant convs inside encoder / decoder)", source)
+    return _rename_prefixes(state_dict, BFL_FLUX2_QUANT_CONVS)
+
+
+def to_bfl_flux2_layout(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`from_bfl_flux2_layout`: our keys -> BFL's FLUX.2 ``ae.safetensors`` layout."""
+    return _rename_prefixes(state_dict, [(ours, theirs) for theirs, ours in BFL_FLUX2_QUANT_CONVS])
+
+
+def _rename_prefixes(state_dict: Mapping[str, torch.Tensor], renames) -> Dict[str, torch.Tensor]:
+    """Keys starting with the first of a ``(old, new)`` prefix pair get the second instead."""
+    out = {}
+    for k, v in state_dict.items():
+        old, new = next(((o, n) for o, n in renames if k.startswith(o)), ("", ""))
+        out[new + k[len(old):]] = v
+    return out
 
 
 def latent_layout(state_dict: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, bool]]:
@@ -72,7 +110,8 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     layout = latent_layout(state_dict)
     if layout is None:
         return "the tensors hold no encoder or decoder to tell their latent space"
-    return "the tensors have " + describe_latent_layout(*layout)
+    bn = " and latent BatchNorm statistics (bn.*)" if "bn.running_mean" in state_dict else ""
+    return "the tensors have " + describe_latent_layout(*layout) + bn
 
 
 def drop_unused_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -93,6 +132,7 @@ _VARIANT_CONFIGS = {
     (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
     (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
     (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
+    (96, 2): "BFL's small FLUX.2 decoder (configs/autoencoder/flux2/small_decoder.yaml)",
 }
 
 
