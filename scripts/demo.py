@@ -260,7 +260,8 @@ GAP = 6
 
 def edge_window(mask: torch.Tensor, height: int, width: int) -> Tuple[int, int]:
     """Top-left corner of a ``height`` x ``width`` window centred on the mask-edge pixel nearest the image centre
-    (a kept pixel next to a generated one): a stretch of mask edge chosen without looking at any output."""
+    (a pixel whose left or upper neighbour lies in the other region; the centre when the mask has no edge): a
+    stretch of mask edge chosen without looking at any output."""
     m = mask[0] >= 0.5
     edge = torch.zeros_like(m)
     edge[:, 1:] |= m[:, 1:] != m[:, :-1]
