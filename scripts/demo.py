@@ -52,8 +52,8 @@ MASKS_PER_PHOTO = 4  # fixed masks per held-out photo: 8 images in the table
 MASK_COVER = (0.1, 0.6)  # held-out masks cover this fraction of the photo
 BLUR_PX = 4.0  # paste_blur: sigma of the Gaussian mask blur, pixels (scripts/evaluate.py's default)
 BAND_PX = 8  # boundary bands: pixels within this chessboard distance of the other region
-STAGE1_STEPS = 500
-STAGE2_STEPS = 1300
+STAGE1_STEPS = 300
+STAGE2_STEPS = 200
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -195,8 +195,8 @@ def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Ten
         van = vanilla.decode(vanilla.encode(xi).mode())
         z = asymmetric.encode(xi).mode()
         outputs["vanilla"].append(van)
-        outputs["vanilla+paste"].append(metrics.paste_back(van, xi, mi))
-        outputs["vanilla+paste_blur"].append(metrics.paste_back(van, xi, mi, blur_px=BLUR_PX))
+        for name, blur in (("vanilla+paste", 0.0), ("vanilla+paste_blur", BLUR_PX)):  # in [0, 1], as users paste
+            outputs[name].append(metrics.paste_back(metrics.to_unit(van), metrics.to_unit(xi), mi, blur) * 2 - 1)
         outputs["asymmetric"].append(asymmetric.decode(z, xi, mi))
         outputs["asymmetric, no mask"].append(asymmetric.decode(z))
     target = quantize(metrics.to_unit(x))
@@ -346,6 +346,9 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--precision", choices=("auto", "32", "bf16-mixed"), default="auto",
                         help="training precision of both stages; auto: bf16-mixed where the CPU has bfloat16 "
                              "instructions, else 32")
+    parser.add_argument("--boundary-weight", type=float, default=0.0,
+                        help="stage 2's seam fix (off by default, the paper's loss): the L1 term weighs 1 + W at the "
+                             "pixels within 2 px of the mask edge (LPIPSWithDiscriminator boundary_weight)")
     args = parser.parse_args(argv)
     precision = args.precision if args.precision != "auto" else ("bf16-mixed" if cpu_has_bf16() else "32")
     logging.basicConfig(level=logging.WARNING)
@@ -360,7 +363,8 @@ def main(argv: Sequence[str] = None) -> int:
                                             data_overrides(train_dir, heldout_dir))
     stage2, seconds["stage2"] = train_stage(STAGE2_CONFIG, "demo_asymmetric", logdir, args.stage2_steps, precision,
                                             data_overrides(train_dir, heldout_dir)
-                                            + [f"model.params.ckpt_path={stage1 / 'checkpoints' / 'last.ckpt'}"])
+                                            + [f"model.params.ckpt_path={stage1 / 'checkpoints' / 'last.ckpt'}",
+                                               f"model.params.lossconfig.params.boundary_weight={args.boundary_weight}"])
 
     from omegaconf import OmegaConf
 
@@ -380,6 +384,7 @@ def main(argv: Sequence[str] = None) -> int:
     seconds["total"] = time.time() - started
     report = {"rows": {name: metrics.json_safe(table[name]) for name in table}, "verdict": lines}
     report["run"] = {"steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps}, "precision": precision,
+                     "boundary_weight": args.boundary_weight,
                      "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                      "wall_time_s": {k: round(v, 1) for k, v in seconds.items()}}
     write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))

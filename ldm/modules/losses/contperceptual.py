@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from taming.modules.losses.vqperceptual import hinge_d_loss, vanilla_d_loss
 from torch import nn
+
+from ldm.metrics import band_masks
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,10 @@ def build_lpips(vgg_path: Optional[Union[str, Path]] = None) -> nn.Module:
 
 def boundary_band(mask: torch.Tensor, band_px: int) -> torch.Tensor:
     """(B,1,H,W) 1 at the pixels within ``band_px`` pixels (chessboard distance) of a pixel of the other region
-    (mask binarised at 0.5), on both sides of the edge; 0 elsewhere, everywhere for a mask of one value."""
-    m = (mask >= 0.5).float()
-    k = 2 * band_px + 1
-    # max-pooling pads with -inf: the image border is no edge
-    grown = F.max_pool2d(m, k, stride=1, padding=band_px)
-    shrunk = -F.max_pool2d(-m, k, stride=1, padding=band_px)
-    return grown - shrunk
+    (mask binarised at 0.5), on both sides of the edge: the union of the two bands of
+    :func:`ldm.metrics.band_masks`; 0 everywhere for a mask of one value."""
+    inner, outer = band_masks(mask, band_px)
+    return inner + outer
 
 
 class LPIPSWithDiscriminator(nn.Module):
