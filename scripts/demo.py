@@ -1,19 +1,26 @@
-"""The embedded demo (`make demo`): the paper's effect, end to end, on a CPU in minutes, with no downloads.
+"""The embedded demo (`make demo`): does the asymmetric decoder beat vanilla + paste-back, and where? End to end on a
+CPU in minutes, with no downloads.
 
-1. data: crops of the photographs bundled with scikit-image; two photos (chelsea, coffee) are held out.
-2. stage 1: a small KL autoencoder (encoder + vanilla decoder) trained from scratch through main.py
-   (configs/demo/autoencoder_vanilla.yaml).
+1. data: crops of the photographs bundled with scikit-image; two photos (chelsea, coffee) are held out whole.
+2. stage 1: a small KL autoencoder (encoder + vanilla decoder, 16-channel latent) trained from scratch through
+   main.py (configs/demo/autoencoder_vanilla.yaml).
 3. stage 2: the asymmetric decoder (condition branch reading the masked image) trained on the frozen stage-1
    encoder, starting from the stage-1 decoder, through main.py (configs/demo/autoencoder_asymmetric.yaml).
-4. evaluation on the held-out crops with fixed masks (1 = generate, 0 = keep): pre_error (squared error in the kept
-   region per element, images in [0, 1]), error in the generated region, PSNR in each region; a table on stdout,
-   outputs/demo/report.json and a side-by-side figure outputs/demo/comparison.png.
+4. evaluation on the held-out photos decoded whole (128 x 192; the models train on 32 px crops, and are
+   convolutional) with fixed masks (1 = generate, 0 = keep), five rows: vanilla, vanilla+paste (the input pasted
+   back where mask = 0, diffusers' apply_overlay), vanilla+paste_blur (the same through a Gaussian-blurred mask,
+   AUTOMATIC1111's mask blur), asymmetric, and asymmetric without the mask (the control: decode(z)). Columns: PSNR
+   of the kept and generated regions and of the bands either side of the mask edge, seam_error, pre_error
+   (ldm.metrics). A table and a verdict on stdout, outputs/demo/report.json and a figure outputs/demo/comparison.png
+   (whole photos side by side, error maps on one scale, a zoom on a stretch of mask edge).
 
     python scripts/demo.py [--out outputs/demo] [--stage1-steps N] [--stage2-steps N] [--precision auto]
+                           [--boundary-weight W]
 
 Wall time per step (data, stage 1, stage 2, evaluation) goes into report.json. On CPUs with bfloat16 instructions
 (AVX-512 BF16 or AMX) both stages train in bfloat16 mixed precision (``--precision auto``), about 1.8x faster per
-step than float32 there; elsewhere they train in float32. Evaluation is always float32.
+step than float32 there; elsewhere they train in float32. Evaluation is always float32. ``--boundary-weight W``
+trains stage 2 with the seam fix (docs/demo.md); 0, the default, is the paper's loss.
 """
 from __future__ import annotations
 
@@ -338,6 +345,26 @@ def side_by_side(tensors: Dict[str, torch.Tensor], names: Sequence[str], path: P
     write_png(np.concatenate(parts, axis=0), path)
 
 
+def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path,
+                  figure: Path) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    """Evaluate the two trained runs on the held-out photos: print the table and the verdict, write the figure.
+    Returns (table, verdict lines)."""
+    from omegaconf import OmegaConf
+
+    mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
+    x, mask, names = load_heldout(heldout_dir, mask_config)
+    table, tensors = evaluate(load_trained(stage1), load_trained(stage2), x, mask)
+    print(f"\nheld-out: {', '.join(HELDOUT_PHOTOS)}, whole ({x.shape[-1]}x{x.shape[-2]}), {MASKS_PER_PHOTO} fixed "
+          f"masks each (1 = generate), scored as 8-bit images in [0, 1]; PSNR in dB; bands: {BAND_PX} px either "
+          f"side of the mask edge; seam_error: mean |output step - image step| across the edge; paste_blur: "
+          f"Gaussian mask blur, sigma {BLUR_PX:g} px")
+    print(format_table(table))
+    lines = verdict(table)
+    print("\n" + "\n".join(lines))
+    side_by_side(tensors, names, figure, images=range(0, len(x), MASKS_PER_PHOTO))
+    return table, lines
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="output folder (data, logs, report)")
@@ -366,20 +393,8 @@ def main(argv: Sequence[str] = None) -> int:
                                             + [f"model.params.ckpt_path={stage1 / 'checkpoints' / 'last.ckpt'}",
                                                f"model.params.lossconfig.params.boundary_weight={args.boundary_weight}"])
 
-    from omegaconf import OmegaConf
-
     evaluation_started = time.time()
-    mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
-    x, mask, names = load_heldout(heldout_dir, mask_config)
-    table, tensors = evaluate(load_trained(stage1), load_trained(stage2), x, mask)
-    print(f"\nheld-out: {', '.join(HELDOUT_PHOTOS)}, whole ({x.shape[-1]}x{x.shape[-2]}), {MASKS_PER_PHOTO} fixed "
-          f"masks each (1 = generate), scored as 8-bit images in [0, 1]; PSNR in dB; bands: {BAND_PX} px either "
-          f"side of the mask edge; seam_error: mean |output step - image step| across the edge; paste_blur: "
-          f"Gaussian mask blur, sigma {BLUR_PX:g} px")
-    print(format_table(table))
-    lines = verdict(table)
-    print("\n" + "\n".join(lines))
-    side_by_side(tensors, names, out / "comparison.png", images=range(0, len(x), MASKS_PER_PHOTO))
+    table, lines = evaluate_runs(stage1, stage2, heldout_dir, out / "comparison.png")
     seconds["evaluation"] = time.time() - evaluation_started
     seconds["total"] = time.time() - started
     report = {"rows": {name: metrics.json_safe(table[name]) for name in table}, "verdict": lines}
