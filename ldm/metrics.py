@@ -25,6 +25,7 @@ weight files on disk and, when they are missing, say which file and where instea
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -326,6 +327,17 @@ class ImageMetrics:
         for name, reason in self.missing.items():
             if reason != "not requested":
                 log.warning("%s skipped: %s", name, reason)
+
+    def fresh(self) -> "ImageMetrics":
+        """An empty accumulator with the same settings for another row of a report, sharing this one's LPIPS
+        network and a copy of its FID network (made before any update: no weights file is read again)."""
+        if len(self.region):
+            raise ValueError("fresh() copies an accumulator before it has seen any image")
+        other = copy.copy(self)
+        other.region = RegionMetricAccumulator(self.region.band_px)
+        other.ssim, other.lpips_values, other.missing = [], [], dict(self.missing)
+        other.fid_metric = copy.deepcopy(self.fid_metric) if self.fid_metric is not None else None
+        return other
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -288,3 +288,19 @@ def test_gaussian_blur_mask_handles_kernels_wider_than_the_image():
     ref = gaussian_filter1d(gaussian_filter1d(mask[0, 0].numpy().astype(np.float64), 4.0, axis=1, mode="mirror",
                                               radius=10), 4.0, axis=0, mode="mirror", radius=10)
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_fresh_accumulators_are_independent_and_share_settings():
+    from ldm.metrics import ImageMetrics
+
+    template = ImageMetrics(lpips=False, fid=False, band_px=2)
+    a, b = template.fresh(), template.fresh()
+    x = torch.rand(2, 3, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    a.update(x, x, mask)
+    b.update(x, 1 - x, mask)
+    assert len(template.region) == 0 and a.summary()["pre_error"] == 0 and b.summary()["pre_error"] > 0
+    assert a.region.band_px == 2 and a.missing == template.missing and a.missing is not template.missing
+    with pytest.raises(ValueError, match="before it has seen any image"):
+        a.fresh()
