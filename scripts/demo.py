@@ -1,19 +1,26 @@
-"""The embedded demo (`make demo`): the paper's effect, end to end, on a CPU in minutes, with no downloads.
+"""The embedded demo (`make demo`): does the asymmetric decoder beat vanilla + paste-back, and where? End to end on a
+CPU in minutes, with no downloads.
 
-1. data: crops of the photographs bundled with scikit-image; two photos (chelsea, coffee) are held out.
-2. stage 1: a small KL autoencoder (encoder + vanilla decoder) trained from scratch through main.py
-   (configs/demo/autoencoder_vanilla.yaml).
+1. data: crops of the photographs bundled with scikit-image; two photos (chelsea, coffee) are held out whole.
+2. stage 1: a small KL autoencoder (encoder + vanilla decoder, 16-channel latent) trained from scratch through
+   main.py (configs/demo/autoencoder_vanilla.yaml).
 3. stage 2: the asymmetric decoder (condition branch reading the masked image) trained on the frozen stage-1
    encoder, starting from the stage-1 decoder, through main.py (configs/demo/autoencoder_asymmetric.yaml).
-4. evaluation on the held-out crops with fixed masks (1 = generate, 0 = keep): pre_error (squared error in the kept
-   region per element, images in [0, 1]), error in the generated region, PSNR in each region; a table on stdout,
-   outputs/demo/report.json and a side-by-side figure outputs/demo/comparison.png.
+4. evaluation on the held-out photos decoded whole (128 x 192; the models train on 32 px crops, and are
+   convolutional) with fixed masks (1 = generate, 0 = keep), five rows: vanilla, vanilla+paste (the input pasted
+   back where mask = 0, diffusers' apply_overlay), vanilla+paste_blur (the same through a Gaussian-blurred mask,
+   AUTOMATIC1111's mask blur), asymmetric, and asymmetric without the mask (the control: decode(z)). Columns: PSNR
+   of the kept and generated regions and of the bands either side of the mask edge, seam_error, pre_error
+   (ldm.metrics). A table and a verdict on stdout, outputs/demo/report.json and a figure outputs/demo/comparison.png
+   (whole photos side by side, error maps on one scale, a zoom on a stretch of mask edge).
 
     python scripts/demo.py [--out outputs/demo] [--stage1-steps N] [--stage2-steps N] [--precision auto]
+                           [--boundary-weight W]
 
 Wall time per step (data, stage 1, stage 2, evaluation) goes into report.json. On CPUs with bfloat16 instructions
 (AVX-512 BF16 or AMX) both stages train in bfloat16 mixed precision (``--precision auto``), about 1.8x faster per
-step than float32 there; elsewhere they train in float32. Evaluation is always float32.
+step than float32 there; elsewhere they train in float32. Evaluation is always float32. ``--boundary-weight W``
+trains stage 2 with the seam fix (docs/demo.md); 0, the default, is the paper's loss.
 """
 from __future__ import annotations
 
@@ -35,7 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 from ldm import metrics  # noqa: E402
 from ldm.checkpoints.loading import load_model  # noqa: E402
-from ldm.data.inpainting import ImageFolderInpainting  # noqa: E402
 from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
@@ -47,11 +53,14 @@ STAGE2_CONFIG = REPO / "configs/demo/autoencoder_asymmetric.yaml"
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle_left",
                 "motorcycle_right", "camera", "grass", "gravel", "brick", "coins")
 HELDOUT_PHOTOS = ("chelsea", "coffee")
-PHOTO_SIDE = 128  # short side of each photo before cropping
+PHOTO_SIDE = 128  # short side of every photo; the held-out ones are decoded whole at this size (128 x 192)
 TRAIN_CROP = 48  # training crops; the dataset takes a random 24..48 square of each and resizes it to 32
-EVAL_SIZE = 32
-STAGE1_STEPS = 500
-STAGE2_STEPS = 1300
+MASKS_PER_PHOTO = 4  # fixed masks per held-out photo: 8 images in the table
+MASK_COVER = (0.1, 0.6)  # held-out masks cover this fraction of the photo
+BLUR_PX = 4.0  # paste_blur: sigma of the Gaussian mask blur, pixels (scripts/evaluate.py's default)
+BAND_PX = 8  # boundary bands: pixels within this chessboard distance of the other region
+STAGE1_STEPS = 300
+STAGE2_STEPS = 200
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -75,10 +84,11 @@ def resize_short_side(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Path, Path]:
-    """Random ``TRAIN_CROP`` crops of the training photos and a grid of ``EVAL_SIZE`` crops of the held-out ones."""
+    """Random ``TRAIN_CROP`` crops of the training photos, and each held-out photo whole at ``PHOTO_SIDE`` short
+    side (its long side cut to a multiple of 8 around the centre, as the latent needs)."""
     train_dir, heldout_dir = data_dir / "train", data_dir / "heldout"
     done = data_dir / ".complete"
-    stamp = f"{n_train} {seed} {PHOTO_SIDE} {TRAIN_CROP} {EVAL_SIZE}\n"
+    stamp = f"{n_train} {seed} {PHOTO_SIDE} {TRAIN_CROP} whole\n"
     if done.is_file() and done.read_text() == stamp:
         return train_dir, heldout_dir
     rng = np.random.default_rng(seed)
@@ -90,14 +100,12 @@ def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Pa
         write_png(img[y:y + TRAIN_CROP, x:x + TRAIN_CROP], train_dir / f"{TRAIN_PHOTOS[i % len(photos)]}_{i:05d}.png")
     for name in HELDOUT_PHOTOS:
         img = resize_short_side(load_photo(name), PHOTO_SIDE)
-        ys = np.linspace(0, img.shape[0] - EVAL_SIZE, 6).astype(int)
-        xs = np.linspace(0, img.shape[1] - EVAL_SIZE, 8).astype(int)
-        for y in ys:
-            for x in xs:
-                write_png(img[y:y + EVAL_SIZE, x:x + EVAL_SIZE], heldout_dir / f"{name}_{y:03d}_{x:03d}.png")
+        h, w = (s - s % 8 for s in img.shape[:2])
+        y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+        write_png(img[y:y + h, x:x + w], heldout_dir / f"{name}.png")
     done.write_text(stamp)
     print(f"data: {n_train} training crops of {len(TRAIN_PHOTOS)} photos in {train_dir}, "
-          f"{len(HELDOUT_PHOTOS) * 48} held-out crops of {', '.join(HELDOUT_PHOTOS)} in {heldout_dir}")
+          f"{len(HELDOUT_PHOTOS)} held-out photos ({', '.join(HELDOUT_PHOTOS)}) in {heldout_dir}")
     return train_dir, heldout_dir
 
 
@@ -144,87 +152,217 @@ def load_trained(run_dir: Path) -> torch.nn.Module:
     return load_model(config, run_dir / "checkpoints" / "last.ckpt")
 
 
+def heldout_masks(mask_config: str, height: int, width: int, count: int, seed: int = 0) -> List[np.ndarray]:
+    """``count`` masks (1 = generate) of the training distribution at the held-out size, drawn from generators
+    seeded ``(seed, i)``; draws covering less than ``MASK_COVER[0]`` or more than ``MASK_COVER[1]`` of the image
+    are skipped (a mask with nothing to keep, or no hole, has no boundary to judge)."""
+    from ldm.data.masks import MaskGenerator
+
+    generator = MaskGenerator.from_config(mask_config)
+    masks, i = [], 0
+    while len(masks) < count:
+        mask = generator(height, width, np.random.default_rng([seed, i]))
+        i += 1
+        if MASK_COVER[0] <= mask.mean() <= MASK_COVER[1]:
+            masks.append(mask)
+    return masks
+
+
+def load_heldout(heldout_dir: Path, mask_config: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """Every held-out photo, whole, with ``MASKS_PER_PHOTO`` fixed masks each: images (N,3,H,W) in [-1, 1], masks
+    (N,1,H,W) and a name per image."""
+    from ldm.image_io import open_image, to_rgb
+
+    images, masks, names = [], [], []
+    for path in sorted(heldout_dir.glob("*.png")):
+        with open_image(path) as img:
+            rgb = to_rgb(img, str(path))  # (H, W, 3) float32 in [0, 1]
+        h, w = rgb.shape[:2]
+        for k, mask in enumerate(heldout_masks(mask_config, h, w, MASKS_PER_PHOTO, seed=len(names))):
+            images.append(torch.from_numpy(rgb.transpose(2, 0, 1).copy()) * 2 - 1)
+            masks.append(torch.from_numpy(mask)[None])
+            names.append(f"{path.stem} mask {k}")
+    return torch.stack(images), torch.stack(masks), names
+
+
+ROWS = ("vanilla", "vanilla+paste", "vanilla+paste_blur", "asymmetric", "asymmetric, no mask")
+
+
 @torch.no_grad()
-def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, heldout_dir: Path, mask_config: str,
-             seed: int = 0) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
-    """Both models on every held-out crop with its fixed mask; latents are the posterior mode of each model's own
-    (identical, frozen) encoder. Returns (metrics per model, tensors for the figure)."""
-    data = ImageFolderInpainting(root=heldout_dir, size=EVAL_SIZE, mask_config=mask_config, no_mask_prob=0.0,
-                                 random_crop=False, fixed_masks=True, seed=seed)
-    batch = [data[i] for i in range(len(data))]
-    x = torch.stack([b["image"] for b in batch])
-    mask = torch.stack([b["mask"] for b in batch])
-    outputs = {
-        "vanilla": vanilla.decode(vanilla.encode(x).mode()),
-        "asymmetric": asymmetric.decode(asymmetric.encode(x).mode(), x, mask),
-        "asymmetric, no mask": asymmetric.decode(asymmetric.encode(x).mode()),
-    }
-    table = {}
-    for name, rec in outputs.items():
-        acc = metrics.RegionMetricAccumulator()
-        # scored as the 8-bit images a user would save, like the paper's evaluation
-        acc.update(quantize(metrics.to_unit(rec)), quantize(metrics.to_unit(x)), mask)
+def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Tensor,
+             mask: torch.Tensor) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
+    """Every row of ``ROWS`` on the held-out images, each decoded whole (the autoencoder is convolutional), one
+    image at a time; latents are the posterior mode of each model's own (identical, frozen) encoder. Paste-back
+    composites the input over the vanilla output where mask = 0 (diffusers' ``apply_overlay``), with the mask
+    blurred by a Gaussian of sigma ``BLUR_PX`` first for ``paste_blur`` (AUTOMATIC1111's mask blur). Every row is
+    scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
+    outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in ROWS}
+    for i in range(len(x)):
+        xi, mi = x[i:i + 1], mask[i:i + 1]
+        van = vanilla.decode(vanilla.encode(xi).mode())
+        z = asymmetric.encode(xi).mode()
+        outputs["vanilla"].append(van)
+        for name, blur in (("vanilla+paste", 0.0), ("vanilla+paste_blur", BLUR_PX)):  # in [0, 1], as users paste
+            outputs[name].append(metrics.paste_back(metrics.to_unit(van), metrics.to_unit(xi), mi, blur) * 2 - 1)
+        outputs["asymmetric"].append(asymmetric.decode(z, xi, mi))
+        outputs["asymmetric, no mask"].append(asymmetric.decode(z))
+    target = quantize(metrics.to_unit(x))
+    table, tensors = {}, {"image": x, "mask": mask}
+    for name in ROWS:
+        rec = torch.cat(outputs[name]).clamp(-1, 1)
+        tensors[name] = rec
+        acc = metrics.RegionMetricAccumulator(band_px=BAND_PX)
+        acc.update(quantize(metrics.to_unit(rec)), target, mask)
         table[name] = acc.summary()
-    return table, {"image": x, "mask": mask, **outputs}
+    return table, tensors
+
+
+# (key, title, format, higher is better)
+COLUMNS = (("psnr_kept", "PSNR kept", "{:.2f}", True), ("psnr_generated", "PSNR generated", "{:.2f}", True),
+           ("psnr_band_outer", "PSNR kept band", "{:.2f}", True),
+           ("psnr_band_inner", "PSNR generated band", "{:.2f}", True),
+           ("seam_error", "seam_error", "{:.4f}", False), ("pre_error", "pre_error", "{:.2e}", False))
+WHERE = {"psnr_kept": "the kept region", "psnr_generated": "the generated region",
+         "psnr_band_outer": "the kept pixels within {band} px of the hole",
+         "psnr_band_inner": "the generated pixels within {band} px of the kept region",
+         "seam_error": "the step at the mask edge (seam_error)"}
 
 
 def format_table(table: Dict[str, Dict[str, float]]) -> str:
-    columns = (("pre_error", "pre_error", "{:.3e}"), ("mse_generated", "mse generated", "{:.3e}"),
-               ("psnr_kept", "PSNR kept dB", "{:.2f}"), ("psnr_generated", "PSNR generated dB", "{:.2f}"))
-    lines = [f"{'decoder':<22}" + "".join(f"{title:>19}" for _, title, _ in columns)]
+    """The table as markdown (PSNR in dB)."""
+    lines = ["| decoder | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
     for name, row in table.items():
-        lines.append(f"{name:<22}" + "".join(f"{fmt.format(row[key]):>19}" for key, _, fmt in columns))
+        lines.append(f"| {name} | " + " | ".join(fmt.format(row[key]) for key, _, fmt, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-FIGURE_SCALE = 6  # nearest-neighbour upscaling of the 32 px crops in the figure
-ERROR_SCALE = 0.25  # error maps: |error| (images in [0, 1]) from 0 (black) to >= ERROR_SCALE (white), all maps
-FIGURE_COLUMNS = ("input", "mask (white = generate)", "vanilla", "asymmetric", "|error| vanilla",
-                  "|error| asymmetric")
+def verdict(table: Dict[str, Dict[str, float]]) -> List[str]:
+    """Which row wins where, in plain words; the control row (no mask) is not a candidate."""
+    lines = []
+    candidates = [name for name in table if name != "asymmetric, no mask"]
+    for key, _, fmt, higher in COLUMNS:
+        if key not in WHERE:
+            continue
+        values = {name: table[name][key] for name in candidates}
+        best = (max if higher else min)(values, key=values.get)
+        others = ", ".join(f"{name} {fmt.format(v)}" for name, v in values.items() if name != best)
+        unit = " dB" if key.startswith("psnr") else ""
+        lines.append(f"{WHERE[key].format(band=BAND_PX)}: {best} wins ({fmt.format(values[best])}{unit}; {others})")
+    asym, paste = table["asymmetric"], table["vanilla+paste"]
+    better = [WHERE[k].format(band=BAND_PX) for k, _, _, higher in COLUMNS if k in WHERE
+              and (asym[k] > paste[k] if higher else asym[k] < paste[k])]
+    worse = [WHERE[k].format(band=BAND_PX) for k, _, _, higher in COLUMNS if k in WHERE
+             and (asym[k] < paste[k] if higher else asym[k] > paste[k])]
+    lines.append("asymmetric against vanilla+paste: better in " + ("; ".join(better) or "nothing")
+                 + "; worse in " + ("; ".join(worse) or "nothing"))
+    return lines
 
 
-def side_by_side(tensors: Dict[str, torch.Tensor], path: Path, rows: int = 6, scale: int = FIGURE_SCALE) -> None:
-    """Rows of held-out crops, upscaled ``scale`` x with nearest neighbours, in the columns of ``FIGURE_COLUMNS``;
-    both error maps share one scale (``ERROR_SCALE``), drawn as a bar under the figure."""
+FIGURE_ROWS = ("vanilla", "vanilla+paste", "vanilla+paste_blur", "asymmetric", "asymmetric, no mask")
+ERROR_SCALE = 0.25  # error maps: mean |error| over channels (images in [0, 1]) from 0 to >= ERROR_SCALE, all maps
+ZOOM = 4  # zoom factor of the boundary crops (nearest neighbours)
+GAP = 6
+
+
+def edge_window(mask: torch.Tensor, height: int, width: int) -> Tuple[int, int]:
+    """Top-left corner of a ``height`` x ``width`` window centred on the mask-edge pixel nearest the image centre
+    (a pixel whose left or upper neighbour lies in the other region; the centre when the mask has no edge): a
+    stretch of mask edge chosen without looking at any output."""
+    m = mask[0] >= 0.5
+    edge = torch.zeros_like(m)
+    edge[:, 1:] |= m[:, 1:] != m[:, :-1]
+    edge[1:, :] |= m[1:, :] != m[:-1, :]
+    ys, xs = torch.nonzero(edge, as_tuple=True)
+    H, W = m.shape
+    if len(ys) == 0:
+        cy, cx = H // 2, W // 2
+    else:
+        k = int(torch.argmin((ys - H / 2) ** 2 + (xs - W / 2) ** 2))
+        cy, cx = int(ys[k]), int(xs[k])
+    return min(max(cy - height // 2, 0), H - height), min(max(cx - width // 2, 0), W - width)
+
+
+def side_by_side(tensors: Dict[str, torch.Tensor], names: Sequence[str], path: Path,
+                 images: Sequence[int]) -> None:
+    """For each held-out image in ``images`` three rows: the outputs of every method (first column: the input with
+    the mask edge drawn and the zoom window boxed), their error maps on one colour scale (first column: the mask,
+    white = generate), and a ``ZOOM`` x zoom on a stretch of mask edge (first column: the input). Whole images at
+    their own size (the short side is at least 128 px)."""
     x, mask = tensors["image"], tensors["mask"]
-    idx = torch.linspace(0, len(x) - 1, rows).round().long()
-    side, gap = EVAL_SIZE * scale, 6
-
-    def tile(img: np.ndarray) -> np.ndarray:
-        return cv2.resize(img, (side, side), interpolation=cv2.INTER_NEAREST)
+    H, W = x.shape[-2:]
+    zh, zw = H // ZOOM, W // ZOOM
 
     def rgb(t: torch.Tensor) -> np.ndarray:
-        return tile(to_uint8(t[None])[0])
+        return np.ascontiguousarray(to_uint8(t[None])[0])
 
-    def grey(values: np.ndarray) -> np.ndarray:
+    def heat(values: np.ndarray) -> np.ndarray:
         v = (np.clip(values / ERROR_SCALE, 0, 1) * 255).round().astype(np.uint8)
-        return np.repeat(v[..., None], 3, axis=-1)
+        return cv2.applyColorMap(v, cv2.COLORMAP_INFERNO)[..., ::-1]
 
-    def err(t: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-        return tile(grey((metrics.to_unit(t) - metrics.to_unit(ref)).abs().mean(0).numpy()))
+    def zoom(img: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        return cv2.resize(img[y0:y0 + zh, x0:x0 + zw], (W, H), interpolation=cv2.INTER_NEAREST)
 
-    def text(img: np.ndarray, label: str, x0: int, y0: int) -> None:
-        cv2.putText(img, label, (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    def text(img: np.ndarray, label: str, x0: int, y0: int, colour=(0, 0, 0)) -> None:
+        cv2.putText(img, label, (x0, y0), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
 
-    width = len(FIGURE_COLUMNS) * (side + gap) - gap
-    parts = [np.full((30, width, 3), 255, np.uint8)]
-    for c, label in enumerate(FIGURE_COLUMNS):
-        text(parts[0], label, c * (side + gap) + 2, 20)
-    for i in idx.tolist():
-        cols = [rgb(x[i]), rgb(mask[i].expand(3, -1, -1) * 2 - 1), rgb(tensors["vanilla"][i]),
-                rgb(tensors["asymmetric"][i]), err(tensors["vanilla"][i], x[i]), err(tensors["asymmetric"][i], x[i])]
-        white = np.full((side, gap, 3), 255, np.uint8)
-        parts.append(np.concatenate([c for col in cols for c in (col, white)][:-1], axis=1))
-        parts.append(np.full((gap, width, 3), 255, np.uint8))
-    # the error scale: a ramp under the two error columns
-    bar = np.full((44, width, 3), 255, np.uint8)
-    x0 = 4 * (side + gap)
-    bar[4:20, x0:width] = grey(np.linspace(0, ERROR_SCALE, width - x0))[None]
-    text(bar, "0", x0, 38)
-    text(bar, f">= {ERROR_SCALE:g} (images in [0, 1])", width - 230, 38)
-    text(bar, "both error maps, one scale:", 2, 16)
+    columns = ["input", *FIGURE_ROWS]
+    width = len(columns) * (W + GAP) - GAP
+    white_col = np.full((H, GAP, 3), 255, np.uint8)
+
+    def row(tiles: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([c for t in tiles for c in (t, white_col)][:-1], axis=1)
+
+    header = np.full((24, width, 3), 255, np.uint8)
+    for c, label in enumerate(columns):
+        text(header, label, c * (W + GAP) + 2, 16)
+    parts = [header]
+    for i in images:
+        m = mask[i, 0].numpy() >= 0.5
+        y0, x0 = edge_window(mask[i], zh, zw)
+        contour = (cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0) & ~m
+        source = rgb(x[i])
+        marked = source.copy()
+        marked[contour] = (0, 255, 255)
+        cv2.rectangle(marked, (x0, y0), (x0 + zw - 1, y0 + zh - 1), (255, 0, 0), 1)
+        outs = [rgb(tensors[name][i]) for name in FIGURE_ROWS]
+        errors = [heat((metrics.to_unit(tensors[name][i]) - metrics.to_unit(x[i])).abs().mean(0).numpy())
+                  for name in FIGURE_ROWS]
+        mask_tile = np.repeat((m * 255).astype(np.uint8)[..., None], 3, axis=2)
+        label = np.full((18, width, 3), 255, np.uint8)
+        text(label, f"{names[i]} ({W}x{H}): outputs, |error|, {ZOOM}x zoom on the boxed stretch of mask edge",
+             2, 13)
+        parts += [label, row([marked, *outs]), np.full((GAP, width, 3), 255, np.uint8),
+                  row([mask_tile, *errors]), np.full((GAP, width, 3), 255, np.uint8),
+                  row([zoom(t, y0, x0) for t in [source, *outs]]), np.full((2 * GAP, width, 3), 255, np.uint8)]
+    bar = np.full((40, width, 3), 255, np.uint8)
+    x_start = W + GAP
+    bar[4:18, x_start:width] = heat(np.linspace(0, ERROR_SCALE, width - x_start)[None])[0][None]
+    text(bar, "|error|, one scale:", 2, 16)
+    text(bar, "0", x_start, 34)
+    text(bar, f">= {ERROR_SCALE:g} (mean over channels, images in [0, 1])", width - 330, 34)
     parts.append(bar)
     write_png(np.concatenate(parts, axis=0), path)
+
+
+def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path,
+                  figure: Path) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    """Evaluate the two trained runs on the held-out photos: print the table and the verdict, write the figure.
+    Returns (table, verdict lines)."""
+    from omegaconf import OmegaConf
+
+    mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
+    x, mask, names = load_heldout(heldout_dir, mask_config)
+    table, tensors = evaluate(load_trained(stage1), load_trained(stage2), x, mask)
+    print(f"\nheld-out: {', '.join(HELDOUT_PHOTOS)}, whole ({x.shape[-1]}x{x.shape[-2]}), {MASKS_PER_PHOTO} fixed "
+          f"masks each (1 = generate), scored as 8-bit images in [0, 1]; PSNR in dB; bands: {BAND_PX} px either "
+          f"side of the mask edge; seam_error: mean |output step - image step| across the edge; paste_blur: "
+          f"Gaussian mask blur, sigma {BLUR_PX:g} px")
+    print(format_table(table))
+    lines = verdict(table)
+    print("\n" + "\n".join(lines))
+    side_by_side(tensors, names, figure, images=range(0, len(x), MASKS_PER_PHOTO))
+    return table, lines
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -235,6 +373,9 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--precision", choices=("auto", "32", "bf16-mixed"), default="auto",
                         help="training precision of both stages; auto: bf16-mixed where the CPU has bfloat16 "
                              "instructions, else 32")
+    parser.add_argument("--boundary-weight", type=float, default=0.0,
+                        help="stage 2's seam fix (off by default, the paper's loss): the L1 term weighs 1 + W at the "
+                             "pixels within 2 px of the mask edge (LPIPSWithDiscriminator boundary_weight)")
     args = parser.parse_args(argv)
     precision = args.precision if args.precision != "auto" else ("bf16-mixed" if cpu_has_bf16() else "32")
     logging.basicConfig(level=logging.WARNING)
@@ -249,29 +390,23 @@ def main(argv: Sequence[str] = None) -> int:
                                             data_overrides(train_dir, heldout_dir))
     stage2, seconds["stage2"] = train_stage(STAGE2_CONFIG, "demo_asymmetric", logdir, args.stage2_steps, precision,
                                             data_overrides(train_dir, heldout_dir)
-                                            + [f"model.params.ckpt_path={stage1 / 'checkpoints' / 'last.ckpt'}"])
-
-    from omegaconf import OmegaConf
+                                            + [f"model.params.ckpt_path={stage1 / 'checkpoints' / 'last.ckpt'}",
+                                               f"model.params.lossconfig.params.boundary_weight={args.boundary_weight}"])
 
     evaluation_started = time.time()
-    mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
-    table, tensors = evaluate(load_trained(stage1), load_trained(stage2), heldout_dir, mask_config)
-    print(f"\nheld-out crops: {len(tensors['image'])} x {EVAL_SIZE}px of {', '.join(HELDOUT_PHOTOS)}, fixed masks "
-          "(1 = generate), 8-bit images in [0, 1]; pre_error = squared error in the kept region / (3*H*W)")
-    print(format_table(table))
-    ratio = table["vanilla"]["pre_error"] / max(table["asymmetric"]["pre_error"], 1e-12)
-    print(f"kept-region error: the asymmetric decoder's pre_error is {ratio:.0f}x below the vanilla decoder's")
-    side_by_side(tensors, out / "comparison.png")
+    table, lines = evaluate_runs(stage1, stage2, heldout_dir, out / "comparison.png")
     seconds["evaluation"] = time.time() - evaluation_started
     seconds["total"] = time.time() - started
-    report = {name: metrics.json_safe(table[name]) for name in table}
-    report["pre_error_ratio"] = ratio
+    report = {"rows": {name: metrics.json_safe(table[name]) for name in table}, "verdict": lines}
     report["run"] = {"steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps}, "precision": precision,
-                     "cpu_count": os.cpu_count(), "wall_time_s": {k: round(v, 1) for k, v in seconds.items()}}
+                     "boundary_weight": args.boundary_weight,
+                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                     "wall_time_s": {k: round(v, 1) for k, v in seconds.items()}}
     write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"\nwall time: data {seconds['data']:.0f} s, stage 1 {seconds['stage1']:.0f} s ({args.stage1_steps} steps), "
           f"stage 2 {seconds['stage2']:.0f} s ({args.stage2_steps} steps), evaluation and figure "
-          f"{seconds['evaluation']:.0f} s; total {seconds['total']:.0f} s ({precision}, {os.cpu_count()} CPUs)")
+          f"{seconds['evaluation']:.0f} s; total {seconds['total']:.0f} s ({precision}, {torch.get_num_threads()} "
+          f"threads, {os.cpu_count()} CPUs)")
     print(f"wrote {out / 'report.json'} and {out / 'comparison.png'}")
     return 0
 

@@ -1,5 +1,5 @@
 """The embedded demo (`make demo`) end to end with two training steps per stage: the pipeline, not the effect
-(the effect needs the full step counts; README states the numbers of a full run)."""
+(the effect needs the full step counts; docs/demo.md states the numbers of a full run)."""
 from __future__ import annotations
 
 import json
@@ -15,24 +15,37 @@ from scripts import demo
 def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys):
     assert demo.main(["--out", str(tmp_path), "--stage1-steps", "2", "--stage2-steps", "2", "--precision", "32"]) == 0
     out = capsys.readouterr().out
-    assert "vanilla" in out and "asymmetric" in out and "pre_error" in out
+    assert "| vanilla+paste |" in out and "seam_error" in out and "asymmetric against vanilla+paste" in out
 
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) == {"vanilla", "asymmetric", "asymmetric, no mask", "pre_error_ratio", "run"}
-    assert report["pre_error_ratio"] == report["vanilla"]["pre_error"] / report["asymmetric"]["pre_error"]
+    assert set(report) == {"rows", "verdict", "run"}
+    assert tuple(report["rows"]) == demo.ROWS
+    heldout = sorted((tmp_path / "data" / "heldout").glob("*.png"))
+    assert [p.stem for p in heldout] == sorted(demo.HELDOUT_PHOTOS)
+    sizes = {Image.open(p).size for p in heldout}
+    assert all(min(s) >= 128 and s[0] % 8 == 0 and s[1] % 8 == 0 for s in sizes), sizes
+    columns = [key for key, *_ in demo.COLUMNS]
+    for name, row in report["rows"].items():
+        assert row["n_images"] == len(heldout) * demo.MASKS_PER_PHOTO, name
+        for key in columns:
+            if name == "vanilla+paste" and key in ("psnr_kept", "psnr_band_outer"):
+                assert row[key] == "inf", (name, key, row[key])  # the input pasted back: exact after 8 bits
+            else:
+                assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row[key])
+    assert report["rows"]["vanilla+paste"]["pre_error"] == 0
+    # paste-back leaves the generated region of the vanilla output alone (the blur reaches past the edge)
+    assert report["rows"]["vanilla+paste"]["psnr_generated"] == report["rows"]["vanilla"]["psnr_generated"]
+    assert len(report["verdict"]) == len(demo.WHERE) + 1
     run = report["run"]
     assert run["steps"] == {"stage1": 2, "stage2": 2} and run["precision"] == "32"
     wall = run["wall_time_s"]
     assert set(wall) == {"data", "stage1", "stage2", "evaluation", "total"}
     assert all(wall[k] > 0 for k in wall) and wall["total"] >= wall["stage1"] + wall["stage2"]
-    for row in (report[k] for k in ("vanilla", "asymmetric", "asymmetric, no mask")):
-        for key in ("pre_error", "psnr_kept", "psnr_generated", "mse_generated"):
-            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
-        assert row["n_images"] == len(list((tmp_path / "data" / "heldout").glob("*.png")))
 
     figure = np.asarray(Image.open(tmp_path / "comparison.png"))
-    side = demo.EVAL_SIZE * demo.FIGURE_SCALE  # crops upscaled with nearest neighbours
-    assert figure.ndim == 3 and figure.shape[1] == len(demo.FIGURE_COLUMNS) * (side + 6) - 6
+    (w, h), = sizes
+    assert figure.ndim == 3 and figure.shape[1] == (len(demo.FIGURE_ROWS) + 1) * (w + demo.GAP) - demo.GAP
+    assert figure.shape[0] > len(demo.HELDOUT_PHOTOS) * 3 * h  # outputs, error maps and zooms per photo
 
     (stage1,) = (tmp_path / "logs").glob("*_demo_vanilla")
     (stage2,) = (tmp_path / "logs").glob("*_demo_asymmetric")
@@ -43,3 +56,13 @@ def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys):
     # stage 2 trains on the frozen stage-1 encoder: it leaves the run bit-identical
     frozen = [k for k in sd1 if k.startswith(("encoder.", "quant_conv.", "post_quant_conv."))]
     assert frozen and all(sd1[k].equal(sd2[k]) for k in frozen)
+
+
+def test_edge_window_is_centred_on_the_mask_edge_nearest_the_centre():
+    import torch
+
+    mask = torch.zeros(1, 40, 60)
+    mask[:, :, 45:] = 1  # a vertical edge between columns 44 and 45
+    y0, x0 = demo.edge_window(mask, 10, 16)
+    assert (y0, x0) == (15, 37)  # centred on the pixel (20, 45)
+    assert demo.edge_window(torch.ones(1, 40, 60), 10, 16) == (15, 22)  # no edge: the centre

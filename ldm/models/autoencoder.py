@@ -496,7 +496,7 @@ class AutoencoderKL(pl.LightningModule):
 
         with self.toggled_optimizer(opt_g):
             g_loss, log_g = self.loss.generator_loss(x, rec, posterior, step, last_layer=self.get_last_layer(),
-                                                     split="train")
+                                                     split="train", **self._loss_mask(mask))
             if first:
                 opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss / window)
@@ -535,7 +535,7 @@ class AutoencoderKL(pl.LightningModule):
         x, mask = self.get_input(batch)
         rec, posterior = self.shared_forward(x, mask, sample_posterior=False)
         step = self.global_step
-        _, logs = self.loss.generator_loss(x, rec, posterior, step, split="val")
+        _, logs = self.loss.generator_loss(x, rec, posterior, step, split="val", **self._loss_mask(mask))
         if self.loss.gan_factor(step) > 0:
             logs.update(self.loss.discriminator_loss(x, rec, step, split="val")[1])
         self._val_regions.update(metrics.to_unit(rec), metrics.to_unit(x), mask)
@@ -573,6 +573,11 @@ class AutoencoderKL(pl.LightningModule):
             images["reconstructions"] = rec
             images["samples"] = self.decode(torch.randn_like(posterior.mean), x, mask)
         return images
+
+    def _loss_mask(self, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{"mask": mask}`` for a loss that reads it (``LPIPSWithDiscriminator(boundary_weight > 0)``), else
+        nothing, so that losses of the original signature keep working."""
+        return {"mask": mask} if getattr(self.loss, "boundary_weight", 0) > 0 else {}
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight

@@ -28,6 +28,8 @@ from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from taming.modules.losses.vqperceptual import hinge_d_loss, vanilla_d_loss
 from torch import nn
 
+from ldm.metrics import band_masks
+
 log = logging.getLogger(__name__)
 
 # torchvision's ImageNet VGG16 (the LPIPS trunk); lpips/taming fetch it into torch hub's cache on first use.
@@ -85,6 +87,14 @@ def build_lpips(vgg_path: Optional[Union[str, Path]] = None) -> nn.Module:
     return model.eval()
 
 
+def boundary_band(mask: torch.Tensor, band_px: int) -> torch.Tensor:
+    """(B,1,H,W) 1 at the pixels within ``band_px`` pixels (chessboard distance) of a pixel of the other region
+    (mask binarised at 0.5), on both sides of the edge: the union of the two bands of
+    :func:`ldm.metrics.band_masks`; 0 everywhere for a mask of one value."""
+    inner, outer = band_masks(mask, band_px)
+    return inner + outer
+
+
 class LPIPSWithDiscriminator(nn.Module):
     """LDM's ``LPIPSWithDiscriminator`` with the generator / discriminator halves split.
 
@@ -94,15 +104,28 @@ class LPIPSWithDiscriminator(nn.Module):
     ``disc_num_layers`` / ``disc_in_channels`` / ``use_actnorm`` PatchGAN shape; ``disc_factor``;
     ``disc_weight`` scale of the adaptive weight; ``perceptual_weight`` (0 skips LPIPS and needs no VGG file);
     ``disc_loss`` "hinge" or "vanilla"; ``vgg_path`` the VGG16 file for LPIPS (default in torch hub's cache).
+
+    Not in the paper (off by default, which is the paper's loss bit for bit): ``boundary_weight`` w > 0 multiplies
+    the L1 term by ``1 + w`` at the pixels within ``boundary_px`` pixels (chessboard distance) of the mask edge, on
+    both sides (:func:`boundary_band`), so that training looks harder at the seam between kept and generated
+    pixels, where the decoder's last layers mix the condition branch's features with its own. It needs the mask
+    (``generator_loss(..., mask=)``); samples without a kept region (all-ones mask) have no edge and keep weight 1.
     """
 
     def __init__(self, disc_start: int, logvar_init: float = 0.0, kl_weight: float = 1.0,
                  pixelloss_weight: float = 1.0, disc_num_layers: int = 3, disc_in_channels: int = 3,
                  disc_factor: float = 1.0, disc_weight: float = 1.0, perceptual_weight: float = 1.0,
-                 use_actnorm: bool = False, disc_loss: str = "hinge", vgg_path: Optional[str] = None):
+                 use_actnorm: bool = False, disc_loss: str = "hinge", vgg_path: Optional[str] = None,
+                 boundary_weight: float = 0.0, boundary_px: int = 2):
         super().__init__()
         if disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {disc_loss!r}")
+        if not boundary_weight >= 0:
+            raise ValueError(f"boundary_weight must be >= 0, got {boundary_weight!r}")
+        if isinstance(boundary_px, bool) or not isinstance(boundary_px, int) or boundary_px < 1:
+            raise ValueError(f"boundary_px must be an integer >= 1, got {boundary_px!r}")
+        self.boundary_weight = float(boundary_weight)
+        self.boundary_px = boundary_px
         self.kl_weight = kl_weight
         self.pixel_weight = pixelloss_weight
         self.perceptual_weight = perceptual_weight
@@ -131,9 +154,16 @@ class LPIPSWithDiscriminator(nn.Module):
         d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
         return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
 
-    def reconstruction_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-        """``rec`` per pixel: L1 plus the weighted LPIPS distance (B,1,1,1), broadcast."""
+    def reconstruction_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
+                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``rec`` per pixel: L1 (times ``1 + boundary_weight`` in the mask edge's band, when set) plus the weighted
+        LPIPS distance (B,1,1,1), broadcast."""
         rec_loss = torch.abs(inputs - reconstructions)
+        if self.boundary_weight > 0:
+            if mask is None:
+                raise ValueError("boundary_weight > 0 needs the mask: call generator_loss(..., mask=mask)")
+            band = boundary_band(mask, self.boundary_px)
+            rec_loss = rec_loss * (1 + self.boundary_weight * band).to(rec_loss.dtype)
         if self.perceptual_loss is not None:
             rec_loss = rec_loss + self.perceptual_weight * self.perceptual_loss(inputs, reconstructions)
         return rec_loss
@@ -143,8 +173,10 @@ class LPIPSWithDiscriminator(nn.Module):
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posteriors,
                        global_step: int, last_layer: Optional[torch.Tensor] = None,
-                       split: str = "train") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``L_G`` and its parts for logging. ``posteriors``: the encoder's DiagonalGaussianDistribution.
+                       split: str = "train", mask: Optional[torch.Tensor] = None,
+                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``L_G`` and its parts for logging. ``posteriors``: the encoder's DiagonalGaussianDistribution; ``mask``
+        (B,1,H,W), 1 = generate, is read only with ``boundary_weight`` > 0.
 
         The adaptive weight needs a graph to ``last_layer``; without one (validation) it is 0, as in LDM.
         Before ``disc_start`` the discriminator is not run at all: its term is multiplied by 0 anyway.
@@ -161,7 +193,7 @@ class LPIPSWithDiscriminator(nn.Module):
         if adaptive:
             # d nll / d rec and d g / d rec, each through LPIPS or the discriminator once
             leaf = reconstructions.detach().requires_grad_()
-            rec_loss = self.reconstruction_loss(inputs, leaf)
+            rec_loss = self.reconstruction_loss(inputs, leaf, mask)
             nll_loss = self.nll(rec_loss)
             g_loss = -torch.mean(self.discriminator(leaf))
             nll_rec_grad, = torch.autograd.grad(nll_loss, leaf)
@@ -176,7 +208,7 @@ class LPIPSWithDiscriminator(nn.Module):
             loss = (nll_loss.detach() + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss.detach()
                     + (carrier - carrier.detach()))
         else:
-            rec_loss = self.reconstruction_loss(inputs, reconstructions)
+            rec_loss = self.reconstruction_loss(inputs, reconstructions, mask)
             nll_loss = self.nll(rec_loss)
             g_loss, d_weight = zero, zero
             if disc_factor > 0:
