@@ -1,4 +1,4 @@
-"""Our checkpoints <-> diffusers ``AsymmetricAutoencoderKL`` / ``AutoencoderKL`` folders.
+"""Our checkpoints <-> diffusers ``AsymmetricAutoencoderKL`` / ``AutoencoderKL`` / ``AutoencoderKLFlux2`` folders.
 
 Key mapping (ours = the original LDM names, which the paper's release uses; diffusers names on the right):
 
@@ -33,6 +33,13 @@ diffusers' ``MaskConditionEncoder`` always builds 5 layers (it is written for 4-
 fewer levels uses only the first ``levels + 1``; diffusers looks features up by shape, and the extra layers run at
 resolutions below every blend point, so they are never read. They are written as zeros and dropped on the way back.
 
+FLUX.2's VAE is diffusers' ``AutoencoderKLFlux2``: the same encoder / decoder keys as ``AutoencoderKL`` plus the
+latent BatchNorm ``bn.running_mean`` / ``bn.running_var`` / ``bn.num_batches_tracked`` (the same keys as ours), and
+``decoder_block_out_channels`` for a decoder narrower than the encoder (BFL's small decoder). ``config.json`` carries
+``batch_norm_eps`` and ``patch_size`` instead of a scale and shift. A FLUX.2 decoder with condition branch has no
+diffusers class: ``AsymmetricAutoencoderKL`` cannot hold the BatchNorm statistics (its pipelines and
+``from_pretrained`` would drop them), so such an export is refused.
+
 Architectures are read from the tensors themselves (:class:`AutoencoderLayout`), so converting needs no config; a
 config, when given, is checked against them.
 """
@@ -61,6 +68,7 @@ log = logging.getLogger(__name__)
 
 ASYMMETRIC_CLASS = "AsymmetricAutoencoderKL"
 SYMMETRIC_CLASS = "AutoencoderKL"
+FLUX2_CLASS = "AutoencoderKLFlux2"
 DIFFUSERS_CONDITION_LAYERS = 5
 NORM_GROUPS = 32  # our GroupNorm (ldm Normalize) always uses 32 groups
 
@@ -78,6 +86,9 @@ _RENAMES: Tuple[Tuple[str, str], ...] = (
 )
 # diffusers before 0.14 named the attention projections differently; from_pretrained still accepts them.
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+# AutoencoderKLFlux2's constructor defaults (diffusers 0.42.1): FLUX.2's VAE
+FLUX2_DEFAULTS = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 32,
+                  "patch_size": [2, 2], "batch_norm_eps": 1e-4}
 _NO_ASUKA_BRANCH = ("diffusers' MaskConditionDecoder has no counterpart of ASUKA's condition-branch options "
                     "(concat_mask, gate_conv, mask_resize: area): such a decoder cannot be converted")
 _ATTENTION_WEIGHT = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -119,6 +130,7 @@ class AutoencoderLayout:
     decoder_blocks: int
     condition_widths: Optional[Tuple[int, ...]]
     quant_conv: bool = True
+    batch_norm: bool = False  # FLUX.2's latent BatchNorm statistics (bn.*)
 
     @property
     def symmetric(self) -> bool:
@@ -128,6 +140,18 @@ class AutoencoderLayout:
 
     @property
     def diffusers_class(self) -> str:
+        if self.batch_norm:
+            if self.condition_widths is not None:
+                raise CheckpointError(
+                    "a decoder with condition branch in FLUX.2's latent space (latent BatchNorm statistics bn.*) has "
+                    f"no diffusers class: {ASYMMETRIC_CLASS} has no BatchNorm to hold them (its from_pretrained would "
+                    f"drop them) and {FLUX2_CLASS} no condition branch; keep it in our format, or export its "
+                    "decoder without the branch (configs/autoencoder/flux2/vanilla.yaml)")
+            if self.decoder_blocks != self.encoder_blocks:
+                raise CheckpointError(
+                    f"{FLUX2_CLASS} has one layers_per_block for encoder and decoder; this decoder has "
+                    f"{self.decoder_blocks} blocks per level, the encoder {self.encoder_blocks}")
+            return FLUX2_CLASS
         if self.condition_widths is not None:
             return ASYMMETRIC_CLASS
         if self.symmetric:
@@ -143,7 +167,8 @@ class AutoencoderLayout:
                 else "no condition branch")
         return (f"encoder widths {list(self.encoder_widths)} x {self.encoder_blocks} blocks; decoder widths "
                 f"{list(self.decoder_widths)} x {self.decoder_blocks} (+1) blocks, {cond}; "
-                f"latent channels {self.latent_channels}, {'with' if self.quant_conv else 'no'} quant convs")
+                f"latent channels {self.latent_channels}, {'with' if self.quant_conv else 'no'} quant convs"
+                + (", latent BatchNorm statistics (FLUX.2)" if self.batch_norm else ""))
 
     # ------------------------------------------------------------------ our side
     @classmethod
@@ -193,13 +218,14 @@ class AutoencoderLayout:
         return cls(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
                    latent_channels=latent, encoder_widths=tuple(enc_widths), encoder_blocks=enc_blocks,
                    decoder_widths=tuple(dec_widths), decoder_blocks=dec_blocks - 1, condition_widths=cond,
-                   quant_conv=quant)
+                   quant_conv=quant, batch_norm="bn.running_mean" in state_dict)
 
     @classmethod
     def from_ldm_config(cls, ddconfig: Mapping[str, Any], decoder_overrides: Optional[Mapping[str, Any]] = None,
-                        embed_dim: Optional[int] = None, use_quant_conv: bool = True) -> "AutoencoderLayout":
-        """The layout an ``AutoencoderKL(ddconfig, decoder_overrides=..., embed_dim=..., use_quant_conv=...)``
-        builds."""
+                        embed_dim: Optional[int] = None, use_quant_conv: bool = True,
+                        batch_norm: bool = False) -> "AutoencoderLayout":
+        """The layout an ``AutoencoderKL(ddconfig, decoder_overrides=..., embed_dim=..., use_quant_conv=...,
+        latent_batch_norm=...)`` builds (``batch_norm``: ``latent_batch_norm`` is set)."""
         dec = {**ddconfig, **dict(decoder_overrides or {})}
         if ddconfig.get("attn_resolutions") or dec.get("attn_resolutions"):
             raise CheckpointError("attn_resolutions must be empty: attention inside the levels has no diffusers "
@@ -217,7 +243,8 @@ class AutoencoderLayout:
                    encoder_widths=tuple(ddconfig["ch"] * m for m in ddconfig["ch_mult"]),
                    encoder_blocks=ddconfig["num_res_blocks"],
                    decoder_widths=tuple(dec["ch"] * m for m in dec["ch_mult"]),
-                   decoder_blocks=dec["num_res_blocks"], condition_widths=cond, quant_conv=bool(use_quant_conv))
+                   decoder_blocks=dec["num_res_blocks"], condition_widths=cond, quant_conv=bool(use_quant_conv),
+                   batch_norm=bool(batch_norm))
 
     def to_ldm_config(self, resolution: int = 256) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """``(ddconfig, decoder_overrides)`` for our ``AutoencoderKL`` (``embed_dim`` = ``latent_channels``)."""
@@ -240,10 +267,12 @@ class AutoencoderLayout:
     # ------------------------------------------------------------------ diffusers side
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any]) -> "AutoencoderLayout":
-        """Read a diffusers ``config.json`` (AsymmetricAutoencoderKL or AutoencoderKL); refuse what we cannot build."""
+        """Read a diffusers ``config.json`` (AsymmetricAutoencoderKL, AutoencoderKL or AutoencoderKLFlux2); refuse
+        what we cannot build."""
         name = config.get("_class_name", ASYMMETRIC_CLASS if "up_block_out_channels" in config else SYMMETRIC_CLASS)
-        if name not in (ASYMMETRIC_CLASS, SYMMETRIC_CLASS):
-            raise CheckpointError(f"diffusers class {name!r} is not an {ASYMMETRIC_CLASS} or {SYMMETRIC_CLASS}")
+        if name not in (ASYMMETRIC_CLASS, SYMMETRIC_CLASS, FLUX2_CLASS):
+            raise CheckpointError(f"diffusers class {name!r} is not an {ASYMMETRIC_CLASS}, {SYMMETRIC_CLASS} or "
+                                  f"{FLUX2_CLASS}")
         problems = []
         if config.get("act_fn", "silu") != "silu":
             problems.append(f"act_fn {config['act_fn']!r} (ours: silu)")
@@ -257,6 +286,14 @@ class AutoencoderLayout:
         if name == ASYMMETRIC_CLASS:
             enc, enc_blocks = config["down_block_out_channels"], config["layers_per_down_block"]
             dec, dec_blocks = config["up_block_out_channels"], config["layers_per_up_block"]
+        elif name == FLUX2_CLASS:
+            # the class's defaults are FLUX.2's VAE; decoder_block_out_channels: BFL's smaller decoder
+            enc = config.get("block_out_channels", FLUX2_DEFAULTS["block_out_channels"])
+            dec = config.get("decoder_block_out_channels") or enc
+            enc_blocks = dec_blocks = config.get("layers_per_block", FLUX2_DEFAULTS["layers_per_block"])
+            patch = list(config.get("patch_size", FLUX2_DEFAULTS["patch_size"]))
+            if len(patch) != 2 or patch[0] != patch[1]:
+                problems.append(f"patch_size {patch} (ours: square patches)")
         else:
             enc = dec = config["block_out_channels"]
             enc_blocks = dec_blocks = config["layers_per_block"]
@@ -274,10 +311,11 @@ class AutoencoderLayout:
                 raise CheckpointError(f"{len(dec)} decoder levels: diffusers' condition encoder only serves up to "
                                       f"{DIFFUSERS_CONDITION_LAYERS - 1}")
             cond = tuple(diffusers_condition_widths(dec[0], dec[-1])[:len(dec) + 1])
+        default_latent = FLUX2_DEFAULTS["latent_channels"] if name == FLUX2_CLASS else 4
         return cls(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
-                   latent_channels=config.get("latent_channels", 4), encoder_widths=tuple(enc),
+                   latent_channels=config.get("latent_channels", default_latent), encoder_widths=tuple(enc),
                    encoder_blocks=enc_blocks, decoder_widths=tuple(dec), decoder_blocks=dec_blocks,
-                   condition_widths=cond, quant_conv=bool(quant))
+                   condition_widths=cond, quant_conv=bool(quant), batch_norm=name == FLUX2_CLASS)
 
     def to_diffusers_config(self, sample_size: int = 256, scaling_factor: float = SD.scaling_factor,
                             shift_factor: float = SD.shift_factor) -> Dict[str, Any]:
@@ -289,6 +327,16 @@ class AutoencoderLayout:
                       scaling_factor=scaling_factor)
         if shift_factor:
             common["shift_factor"] = shift_factor
+        if self.diffusers_class == FLUX2_CLASS:
+            del common["scaling_factor"], common["down_block_types"], common["up_block_types"]
+            common.pop("shift_factor", None)  # FLUX.2 normalises with bn.* (batch_norm_eps, patch_size) instead
+            config = dict(common, down_block_types=["DownEncoderBlock2D"] * len(self.encoder_widths),
+                          up_block_types=["UpDecoderBlock2D"] * len(self.decoder_widths),
+                          block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks,
+                          use_quant_conv=self.quant_conv, use_post_quant_conv=self.quant_conv)
+            if self.decoder_widths != self.encoder_widths:
+                config["decoder_block_out_channels"] = list(self.decoder_widths)
+            return config
         if self.diffusers_class == SYMMETRIC_CLASS:
             return dict(common, block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks,
                         use_quant_conv=self.quant_conv, use_post_quant_conv=self.quant_conv)
@@ -356,7 +404,8 @@ def _diffusers_key_to_ldm(key: str, n_up: int) -> str:
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]] = None,
                      decoder_overrides: Optional[Mapping[str, Any]] = None, *, sample_size: Optional[int] = None,
                      scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
-                     use_quant_conv: Optional[bool] = None) -> Tuple[StateDict, Dict[str, Any]]:
+                     use_quant_conv: Optional[bool] = None,
+                     normalization: Optional[Mapping[str, Any]] = None) -> Tuple[StateDict, Dict[str, Any]]:
     """Our (or the original release's) autoencoder state dict -> ``(diffusers state dict, diffusers config)``.
 
     The architecture is read from the tensors; ``ddconfig``/``decoder_overrides`` (as in our configs), when given,
@@ -365,7 +414,9 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[
     ``config["_class_name"]`` is ``AsymmetricAutoencoderKL`` with a condition branch, ``AutoencoderKL`` for a plain
     VAE. ``scaling_factor`` / ``shift_factor``: the latent space's (our model's ``scaling_factor`` /
     ``shift_factor``). A VAE without quant convs gets identity ones in ``AsymmetricAutoencoderKL`` (see the
-    module docstring).
+    module docstring). ``normalization``: the other ``config.json`` entries of the latent normalisation
+    (:func:`normalization_config`: ``latents_mean`` / ``latents_std``, or FLUX.2's ``batch_norm_eps`` /
+    ``patch_size``).
     """
     sd = drop_unused_keys(state_dict)
     layout = AutoencoderLayout.from_state_dict(sd)
@@ -375,11 +426,21 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[
     config = {"_class_name": layout.diffusers_class,
               **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), scaling_factor,
                                            shift_factor)}
+    extra = dict(normalization or {})
+    allowed = {"batch_norm_eps", "patch_size"} if layout.diffusers_class == FLUX2_CLASS else {"latents_mean",
+                                                                                             "latents_std"}
+    if set(extra) - allowed:
+        raise CheckpointError(f"diffusers {layout.diffusers_class} has no {sorted(set(extra) - allowed)} (the "
+                              "latent normalisation of the config does not fit these tensors)")
+    if layout.diffusers_class == FLUX2_CLASS:
+        extra = {"batch_norm_eps": FLUX2_DEFAULTS["batch_norm_eps"], "patch_size": FLUX2_DEFAULTS["patch_size"],
+                 **extra}
+    config.update(extra)
 
     n_up = len(layout.decoder_widths)
     out: StateDict = {}
     for key, tensor in sd.items():
-        if not key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+        if not key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")):
             raise CheckpointError(f"unexpected key {key!r}: not part of an autoencoder")
         new = _ldm_key_to_diffusers(key, n_up)
         if _ATTENTION_WEIGHT.search(new):
@@ -453,7 +514,9 @@ def diffusers_config_to_ldm(diffusers_config: Mapping[str, Any]) -> Tuple[Dict[s
 def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str, Any],
                                 decoder_overrides: Optional[Mapping[str, Any]], use_quant_conv: bool = True) -> None:
     """Raise :class:`CheckpointError` listing every field where the tensors' layout and our config differ."""
-    expected = AutoencoderLayout.from_ldm_config(ddconfig, decoder_overrides, use_quant_conv=use_quant_conv)
+    # the latent BatchNorm is not part of ddconfig: the tensors say whether there is one
+    expected = AutoencoderLayout.from_ldm_config(ddconfig, decoder_overrides, use_quant_conv=use_quant_conv,
+                                                 batch_norm=layout.batch_norm)
     if expected.condition_widths is None and layout.condition_widths is not None:
         log.info("the config has condition: false but the checkpoint carries a condition branch; it is kept "
                  "(decode without image/mask to ignore it)")
@@ -462,6 +525,37 @@ def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str
         diffs = [f"{f.name}: config {getattr(expected, f.name)}, checkpoint {getattr(layout, f.name)}"
                  for f in dataclasses.fields(expected) if getattr(expected, f.name) != getattr(layout, f.name)]
         raise CheckpointError("the checkpoint does not match the config: " + "; ".join(diffs))
+
+
+def normalization_config(params: Mapping[str, Any]) -> Dict[str, Any]:
+    """The diffusers ``config.json`` entries of the latent normalisation in our model params (an autoencoder
+    config's ``model.params``), beyond ``scaling_factor`` / ``shift_factor``: ``latents_mean`` / ``latents_std``, or
+    ``batch_norm_eps`` / ``patch_size`` of ``latent_batch_norm`` (FLUX.2)."""
+    if params.get("latent_batch_norm") is not None:
+        bn = dict(params["latent_batch_norm"])
+        p = int(bn.get("patch_size", FLUX2_DEFAULTS["patch_size"][0]))
+        return {"batch_norm_eps": float(bn.get("batch_norm_eps", FLUX2_DEFAULTS["batch_norm_eps"])),
+                "patch_size": [p, p]}
+    if params.get("latents_mean") is not None:
+        return {"latents_mean": list(params["latents_mean"]), "latents_std": list(params["latents_std"])}
+    return {}
+
+
+def ldm_normalization(diffusers_config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Inverse of :func:`normalization_config` (with the scale and shift): our model params for a diffusers VAE
+    config's latent normalisation (``scaling_factor`` and ``shift_factor`` or ``latents_mean`` / ``latents_std``,
+    or FLUX.2's ``latent_batch_norm``)."""
+    if diffusers_config.get("_class_name") == FLUX2_CLASS:
+        patch = list(diffusers_config.get("patch_size", FLUX2_DEFAULTS["patch_size"]))
+        eps = float(diffusers_config.get("batch_norm_eps", FLUX2_DEFAULTS["batch_norm_eps"]))
+        return {"latent_batch_norm": {"patch_size": int(patch[0]), "batch_norm_eps": eps}}
+    params: Dict[str, Any] = {"scaling_factor": float(diffusers_config.get("scaling_factor", SD.scaling_factor))}
+    if diffusers_config.get("latents_mean") is not None:
+        params.update(latents_mean=list(diffusers_config["latents_mean"]),
+                      latents_std=list(diffusers_config["latents_std"]))
+    else:
+        params["shift_factor"] = float(diffusers_config.get("shift_factor") or 0.0)
+    return params
 
 
 def read_diffusers_folder(folder: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
@@ -502,7 +596,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
                            decoder_overrides: Optional[Mapping[str, Any]], folder: PathLike, *,
                            overwrite: bool = False, sample_size: Optional[int] = None,
                            scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
-                           use_quant_conv: Optional[bool] = None) -> Path:
+                           use_quant_conv: Optional[bool] = None,
+                           normalization: Optional[Mapping[str, Any]] = None) -> Path:
     """Write our state dict as a folder that ``diffusers.AsymmetricAutoencoderKL.from_pretrained`` (or
     ``AutoencoderKL`` for a VAE without condition branch) loads: ``config.json`` + ``.safetensors``.
 
@@ -516,7 +611,7 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
         raise FileExistsError(f"{folder} already exists (pass overwrite=True / --overwrite to replace it)")
     sd, config = ldm_to_diffusers(state_dict, ddconfig, decoder_overrides, sample_size=sample_size,
                                   scaling_factor=scaling_factor, shift_factor=shift_factor,
-                                  use_quant_conv=use_quant_conv)
+                                  use_quant_conv=use_quant_conv, normalization=normalization)
     check_diffusers_state_dict(sd, config)
     try:
         from importlib.metadata import version

@@ -5,6 +5,10 @@ Files users bring, in our key layout after :func:`autoencoder_state_dict`:
 
 * our / the paper's checkpoints, BFL's ``ae.safetensors`` (FLUX.1) and ASUKA's decoder checkpoint: ``encoder.*``,
   ``decoder.*`` with the LDM names (the last two without quant convs; ASUKA adds the unused ``decoder.up_layers.*``);
+* BFL's FLUX.2 ``ae.safetensors`` (``flux2/autoencoder.py``): the same LDM names, but the quant convs sit inside
+  the encoder and decoder (``encoder.quant_conv.*``, ``decoder.post_quant_conv.*``: renamed to our top-level
+  ``quant_conv.*`` / ``post_quant_conv.*``), plus the latent BatchNorm's ``bn.running_mean`` / ``bn.running_var`` /
+  ``bn.num_batches_tracked`` (kept: our model has the same ``bn``);
 * single-file SD 1.x/2.x, SDXL and SD 3.x checkpoints: the VAE under ``first_stage_model.`` (some under ``vae.``);
 * diffusers ``vae/`` folders, converted by :mod:`ldm.checkpoints.diffusers`.
 """
@@ -15,6 +19,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ldm.checkpoints.files import CheckpointError
 from ldm.latent_spaces import describe_latent_layout
 
 log = logging.getLogger(__name__)
@@ -47,9 +52,48 @@ def autoencoder_state_dict(state_dict: Mapping[str, torch.Tensor], source: objec
     anything with ``encoder.*`` keys at the top (ours, the paper's, BFL's ``ae.safetensors``, ASUKA's) is kept."""
     prefix = None if "encoder.conv_in.weight" in state_dict else single_file_vae_prefix(state_dict)
     if prefix is None:
+        state_dict = dict(state_dict)
+    else:
+        log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
+        state_dict = strip_prefix(state_dict, prefix)
+    return from_bfl_flux2_layout(state_dict, source)
+
+
+# BFL's FLUX.2 AutoEncoder keeps the quant convs inside encoder / decoder: (its prefix, ours)
+BFL_FLUX2_QUANT_CONVS = (("encoder.quant_conv.", "quant_conv."), ("decoder.post_quant_conv.", "post_quant_conv."))
+
+
+def from_bfl_flux2_layout(state_dict: Mapping[str, torch.Tensor], source: object = "<state dict>"
+                          ) -> Dict[str, torch.Tensor]:
+    """BFL's FLUX.2 key layout (``encoder.quant_conv.*``, ``decoder.post_quant_conv.*``) -> ours (top-level
+    ``quant_conv.*``, ``post_quant_conv.*``); any other state dict is returned unchanged."""
+    if not any(k.startswith(tuple(theirs for theirs, _ in BFL_FLUX2_QUANT_CONVS)) for k in state_dict):
         return dict(state_dict)
-    log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
-    return strip_prefix(state_dict, prefix)
+    clash = [k for k in state_dict if k.startswith(tuple(ours for _, ours in BFL_FLUX2_QUANT_CONVS))]
+    if clash:
+        raise CheckpointError(f"{source}: has both BFL's FLUX.2 encoder.quant_conv / decoder.post_quant_conv and "
+                              f"top-level {clash[0]}: which quant convs are meant is ambiguous")
+    log.info("%s: BFL FLUX.2 key layout (quant convs inside encoder / decoder)", source)
+    out = {}
+    for k, v in state_dict.items():
+        for theirs, ours in BFL_FLUX2_QUANT_CONVS:
+            if k.startswith(theirs):
+                k = ours + k[len(theirs):]
+                break
+        out[k] = v
+    return out
+
+
+def to_bfl_flux2_layout(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`from_bfl_flux2_layout`: our keys -> BFL's FLUX.2 ``ae.safetensors`` layout."""
+    out = {}
+    for k, v in state_dict.items():
+        for theirs, ours in BFL_FLUX2_QUANT_CONVS:
+            if k.startswith(ours):
+                k = theirs + k[len(ours):]
+                break
+        out[k] = v
+    return out
 
 
 def latent_layout(state_dict: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, bool]]:
@@ -70,7 +114,8 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     layout = latent_layout(state_dict)
     if layout is None:
         return "the tensors hold no encoder or decoder to tell their latent space"
-    return "the tensors have " + describe_latent_layout(*layout)
+    bn = " and latent BatchNorm statistics (bn.*)" if "bn.running_mean" in state_dict else ""
+    return "the tensors have " + describe_latent_layout(*layout) + bn
 
 
 def drop_unused_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

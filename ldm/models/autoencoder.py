@@ -26,7 +26,7 @@ from ldm.checkpoints.tensors import (
     describe_state_dict,
     latent_layout,
 )
-from ldm.latent_spaces import SD, describe_latent_layout
+from ldm.latent_spaces import SD, describe_latent_layout, patchify_latents, unpatchify_latents
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -62,8 +62,14 @@ class AutoencoderKL(pl.LightningModule):
             SD 3.x and FLUX.1 VAEs have neither: their latent is the encoder's output itself (then ``embed_dim``
             must equal ``z_channels``), and their checkpoints carry no such keys.
         scaling_factor / shift_factor: the latent space's normalisation used by the diffusion model, see
-            :meth:`scale_latents`. SD 1.x/2.x 0.18215 / 0, SDXL 0.13025 / 0, SD 3.x 1.5305 / 0.0609,
+            :meth:`scale_latents`. SD 1.x/2.x 0.18215 / 0 (the default), SDXL 0.13025 / 0, SD 3.x 1.5305 / 0.0609,
             FLUX.1 0.3611 / 0.1159.
+        latents_mean / latents_std: one mean and std per latent channel (a diffusers VAE config's entries of these
+            names, e.g. Playground v2.5): normalisation ``(z - mean) * scaling_factor / std``; ``shift_factor`` 0.
+        latent_batch_norm: ``{patch_size: 2, batch_norm_eps: 1e-4}`` for FLUX.2: the model holds a ``bn``
+            BatchNorm2d over the ``patch_size**2 * embed_dim`` channels of patchified latents whose running
+            statistics (``bn.running_mean`` / ``bn.running_var``, from the checkpoint) normalise the latents; no
+            scale or shift (``scaling_factor`` 1, ``shift_factor`` 0). See :mod:`ldm.latent_spaces`.
     """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
@@ -74,7 +80,9 @@ class AutoencoderKL(pl.LightningModule):
                  scheduler_config_d: Optional[Mapping[str, Any]] = None,
                  num_gpus: Optional[int] = None, colorize_nlabels: Optional[int] = None,
                  train_encoder: bool = False, use_quant_conv: bool = True,
-                 scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor):
+                 scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None,
+                 latents_mean: Optional[Sequence[float]] = None, latents_std: Optional[Sequence[float]] = None,
+                 latent_batch_norm: Optional[Mapping[str, Any]] = None):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
@@ -89,10 +97,7 @@ class AutoencoderKL(pl.LightningModule):
         self.mask_key = mask_key
         self.input_memory_format = torch.contiguous_format  # ldm.fast.fast_training sets channels_last
         self.embed_dim = embed_dim
-        self.scaling_factor = float(scaling_factor)
-        self.shift_factor = float(shift_factor)
-        if not self.scaling_factor > 0:
-            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
+        self._init_latent_normalization(scaling_factor, shift_factor, latents_mean, latents_std, latent_batch_norm)
         self.pretrained_lr_factor = float(pretrained_lr_factor)
         self.scheduler_config = scheduler_config
         self.scheduler_config_d = scheduler_config_d
@@ -134,14 +139,105 @@ class AutoencoderKL(pl.LightningModule):
         return [m for m in (self.encoder, self.quant_conv, self.post_quant_conv) if m is not None]
 
     # ------------------------------------------------------------------ latent space
+    def _init_latent_normalization(self, scaling_factor: Optional[float], shift_factor: Optional[float],
+                                   latents_mean: Optional[Sequence[float]], latents_std: Optional[Sequence[float]],
+                                   latent_batch_norm: Optional[Mapping[str, Any]]) -> None:
+        """Check the normalisation arguments (see the class docstring) and set ``latent_normalization`` (one of
+        :data:`ldm.latent_spaces.NORMALIZATIONS`), ``scaling_factor``, ``shift_factor`` and the statistics."""
+        self.latents_mean = self.latents_std = None
+        self.bn: Optional[nn.BatchNorm2d] = None
+        if (latents_mean is None) != (latents_std is None):
+            raise ValueError("latents_mean and latents_std come together (per-channel normalisation) or not at all")
+        if latent_batch_norm is not None:
+            if latents_mean is not None:
+                raise ValueError("latent_batch_norm and latents_mean / latents_std are two normalisations: set one")
+            if scaling_factor not in (None, 1) or shift_factor not in (None, 0):
+                raise ValueError(f"latent_batch_norm normalises with its statistics alone (FLUX.2 has no scale or "
+                                 f"shift): scaling_factor must be 1 and shift_factor 0, got {scaling_factor} / "
+                                 f"{shift_factor}")
+            options = dict(latent_batch_norm)
+            unknown = sorted(set(options) - {"patch_size", "batch_norm_eps"})
+            if unknown:
+                raise ValueError(f"latent_batch_norm: unknown entries {unknown} (it takes patch_size, batch_norm_eps)")
+            self.latent_patch_size = int(options.get("patch_size", 2))
+            eps = float(options.get("batch_norm_eps", 1e-4))
+            if self.latent_patch_size < 1 or not eps >= 0:
+                raise ValueError(f"latent_batch_norm: patch_size must be >= 1 and batch_norm_eps >= 0, got {options}")
+            # BFL's and diffusers' module and key names (bn.running_mean / running_var / num_batches_tracked); its
+            # statistics come from the checkpoint and are only read (scale_latents), never updated by a forward
+            self.bn = nn.BatchNorm2d(self.latent_patch_size ** 2 * self.embed_dim, eps=eps, affine=False,
+                                     track_running_stats=True)
+            self.bn.requires_grad_(False)
+            self.latent_normalization = "batch_norm"
+            scaling_factor, shift_factor = 1.0, 0.0
+        elif latents_mean is not None:
+            mean, std = list(map(float, latents_mean)), list(map(float, latents_std))
+            if not len(mean) == len(std) == self.embed_dim:
+                raise ValueError(f"latents_mean / latents_std need one value per latent channel ({self.embed_dim}), "
+                                 f"got {len(mean)} / {len(std)}")
+            if not all(v > 0 for v in std):
+                raise ValueError(f"latents_std must be > 0, got {std}")
+            if shift_factor not in (None, 0):
+                raise ValueError(f"per-channel normalisation (latents_mean) has no shift_factor, got {shift_factor}")
+            self.latents_mean, self.latents_std = mean, std
+            self.latent_normalization = "per_channel"
+        else:
+            self.latent_normalization = "scale_shift"
+        self.scaling_factor = float(SD.scaling_factor if scaling_factor is None else scaling_factor)
+        self.shift_factor = float(0.0 if shift_factor is None else shift_factor)
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
+
+    def _channel_stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, C, 1, 1) tensors of ``like``'s device and dtype: per latent channel, or per channel
+        of the patchified latents for ``batch_norm`` (std = ``sqrt(running_var + eps)``, computed in the
+        statistics' dtype and then cast, as diffusers' FLUX.2 pipelines do)."""
+        if self.bn is not None:
+            if self.bn.running_mean is None:  # pragma: no cover - track_running_stats is always on
+                raise RuntimeError("the latent BatchNorm has no running statistics")
+            mean = self.bn.running_mean.view(1, -1, 1, 1)
+            std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps)
+            return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+        mean = torch.tensor(self.latents_mean).view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.tensor(self.latents_std).view(1, -1, 1, 1).to(like.device, like.dtype)
+        return mean, std
+
+    def _check_latents(self, name: str, z: torch.Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"{name} must be (B, {self.embed_dim}, h, w) VAE-layout latents, got {tuple(z.shape)}"
+                             + (" (patchified FLUX.2 latents: unpatchify_latents first)"
+                                if self.bn is not None and z.ndim == 4 and z.shape[1] == self.bn.num_features
+                                else ""))
+
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latents (B, embed_dim, h, w) -> the diffusion model's latents:
-        ``(z - shift_factor) * scaling_factor``."""
-        return (z - self.shift_factor) * self.scaling_factor
+        """VAE latents (B, embed_dim, h, w) -> the diffusion model's (normalised) latents, same shape.
+
+        ``scale_shift``: ``(z - shift_factor) * scaling_factor``; ``per_channel``: ``(z - latents_mean) *
+        scaling_factor / latents_std``; ``batch_norm`` (FLUX.2): patchify 2x2, ``(x - running_mean) /
+        sqrt(running_var + eps)`` per patchified channel, unpatchify (``h`` and ``w`` even). The FLUX.2 pipelines'
+        latents are ``ldm.latent_spaces.patchify_latents(scale_latents(z))`` (then packed into tokens)."""
+        if self.latent_normalization == "scale_shift":
+            return (z - self.shift_factor) * self.scaling_factor
+        self._check_latents("z", z)
+        if self.latent_normalization == "per_channel":
+            mean, std = self._channel_stats(z)
+            return (z - mean) * self.scaling_factor / std
+        x = patchify_latents(z, self.latent_patch_size)
+        mean, std = self._channel_stats(x)
+        return unpatchify_latents((x - mean) / std, self.latent_patch_size)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`scale_latents`: ``latents / scaling_factor + shift_factor``, ready for :meth:`decode`."""
-        return latents / self.scaling_factor + self.shift_factor
+        """Inverse of :meth:`scale_latents` (``latents / scaling_factor + shift_factor`` for ``scale_shift``),
+        ready for :meth:`decode`."""
+        if self.latent_normalization == "scale_shift":
+            return latents / self.scaling_factor + self.shift_factor
+        self._check_latents("latents", latents)
+        if self.latent_normalization == "per_channel":
+            mean, std = self._channel_stats(latents)
+            return latents * std / self.scaling_factor + mean
+        x = patchify_latents(latents, self.latent_patch_size)
+        mean, std = self._channel_stats(x)
+        return unpatchify_latents(x * std + mean, self.latent_patch_size)
 
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
@@ -186,7 +282,16 @@ class AutoencoderKL(pl.LightningModule):
             raise CheckpointError(
                 f"{path}: {describe_state_dict(state_dict)}, but this config builds "
                 f"{describe_latent_layout(*ours)}: use a config of the file's latent space (embed_dim, "
-                "use_quant_conv, scaling_factor and shift_factor come from there)")
+                "use_quant_conv and the latent normalisation come from there)")
+        has_bn = "bn.running_mean" in state_dict
+        if has_bn and self.bn is None:
+            raise CheckpointError(f"{path}: holds latent BatchNorm statistics (bn.*, FLUX.2's latent normalisation) "
+                                  "but this config normalises without them: use a config with latent_batch_norm "
+                                  "(configs/autoencoder/flux2/)")
+        if self.bn is not None and not has_bn and theirs is not None:
+            raise CheckpointError(f"{path}: has no latent BatchNorm statistics (bn.running_mean / bn.running_var), "
+                                  "which this config's latent_batch_norm normalises with: use FLUX.2's VAE as "
+                                  "released (BFL's ae.safetensors or a diffusers AutoencoderKLFlux2 vae/ folder)")
 
     def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
         cfg = self.decoder_config
