@@ -36,20 +36,34 @@ H, W = 32, 48  # not the pipelines' default square: the output size must come fr
 TEXT_LEN, TEXT_DIM = 8, 32
 
 
+FLUX2_BN = {"patch_size": 2, "batch_norm_eps": 1e-4}
+
+
 def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> AutoencoderKL:
-    """A tiny autoencoder of ours in a latent space (channels, quant convs, scale, shift as released)."""
+    """A tiny autoencoder of ours in a latent space (channels, quant convs, normalisation as released; FLUX.2's
+    BatchNorm statistics random, as far from 0 / 1 as the released ones)."""
     torch.manual_seed(seed)
     ddconfig = {**TINY_DDCONFIG, "z_channels": space.channels}
-    return AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=space.channels,
-                         decoder_overrides={"condition": condition}, use_quant_conv=space.quant_conv,
-                         scaling_factor=space.scaling_factor, shift_factor=space.shift_factor).eval()
+    normalisation = ({"latent_batch_norm": FLUX2_BN} if space.normalization == "batch_norm" else
+                     {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor})
+    model = AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=space.channels,
+                          decoder_overrides={"condition": condition}, use_quant_conv=space.quant_conv,
+                          **normalisation).eval()
+    if model.bn is not None:
+        g = torch.Generator().manual_seed(seed)
+        model.bn.running_mean.copy_(torch.randn(model.bn.num_features, generator=g))
+        model.bn.running_var.copy_(torch.rand(model.bn.num_features, generator=g) * 3 + 0.05)
+    return model
 
 
 def export_vae(model: AutoencoderKL) -> Any:
-    """diffusers ``AutoencoderKL`` with our model's weights and latent scaling."""
+    """diffusers ``AutoencoderKL`` (``AutoencoderKLFlux2`` for FLUX.2) with our model's weights and latent
+    normalisation."""
+    normalisation = {"normalization": {"batch_norm_eps": FLUX2_BN["batch_norm_eps"], "patch_size": [2, 2]}} \
+        if model.bn is not None else {}
     state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
-                                          shift_factor=model.shift_factor)
-    vae = diffusers.AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
+                                          shift_factor=model.shift_factor, **normalisation)
+    vae = getattr(diffusers, config["_class_name"])(**{k: v for k, v in config.items() if not k.startswith("_")})
     vae.load_state_dict(state_dict)
     return vae.eval()
 
@@ -208,6 +222,17 @@ def build_zimage_controlnet(vae: Any) -> Any:
     return diffusers.ZImageControlNetInpaintPipeline(vae=vae, transformer=transformer, controlnet=net, **ZIMAGE_NONE)
 
 
+def build_flux2_klein(vae: Any) -> Any:
+    torch.manual_seed(0)
+    # packed 2x2 patches of the 32 latent channels; the reference image joins as tokens, not channels
+    transformer = diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    return diffusers.Flux2KleinInpaintPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                               text_encoder=None, tokenizer=None, transformer=transformer)
+
+
 def blind(pipe: Any) -> None:
     """The pipeline's VAE encoder ignores its input from here on (a constant output): the denoiser, the latent
     blending of the kept region and any control latents no longer see the image, so that a change of the image
@@ -268,7 +293,12 @@ def control_image() -> np.ndarray:
     return np.random.default_rng(9).random((1, H, W, 3), dtype=np.float32)
 
 
-SD, SDXL, SD3_, FLUX_ = (LATENT_SPACES[name] for name in ("sd", "sdxl", "sd3", "flux"))
+def flux2_prompt() -> Dict[str, torch.Tensor]:
+    return dict(prompt_embeds=embeds(1, TEXT_LEN, TEXT_DIM, seed=1),
+                negative_prompt_embeds=embeds(1, TEXT_LEN, TEXT_DIM, seed=2))
+
+
+SD, SDXL, SD3_, FLUX_, FLUX2 = (LATENT_SPACES[name] for name in ("sd", "sdxl", "sd3", "flux", "flux2"))
 SDXL_PROMPT, SD3_PROMPT = pooled_prompt(2 * TEXT_DIM, TEXT_DIM), pooled_prompt(TEXT_DIM, 64)
 CONTROL = {"control_image": control_image()}
 CASES = [
@@ -292,6 +322,7 @@ CASES = [
     Case("chroma", FLUX_, build_chroma, chroma_prompt, {"strength": 1.0}),
     Case("zimage", FLUX_, build_zimage, zimage_prompt),
     Case("zimage-controlnet", FLUX_, build_zimage_controlnet, zimage_prompt, CONTROL),
+    Case("flux2-klein", FLUX2, build_flux2_klein, flux2_prompt, {"strength": 1.0}),
 ]
 
 
@@ -316,6 +347,7 @@ PIPELINE_OF = {
     "flux-kontext": "FluxKontextInpaintPipeline", "flux-control": "FluxControlInpaintPipeline",
     "flux-controlnet": "FluxControlNetInpaintPipeline", "chroma": "ChromaInpaintPipeline",
     "zimage": "ZImageInpaintPipeline", "zimage-controlnet": "ZImageControlNetInpaintPipeline",
+    "flux2-klein": "Flux2KleinInpaintPipeline",
 }
 
 

@@ -132,6 +132,7 @@ PIPELINES: Dict[str, Supported] = {
     "FluxKontextInpaintPipeline": Supported("FLUX.1 Kontext", "flux", "FLUX Kontext"),
     "ZImageInpaintPipeline": Supported("Z-Image (Turbo)", "flux", "Z-Image"),
     "ZImageControlNetInpaintPipeline": Supported("Z-Image + ControlNet (Union)", "flux", "Z-Image ControlNet"),
+    "Flux2KleinInpaintPipeline": Supported("FLUX.2 [klein]", "flux2", "FLUX.2"),
 }
 
 # arguments that would make the pipeline's output something other than the decoded final latents at the output size
@@ -155,7 +156,8 @@ def supported(pipe: Any) -> Tuple[str, Supported]:
         raise PipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {', '.join(PIPELINES)}")
     if getattr(pipe.vae.config, "latents_mean", None) is not None:
         raise PipelineError(f"{type(pipe).__name__}: its VAE normalises latents per channel (latents_mean / "
-                            "latents_std); only a scalar scaling_factor / shift_factor is supported")
+                            "latents_std), which diffusers' inpainting pipelines apply when decoding (SDXL) but not "
+                            "when encoding the image: no consistent latent space to decode")
     return name, PIPELINES[name]
 
 
@@ -163,32 +165,56 @@ def family_of(pipe: Any) -> Family:
     return FAMILIES[supported(pipe)[1].family]
 
 
-def vae_latent_space(vae_config: Mapping[str, Any]) -> Tuple[int, float, float, int]:
-    """``(channels, scaling_factor, shift_factor, downsampling factor)`` of a diffusers VAE config
-    (``pipe.vae.config`` or a ``vae/config.json``; a missing or null ``shift_factor`` is 0, as in SD 1.x / SDXL)."""
-    return (int(vae_config["latent_channels"]), float(vae_config["scaling_factor"]),
-            float(vae_config.get("shift_factor") or 0.0), 2 ** (len(vae_config["block_out_channels"]) - 1))
+LatentSpaceKey = Tuple[int, int, Tuple[Any, ...]]  # (channels, downsampling factor, normalisation)
 
 
-def decoder_latent_space(decoder: Any) -> Tuple[int, float, float, int]:
-    """The same four numbers for our ``AutoencoderKL``."""
-    return (int(decoder.embed_dim), float(decoder.scaling_factor), float(decoder.shift_factor),
-            int(decoder.downsample_factor))
+def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
+    """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (``pipe.vae.config`` or a
+    ``vae/config.json``). Normalisation: ``("scale_shift", scaling_factor, shift_factor)`` (a missing or null
+    ``shift_factor`` is 0, as in SD 1.x / SDXL), or ``("batch_norm",)`` for FLUX.2's ``AutoencoderKLFlux2``
+    (statistics in its weights)."""
+    channels, f = int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if "batch_norm_eps" in vae_config or vae_config.get("_class_name") == "AutoencoderKLFlux2":
+        return channels, f, ("batch_norm",)
+    return channels, f, ("scale_shift", float(vae_config.get("scaling_factor", 1.0)),
+                         float(vae_config.get("shift_factor") or 0.0))
 
 
-def describe_latent_space(space: Tuple[int, float, float, int]) -> str:
-    channels, scale, shift, f = space
-    return f"{channels} channels, scaling_factor {scale:g}, shift_factor {shift:g}, {f}x downsampling"
+def decoder_latent_space(decoder: Any) -> LatentSpaceKey:
+    """The same for our ``AutoencoderKL`` (its ``latent_normalization``; per-channel normalisation is told by its
+    means, which no supported pipeline applies consistently)."""
+    kind = getattr(decoder, "latent_normalization", "scale_shift")
+    normalisation: Tuple[Any, ...] = (
+        ("scale_shift", float(decoder.scaling_factor), float(decoder.shift_factor)) if kind == "scale_shift"
+        else ("per_channel", tuple(decoder.latents_mean), tuple(decoder.latents_std)) if kind == "per_channel"
+        else (kind,))
+    return int(decoder.embed_dim), int(decoder.downsample_factor), normalisation
+
+
+def describe_latent_space(space: LatentSpaceKey) -> str:
+    channels, f, normalisation = space
+    if normalisation[0] == "scale_shift":
+        how = f"scaling_factor {normalisation[1]:g}, shift_factor {normalisation[2]:g}"
+    elif normalisation[0] == "batch_norm":
+        how = "BatchNorm statistics over 2x2 patches (FLUX.2)"
+    else:
+        how = "per-channel latents_mean / latents_std"
+    return f"{channels} channels, {how}, {f}x downsampling"
+
+
+def _same_space(a: LatentSpaceKey, b: LatentSpaceKey) -> bool:
+    if a[:2] != b[:2] or a[2][0] != b[2][0] or len(a[2]) != len(b[2]):
+        return False
+    return all(x == y if not isinstance(x, float) else math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+               for x, y in zip(a[2][1:], b[2][1:]))
 
 
 def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
                        decoder_name: str = "the decoder") -> None:
-    """Refuse a decoder whose latent space (channels, scale, shift, downsampling) is not that of the pipeline's VAE
-    (``pipe.vae.config``); the message names both."""
+    """Refuse a decoder whose latent space (channels, normalisation, downsampling) is not that of the pipeline's
+    VAE (``pipe.vae.config``); the message names both."""
     ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
-    same = (ours[0] == theirs[0] and ours[3] == theirs[3]
-            and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(ours[1:3], theirs[1:3])))
-    if not same:
+    if not _same_space(ours, theirs):
         raise PipelineError(f"{decoder_name} decodes another latent space than {pipe_name}'s VAE: "
                             f"{decoder_name}: {describe_latent_space(ours)}; {pipe_name}'s VAE: "
                             f"{describe_latent_space(theirs)}")
