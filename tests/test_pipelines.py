@@ -304,7 +304,7 @@ CONTROL = {"control_image": control_image()}
 CASES = [
     Case("sd15", SD, build_sd, sd_prompt),
     Case("sd2-v", SD, lambda vae: build_sd(vae, "v_prediction"), sd_prompt),
-    Case("sd15-pag", SD, lambda vae: build_sd(vae, pag=True), sd_prompt),
+    Case("sd15-pag", SD, lambda vae: build_sd(vae, pag=True), sd_prompt, {"strength": 1.0}),
     Case("sd15-controlnet", SD, build_sd_controlnet, sd_prompt, CONTROL),
     Case("sd15-controlnet-pag", SD, lambda vae: build_sd_controlnet(vae, pag=True), sd_prompt, CONTROL),
     Case("sdxl", SDXL, build_sdxl, SDXL_PROMPT, {"strength": 1.0}),

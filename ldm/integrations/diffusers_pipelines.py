@@ -150,7 +150,7 @@ class PipelineError(ValueError):
 def supported(pipe: Any) -> Tuple[str, Supported]:
     """``(class name, PIPELINES entry)`` of a pipeline (a subclass counts as its supported base); refuses pipelines
     not in :data:`PIPELINES` and VAEs whose latents are normalised per channel (``latents_mean`` / ``latents_std``,
-    e.g. Playground v2.5), which our decoders do not model."""
+    e.g. Playground v2.5), which the inpainting pipelines do not apply consistently."""
     name = next((cls.__name__ for cls in type(pipe).__mro__ if cls.__name__ in PIPELINES), None)
     if name is None:
         raise PipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {', '.join(PIPELINES)}")
@@ -243,9 +243,12 @@ def _prepare_size(pipe: Any, family: Family, image: Any, height: Optional[int], 
 
 def native_size(pipe: Any) -> int:
     """The pipeline's default output side in pixels (its ``height``/``width`` when none is given): 512 for SD 1.5,
-    1024 for SDXL, SD 3.x and FLUX.1."""
-    sample_size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
-    return int(sample_size) * int(pipe.vae_scale_factor)
+    1024 for the others (Z-Image's pipelines have no sample size: 1024, the Z-Image ControlNet pipeline's
+    default)."""
+    sample_size = getattr(pipe, "default_sample_size", None)
+    if sample_size is None and getattr(pipe, "unet", None) is not None:
+        sample_size = pipe.unet.config.sample_size
+    return 1024 if sample_size is None else int(sample_size) * int(pipe.vae_scale_factor)
 
 
 def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
