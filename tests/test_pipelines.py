@@ -18,7 +18,9 @@ from ldm.checkpoints.diffusers import ldm_to_diffusers
 from ldm.integrations.diffusers_pipelines import (
     PIPELINES,
     PipelineError,
+    batch_like,
     check_decoder_fits,
+    decoder_condition,
     decoder_latent_space,
     describe_latent_space,
     inpaint,
@@ -492,6 +494,22 @@ def test_mismatched_latent_space_is_refused_naming_both():
         inpaint(pipe, sdxl_decoder, image, mask, **sd_prompt())
     with pytest.raises(PipelineError, match="padding_mask_crop"):
         inpaint(pipe, sdxl_decoder, image, mask, padding_mask_crop=8, **sd_prompt())
+
+
+def test_the_controlnet_prepare_image_path_is_followed():
+    """Z-Image ControlNet inpainting prepares its image with the ControlNet ``prepare_image`` (a tensor as given, an
+    array preprocessed, a batch repeated image by image): the decoder gets the image the pipeline's method makes."""
+    pipe = build_zimage_controlnet(export_vae(make_decoder(FLUX_, condition=False)))
+    (a, mask), (b, _) = inputs(0), inputs(1)
+    prepare = dict(width=W, height=H, device="cpu", dtype=torch.float32)
+    two = torch.cat([nchw(a), nchw(b)]) * 2 - 1  # tensors in [-1,1], as the pipeline takes them
+    got_image, got_mask = decoder_condition(pipe, two, np.concatenate([mask, mask]), H, W)
+    theirs = pipe.prepare_image(image=two, batch_size=4, num_images_per_prompt=2, **prepare)
+    torch.testing.assert_close(batch_like(got_image, 4, interleave=True), theirs, rtol=0, atol=0)
+    assert got_mask.shape == (2, 1, H, W)
+    got_array, _ = decoder_condition(pipe, a, mask, H, W)
+    theirs = pipe.prepare_image(image=a, batch_size=1, num_images_per_prompt=1, **prepare)
+    torch.testing.assert_close(got_array, theirs, rtol=0, atol=0)
 
 
 def test_what_does_not_fit_is_refused_before_the_pipeline_runs():

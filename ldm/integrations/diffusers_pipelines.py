@@ -284,7 +284,7 @@ def decoder_condition(pipe: Any, image: Any, mask_image: Any, height: int, width
     return prepared[0], prepared[1]
 
 
-def _batch_like(t: torch.Tensor, batch: int, interleave: bool = False) -> torch.Tensor:
+def batch_like(t: torch.Tensor, batch: int, interleave: bool = False) -> torch.Tensor:
     """Image/mask batch -> the latent batch: batch 1 is shared; B prompts x n images per prompt repeat the whole
     batch n times, as the pipelines repeat their mask and masked image for the denoiser (ControlNet
     ``prepare_image`` paths: each image n times, ``interleave``)."""
@@ -335,9 +335,9 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     weight = next(decoder.parameters())
     latents = latents.to(device=weight.device, dtype=weight.dtype)
     z = decoder.unscale_latents(latents) if family.normalised else latents
-    cond_image = _batch_like(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0],
+    cond_image = batch_like(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0],
                              "image" in family.as_control)
-    cond_mask = _batch_like(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0],
+    cond_mask = batch_like(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0],
                             "mask" in family.as_control)
     with torch.no_grad():
         decoded = (decode or decoder.decode)(z, cond_image, cond_mask)
