@@ -8,8 +8,10 @@ the achieved FLOP rate next to a plain matrix-multiply rate on the same machine.
 
 Weights are random (speed does not depend on them). Variants: ``base`` / ``large`` / ``large2`` are the paper's decoders
 (configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
-spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers has no such
-class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is configs/tiny.
+spaces (configs/autoencoder/{sdxl,sd3,flux}/), ``flux2_*`` in FLUX.2's (configs/autoencoder/flux2/; ours only: a
+FLUX.2 decoder with condition branch has no diffusers class), ``asuka`` ASUKA's FLUX.1 decoder (ours only: diffusers
+has no such class); ``narrow`` is the base layout at ch 32 with one block per level (for CPU curves); ``tiny`` is
+configs/tiny.
 "condition" rows decode with image + mask (the asymmetric path), "no condition"
 rows decode ``z`` alone (the text-to-image path).
 
@@ -71,9 +73,11 @@ CONFIGS = {
     "tiny": "configs/tiny/autoencoder_kl_tiny.yaml",
     # the other latent spaces (16 latent channels for sd3 / flux) and ASUKA's FLUX.1 decoder (no diffusers class)
     **{f"{space}_{v}": f"configs/autoencoder/{space}/asymmetric_{v}.yaml"
-       for space in ("sdxl", "sd3", "flux") for v in ("base", "large", "large2")},
+       for space in ("sdxl", "sd3", "flux", "flux2") for v in ("base", "large", "large2")},
     "asuka": "configs/autoencoder/flux/asuka.yaml",
 }
+# variants without a diffusers class to compare with (ldm.checkpoints.diffusers refuses their export)
+OURS_ONLY = {"asuka", "flux2_base", "flux2_large", "flux2_large2"}
 NARROW = {"ch": 32, "num_res_blocks": 1, "condition": True}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -540,7 +544,7 @@ def plan(opt: argparse.Namespace) -> List[Dict[str, Any]]:
         for condition in conditions:
             for size in opt.sizes:
                 for path in opt.paths:
-                    for impl in impls if variant != "asuka" else ["ours"]:  # diffusers has no ASUKA class
+                    for impl in impls if variant not in OURS_ONLY else ["ours"]:
                         add(variant=variant, impl=impl, path=path, condition=condition, size=size)
     for variant in opt.tiled_variants or opt.variants:
         for condition in conditions:

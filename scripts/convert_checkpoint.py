@@ -3,19 +3,26 @@ r"""Convert autoencoder checkpoints between the original release, our files and 
     # the paper's release (or our .ckpt/.safetensors) -> a diffusers AsymmetricAutoencoderKL folder
     python scripts/convert_checkpoint.py to-diffusers larger1.5.ckpt models/asym-x-1-5 \
         [--config configs/autoencoder/autoencoder_kl_32x32x4_large.yaml]
-    # another latent space: its config (or --latent_space sdxl|sd3|flux) gives scaling / shift and quant convs
+    # another latent space: its config (or --latent_space sdxl|sd3|flux|flux2) gives the latent normalisation
     python scripts/convert_checkpoint.py to-diffusers flux_base.ckpt models/flux-asym-base \
         --config configs/autoencoder/flux/asymmetric_base.yaml
+    # FLUX.2's VAE (BFL's ae.safetensors, or ours without condition branch) -> diffusers AutoencoderKLFlux2
+    python scripts/convert_checkpoint.py to-diffusers ae.safetensors models/flux2-vae \
+        --config configs/autoencoder/flux2/vanilla.yaml
     # a diffusers AsymmetricAutoencoderKL / AutoencoderKL folder -> our keys (.ckpt or .safetensors by extension)
     python scripts/convert_checkpoint.py from-diffusers asymmetric-autoencoder-kl-x-1-5 larger1.5.safetensors
     # a single-file SD 1.x/2.x, SDXL or SD 3.x checkpoint -> its VAE, the starting point of training
     python scripts/convert_checkpoint.py extract-vae v1-5-pruned-emaonly.ckpt stable_vqgan.ckpt
     # .ckpt <-> .safetensors, optionally without the keys no decoder reads (decoder.up_layers.*, loss.*)
     python scripts/convert_checkpoint.py reformat base.ckpt base.safetensors [--strip]
+    # a FLUX.2 checkpoint in BFL's ae.safetensors key layout (quant convs inside encoder / decoder)
+    python scripts/convert_checkpoint.py reformat flux2_vae.ckpt ae.safetensors --bfl_flux2
 
 The architecture (widths, blocks per level, condition branch, latent channels, quant convs) is read from the
 tensors and printed; ``--config`` checks it against one of our autoencoder configs. A VAE without quant convs
-(SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none).
+(SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none). FLUX.2's
+VAE (latent BatchNorm statistics) becomes an AutoencoderKLFlux2 folder; a FLUX.2 decoder with condition branch is
+refused (AsymmetricAutoencoderKL cannot hold the statistics).
 Existing outputs are kept unless ``--overwrite``.
 Exit status: 0 done, 2 bad input (message on stderr).
 """
@@ -33,6 +40,8 @@ from ldm.checkpoints.diffusers import (  # noqa: E402
     AutoencoderLayout,
     check_layout_matches_config,
     diffusers_config_to_ldm,
+    ldm_normalization,
+    normalization_config,
     read_diffusers_folder,
     write_diffusers_folder,
 )
@@ -43,12 +52,14 @@ from ldm.checkpoints.tensors import (  # noqa: E402
     autoencoder_state_dict,
     describe_decoder_checkpoint,
     drop_unused_keys,
+    from_bfl_flux2_layout,
     single_file_vae_prefix,
     strip_prefix,
+    to_bfl_flux2_layout,
 )
 from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces  # noqa: E402
 
-VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
 WEIGHT_SUFFIXES = TORCH_SUFFIXES | {".safetensors"}
 
@@ -81,10 +92,12 @@ def latent_scaling(opt: argparse.Namespace, params: Dict[str, Any], layout: Auto
     only known latent space with the tensors' layout (SD 1.x for 4 channels with quant convs, as before)."""
     if opt.latent_space is not None:
         space = LATENT_SPACES[opt.latent_space]
-        if (space.channels, space.quant_conv) != (layout.latent_channels, layout.quant_conv):
+        if ((space.channels, space.quant_conv, space.normalization == "batch_norm")
+                != (layout.latent_channels, layout.quant_conv, layout.batch_norm)):
             raise ValueError(f"--latent_space {opt.latent_space}: {space.models} has {space.channels} latent channels "
                              f"{'with' if space.quant_conv else 'without'} quant convs, the checkpoint "
-                             f"{describe_latent_layout(layout.latent_channels, layout.quant_conv)}")
+                             f"{describe_latent_layout(layout.latent_channels, layout.quant_conv)}"
+                             + (" and latent BatchNorm statistics" if layout.batch_norm else ""))
         default = (space.scaling_factor, space.shift_factor)
     elif "scaling_factor" in params or "shift_factor" in params or opt.config is not None:
         default = (params.get("scaling_factor", SD.scaling_factor), params.get("shift_factor", SD.shift_factor))
@@ -99,6 +112,11 @@ def latent_scaling(opt: argparse.Namespace, params: Dict[str, Any], layout: Auto
     scale = default[0] if opt.scaling_factor is None else opt.scaling_factor
     shift = default[1] if opt.shift_factor is None else opt.shift_factor
     return float(scale), float(shift)
+
+
+def describe_normalization(diffusers_config: Dict[str, Any]) -> str:
+    """The latent normalisation of a diffusers VAE config as our model params ('scaling_factor 0.3611, ...')."""
+    return ", ".join(f"{k} {v}" for k, v in ldm_normalization(diffusers_config).items())
 
 
 def to_diffusers(opt: argparse.Namespace) -> None:
@@ -121,10 +139,10 @@ def to_diffusers(opt: argparse.Namespace) -> None:
             raise CheckpointError(f"{opt.input} vs --config {opt.config}: {e}") from None
     scale, shift = latent_scaling(opt, params, layout)
     write_diffusers_folder(sd, ddconfig, overrides, opt.output, overwrite=opt.overwrite, scaling_factor=scale,
-                           shift_factor=shift)
-    cls = read_diffusers_config(opt.output)["_class_name"]
-    print(f"wrote {opt.output} (diffusers {cls}; load with {cls}.from_pretrained); scaling_factor {scale}, "
-          f"shift_factor {shift}")
+                           shift_factor=shift, normalization=normalization_config(params))
+    config = read_diffusers_config(opt.output)
+    cls = config["_class_name"]
+    print(f"wrote {opt.output} (diffusers {cls}; load with {cls}.from_pretrained); {describe_normalization(config)}")
     if not layout.quant_conv and cls == "AsymmetricAutoencoderKL":
         print("  the VAE has no quant convs: AsymmetricAutoencoderKL holds identity ones (exact in float32)")
 
@@ -137,8 +155,8 @@ def from_diffusers(opt: argparse.Namespace) -> None:
     print(f"{opt.input}: {describe(sd)}")
     print(f"wrote {opt.output} ({len(sd)} tensors); config: ddconfig ch {ddconfig['ch']}, ch_mult "
           f"{ddconfig['ch_mult']}, num_res_blocks {ddconfig['num_res_blocks']}, z_channels {ddconfig['z_channels']}; "
-          f"decoder_overrides {overrides}; use_quant_conv {'quant_conv.weight' in sd}; scaling_factor "
-          f"{config.get('scaling_factor', SD.scaling_factor)}, shift_factor {config.get('shift_factor') or 0.0}")
+          f"decoder_overrides {overrides}; use_quant_conv {'quant_conv.weight' in sd}; "
+          f"{describe_normalization(config)}")
 
 
 def extract_vae(opt: argparse.Namespace) -> None:
@@ -163,6 +181,11 @@ def reformat(opt: argparse.Namespace) -> None:
     sd = read_state_dict(opt.input)
     if opt.strip:
         sd = drop_unused_keys(sd)
+    if opt.bfl_flux2:
+        sd = autoencoder_state_dict(sd, source=opt.input)
+        if "bn.running_mean" not in sd:
+            raise CheckpointError(f"{opt.input}: no latent BatchNorm statistics (bn.*): not a FLUX.2 autoencoder")
+        sd = to_bfl_flux2_layout(from_bfl_flux2_layout(sd, opt.input))
     save_state_dict(sd, opt.output, metadata={"source": str(opt.input), "converted_by": "reformat"})
     print(f"wrote {opt.output} ({len(sd)} tensors)")
 
@@ -198,6 +221,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if name == "reformat":
             s.add_argument("--strip", action="store_true",
                            help="leave out decoder.up_layers.* and loss.* (never read at inference)")
+            s.add_argument("--bfl_flux2", action="store_true",
+                           help="write a FLUX.2 autoencoder in BFL's ae.safetensors key layout (encoder.quant_conv, "
+                                "decoder.post_quant_conv, bn.*), which BFL's flux2 code loads")
     opt = p.parse_args(argv)
     if opt.command == "to-diffusers":
         # only a weights-file suffix means a mistake: folder names like hf_x-1.5 or vae.v2 have dots too

@@ -7,6 +7,7 @@ import torch
 
 from tests.conftest import TINY_DDCONFIG
 from tests.test_interop import randomize_
+from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY32 = dict(TINY_DDCONFIG, z_channels=32)
 BN = {"patch_size": 2, "batch_norm_eps": 1e-4}
@@ -119,6 +120,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path, decoder_
 
     from ldm.checkpoints.diffusers import write_diffusers_folder
     from ldm.checkpoints.keys import read_state_dict
+    from tests.test_latent_spaces import assert_same_vae
 
     ours = make_flux2(decoder_ch=decoder_ch).eval()
     folder = write_diffusers_folder(ours.state_dict(), TINY32, {"condition": False, "ch": decoder_ch},
@@ -128,13 +130,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path, decoder_
     assert (theirs.config.decoder_block_out_channels is None) == (decoder_ch == 32)
     assert torch.equal(theirs.bn.running_var, ours.bn.running_var)
     image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        post, dist = ours.encode(image), theirs.encode(image).latent_dist
-        assert (post.mean - dist.mean).abs().max() < 1e-4 and (post.logvar - dist.logvar).abs().max() < 1e-4
-        z = post.mean
-        out = ours.decode(z)
-        assert out.abs().mean() > 0.05
-        assert (out - theirs.decode(z).sample).abs().max() < 1e-4
+    assert_same_vae(ours, theirs, image)
 
     back = read_state_dict(folder)
     original = ours.state_dict()
@@ -207,3 +203,205 @@ def test_bfl_flux2_ae_safetensors_layout_loads(tmp_path):
     save_file({k: v for k, v in released.state_dict().items() if not k.startswith("bn.")}, str(no_stats))
     with pytest.raises(CheckpointError, match="no latent BatchNorm statistics"):
         make_flux2().init_from_ckpt(no_stats)
+
+
+# ------------------------------------------------------------------------------------------- configs
+FLUX2_CONFIGS = ["vanilla", "small_decoder", "asymmetric_base", "asymmetric_large", "asymmetric_large2"]
+
+
+def test_flux2_configs_are_the_latent_space_row_and_the_paper_variants():
+    from ldm.latent_spaces import LATENT_SPACES, latent_space_of
+    from tests.test_latent_spaces import build_meta, load_params
+
+    row = LATENT_SPACES["flux2"]
+    assert (row.channels, row.quant_conv, row.normalization, row.config_dir) == (
+        32, True, "batch_norm", "configs/autoencoder/flux2/")
+    sd1 = load_params("configs/autoencoder/autoencoder_kl_32x32x4.yaml")
+    for name in FLUX2_CONFIGS:
+        params = load_params(f"configs/autoencoder/flux2/{name}.yaml")
+        assert params["embed_dim"] == params["ddconfig"]["z_channels"] == 32
+        assert params.get("use_quant_conv", True) and "scaling_factor" not in params
+        assert params["latent_batch_norm"] == BN
+        assert {**params["ddconfig"], "z_channels": 4} == sd1["ddconfig"]  # SD's encoder, 32 latent channels
+        if name.startswith("asymmetric"):
+            train = load_params(f"configs/autoencoder/flux2/{name}_train.yaml")
+            for key in ("ddconfig", "decoder_overrides", "embed_dim", "latent_batch_norm"):
+                assert train[key] == params[key], key
+            sd1_name = {"asymmetric_base": "", "asymmetric_large": "_large", "asymmetric_large2": "_large2"}[name]
+            sd1_train = load_params(f"configs/autoencoder/autoencoder_kl_32x32x4{sd1_name}_train.yaml")
+            assert params["decoder_overrides"] == sd1_train["decoder_overrides"]
+            assert (train["ignore_keys"], train["pretrained_lr_factor"]) == (sd1_train["ignore_keys"],
+                                                                             sd1_train["pretrained_lr_factor"])
+        model = build_meta(f"configs/autoencoder/flux2/{name}.yaml")
+        assert latent_space_of(model) is row and model.latent_normalization == "batch_norm"
+
+
+def test_full_size_flux2_configs_have_diffusers_parameter_counts():
+    """vanilla = AutoencoderKLFlux2 with its defaults (FLUX.2's VAE), small_decoder = the same with
+    decoder_block_out_channels [96, 192, 384, 384] (BFL's small decoder); the asymmetric decoders =
+    AsymmetricAutoencoderKL's with the paper's widths and 32 latent channels. All on the meta device."""
+    import diffusers
+
+    from tests.test_latent_spaces import build_meta, numel
+
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKLFlux2()
+        small = diffusers.AutoencoderKLFlux2(decoder_block_out_channels=[96, 192, 384, 384])
+        asym = {ch: diffusers.AsymmetricAutoencoderKL(
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            down_block_out_channels=[128, 256, 512, 512], layers_per_down_block=2,
+            up_block_out_channels=[ch, 2 * ch, 4 * ch, 4 * ch], layers_per_up_block=nrb, latent_channels=32)
+            for ch, nrb in ((128, 2), (192, 3), (256, 5))}
+    assert vae.config.latent_channels == 32 and vae.quant_conv is not None
+    for name, theirs in (("vanilla", vae), ("small_decoder", small)):
+        ours = build_meta(f"configs/autoencoder/flux2/{name}.yaml")
+        assert numel(ours) == numel(theirs), name
+        assert numel(ours.decoder) + numel(ours.post_quant_conv) == numel(theirs.decoder) + numel(
+            theirs.post_quant_conv)
+        assert {k: tuple(v.shape) for k, v in ours.bn.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in theirs.bn.state_dict().items()}
+    for name, ch in (("asymmetric_base", 128), ("asymmetric_large", 192), ("asymmetric_large2", 256)):
+        ours = build_meta(f"configs/autoencoder/flux2/{name}.yaml")
+        assert numel(ours.encoder) == numel(vae.encoder)
+        assert numel(ours.decoder) == numel(asym[ch].decoder), name
+
+
+# ------------------------------------------------------------------- training, evaluation, tiling, benchmark
+TINY_FLUX2 = "configs/tiny/autoencoder_kl_flux2_tiny.yaml"
+
+
+def bfl_file(path, seed: int = 21):
+    """A tiny FLUX.2 VAE as BFL ships it (ae.safetensors key layout, random weights and statistics)."""
+    from safetensors.torch import save_file
+
+    from ldm.checkpoints.tensors import to_bfl_flux2_layout
+
+    vae = make_flux2(seed=seed).state_dict()
+    save_file({k: v.contiguous() for k, v in to_bfl_flux2_layout(vae).items()}, str(path))
+    return vae
+
+
+def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensors(tmp_path, request,
+                                                                                  monkeypatch):
+    """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
+    ae.safetensors, the statistics kept as loaded, a fresh condition branch, a few steps."""
+    from omegaconf import OmegaConf
+
+    from tests.test_latent_spaces import train_with_main
+
+    images = request.getfixturevalue("image_folder")
+    vae = bfl_file(tmp_path / "ae.safetensors")
+    config = OmegaConf.load(TINY_FLUX2)
+    params = config.model.params
+    params.ckpt_path = str(tmp_path / "ae.safetensors")
+    params.pretrained_lr_factor = 0.1
+    params.lossconfig = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                         "params": {"disc_start": 1, "perceptual_weight": 0, "kl_weight": 1e-6}}
+    config.model.base_learning_rate = 1e-5
+    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
+               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml",
+                          "root": str(images / "train")}}
+    config.data = {"target": "main.DataModuleFromConfig",
+                   "params": {"batch_size": 2, "num_workers": 0, "train": dataset}}
+    config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},
+                        "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
+                                    "enable_progress_bar": False, "limit_val_batches": 0}}
+    sd = train_with_main(tmp_path, monkeypatch, config, "flux2", steps=2)
+    frozen = [k for k in vae if k.startswith(("encoder.", "quant_conv.", "post_quant_conv.", "bn."))]
+    assert all(torch.equal(sd[k], vae[k]) for k in frozen)
+    assert not torch.equal(sd["decoder.conv_out.weight"], vae["decoder.conv_out.weight"])
+    assert "decoder.encoder.layers.0.weight" in sd
+
+
+def test_evaluate_tiling_and_benchmark_in_the_flux2_space(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.checkpoints.files import save_state_dict
+    from ldm.checkpoints.loading import load_model
+    from scripts import benchmark, evaluate
+
+    model = set_statistics_(randomize_(load_model(TINY_FLUX2), 0))
+    ckpt = save_state_dict(model.state_dict(), tmp_path / "flux2_tiny.ckpt")
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    assert evaluate.main(["reconstruction", "--images", str(tmp_path / "images"), "--size", "32", "--outdir",
+                          str(tmp_path / "out"), "--decoder", f"flux2={TINY_FLUX2}:{ckpt}", "--quiet", "--no_lpips",
+                          "--no_fid", "--n_examples", "0", "--tile", "16", "--tile_overlap", "4"]) == 0
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())["decoders"]["flux2"]
+    assert report["n_images"] == 2 and np.isfinite(report["psnr_kept"])
+
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 4:20, 8:28] = 1
+    z = model.unscale_latents(torch.randn(1, 32, 16, 16, generator=g))
+    with torch.no_grad():
+        full = model.decode(z, image, mask)
+        model.enable_tiling(32, 8)
+        assert torch.equal(model.decode(z, image, mask), full)  # one tile = untiled
+        model.enable_tiling(16, 4)
+        assert model.decode(z, image, mask).shape == full.shape
+
+    meta = benchmark.build_model("flux2_base", device="meta")
+    assert (meta.embed_dim, meta.latent_normalization) == (32, "batch_norm")
+    assert benchmark.count_flops("flux2_large", 64, 1, True, None, 0)[0] > 0
+    assert "flux2_base" in benchmark.OURS_ONLY
+
+
+def test_convert_checkpoint_cli_in_the_flux2_space(tmp_path, capsys):
+    """to-diffusers: FLUX.2's VAE -> AutoencoderKLFlux2 (batch_norm_eps / patch_size in config.json, no scale),
+    from-diffusers and reformat --bfl_flux2 give the same tensors back; the asymmetric decoder is refused."""
+    import json
+
+    from ldm.checkpoints.files import read_weights_file, save_state_dict
+    from ldm.checkpoints.keys import read_state_dict
+    from scripts import convert_checkpoint as cli
+
+    model = make_flux2()
+    original = model.state_dict()
+    src = save_state_dict(original, tmp_path / "flux2_vae.ckpt")
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "vae"), "--latent_space", "flux2"]) == 0
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKLFlux2" and "scaling_factor" not in config
+    assert (config["batch_norm_eps"], config["patch_size"], config["latent_channels"]) == (1e-4, [2, 2], 32)
+    assert "latent_batch_norm" in capsys.readouterr().out
+    assert cli.main(["from-diffusers", str(tmp_path / "vae"), str(tmp_path / "back.safetensors")]) == 0
+    back = read_state_dict(tmp_path / "back.safetensors")
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+    assert cli.main(["reformat", str(src), str(tmp_path / "ae.safetensors"), "--bfl_flux2"]) == 0
+    bfl = read_weights_file(tmp_path / "ae.safetensors")
+    assert "encoder.quant_conv.weight" in bfl and "quant_conv.weight" not in bfl
+    assert torch.equal(bfl["decoder.post_quant_conv.weight"], original["post_quant_conv.weight"])
+
+    asym = save_state_dict(make_flux2(condition=True).state_dict(), tmp_path / "flux2_base.ckpt")
+    assert cli.main(["to-diffusers", str(asym), str(tmp_path / "asym"), "--latent_space", "flux2"]) == 2
+    assert "AsymmetricAutoencoderKL has no BatchNorm" in capsys.readouterr().err
+    assert cli.main(["to-diffusers", str(src), str(tmp_path / "x"), "--latent_space", "flux"]) == 2
+    assert "latent BatchNorm statistics" in capsys.readouterr().err
+
+
+def test_normalization_params_equal_those_read_from_diffusers_vae_configs():
+    """What a pipeline check compares: our model's normalisation and the one a diffusers VAE config describes."""
+    import diffusers
+
+    from ldm.checkpoints.diffusers import ldm_normalization
+    from ldm.models.autoencoder import AutoencoderKL
+
+    assert make_flux2().normalization_params() == ldm_normalization(dict(diffusers_flux2().config))
+    mean, std = [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]
+    playground_like = AutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
+                                    scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(latents_mean=mean, latents_std=std, scaling_factor=0.5)
+    assert playground_like.normalization_params() == ldm_normalization(dict(vae.config))
+    flux1 = AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=16), lossconfig={"target": "torch.nn.Identity"},
+                          embed_dim=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+    assert flux1.normalization_params() == ldm_normalization(dict(vae.config))

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import TINY_DDCONFIG
 from tests.test_interop import randomize_
-from tests.test_main import image_folder  # noqa: F401 - fixture
+from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY16 = dict(TINY_DDCONFIG, z_channels=16)
 
@@ -203,6 +203,17 @@ def image_and_mask(size: int = 16, seed: int = 0):
     return image, mask
 
 
+def assert_same_vae(ours, theirs, image) -> None:
+    """Our model and a diffusers VAE encode ``image`` (posterior mean and log-variance) and decode its mean alike:
+    max abs difference below 1e-4 (float32); the output is not trivially small."""
+    with torch.no_grad():
+        post, dist = ours.encode(image), theirs.encode(image).latent_dist
+        assert (post.mean - dist.mean).abs().max() < 1e-4 and (post.logvar - dist.logvar).abs().max() < 1e-4
+        out = ours.decode(post.mean)
+        assert out.abs().mean() > 0.05
+        assert (out - theirs.decode(post.mean).sample).abs().max() < 1e-4
+
+
 def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
     import diffusers
 
@@ -219,13 +230,7 @@ def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
                                      up_block_types=["UpDecoderBlock2D"] * 2).eval()
     theirs.load_state_dict(sd, strict=True)
     image, _ = image_and_mask()
-    with torch.no_grad():
-        post, dist = ours.encode(image), theirs.encode(image).latent_dist
-        assert (post.mean - dist.mean).abs().max() < 1e-4 and (post.logvar - dist.logvar).abs().max() < 1e-4
-        z = post.mean
-        out = ours.decode(z)
-        assert out.abs().mean() > 0.05
-        assert (out - theirs.decode(z).sample).abs().max() < 1e-4
+    assert_same_vae(ours, theirs, image)
 
 
 def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_trips(tmp_path):
@@ -361,15 +366,31 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
 
 
 # ------------------------------------------------------------------------------------------ training
-def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, image_folder,
-                                                                                 monkeypatch):
-    """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
-    encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
+def train_with_main(tmp_path: Path, monkeypatch, config, name: str, steps: int):
+    """Run ``main.py -t`` on ``config`` (a dict or OmegaConf) for ``steps`` steps; the state dict of last.ckpt."""
     from omegaconf import OmegaConf
-    from safetensors.torch import save_file
 
     import main
 
+    path = tmp_path / f"{name}.yaml"
+    OmegaConf.save(OmegaConf.create(config) if isinstance(config, dict) else config, path)
+    monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, "2020-01-01T00-00-00")
+    rc = main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(path), "-t", "-n", name,
+                    "--max_steps", str(steps)])
+    assert rc == 0
+    (run,) = (tmp_path / "logs").glob(f"*_{name}")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == steps
+    return ckpt["state_dict"]
+
+
+def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, request,
+                                                                                 monkeypatch):
+    """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel
+    encoder without quant convs, ASUKA's branch options, a few steps, last.ckpt has the latent space's keys."""
+    from safetensors.torch import save_file
+
+    images = request.getfixturevalue("image_folder")
     vae = released_vae("flux")
     save_file(vae, str(tmp_path / "ae.safetensors"))
     dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
@@ -384,23 +405,15 @@ def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors
                                             "params": {"disc_start": 2, "perceptual_weight": 0, "kl_weight": 1e-6}}}},
         "data": {"target": "main.DataModuleFromConfig",
                  "params": {"batch_size": 2, "num_workers": 0,
-                            "train": {**dataset, "params": {**dataset["params"], "root": str(image_folder / "train")}},
+                            "train": {**dataset, "params": {**dataset["params"], "root": str(images / "train")}},
                             "validation": {**dataset, "params": {**dataset["params"], "random_crop": False,
                                                                  "fixed_masks": True,
-                                                                 "root": str(image_folder / "val")}}}},
+                                                                 "root": str(images / "val")}}}},
         "lightning": {"callbacks": {"image_logger": {"params": {"disabled": True}}},
                       "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
                                   "enable_progress_bar": False}},
     }
-    OmegaConf.save(OmegaConf.create(config), tmp_path / "flux_tiny.yaml")
-    monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, "2020-01-01T00-00-00")
-    rc = main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(tmp_path / "flux_tiny.yaml"),
-                    "-t", "-n", "flux", "--max_steps", "3"])
-    assert rc == 0
-    (run,) = (tmp_path / "logs").glob("*_flux")
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3
-    sd = ckpt["state_dict"]
+    sd = train_with_main(tmp_path, monkeypatch, config, "flux", steps=3)
     assert sd["decoder.encoder.layers.0.weight"].shape[1] == 4  # masked image + mask
     assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in sd)
     # the frozen encoder is the file's; the decoder trained away from it

@@ -544,8 +544,9 @@ def normalization_config(params: Mapping[str, Any]) -> Dict[str, Any]:
 def ldm_normalization(diffusers_config: Mapping[str, Any]) -> Dict[str, Any]:
     """Inverse of :func:`normalization_config` (with the scale and shift): our model params for a diffusers VAE
     config's latent normalisation (``scaling_factor`` and ``shift_factor`` or ``latents_mean`` / ``latents_std``,
-    or FLUX.2's ``latent_batch_norm``)."""
-    if diffusers_config.get("_class_name") == FLUX2_CLASS:
+    or FLUX.2's ``latent_batch_norm``). Takes a saved ``config.json`` or a model's ``vae.config`` (which has no
+    ``_class_name``: FLUX.2's is told by its ``batch_norm_eps``)."""
+    if diffusers_config.get("_class_name") == FLUX2_CLASS or "batch_norm_eps" in diffusers_config:
         patch = list(diffusers_config.get("patch_size", FLUX2_DEFAULTS["patch_size"]))
         eps = float(diffusers_config.get("batch_norm_eps", FLUX2_DEFAULTS["batch_norm_eps"]))
         return {"latent_batch_norm": {"patch_size": int(patch[0]), "batch_norm_eps": eps}}

@@ -74,25 +74,20 @@ def from_bfl_flux2_layout(state_dict: Mapping[str, torch.Tensor], source: object
         raise CheckpointError(f"{source}: has both BFL's FLUX.2 encoder.quant_conv / decoder.post_quant_conv and "
                               f"top-level {clash[0]}: which quant convs are meant is ambiguous")
     log.info("%s: BFL FLUX.2 key layout (quant convs inside encoder / decoder)", source)
-    out = {}
-    for k, v in state_dict.items():
-        for theirs, ours in BFL_FLUX2_QUANT_CONVS:
-            if k.startswith(theirs):
-                k = ours + k[len(theirs):]
-                break
-        out[k] = v
-    return out
+    return _rename_prefixes(state_dict, BFL_FLUX2_QUANT_CONVS)
 
 
 def to_bfl_flux2_layout(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Inverse of :func:`from_bfl_flux2_layout`: our keys -> BFL's FLUX.2 ``ae.safetensors`` layout."""
+    return _rename_prefixes(state_dict, [(ours, theirs) for theirs, ours in BFL_FLUX2_QUANT_CONVS])
+
+
+def _rename_prefixes(state_dict: Mapping[str, torch.Tensor], renames) -> Dict[str, torch.Tensor]:
+    """Keys starting with the first of a ``(old, new)`` prefix pair get the second instead."""
     out = {}
     for k, v in state_dict.items():
-        for theirs, ours in BFL_FLUX2_QUANT_CONVS:
-            if k.startswith(ours):
-                k = theirs + k[len(ours):]
-                break
-        out[k] = v
+        old, new = next(((o, n) for o, n in renames if k.startswith(o)), ("", ""))
+        out[new + k[len(old):]] = v
     return out
 
 
@@ -136,6 +131,7 @@ _VARIANT_CONFIGS = {
     (128, 2): "base (configs/autoencoder/autoencoder_kl_32x32x4.yaml, asymmetric_base.yaml)",
     (192, 3): "large 1.5x (configs/autoencoder/autoencoder_kl_32x32x4_large.yaml, asymmetric_large.yaml)",
     (256, 5): "large 2x (configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml, asymmetric_large2.yaml)",
+    (96, 2): "BFL's small FLUX.2 decoder (configs/autoencoder/flux2/small_decoder.yaml)",
 }
 
 

@@ -188,6 +188,17 @@ class AutoencoderKL(pl.LightningModule):
         if not self.scaling_factor > 0:
             raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
 
+    def normalization_params(self) -> Dict[str, Any]:
+        """The latent normalisation as our config params: ``scaling_factor`` with ``shift_factor`` or with
+        ``latents_mean`` / ``latents_std``, or ``latent_batch_norm`` (its statistics are the ``bn`` buffers). Equal to
+        ``ldm.checkpoints.diffusers.ldm_normalization(vae.config)`` for a diffusers VAE of the same latent space."""
+        if self.bn is not None:
+            return {"latent_batch_norm": {"patch_size": self.latent_patch_size, "batch_norm_eps": self.bn.eps}}
+        if self.latents_mean is not None:
+            return {"scaling_factor": self.scaling_factor, "latents_mean": list(self.latents_mean),
+                    "latents_std": list(self.latents_std)}
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+
     def _channel_stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, C, 1, 1) tensors of ``like``'s device and dtype: per latent channel, or per channel
         of the patchified latents for ``batch_norm`` (std = ``sqrt(running_var + eps)``, computed in the
