@@ -25,6 +25,7 @@ from ldm.integrations.diffusers_pipelines import (
     describe_latent_space,
     inpaint,
     unpack_latents,
+    vae_config_of,
     vae_latent_space,
 )
 from ldm.latent_spaces import LATENT_SPACES, LatentSpace
@@ -468,7 +469,7 @@ def test_another_latent_space_is_refused_naming_both(setup):
     other = make_decoder(LATENT_SPACES["sd" if case.channels == 16 else "sd3"], condition=True)
     image, mask = inputs()
     ours, theirs = describe_latent_space(decoder_latent_space(other)), describe_latent_space(
-        vae_latent_space(pipe.vae.config))
+        vae_latent_space(vae_config_of(pipe)))
     with pytest.raises(PipelineError, match=re.escape(f"the decoder: {ours}; {type_name(case)}'s VAE: {theirs}")):
         run(case, pipe, other, image, mask)
 
@@ -487,7 +488,7 @@ def test_mismatched_latent_space_is_refused_naming_both():
     pipe = build_sd(export_vae(make_decoder(LATENT_SPACES["sd"], condition=False)))
     flux_decoder = make_decoder(LATENT_SPACES["flux"], condition=True)
     with pytest.raises(PipelineError, match=r"16 channels, scaling_factor 0.3611.*4 channels, scaling_factor 0.18215"):
-        check_decoder_fits(pipe.vae.config, flux_decoder)
+        check_decoder_fits(vae_config_of(pipe), flux_decoder)
     sdxl_decoder = make_decoder(LATENT_SPACES["sdxl"], condition=True)
     image, mask = inputs()
     with pytest.raises(PipelineError, match="scaling_factor 0.13025.*scaling_factor 0.18215"):

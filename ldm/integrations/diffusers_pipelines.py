@@ -165,59 +165,59 @@ def family_of(pipe: Any) -> Family:
     return FAMILIES[supported(pipe)[1].family]
 
 
-LatentSpaceKey = Tuple[int, int, Tuple[Any, ...]]  # (channels, downsampling factor, normalisation)
+LatentSpaceKey = Tuple[int, int, Dict[str, Any]]  # (channels, downsampling factor, normalisation params)
 
 
 def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
-    """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (``pipe.vae.config`` or a
-    ``vae/config.json``). Normalisation: ``("scale_shift", scaling_factor, shift_factor)`` (a missing or null
-    ``shift_factor`` is 0, as in SD 1.x / SDXL), or ``("batch_norm",)`` for FLUX.2's ``AutoencoderKLFlux2``
-    (statistics in its weights)."""
-    channels, f = int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1)
-    if "batch_norm_eps" in vae_config or vae_config.get("_class_name") == "AutoencoderKLFlux2":
-        return channels, f, ("batch_norm",)
-    return channels, f, ("scale_shift", float(vae_config.get("scaling_factor", 1.0)),
-                         float(vae_config.get("shift_factor") or 0.0))
+    """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (a ``vae/config.json``, or
+    ``pipe.vae.config`` with ``_class_name`` added); the normalisation as our config params
+    (``ldm.checkpoints.diffusers.ldm_normalization``: scale and shift, or FLUX.2's ``latent_batch_norm``)."""
+    from ldm.checkpoints.diffusers import ldm_normalization
+
+    return (int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1),
+            ldm_normalization(vae_config))
 
 
 def decoder_latent_space(decoder: Any) -> LatentSpaceKey:
-    """The same for our ``AutoencoderKL`` (its ``latent_normalization``; per-channel normalisation is told by its
-    means, which no supported pipeline applies consistently)."""
-    kind = getattr(decoder, "latent_normalization", "scale_shift")
-    normalisation: Tuple[Any, ...] = (
-        ("scale_shift", float(decoder.scaling_factor), float(decoder.shift_factor)) if kind == "scale_shift"
-        else ("per_channel", tuple(decoder.latents_mean), tuple(decoder.latents_std)) if kind == "per_channel"
-        else (kind,))
-    return int(decoder.embed_dim), int(decoder.downsample_factor), normalisation
+    """The same for our ``AutoencoderKL`` (``normalization_params``)."""
+    return int(decoder.embed_dim), int(decoder.downsample_factor), decoder.normalization_params()
 
 
 def describe_latent_space(space: LatentSpaceKey) -> str:
-    channels, f, normalisation = space
-    if normalisation[0] == "scale_shift":
-        how = f"scaling_factor {normalisation[1]:g}, shift_factor {normalisation[2]:g}"
-    elif normalisation[0] == "batch_norm":
+    channels, f, params = space
+    if "latent_batch_norm" in params:
         how = "BatchNorm statistics over 2x2 patches (FLUX.2)"
+    elif "latents_mean" in params:
+        how = f"scaling_factor {params['scaling_factor']:g}, per-channel latents_mean / latents_std"
     else:
-        how = "per-channel latents_mean / latents_std"
+        how = f"scaling_factor {params['scaling_factor']:g}, shift_factor {params['shift_factor']:g}"
     return f"{channels} channels, {how}, {f}x downsampling"
 
 
-def _same_space(a: LatentSpaceKey, b: LatentSpaceKey) -> bool:
-    if a[:2] != b[:2] or a[2][0] != b[2][0] or len(a[2]) != len(b[2]):
-        return False
-    return all(x == y if not isinstance(x, float) else math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
-               for x, y in zip(a[2][1:], b[2][1:]))
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
 
 
 def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
                        decoder_name: str = "the decoder") -> None:
     """Refuse a decoder whose latent space (channels, normalisation, downsampling) is not that of the pipeline's
-    VAE (``pipe.vae.config``); the message names both."""
+    VAE (see :func:`vae_latent_space`); the message names both."""
     ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
-    if not _same_space(ours, theirs):
+    if not _same(ours, theirs):
         raise PipelineError(f"{decoder_name} decodes another latent space than {pipe_name}'s VAE: "
                             f"{decoder_name}: {describe_latent_space(ours)}; {pipe_name}'s VAE: "
                             f"{describe_latent_space(theirs)}")
+
+
+def vae_config_of(pipe: Any) -> Dict[str, Any]:
+    """``pipe.vae.config`` as its ``config.json`` reads (with ``_class_name``)."""
+    return {"_class_name": type(pipe.vae).__name__, **pipe.vae.config}
 
 
 def output_size(pipe: Any, image: Any, height: Optional[int] = None, width: Optional[int] = None,
@@ -329,7 +329,7 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
         call.update(height=height, width=width)
     if decoder is None:
         return pipe(**call, output_type=output_type).images
-    check_decoder_fits(pipe.vae.config, decoder, pipe_name=name)
+    check_decoder_fits(vae_config_of(pipe), decoder, pipe_name=name)
     latents = unpack_latents(pipe, pipe(**call, output_type="latent").images, height, width)
     cond_image, cond_mask = decoder_condition(pipe, resized, mask_image, height, width)
     weight = next(decoder.parameters())
