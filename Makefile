@@ -1,9 +1,10 @@
 # `make demo` and `make test` create .venv from requirements.txt and install this checkout into it
-# (`pip install -e .`, so scripts and tests import `ldm` from here) on first use.
+# (`pip install -e .`, so scripts and tests import `ldm` from here) on first use. `make test` runs ruff
+# (pyproject.toml's [tool.ruff]) before pytest.
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo lint test venv clean-venv
 
 venv: $(VENV_STAMP)
 
@@ -17,7 +18,11 @@ $(VENV_STAMP): requirements.txt pyproject.toml
 demo: $(VENV_STAMP)
 	$(PY) scripts/demo.py
 
-test: $(VENV_STAMP)
+lint: $(VENV_STAMP)
+	$(PY) -m ruff check .
+
+# the linter first (seconds), then the suite
+test: lint
 	$(PY) -m pytest -q tests
 
 clean-venv:

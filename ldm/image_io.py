@@ -7,7 +7,8 @@ composited over white (as a viewer shows them), 16-bit integer images are divide
 would clip them at 255), floating-point images are refused (no fixed range). A mask is the luma of that RGB image.
 
 Pairs (:func:`find_pairs`): ``NAME.<ext>`` + ``NAME_mask.<ext>`` in one folder, any extension of
-:data:`IMAGE_EXTENSIONS` on either side (a JPEG photo with a PNG mask is a pair).
+:data:`IMAGE_EXTENSIONS` on either side (a JPEG photo with a PNG mask is a pair); :func:`mask_name` is the one rule
+that tells a mask file from an image.
 
 Tensors (:func:`to_tensor`, :func:`to_uint8`, :func:`quantize`): images are (B,3,H,W) in [-1,1]; 8-bit values are
 ``round(255 * (x + 1) / 2)`` after clamping, so an 8-bit image read and written back keeps its bytes.
@@ -17,19 +18,16 @@ never replaced, also when another process creates it meanwhile.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ldm.util import write_atomically, write_numbered
-
-PathLike = Union[str, os.PathLike]
+from ldm.util import PathLike, write_atomically, write_numbered
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"
@@ -116,6 +114,15 @@ class Pair:
     mask: Path
 
 
+def mask_name(path: PathLike) -> Optional[str]:
+    """``NAME`` when ``path`` is a mask file by the one rule of the project, ``NAME_mask.<ext>`` (the suffix and
+    the extension of :data:`IMAGE_EXTENSIONS` in any case, NAME exactly), else None."""
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.stem.lower().endswith(MASK_SUFFIX):
+        return None
+    return path.stem[: -len(MASK_SUFFIX)]
+
+
 def find_pairs(indir: PathLike) -> Tuple[List[Pair], List[str]]:
     """Image/mask pairs in ``indir`` (sorted by name), and one message per file that is not part of a pair.
 
@@ -126,9 +133,8 @@ def find_pairs(indir: PathLike) -> Tuple[List[Pair], List[str]]:
     for p in sorted(Path(indir).iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
-        is_mask = p.stem.lower().endswith(MASK_SUFFIX)
-        name = p.stem[: -len(MASK_SUFFIX)] if is_mask else p.stem
-        (masks if is_mask else images).setdefault(name, []).append(p)
+        name = mask_name(p)
+        (images if name is None else masks).setdefault(p.stem if name is None else name, []).append(p)
     problems = []
     for kind, found in (("images", images), ("masks", masks)):
         for name in sorted(n for n, ps in found.items() if len(ps) > 1):

@@ -11,21 +11,38 @@ all pixels of the image, not only the kept ones). Both are returned; tables labe
 PSNR of a region is ``10 log10(1 / MSE)`` with the MSE over that region's pixels and channels; identical images
 give ``inf`` (:func:`json_safe` writes it as the string ``"inf"``). A region with no pixels gives ``nan``.
 
+Boundary metrics (:func:`boundary_metrics`, docs/evaluation.md): the band PSNRs over the generated pixels within
+``band_px`` pixels (chessboard distance) of a kept pixel (``psnr_band_inner``) and over the kept pixels within
+``band_px`` of a generated pixel (``psnr_band_outer``), and ``seam_error``: the mean, over every pair of 4-adjacent
+pixels on the two sides of the mask edge, of the step the prediction adds beyond the target's own step there.
+
+:func:`paste_back` is the baseline users apply today: the original pasted over a decoder's output wherever the
+mask keeps (diffusers' ``VaeImageProcessor.apply_overlay``), optionally with the mask blurred first
+(AUTOMATIC1111's "mask blur").
+
 :class:`ImageMetrics` adds the whole-image metrics of the paper's evaluation (SSIM, LPIPS, FID); LPIPS and FID need
 weight files on disk and, when they are missing, say which file and where instead.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_kept", "psnr_generated")
+REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_kept", "psnr_generated",
+               "mse_band_inner", "mse_band_outer", "psnr_band_inner", "psnr_band_outer", "seam_error")
+# per-image values averaged over images by the accumulator; every psnr_* key is computed from its mse_* mean
+_MEAN_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "mse_band_inner", "mse_band_outer",
+              "seam_error")
+_PSNR_REGIONS = ("kept", "generated", "band_inner", "band_outer")
+DEFAULT_BAND_PX = 8
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,9 +76,109 @@ def region_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reg
         m = 1 - m
     elif region != "generated":
         raise ValueError(f"region must be 'kept' or 'generated', got {region!r}")
-    count = m.flatten(1).sum(1) * pred.shape[1]
-    total = ((pred - target).pow(2) * m).flatten(1).sum(1)
+    return _masked_mse(pred, target, m)
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """(B,) MSE over the pixels where ``pixels`` (B,1,H,W) is 1, all channels; nan where there is none."""
+    count = pixels.flatten(1).sum(1) * pred.shape[1]
+    total = ((pred - target).pow(2) * pixels).flatten(1).sum(1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def _within(pixels: torch.Tensor, band_px: int) -> torch.Tensor:
+    """(B,1,H,W) 1 wherever a pixel of ``pixels`` lies within ``band_px`` (chessboard distance), itself included:
+    a (2K+1)x(2K+1) max filter (a dilation); outside the image counts as no pixel."""
+    return F.max_pool2d(pixels, kernel_size=2 * band_px + 1, stride=1, padding=band_px)
+
+
+def band_masks(mask: torch.Tensor, band_px: int = DEFAULT_BAND_PX) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(inner, outer), each (B,1,H,W) in {0,1}: generated pixels (mask 1) within ``band_px`` pixels (chessboard
+    distance, max(|dy|, |dx|) <= band_px) of a kept pixel, and kept pixels within ``band_px`` of a generated one."""
+    if int(band_px) != band_px or band_px < 1:
+        raise ValueError(f"band_px must be a whole number >= 1, got {band_px!r}")
+    m = (mask >= 0.5).float()
+    return m * _within(1 - m, int(band_px)), (1 - m) * _within(m, int(band_px))
+
+
+def seam_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over every horizontally or vertically adjacent pixel pair (p, q) whose mask values differ of
+    ``|(pred(p) - pred(q)) - (target(p) - target(q))|``, averaged over channels: the step the prediction adds at the
+    mask edge beyond the target's own step there. nan for an image without such a pair (mask all 0 or all 1)."""
+    m = _check(pred, target, mask)
+    total = torch.zeros(pred.shape[0], dtype=torch.float64, device=pred.device)
+    count = torch.zeros_like(total)
+    for dim in (-1, -2):  # horizontal pairs, then vertical pairs
+        n = pred.shape[dim] - 1
+        step_pred = pred.narrow(dim, 1, n) - pred.narrow(dim, 0, n)
+        step_target = target.narrow(dim, 1, n) - target.narrow(dim, 0, n)
+        across = (m.narrow(dim, 1, n) != m.narrow(dim, 0, n)).to(torch.float64)
+        added = (step_pred - step_target).abs().mean(1, keepdim=True).to(torch.float64)
+        total += (added * across).flatten(1).sum(1)
+        count += across.flatten(1).sum(1)
+    out = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+    return out.to(pred.dtype)
+
+
+def boundary_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                     band_px: int = DEFAULT_BAND_PX) -> Dict[str, torch.Tensor]:
+    """Per-image (B,) ``mse_band_inner`` / ``psnr_band_inner`` (generated pixels within ``band_px`` of a kept
+    pixel), ``mse_band_outer`` / ``psnr_band_outer`` (kept pixels within ``band_px`` of a generated pixel) and
+    :func:`seam_error`; same conventions as :func:`pre_error` (images in [0, 1], mask binarised at 0.5). An image
+    whose band is empty (no edge) gives nan there; :class:`RegionMetricAccumulator` leaves it out of the means."""
+    m = _check(pred, target, mask)
+    inner, outer = band_masks(m, band_px)
+    out = {}
+    for name, pixels in (("band_inner", inner), ("band_outer", outer)):
+        out[f"mse_{name}"] = _masked_mse(pred, target, pixels)
+        out[f"psnr_{name}"] = psnr_from_mse(out[f"mse_{name}"])
+    out["seam_error"] = seam_error(pred, target, m)
+    return out
+
+
+def gaussian_blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B,1,H,W) mask blurred as AUTOMATIC1111's "mask blur" R does (``cv2.GaussianBlur`` along x, then along y):
+    a separable Gaussian of standard deviation ``sigma`` = R pixels, sampled on a kernel of ``2 * int(2.5 * R + 0.5)
+    + 1`` taps (radius about 2.5 sigma) and normalised to sum 1, with cv2's default border ``BORDER_REFLECT_101``
+    (``dcb|abcd|cba``, the edge pixel not repeated), computed in float (A1111 rounds the blurred mask to 8 bits)."""
+    if sigma <= 0:
+        return mask
+    radius = int(2.5 * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).to(mask.dtype).to(mask.device)
+    out = mask
+    for dim in (-1, -2):
+        n = out.shape[dim]
+        # reflect-101 indices for any radius (also wider than the image): period 2(n-1)
+        idx = torch.arange(-radius, n + radius)
+        if n > 1:
+            idx = idx.remainder(2 * (n - 1))
+            idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx)
+        else:
+            idx = torch.zeros_like(idx)
+        padded = out.index_select(dim, idx.to(out.device))
+        acc = torch.zeros_like(out)
+        for k in range(2 * radius + 1):
+            acc = acc + kernel[k] * padded.narrow(dim, k, n)
+        out = acc
+    return out
+
+
+def paste_back(output: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur_px: float = 0.0) -> torch.Tensor:
+    """The original pasted back over a decoder's output: ``source * (1 - a) + output * a``, images (B,3,H,W) in
+    [0, 1], mask (B,1,H,W) with 1 = generate.
+
+    ``blur_px`` 0: ``a`` is the mask binarised at 0.5, so every kept pixel is the source's and every generated pixel
+    the output's (diffusers' ``VaeImageProcessor.apply_overlay``: the source is pasted through the inverted mask
+    and alpha-composited over the output). ``blur_px`` R > 0: ``a`` is that binary mask blurred by
+    :func:`gaussian_blur_mask` (sigma R, AUTOMATIC1111's mask blur), quantised to 8 bits as A1111's mask image is;
+    kept pixels near the edge then take some of the output, generated pixels near it some of the source."""
+    _check(output, source, mask)
+    alpha = (mask >= 0.5).to(output.dtype)
+    if blur_px > 0:
+        alpha = torch.round(gaussian_blur_mask(alpha, float(blur_px)).clamp(0, 1) * 255) / 255
+    return source * (1 - alpha) + output * alpha
 
 
 def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -72,29 +189,32 @@ def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     return torch.where(mse == 0, torch.full_like(out, float("inf")), out)
 
 
-def region_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-image (B,) values of every key in :data:`REGION_KEYS`."""
+def region_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                   band_px: int = DEFAULT_BAND_PX) -> Dict[str, torch.Tensor]:
+    """Per-image (B,) values of every key in :data:`REGION_KEYS` (the boundary ones by :func:`boundary_metrics`)."""
     out = {"pre_error": pre_error(pred, target, mask), "pre_error_sum": pre_error_sum(pred, target, mask)}
     for region in ("kept", "generated"):
         mse = region_mse(pred, target, mask, region)
         out[f"mse_{region}"] = mse
         out[f"psnr_{region}"] = psnr_from_mse(mse)
+    out.update(boundary_metrics(pred, target, mask, band_px))
     return out
 
 
 class RegionMetricAccumulator:
     """Collects :func:`region_metrics` over batches; :meth:`summary` gives dataset-level numbers.
 
-    ``pre_error*`` and ``mse_*`` are means over images (as the original averages per-image errors); ``psnr_*`` is
-    computed from the mean region MSE, so identical images give ``inf`` and one perfect image does not make the
-    whole set infinite.
+    ``pre_error*``, ``mse_*`` and ``seam_error`` are means over images (as the original averages per-image errors;
+    an image whose region or band is empty, nan, is left out); ``psnr_*`` is computed from the mean region MSE,
+    so identical images give ``inf`` and one perfect image does not make the whole set infinite.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, band_px: int = DEFAULT_BAND_PX) -> None:
+        self.band_px = band_px
         self.values: Dict[str, List[float]] = {k: [] for k in REGION_KEYS}
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-        batch = region_metrics(pred.float(), target.float(), mask.float())
+        batch = region_metrics(pred.float(), target.float(), mask.float(), self.band_px)
         for k, v in batch.items():
             self.values[k].extend(float(x) for x in v.double().cpu())
         return batch
@@ -105,8 +225,8 @@ class RegionMetricAccumulator:
     def summary(self) -> Dict[str, float]:
         if not len(self):
             raise ValueError("no images were evaluated")
-        out = {k: _nanmean(self.values[k]) for k in ("pre_error", "pre_error_sum", "mse_kept", "mse_generated")}
-        for region in ("kept", "generated"):
+        out = {k: _nanmean(self.values[k]) for k in _MEAN_KEYS}
+        for region in _PSNR_REGIONS:
             out[f"psnr_{region}"] = float(psnr_from_mse(torch.tensor(out[f"mse_{region}"])))
         out["n_images"] = len(self)
         return out
@@ -181,9 +301,10 @@ class ImageMetrics:
     """
 
     def __init__(self, *, lpips: bool = True, fid: bool = True, lpips_vgg_path: Optional[Union[str, Path]] = None,
-                 fid_weights_path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu"):
+                 fid_weights_path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
+                 band_px: int = DEFAULT_BAND_PX):
         self.device = torch.device(device)
-        self.region = RegionMetricAccumulator()
+        self.region = RegionMetricAccumulator(band_px)
         self.ssim: List[float] = []
         self.lpips_values: List[float] = []
         self.missing: Dict[str, str] = {}
@@ -206,6 +327,17 @@ class ImageMetrics:
         for name, reason in self.missing.items():
             if reason != "not requested":
                 log.warning("%s skipped: %s", name, reason)
+
+    def fresh(self) -> "ImageMetrics":
+        """An empty accumulator with the same settings for another row of a report, sharing this one's LPIPS
+        network and a copy of its FID network (made before any update: no weights file is read again)."""
+        if len(self.region):
+            raise ValueError("fresh() copies an accumulator before it has seen any image")
+        other = copy.copy(self)
+        other.region = RegionMetricAccumulator(self.region.band_px)
+        other.ssim, other.lpips_values, other.missing = [], [], dict(self.missing)
+        other.fid_metric = copy.deepcopy(self.fid_metric) if self.fid_metric is not None else None
+        return other
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -11,6 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Union
 
+# a file or folder argument: a string or anything os.fspath takes (the one definition)
+PathLike = Union[str, os.PathLike]
+
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``."""
@@ -83,7 +86,7 @@ def default_file_mode(directory: bool = False) -> int:
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
-def write_atomically(path: Union[str, os.PathLike], write: Callable[[str], None], overwrite: bool = True) -> Path:
+def write_atomically(path: PathLike, write: Callable[[str], None], overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk, then rename it over ``path``:
     ``path`` is always absent, the old file or the complete new one, never half-written. The new file gets the
     usual permissions (umask), not ``mkstemp``'s 0600. ``overwrite=False``: an existing ``path`` is never replaced,
@@ -119,7 +122,7 @@ def _rename_no_clobber(tmp: str, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def write_numbered(folder: Union[str, os.PathLike], name: Callable[[int], str], start: int,
+def write_numbered(folder: PathLike, name: Callable[[int], str], start: int,
                    write: Callable[[str], None]) -> Path:
     """Write a new file ``folder/name(n)`` for the first ``n >= start`` whose name is free at the moment of
     writing (see :func:`write_atomically`): runs writing into one folder at once never replace each other's files."""
@@ -131,7 +134,7 @@ def write_numbered(folder: Union[str, os.PathLike], name: Callable[[int], str], 
             n += 1
 
 
-def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> List[Path]:
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
     """Delete the temporary files :func:`write_atomically` left in ``folder`` (recursively) when its process was
     killed mid-write; returns them. Only for folders no other process is writing to."""
     stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]

@@ -2,9 +2,9 @@
 decoder and diffusers' ``AsymmetricAutoencoderKL`` on the same weights, in the same run (so results are ratios), with
 the achieved FLOP rate next to a plain matrix-multiply rate on the same machine.
 
-    python scripts/benchmark.py --suite cpu --threads 2 --out docs/benchmark_cpu   # the CPU report (27 min on 2 cores)
-    python scripts/benchmark.py --suite gpu --out docs/benchmark_gpu      # the GPU report
-    python scripts/benchmark.py --quick --out /tmp/bench                  # tiny config, seconds (what the tests run)
+    python scripts/benchmark.py --suite cpu --threads 2   # the CPU report, docs/reports/benchmark_cpu (27 min, 2 cores)
+    python scripts/benchmark.py --suite gpu               # the GPU report, docs/reports/benchmark_gpu
+    python scripts/benchmark.py --quick --out /tmp/bench  # every path on the tiny config, in one process (as the test)
 
 Weights are random (speed does not depend on them). Variants: ``base`` / ``large`` / ``large2`` are the paper's decoders
 (configs/autoencoder/autoencoder_kl_32x32x4*.yaml), ``sdxl_*`` / ``sd3_*`` / ``flux_*`` the same in those latent
@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import re
@@ -55,15 +54,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-from ldm.cli.common import pick_device  # noqa: E402
-from ldm.fast import FastDecode, FastSettings, apply_settings, cpu_has_native_bf16, fast_settings, fast_training  # noqa: E402
-from ldm.image_io import to_uint8  # noqa: E402
-from ldm.models.autoencoder import FUSED_ADAM_DEVICES  # noqa: E402
-from ldm.modules.diffusionmodules.model import AttnBlock  # noqa: E402
-from ldm.modules.diffusionmodules.tiling import tiled_decode  # noqa: E402
-from ldm.util import instantiate_from_config, write_atomically  # noqa: E402
+from ldm import metrics
+from ldm.cli.common import pick_device
+from ldm.fast import FastDecode, FastSettings, apply_settings, cpu_has_native_bf16, fast_settings, fast_training
+from ldm.image_io import to_uint8
+from ldm.models.autoencoder import FUSED_ADAM_DEVICES
+from ldm.modules.diffusionmodules.model import AttnBlock
+from ldm.modules.diffusionmodules.tiling import tiled_decode
+from ldm.modules.losses.reference import ldm_generator_loss
+from ldm.project import REPO_ROOT as REPO
+from ldm.util import instantiate_from_config, write_atomically
 
 CONFIGS = {
     "base": "configs/autoencoder/autoencoder_kl_32x32x4.yaml",
@@ -291,8 +291,7 @@ def prepare_decoder(impl: str, model, settings: FastSettings, device: torch.devi
 def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two images in [-1,1] after quantising both to 8 bits as the scripts write them."""
     qa, qb = (torch.from_numpy(to_uint8(t)).double() for t in (a, b))
-    mse = float(((qa - qb) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    return float(metrics.psnr_from_mse(((qa - qb) ** 2).mean(), data_range=255.0))
 
 
 # ------------------------------------------------------------------------------------------------ training step
@@ -313,20 +312,6 @@ def build_training_loss(device: torch.device) -> Tuple[torch.nn.Module, str]:
         loss.perceptual_loss.requires_grad_(False)
         lpips_note = f"random VGG16-shaped weights ({default_vgg16_path()} absent)"
     return loss.to(device), lpips_note
-
-
-def ldm_generator_loss(loss, x, rec, posterior, last_layer) -> torch.Tensor:
-    """The generator loss as LDM's ``LPIPSWithDiscriminator`` computes it (discriminator active): ``autograd.grad`` of
-    nll and g down to the last layer for the adaptive weight, and the whole loss returned for a second, full backward
-    (``LPIPSWithDiscriminator.generator_loss`` differentiates LPIPS and the discriminator once)."""
-    rec_loss = torch.abs(x - rec) + loss.perceptual_weight * loss.perceptual_loss(x, rec)
-    nll = torch.sum(rec_loss / torch.exp(loss.logvar) + loss.logvar) / rec_loss.shape[0]
-    g = -torch.mean(loss.discriminator(rec))
-    nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
-    d_weight = torch.clamp(nll_grads.norm() / (g_grads.norm() + 1e-4), 0, 1e4).detach() * loss.discriminator_weight
-    kl = posterior.kl().sum() / posterior.kl().shape[0]
-    return nll + loss.kl_weight * kl + d_weight * loss.disc_factor * g
 
 
 class PhaseTimer:
@@ -397,9 +382,9 @@ _MODELS: Dict[tuple, Any] = {}
 
 
 def cached_model(variant: str, impl: str, path: str, device: torch.device, opt_dict: Dict[str, Any]):
-    """(model, downsample factor, latent channels) on ``path``'s settings, built once per (variant, impl, path) in this process; other
-    variants are freed. ``impl``: ours or diffusers; ``path`` "exact" is our untouched float32 model (the PSNR
-    reference); any other impl (the training steps) gets a model of its own."""
+    """(model, downsample factor, latent channels) on ``path``'s settings, built once per (variant, impl, path) in
+    this process; other variants are freed. ``impl``: ours or diffusers; ``path`` "exact" is our untouched float32
+    model (the PSNR reference); any other impl (the training steps) gets a model of its own."""
     key = (variant, impl, path)
     if key not in _MODELS:
         for k in [k for k in _MODELS if k[0] != variant]:
@@ -731,20 +716,23 @@ SUITES = {
                 dtype="bf16", tiled_variants=["large2"], tiled_sizes=[2048], tile=512, tile_overlap=128,
                 attention_sizes=[1024, 2048], train_variants=["base", "large", "large2"], train_size=256,
                 warmup=3, repeats=10, tiled_warmup=1),
-    # every path on the tiny config in seconds (what the tests run)
+    # every path on the tiny config (what the tests run), in one process: a fresh subprocess per case (for exact
+    # CPU peak memory) would spend most of the run importing torch and diffusers again
     "quick": dict(variants=["tiny"], condition="both", sizes=[32, 64], paths=["eager", "fast"], tiled_variants=None,
                   tiled_sizes=[128], tile=64, tile_overlap=16, attention_sizes=[64], train_variants=None,
-                  train_size=32, warmup=1, repeats=1, tiled_warmup=1),
+                  train_size=32, warmup=1, repeats=1, tiled_warmup=1, in_process=True),
 }
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", required=False, default="benchmark",
-                   help="writes OUT.json and OUT.md (a trailing .json or .md in OUT is dropped)")
+    p.add_argument("--out", default=None,
+                   help="writes OUT.json and OUT.md (a trailing .json or .md in OUT is dropped); default "
+                        "docs/reports/benchmark_SUITE (benchmark_custom without --suite)")
     p.add_argument("--suite", choices=sorted(SUITES), help="a preset of the options below (given options are "
-                   "overridden): cpu / gpu = the reports in docs/benchmark.md, quick = the tiny config in seconds")
+                   "overridden): cpu / gpu = the reports in docs/benchmark.md, quick = every path on the tiny config, "
+                   "in one process")
     p.add_argument("--quick", action="store_true", help="same as --suite quick, on one thread")
     p.add_argument("--variants", nargs="+", default=["base", "large", "large2"], choices=sorted(CONFIGS))
     p.add_argument("--sizes", nargs="*", type=int, default=[256, 512, 1024], help="untiled decode sizes (pixels)")
@@ -788,6 +776,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if opt.suite:
         for k, v in SUITES[opt.suite].items():
             setattr(opt, k, v)
+    if opt.out is None:
+        opt.out = str(REPO / "docs" / "reports" / f"benchmark_{opt.suite or 'custom'}")
     if opt.tiled_warmup is None:
         opt.tiled_warmup = opt.warmup
     if opt.no_train:

@@ -34,9 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-REPO = Path(__file__).resolve().parents[1]
-
-from ldm.checkpoints.diffusers import (  # noqa: E402
+from ldm.checkpoints.diffusers import (
     AutoencoderLayout,
     check_layout_matches_config,
     diffusers_config_to_ldm,
@@ -45,9 +43,9 @@ from ldm.checkpoints.diffusers import (  # noqa: E402
     read_diffusers_folder,
     write_diffusers_folder,
 )
-from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict  # noqa: E402
-from ldm.checkpoints.keys import read_state_dict  # noqa: E402
-from ldm.checkpoints.tensors import (  # noqa: E402
+from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict
+from ldm.checkpoints.keys import read_state_dict
+from ldm.checkpoints.tensors import (
     SINGLE_FILE_VAE_PREFIXES,
     autoencoder_state_dict,
     describe_decoder_checkpoint,
@@ -57,7 +55,7 @@ from ldm.checkpoints.tensors import (  # noqa: E402
     strip_prefix,
     to_bfl_flux2_layout,
 )
-from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces  # noqa: E402
+from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})

@@ -1,25 +1,36 @@
-"""Evaluate decoders with the paper's metrics: pre_error, error and PSNR in the kept and generated regions, LPIPS,
-SSIM and FID. Writes ``metrics.json``, ``metrics.md`` (one row per decoder) and ``examples.png`` to ``--outdir``.
+"""Evaluate decoders with the paper's metrics and at the mask edge: pre_error, error and PSNR in the kept and
+generated regions and in a band either side of the edge, seam_error, LPIPS, SSIM and FID. Writes ``metrics.json``,
+``metrics.md`` (one row per decoder), ``examples.png`` and ``boundary.png`` (a zoom on a stretch of mask edge) to
+``--outdir``. docs/evaluation.md defines every number.
 
-Two modes:
+Two modes, each with its own flags (``evaluate.py MODE -h``):
 
 reconstruction -- encode each image with the frozen encoder and decode it with the image and a fixed mask (the
 paper's protocol). Masks come from the project's mask generator, seeded per image (``--seed``, image index), or from
-``--mask_dir`` (``NAME_mask.png`` next to ``NAME.*``), so every decoder sees the same masks::
+``--mask_dir`` (``NAME_mask.<ext>`` per image ``NAME``), so every decoder sees the same masks::
 
     python scripts/evaluate.py reconstruction --images data/val --size 256 \\
         --decoder vanilla=configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml:stable_vqgan.ckpt \\
-        --decoder base=configs/autoencoder/autoencoder_kl_32x32x4.yaml:base.ckpt --outdir outputs/eval
+        --decoder base=configs/autoencoder/autoencoder_kl_32x32x4.yaml:base.ckpt --outdir outputs/eval \\
+        --baselines paste,paste_blur --mask_coarsen 8 --extra_size 512
 
-results -- images already produced (e.g. by ``inpaint_st.py``): ``--indir`` holds ``NAME.png`` + ``NAME_mask.png``
-(inpaint_st.py's input), each ``--predictions LABEL=DIR`` holds ``NAME.png``. Originals and masks are resized by
-inpaint_st.py's own rule (``--max_size``, sides floored to multiples of 64) so they match its outputs::
+results -- images already produced (e.g. by ``inpaint_st.py``): ``--indir`` holds ``NAME.<ext>`` +
+``NAME_mask.<ext>`` (inpaint_st.py's input), each ``--predictions LABEL=DIR`` holds ``NAME.png``. Originals and
+masks are resized by inpaint_st.py's own rule (``--max_size``, sides floored to multiples of 64) so they match its
+outputs::
 
-    python scripts/evaluate.py results --indir inputs --predictions vanilla=out_sd --predictions base=out_base
+    python scripts/evaluate.py results --indir inputs --predictions vanilla=out_sd --predictions base=out_base \\
+        --outdir outputs/eval_inpaint --baselines paste
+
+Baselines (``--baselines paste,paste_blur``): for every decoder or prediction row ``X``, the rows ``X+paste`` (the
+original pasted over X's output wherever the mask keeps, as diffusers' ``apply_overlay``) and ``X+paste_blur`` (the
+same through the mask blurred by a Gaussian of sigma ``--blur_px``, AUTOMATIC1111's "mask blur"). Robustness rows
+(reconstruction): ``--mask_coarsen F`` adds ``X[mask/F]``, the same masks at 1/F resolution, nearest-upsampled
+(jagged edges); ``--extra_size S`` adds ``X[Spx]``, the images resized to S. Baselines apply to those rows too.
 
 Images are compared in [0, 1] after 8-bit quantisation (what the saved files hold). ``pre_error`` is the per-element
 mean the paper's table reports, ``pre_error_sum`` the original code's per-image sum (see ``ldm/metrics.py``). PSNR of
-identical regions is ``inf``, written as the string "inf" in JSON. FID compares each decoder's set of outputs with
+identical regions is ``inf``, written as the string "inf" in JSON. FID compares each row's set of outputs with
 the set of originals. LPIPS needs torchvision's VGG16 file and FID the
 torch-fidelity InceptionV3 file: when missing, the report says which file and where, and gives the other metrics.
 The report is written only when every image was evaluated (atomically); a failure leaves no report.
@@ -30,6 +41,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +53,19 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-
-from ldm import metrics  # noqa: E402
-from ldm.checkpoints.files import CheckpointError  # noqa: E402
-from ldm.checkpoints.loading import load_model  # noqa: E402
-from ldm.cli.common import pick_device, precision_scope, refuse_overlap, seed_everything  # noqa: E402
-from ldm.data.inpainting import find_images  # noqa: E402
-from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
-from ldm.fast import FastDecode  # noqa: E402
-from ldm.image_io import (  # noqa: E402
+from ldm import metrics
+from ldm.checkpoints.files import CheckpointError
+from ldm.checkpoints.loading import load_model
+from ldm.cli.common import pick_device, precision_scope, refuse_overlap, seed_everything
+from ldm.data.inpainting import find_images
+from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
+from ldm.fast import FastDecode
+from ldm.image_io import (
     IMAGE_EXTENSIONS,
+    MASK_SUFFIX,
     InputError,
     find_pairs,
+    mask_name,
     quantize,
     read_image,
     read_mask,
@@ -62,11 +74,11 @@ from ldm.image_io import (  # noqa: E402
     write_png,
 )
 from ldm.latent_spaces import latent_space_of
-from ldm.project import FAST_HELP  # noqa: E402
-from ldm.util import write_atomically  # noqa: E402
+from ldm.project import FAST_HELP
+from ldm.util import write_atomically
 
 log = logging.getLogger("evaluate")
-MASK_SUFFIX = "_mask"
+BASELINES = ("paste", "paste_blur")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -130,11 +142,18 @@ def require_folder(path: str, flag: str) -> Path:
     return folder
 
 
-def check_mask_folder(mask_dir: Path, paths: Sequence[Path]) -> None:
-    """Every image has ``NAME_mask.png`` in ``mask_dir`` and every ``*_mask.png`` there has its image: counts that
-    differ mean the folders do not belong together, so refuse rather than evaluate a subset silently."""
-    suffix = f"{MASK_SUFFIX}.png"
-    masks = {p.name[: -len(suffix)]: p for p in mask_dir.iterdir() if p.is_file() and p.name.endswith(suffix)}
+def check_mask_folder(mask_dir: Path, paths: Sequence[Path]) -> Dict[str, Path]:
+    """NAME -> mask file: every image has ``NAME_mask.<ext>`` in ``mask_dir`` (:func:`ldm.image_io.mask_name`'s
+    rule) and every mask there has its image: counts that differ mean the folders do not belong together, so refuse
+    rather than evaluate a subset silently."""
+    masks: Dict[str, Path] = {}
+    for p in sorted(mask_dir.iterdir()):
+        name = mask_name(p) if p.is_file() and not p.name.startswith(".") else None
+        if name is None:
+            continue
+        if name in masks:
+            raise InputError(f"--mask_dir {mask_dir}: two masks for {name!r}: {masks[name].name}, {p.name}; keep one")
+        masks[name] = p
     names = {p.stem: p for p in paths}
     extra, missing = sorted(masks.keys() - names.keys()), sorted(names.keys() - masks.keys())
     if extra or missing:
@@ -144,51 +163,108 @@ def check_mask_folder(mask_dir: Path, paths: Sequence[Path]) -> None:
                             + ", ".join(str(masks[n]) for n in extra[:5]) + (" ..." if len(extra) > 5 else ""))
         if missing:
             problems.append(f"{len(missing)} images without a mask: "
-                            + ", ".join(str(mask_dir / f"{n}{suffix}") for n in missing[:5])
+                            + ", ".join(str(mask_dir / f"{n}{MASK_SUFFIX}.png") for n in missing[:5])
                             + " not found" + (" ..." if len(missing) > 5 else ""))
         raise InputError(f"--mask_dir {mask_dir}: {len(masks)} masks for {len(names)} images; " + "; ".join(problems))
+    return masks
 
 
-def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
-    """Images of ``--images`` (``*_mask`` files excluded) with their fixed masks, in sorted order."""
+@dataclass
+class Condition:
+    """One evaluation condition of the reconstruction mode: the main protocol (``label`` "") or a robustness row
+    (``[mask/F]``: masks coarsened F times; ``[Spx]``: images at another size)."""
+    label: str
+    size: int
+    coarsen: int = 1
+
+
+def conditions(opt: argparse.Namespace) -> List[Condition]:
+    """The main protocol first, then one condition per ``--mask_coarsen`` and per ``--extra_size``."""
+    out = [Condition("", opt.size)]
+    out += [Condition(f"[mask/{f}]", opt.size, f) for f in opt.mask_coarsen]
+    out += [Condition(f"[{s}px]", s) for s in opt.extra_size]
+    return out
+
+
+def coarsen_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(...,1,H,W) binary mask as drawn on a grid ``factor`` times coarser: each ``factor`` x ``factor`` cell
+    (counted from the top left; the last ones padded by repeating the edge) becomes 1 where at least half of it is
+    generated, then nearest-upsampled back to H x W: the same mask with jagged, blocky edges."""
+    if factor <= 1:
+        return mask
+    h, w = mask.shape[-2:]
+    flat = mask.reshape(-1, 1, h, w).float()
+    ph, pw = -h % factor, -w % factor
+    padded = F.pad(flat, (0, pw, 0, ph), mode="replicate") if ph or pw else flat
+    cells = (F.avg_pool2d(padded, factor) >= 0.5).float()
+    up = cells.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[..., :h, :w]
+    return up.reshape(mask.shape).to(mask.dtype)
+
+
+@dataclass
+class Source:
+    """An image of ``--images`` as read (3,H,W) in [0, 1], with its ``--mask_dir`` mask (1,H,W) if any."""
+    name: str
+    path: Path
+    image: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
+def reconstruction_sources(opt: argparse.Namespace) -> List[Source]:
+    """Images of ``--images`` (mask files excluded by :func:`ldm.image_io.mask_name`'s rule) with their
+    ``--mask_dir`` masks, in sorted order."""
     folder = require_folder(opt.images, "--images")
     mask_dir = require_folder(opt.mask_dir, "--mask_dir") if opt.mask_dir else None
     try:
         found = find_images(folder)
     except ValueError:
         found = []
-    paths = [Path(p) for p in found if not Path(p).stem.endswith(MASK_SUFFIX)]
+    paths = [Path(p) for p in found if mask_name(p) is None]
     if not paths:
         raise InputError(f"--images {opt.images}: no images (extensions {', '.join(IMAGE_EXTENSIONS)}; "
-                         f"*_mask files are not counted)")
-    if mask_dir is not None:
-        check_mask_folder(mask_dir, paths)
+                         f"NAME{MASK_SUFFIX}.<ext> files are not counted)")
+    mask_files = check_mask_folder(mask_dir, paths) if mask_dir is not None else {}
     if opt.limit:
         paths = paths[:opt.limit]
-    generator = None if mask_dir is not None else MaskGenerator.from_config(opt.mask_config)
-    samples, names = [], set()
-    for index, path in enumerate(tqdm(paths, desc="loading images", disable=opt.quiet)):
+    sources, names = [], set()
+    for path in tqdm(paths, desc="loading images", disable=opt.quiet):
         if path.stem in names:
             raise InputError(f"{path}: two images named {path.stem!r} (names key the masks and the report)")
         names.add(path.stem)
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
+        mask = None
         if mask_dir is not None:
-            mask_path = mask_dir / f"{path.stem}{MASK_SUFFIX}.png"
+            mask_path = mask_files[path.stem]
             mask = torch.from_numpy(read_mask(mask_path) >= 0.5).float()[None]
             if mask.shape[-2:] != image.shape[-2:]:
                 raise InputError(f"{mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} but {path} is "
                                  f"{image.shape[-1]}x{image.shape[-2]}")
-            image = resize_center_crop(image, opt.size, "bicubic")
-            mask = resize_center_crop(mask, opt.size, "nearest")
+        sources.append(Source(path.stem, path, image, mask))
+    return sources
+
+
+def condition_samples(sources: Sequence[Source], condition: Condition, opt: argparse.Namespace) -> List[Sample]:
+    """The samples of one condition: images resized to its size, masks from ``--mask_dir`` (resized, nearest) or
+    the mask generator seeded by (``--seed``, image index) at that size, then coarsened."""
+    generator = None if opt.mask_dir else MaskGenerator.from_config(opt.mask_config)
+    samples = []
+    for index, src in enumerate(sources):
+        image = resize_center_crop(src.image, condition.size, "bicubic")
+        if src.mask is not None:
+            mask = resize_center_crop(src.mask, condition.size, "nearest")
         else:
-            image = resize_center_crop(image, opt.size, "bicubic")
             # seeded by (seed, index): the same mask for every decoder and every run
             rng = np.random.default_rng([opt.seed, index])
             mask = torch.from_numpy(generator(image.shape[-2], image.shape[-1], rng))[None]
         if min(image.shape[-2:]) < 8:
-            raise InputError(f"{path}: too small ({image.shape[-1]}x{image.shape[-2]}) for the 8x latent grid")
-        samples.append(Sample(path.stem, quantize(image), mask.float()))
+            raise InputError(f"{src.path}: too small ({image.shape[-1]}x{image.shape[-2]}) for the 8x latent grid")
+        samples.append(Sample(src.name, quantize(image), coarsen_mask(mask.float(), condition.coarsen)))
     return samples
+
+
+def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
+    """The samples of the main protocol (``--size``, masks as given or generated)."""
+    return condition_samples(reconstruction_sources(opt), Condition("", opt.size), opt)
 
 
 def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Dict[str, torch.Tensor]]]:
@@ -240,9 +316,41 @@ def batches(samples: Sequence[Sample], batch_size: int) -> Iterator[List[Sample]
 
 # ------------------------------------------------------------------------------------------------ metrics
 def image_metrics(opt: argparse.Namespace, device: torch.device) -> metrics.ImageMetrics:
-    """One decoder's accumulator of every metric (LPIPS / FID skipped, with the reason, when weights are missing)."""
+    """The accumulator of every metric for one row (LPIPS / FID skipped, with the reason, when weights are missing);
+    further rows take :meth:`~ldm.metrics.ImageMetrics.fresh` copies of it (the networks are loaded once)."""
     return metrics.ImageMetrics(lpips=not opt.no_lpips, fid=not opt.no_fid, lpips_vgg_path=opt.lpips_vgg,
-                                fid_weights_path=opt.fid_weights, device=device)
+                                fid_weights_path=opt.fid_weights, device=device, band_px=opt.band_px)
+
+
+def with_baselines(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace
+                   ) -> Dict[str, torch.Tensor]:
+    """Row suffix -> output: ``""`` is ``pred`` itself, ``"+paste"`` / ``"+paste_blur"`` the ``--baselines``
+    composites (:func:`ldm.metrics.paste_back`), 8-bit quantised like every output."""
+    out = {"": pred}
+    for baseline in opt.baselines:
+        blur = opt.blur_px if baseline == "paste_blur" else 0.0
+        out[f"+{baseline}"] = quantize(metrics.paste_back(pred, image, mask, blur_px=blur))
+    return out
+
+
+def refuse_row_collisions(names: Sequence[str], labels: Sequence[str], opt: argparse.Namespace, flag: str) -> None:
+    """Row names are NAME + condition label + baseline suffix: a name such as ``a+paste`` next to ``a`` with
+    ``--baselines paste`` would give two rows one name."""
+    suffixes = [""] + [f"+{b}" for b in opt.baselines]
+    rows = [f"{n}{c}{s}" for n in names for c in labels for s in suffixes]
+    repeated = sorted({r for r in rows if rows.count(r) > 1})
+    if repeated:
+        raise InputError(f"{flag}: the report rows {', '.join(repeated)} would each come from two names; rename "
+                         "the one that ends like a row suffix (+paste, +paste_blur, [mask/F], [Spx])")
+
+
+def row_info(suffix: str, opt: argparse.Namespace) -> Dict:
+    """What a row is, for metrics.json: its baseline (None for the output itself) and its blur."""
+    baseline = suffix[1:] or None
+    info: Dict = {"baseline": baseline}
+    if baseline == "paste_blur":
+        info["blur_px"] = opt.blur_px
+    return info
 
 
 def stack(batch: Sequence[Sample], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +376,11 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
         for path, what in ((config, "config"), (ckpt, "checkpoint")):
             if not Path(path).exists():
                 raise InputError(f"--decoder {name}: {what} not found: {path}")
-    samples = reconstruction_samples(opt)
+    conds = conditions(opt)
+    refuse_row_collisions([name for name, _, _ in specs], [c.label for c in conds], opt, "--decoder")
+    sources = reconstruction_sources(opt)
+    sets = {c.label: condition_samples(sources, c, opt) for c in conds}
+    template = image_metrics(opt, device)
     results, examples = {}, {}
     for name, config, ckpt in specs:
         model = load_model(config, ckpt, device=device)
@@ -279,59 +391,125 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
         if opt.tile:
             model.enable_tiling(opt.tile, opt.tile_overlap)
         decoder = FastDecode(model, device, enabled=opt.fast)
-        generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
-        scorer = image_metrics(opt, device)
-        examples[name] = []
-        with torch.inference_mode(), precision_scope(opt.precision, device):
-            for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"decoder {name}", disable=opt.quiet):
-                image, mask = stack(batch, device)
-                pred = reconstruct(decoder, image, mask, opt, generator)
-                scorer.update(pred, image, mask)
-                examples[name].extend(pred[:max(0, opt.n_examples - len(examples[name]))].cpu())
-        results[name] = {"config": config, "checkpoint": ckpt, **scorer.summary()}
-        del model
-    return samples, results, examples
+        for cond in conds:
+            # the same posterior samples for every condition and decoder
+            generator = seed_everything(opt.seed, device) if opt.sample_posterior else None
+            scorers: Dict[str, metrics.ImageMetrics] = {}
+            with torch.inference_mode(), precision_scope(opt.precision, device):
+                for batch in tqdm(list(batches(sets[cond.label], opt.batch_size)), desc=f"decoder {name}{cond.label}",
+                                  disable=opt.quiet):
+                    image, mask = stack(batch, device)
+                    pred = reconstruct(decoder, image, mask, opt, generator)
+                    for suffix, out in with_baselines(pred, image, mask, opt).items():
+                        row = f"{name}{cond.label}{suffix}"
+                        scorers.setdefault(row, template.fresh()).update(out, image, mask)
+                        if not cond.label:
+                            kept = examples.setdefault(row, [])
+                            kept.extend(out[:max(0, opt.n_examples - len(kept))].cpu())
+            for row, scorer in scorers.items():
+                suffix = row[len(name) + len(cond.label):]
+                results[row] = {"config": config, "checkpoint": ckpt, "decoder": name, **row_info(suffix, opt),
+                                "size": cond.size, "mask_coarsen": cond.coarsen, **scorer.summary()}
+        del model, decoder
+    return sets[""], results, examples
 
 
 def run_results(opt: argparse.Namespace, device: torch.device):
+    folders = dict(parse_spec(s, "--predictions", False)[:2] for s in opt.predictions)
+    refuse_row_collisions(list(folders), [""], opt, "--predictions")
     samples, predictions = results_samples(opt)
+    template = image_metrics(opt, device)
     results, examples = {}, {}
     for label, preds in predictions.items():
-        scorer = image_metrics(opt, device)
+        scorers: Dict[str, metrics.ImageMetrics] = {}
         with torch.inference_mode():
             for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"predictions {label}",
                               disable=opt.quiet):
                 image, mask = stack(batch, device)
                 pred = torch.stack([preds[s.name] for s in batch]).to(device)
-                scorer.update(pred, image, mask)
-        results[label] = {"folder": dict(parse_spec(s, "--predictions", False)[:2] for s in opt.predictions)[label],
-                          **scorer.summary()}
-        examples[label] = [preds[s.name] for s in samples[:opt.n_examples]]
+                for suffix, out in with_baselines(pred, image, mask, opt).items():
+                    scorers.setdefault(label + suffix, template.fresh()).update(out, image, mask)
+                    kept = examples.setdefault(label + suffix, [])
+                    kept.extend(out[:max(0, opt.n_examples - len(kept))].cpu())
+        for row, scorer in scorers.items():
+            results[row] = {"folder": folders[label], "predictions": label, **row_info(row[len(label):], opt),
+                            **scorer.summary()}
     return samples, results, examples
 
 
 # ------------------------------------------------------------------------------------------------ report
-def markdown_table(results: Dict[str, Dict]) -> str:
-    """One row per decoder, as the paper's tables."""
-    def num(v, fmt):
+# (key, column header, format, scale): one column per metric of every row
+COLUMNS = (("n_images", "images", "d", 1), ("pre_error", "pre_error (x1e-5)", ".2f", 1e5),
+           ("pre_error_sum", "pre_error_sum", ".4g", 1), ("psnr_kept", "PSNR kept (dB)", ".2f", 1),
+           ("psnr_generated", "PSNR generated (dB)", ".2f", 1), ("psnr_band_inner", "PSNR band in (dB)", ".2f", 1),
+           ("psnr_band_outer", "PSNR band out (dB)", ".2f", 1), ("seam_error", "seam_error (x1e-3)", ".2f", 1e3),
+           ("mse_generated", "MSE generated", ".4g", 1), ("lpips", "LPIPS", ".4f", 1), ("ssim", "SSIM", ".4f", 1),
+           ("fid", "FID", ".2f", 1))
+# the column's best value is the highest (PSNR, SSIM) or the lowest (errors, LPIPS, FID)
+HIGHER_IS_BETTER = ("psnr_kept", "psnr_generated", "psnr_band_inner", "psnr_band_outer", "ssim")
+
+
+def _value(v) -> Optional[float]:
+    """A report number as a float (``"inf"`` strings included), None when not computed or nan."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def best_rows(results: Dict[str, Dict]) -> List[str]:
+    """One entry per metric: the row(s) with the best value (ties listed together). Compare only rows of one
+    condition (the same images and masks): callers pass one group at a time."""
+    lines = []
+    for key, header, _, _ in COLUMNS[1:]:
+        if key == "pre_error_sum":
+            continue  # the same ranking as pre_error
+        values = {name: _value(r.get(key)) for name, r in results.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        if len(values) < 2:
+            continue
+        best = max(values.values()) if key in HIGHER_IS_BETTER else min(values.values())
+        winners = [k for k, v in values.items() if v == best]
+        lines.append(f"{header.split(' (')[0]}: {', '.join(winners)}")
+    return lines
+
+
+def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND_PX,
+                   blur_px: Optional[float] = None) -> str:
+    """One row per decoder / prediction folder, baseline and condition, as the paper's tables, then the best
+    row per column and the definitions."""
+    def num(v, fmt, scale):
+        v = _value(v)
         if v is None:
             return "n/a"
-        if isinstance(v, str) or v == float("inf"):
+        if math.isinf(v):
             return "inf"
-        return format(v, fmt)
+        return format(int(v) if fmt == "d" else v * scale, fmt)
 
-    lines = ["| decoder | images | pre_error (x1e-5) | pre_error_sum | PSNR kept (dB) | PSNR generated (dB) | "
-             "MSE generated | LPIPS | SSIM | FID |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | " + " | ".join(header for _, header, _, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in results.items():
-        pe = None if r["pre_error"] is None else r["pre_error"] * 1e5
-        lines.append(f"| {name} | {r['n_images']} | {num(pe, '.2f')} | {num(r['pre_error_sum'], '.4g')} | "
-                     f"{num(r['psnr_kept'], '.2f')} | {num(r['psnr_generated'], '.2f')} | "
-                     f"{num(r['mse_generated'], '.4g')} | {num(r['lpips'], '.4f')} | {num(r['ssim'], '.4f')} | "
-                     f"{num(r['fid'], '.2f')} |")
+        lines.append(f"| {name} | " + " | ".join(num(r.get(k), fmt, scale) for k, _, fmt, scale in COLUMNS) + " |")
     lines.append("")
+    groups: Dict[Tuple, Dict[str, Dict]] = {}
+    for name, r in results.items():  # rows of one condition see the same images and masks
+        groups.setdefault((r.get("size"), r.get("mask_coarsen", 1)), {})[name] = r
+    for (size, coarsen), rows in groups.items():
+        best = best_rows(rows)
+        if best:
+            which = [] if size is None else [f"{size} px" if size else "native size"]
+            which += [f"masks coarsened {coarsen}x"] if coarsen > 1 else []
+            lines.append(f"Best per column{' (' + ', '.join(which) + ')' if which else ''}: " + "; ".join(best) + ".")
+            lines.append("")
     lines.append("pre_error: squared error in the kept region (mask 0) per element, images in [0, 1] "
                  "(= pre_error_sum / (3*H*W), the magnitude of the paper's table); pre_error_sum: the original "
-                 "code's per-image sum. PSNR from the mean region MSE.")
+                 "code's per-image sum. PSNR from the mean region MSE. Band in / out: the generated pixels within "
+                 f"{band_px} px (chessboard) of a kept pixel / the kept pixels within {band_px} px of a generated "
+                 "one. seam_error: mean |step of the output - step of the original| over the pixel pairs across "
+                 "the mask edge. X+paste: the original pasted over X where the mask keeps (diffusers' "
+                 "apply_overlay)" + ("" if blur_px is None else f"; X+paste_blur: the same through the mask blurred "
+                                     f"by a Gaussian of sigma {blur_px:g} px (AUTOMATIC1111's mask blur)")
+                 + ". X[mask/F]: masks coarsened F times; X[Spx]: images at S px. docs/evaluation.md defines each.")
     for name, why in next(iter(results.values()))["missing"].items():
         lines.append(f"\n{name.upper()} not computed: {why}")
     return "\n".join(lines) + "\n"
@@ -366,34 +544,123 @@ def example_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Ten
     return np.asarray(canvas)
 
 
-def write_report(outdir: Path, report: Dict, table: str, figure: Optional[np.ndarray]) -> None:
+def edge_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """(H,W) 1 on every pixel that has a 4-neighbour on the other side of the mask edge."""
+    m = mask[0] >= 0.5
+    edge = torch.zeros_like(m)
+    dx, dy = m[:, 1:] != m[:, :-1], m[1:] != m[:-1]
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[1:] |= dy
+    edge[:-1] |= dy
+    return edge
+
+
+def boundary_window(samples: Sequence[Sample], n: int, crop: int) -> Optional[Tuple[int, int, int]]:
+    """(image index, top, left) of the ``crop`` x ``crop`` window, among the first ``n`` images, that holds the
+    most mask-edge pixels (the first such window in reading order); None when no image has an edge."""
+    best, where = 0, None
+    for i in range(n):
+        edge = edge_pixels(samples[i].mask).float()[None, None]
+        size = min(crop, *edge.shape[-2:])
+        counts = F.avg_pool2d(edge, size, stride=1) * size * size
+        value = float(counts.max())
+        if value > best:
+            flat = int(counts.flatten().argmax())
+            best, where = value, (i, flat // counts.shape[-1], flat % counts.shape[-1])
+    return where
+
+
+def boundary_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Tensor]], crop: int = 32,
+                    zoom_px: int = 128, label_w: int = 150) -> Optional[np.ndarray]:
+    """A zoom on a stretch of mask edge: the window of :func:`boundary_window`, nearest-upscaled to about
+    ``zoom_px``; first line the original and the masked original (holes grey, edge pixels red), then one line per
+    row: its output and its |error| x4 (every error map on one scale, as in examples.png)."""
+    n = min((len(v) for v in examples.values()), default=0)
+    where = boundary_window(samples, n, crop)
+    if where is None:
+        return None
+    i, top, left = where
+    s = samples[i]
+    size = min(crop, *s.image.shape[-2:])
+    zoom = max(1, zoom_px // size)
+
+    def cut(x):
+        x = x[:, top:top + size, left:left + size]
+        return x.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)
+
+    edge = edge_pixels(s.mask)[None].float()
+    masked = s.image * (1 - s.mask) + 0.5 * s.mask
+    masked = masked * (1 - edge) + edge * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    lines = [("original / mask edge", [s.image, masked])]
+    lines += [(name, [examples[name][i], error_map(examples[name][i], s.image)]) for name in examples]
+    tile = size * zoom
+    gap = 4
+    canvas = Image.new("RGB", (label_w + 2 * tile + gap, len(lines) * (tile + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, (text, tiles) in enumerate(lines):
+        y = j * (tile + gap)
+        for k, t in enumerate(tiles):
+            canvas.paste(Image.fromarray(to_uint8(cut(t)[None] * 2 - 1)[0]), (label_w + k * (tile + gap), y))
+        draw.text((2, y + 2), text[:label_w // 6], fill="black")
+    draw.text((2, canvas.height - 12), f"{s.name} y{top} x{left} x{zoom}", fill="grey")
+    return np.asarray(canvas)
+
+
+FIGURES = ("examples.png", "boundary.png")
+
+
+def write_report(outdir: Path, report: Dict, table: str, figures: Dict[str, Optional[np.ndarray]]) -> None:
     """metrics.json (``"complete": true``) is written last: an earlier run's is removed first, so whenever a
-    metrics.json exists, metrics.md and examples.png (or its absence, with ``--n_examples 0``) belong to it."""
+    metrics.json exists, metrics.md and the figures of :data:`FIGURES` (or their absence, with ``--n_examples 0``
+    or no mask edge) belong to it."""
     outdir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metrics.json_safe(report), indent=2, allow_nan=False) + "\n"
     (outdir / "metrics.json").unlink(missing_ok=True)
-    if figure is not None:
-        write_png(figure, outdir / "examples.png")
-    elif (outdir / "examples.png").exists():  # an earlier run's figure would show other decoders / images
-        (outdir / "examples.png").unlink()
-        log.info("removed %s of an earlier run (--n_examples 0)", outdir / "examples.png")
+    for name in FIGURES:
+        figure = figures.get(name)
+        if figure is not None:
+            write_png(figure, outdir / name)
+        elif (outdir / name).exists():  # an earlier run's figure would show other decoders / images
+            (outdir / name).unlink()
+            log.info("removed %s of an earlier run", outdir / name)
     write_atomically(outdir / "metrics.md", lambda tmp: Path(tmp).write_text(table))
     write_atomically(outdir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+MODE_PURPOSE = {"reconstruction": "encodes and decodes the images of --images itself",
+                "results": "scores images already made elsewhere and decodes nothing"}
+
+
+def baseline_list(text: str) -> Tuple[str, ...]:
+    """``--baselines paste,paste_blur`` -> ("paste", "paste_blur"); unknown names refused."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(BASELINES)}")
+    return tuple(dict.fromkeys(names))
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="mode", required=True)
     rec = sub.add_parser("reconstruction", help="encode + decode images with fixed masks")
-    rec.add_argument("--images", required=True, help="folder of images (recursive; *_mask files are skipped)")
+    rec.add_argument("--images", required=True, help="folder of images (recursive; NAME_mask.<ext> files skipped)")
     rec.add_argument("--decoder", action="append", required=True, metavar="NAME=CONFIG:CKPT",
                      help="a decoder to evaluate (repeat for several: one report row each)")
-    rec.add_argument("--mask_dir", help="folder with NAME_mask.png per image (default: generated masks)")
+    rec.add_argument("--mask_dir", help="folder with NAME_mask.<ext> per image (default: generated masks)")
     rec.add_argument("--mask_config", default=str(DEFAULT_MASK_CONFIG), help="mask generator yaml")
+    rec.add_argument("--seed", type=int, default=0, help="mask and posterior seed")
     rec.add_argument("--size", type=int, default=256,
                      help="shorter side resized to SIZE, centre crop SIZExSIZE; 0 = native size (cropped to x8)")
+    rec.add_argument("--mask_coarsen", type=int, action="append", default=[], metavar="F",
+                     help="robustness rows X[mask/F]: the same masks drawn on a grid F times coarser and "
+                     "nearest-upsampled (jagged edges); repeat for several")
+    rec.add_argument("--extra_size", type=int, action="append", default=[], metavar="S",
+                     help="robustness rows X[Spx]: the images resized to S (a multiple of 8) instead of --size, "
+                     "e.g. a size other than the training one; repeat for several")
     rec.add_argument("--sample_posterior", action="store_true",
                      help="decode a posterior sample (seeded by --seed) instead of its mode")
     rec.add_argument("--precision", choices=("full", "autocast"), default="full",
@@ -404,27 +671,56 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="decode in tiles of TILE image pixels (model.enable_tiling); 0 = off")
     rec.add_argument("--tile_overlap", type=int, default=128, help="tile overlap in image pixels")
     res = sub.add_parser("results", help="score images produced elsewhere (e.g. inpaint_st.py outputs)")
-    res.add_argument("--indir", required=True, help="NAME.png + NAME_mask.png (inpaint_st.py's input folder)")
+    res.add_argument("--indir", required=True, help="NAME.<ext> + NAME_mask.<ext> (inpaint_st.py's input folder)")
     res.add_argument("--predictions", action="append", required=True, metavar="LABEL=DIR",
                      help="folder of NAME.png predictions (repeat for several)")
     res.add_argument("--max_size", type=int, default=640, help="inpaint_st.py's --max_size the outputs were made with")
     for q in (rec, res):
-        q.add_argument("--outdir", required=True, help="metrics.json, metrics.md, examples.png go here")
+        q.add_argument("--outdir", required=True, help="metrics.json, metrics.md, examples.png, boundary.png go here")
+        q.add_argument("--baselines", type=baseline_list, default=(), metavar="paste,paste_blur",
+                       help="add the rows X+paste (the original pasted over X where the mask keeps, as diffusers' "
+                       "apply_overlay) and X+paste_blur (through the mask blurred as AUTOMATIC1111's mask blur)")
+        q.add_argument("--blur_px", type=float, default=4.0, metavar="R",
+                       help="paste_blur's mask blur: a Gaussian of sigma R px, kernel 2*int(2.5R+0.5)+1 taps, "
+                       "borders reflected (cv2.GaussianBlur as AUTOMATIC1111 calls it)")
+        q.add_argument("--band_px", type=int, default=metrics.DEFAULT_BAND_PX, metavar="K",
+                       help="width of the bands either side of the mask edge (chessboard distance) for the band PSNRs")
         q.add_argument("--batch_size", type=int, default=8)
         q.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-        q.add_argument("--seed", type=int, default=0, help="mask and posterior seed")
         q.add_argument("--device", default="auto")
-        q.add_argument("--n_examples", type=int, default=4, help="rows of examples.png (0 = no figure)")
+        q.add_argument("--n_examples", type=int, default=4,
+                       help="rows of examples.png; boundary.png zooms on one of them (0 = no figures)")
         q.add_argument("--lpips_vgg", help="torchvision vgg16-397923af.pth (default: torch hub cache)")
         q.add_argument("--fid_weights", help=f"{metrics.INCEPTION_FILE} (default: torch hub cache)")
         q.add_argument("--no_lpips", action="store_true")
         q.add_argument("--no_fid", action="store_true")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
-    opt = p.parse_args(argv)
+    opt, unknown = p.parse_known_args(argv)
+    if unknown:
+        # a flag of the other mode: say so, rather than argparse's bare "unrecognized arguments"
+        other = "results" if opt.mode == "reconstruction" else "reconstruction"
+        own = (rec if opt.mode == "reconstruction" else res)._option_string_actions
+        theirs = (res if opt.mode == "reconstruction" else rec)._option_string_actions
+        for arg in unknown:
+            flag = arg.split("=", 1)[0]
+            if flag in theirs and flag not in own:
+                p.error(f"{flag} is a flag of `evaluate.py {other}`, not of `{opt.mode}`: {opt.mode} mode "
+                        f"{MODE_PURPOSE[opt.mode]} (see `evaluate.py {opt.mode} -h`)")
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if opt.batch_size < 1:
         p.error("--batch_size must be >= 1")
-    if opt.mode == "reconstruction" and opt.size not in (0,) and (opt.size < 8 or opt.size % 8):
-        p.error(f"--size {opt.size}: must be 0 or a multiple of 8")
+    if opt.band_px < 1:
+        p.error(f"--band_px {opt.band_px}: must be >= 1")
+    if opt.blur_px <= 0 or not math.isfinite(opt.blur_px):
+        p.error(f"--blur_px {opt.blur_px}: must be a positive number of pixels")
+    if opt.mode == "reconstruction":
+        for size in [opt.size] + opt.extra_size:
+            if size != 0 and (size < 8 or size % 8):
+                p.error(f"--size/--extra_size {size}: must be 0 or a multiple of 8")
+        if opt.size in opt.extra_size or len(set(opt.extra_size)) < len(opt.extra_size):
+            p.error(f"--extra_size {opt.extra_size}: each must differ from --size {opt.size} and from the others")
+        if any(f < 2 for f in opt.mask_coarsen) or len(set(opt.mask_coarsen)) < len(opt.mask_coarsen):
+            p.error(f"--mask_coarsen {opt.mask_coarsen}: each factor must be >= 2 and given once")
     return opt
 
 
@@ -433,7 +729,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     device = pick_device(opt.device)
     try:
-        # the report's examples.png would become an input of the next run (and with --indir a file without a mask)
+        # the report's figures would become inputs of the next run (and with --indir files without a mask)
         inputs = [("--images", opt.images)] if opt.mode == "reconstruction" else [("--indir", opt.indir)]
         for flag, folder in inputs:
             refuse_overlap(opt.outdir, folder, "--outdir", flag)
@@ -453,11 +749,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "protocol": {k: v for k, v in vars(opt).items() if k not in ("quiet",)},
         "decoders": results,
     }
-    table = markdown_table(results)
-    figure = example_figure(samples, examples) if opt.n_examples > 0 else None
-    write_report(Path(opt.outdir), report, table, figure)
+    table = markdown_table(results, opt.band_px, opt.blur_px if "paste_blur" in opt.baselines else None)
+    figures: Dict[str, Optional[np.ndarray]] = {}
+    if opt.n_examples > 0:
+        figures["examples.png"] = example_figure(samples, examples)
+        figures["boundary.png"] = boundary_figure(samples, examples)
+    write_report(Path(opt.outdir), report, table, figures)
     print(table)
-    print(f"wrote {Path(opt.outdir) / 'metrics.json'}, metrics.md" + (", examples.png" if figure is not None else ""))
+    written = ["metrics.md"] + [name for name in FIGURES if figures.get(name) is not None]
+    print(f"wrote {Path(opt.outdir) / 'metrics.json'}, " + ", ".join(written))
     return 0
 
 

@@ -22,7 +22,8 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     assert not [r for r in results if "error" in r]
     kinds = {(r["impl"], r["path"], r["kind"], r["condition"], r["size"], r["tiled"]) for r in results}
     for path in ("eager", "fast"):
-        assert ("diffusers", path, "decode", True, 64, False) in kinds and ("ours", path, "decode", True, 64, False) in kinds
+        assert ("diffusers", path, "decode", True, 64, False) in kinds
+        assert ("ours", path, "decode", True, 64, False) in kinds
     assert {("ours", "eager", "decode", c, 128, t) for c in (True, False) for t in (True, False)} <= kinds
     assert {("ours", "eager", "train_step", True, 32, False), ("original", "eager", "train_step", True, 32, False),
             ("ours", "fast", "train_step", True, 32, False), ("ours", "eager", "attention", True, 64, False)} <= kinds
@@ -33,7 +34,8 @@ def test_quick_mode_writes_a_complete_report(tmp_path):
     tiling_rows = [r for r in results if r["kind"] == "decode" and r["size"] == 128]
     assert len(tiling_rows) == 4 and all(0 < r["attention_ms"] < r["latency_ms"] for r in tiling_rows)
     # the fast rows of ours carry their distance to our float32 output
-    assert all(r["psnr_db"] >= 40 for r in results if r["impl"] == "ours" and r["path"] == "fast" and r["kind"] == "decode")
+    assert all(r["psnr_db"] >= 40 for r in results
+               if r["impl"] == "ours" and r["path"] == "fast" and r["kind"] == "decode")
     attention = next(r for r in results if r["kind"] == "attention")
     assert "math" not in attention["kernel"] and attention["tokens"] == 32 * 32
     # the training step: every phase of main.py's step, and the original's second forward
@@ -111,6 +113,8 @@ def test_report_paths_keep_dots_in_the_name(tmp_path):
                                                                      tmp_path / "bench_v1.5.md")
     for given in ("docs/benchmark_cpu", "docs/benchmark_cpu.json", "docs/benchmark_cpu.md"):
         assert benchmark.report_paths(given) == (Path("docs/benchmark_cpu.json"), Path("docs/benchmark_cpu.md"))
+    # generated reports have a folder of their own, found from any working folder
+    assert benchmark.parse_args(["--suite", "cpu"]).out == str(benchmark.REPO / "docs/reports/benchmark_cpu")
 
 
 def test_tiling_overhead_outside_attention_by_hand():

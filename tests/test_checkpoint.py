@@ -74,14 +74,36 @@ def test_full_stable_diffusion_checkpoint_gives_its_vae(tmp_path):
     assert read_state_dict(tmp_path / "sd.safetensors", prefix="first_stage_model.").keys() == vae.state_dict().keys()
 
 
-def test_ignore_keys_keep_fresh_initialisation(tmp_path):
-    src = make_autoencoder(seed=1)
+def test_ignore_keys_keep_fresh_initialisation(tmp_path, caplog):
+    """The large ``_train`` configs' ``ignore_keys: [decoder]`` started from the SD VAE (a narrower decoder)."""
+    src = make_autoencoder(condition=False, seed=1)
     save_state_dict(src.state_dict(), tmp_path / "vae.ckpt")
     dst = make_autoencoder(seed=2, ch=64, num_res_blocks=2)  # a wider decoder: only the encoder side fits
     before = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith("decoder.")}
-    dst.init_from_ckpt(tmp_path / "vae.ckpt", ignore_keys=["decoder"])
+    with caplog.at_level(logging.WARNING):
+        dst.init_from_ckpt(tmp_path / "vae.ckpt", ignore_keys=["decoder"])
     assert torch.equal(dst.encoder.conv_in.weight, src.encoder.conv_in.weight)
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in before.items())
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "vae.ckpt: its decoder is not this config's variant" in said[0]
+    assert "ch=32, num_res_blocks=1" in said[0] and "ch=64, num_res_blocks=2" in said[0]
+
+
+def test_a_train_config_started_from_a_decoder_of_its_own_variant_trains_from_it(tmp_path, caplog):
+    """``ignore_keys: [decoder]`` + the paper's release of the same variant (``larger2.ckpt`` into the large2
+    ``_train`` config) or one's own run: the decoder and its branch come from the file, said in one line."""
+    from ldm.models.autoencoder import AutoencoderKL
+
+    release = make_autoencoder(seed=1, ch=64, num_res_blocks=2)
+    original_style_checkpoint(release, tmp_path / "larger2.ckpt")
+    with caplog.at_level(logging.WARNING):
+        started = AutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
+                                decoder_overrides={"condition": True, "ch": 64, "num_res_blocks": 2},
+                                ckpt_path=tmp_path / "larger2.ckpt", ignore_keys=["decoder"])
+    assert all(torch.equal(started.state_dict()[k], v) for k, v in release.state_dict().items())
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1
+    assert "larger2.ckpt: its decoder is this config's variant, so training starts from it" in said[0]
 
 
 def test_wrong_variant_is_refused_with_the_variant_named(tmp_path):
@@ -362,3 +384,14 @@ def test_loading_weights_peaks_near_the_model_size(tmp_path, suffix):
     assert sizes["model"] > 80e6
     assert 0.7 * sizes["model"] < sizes["built"] < 1.3 * sizes["model"], sizes  # the measure sees the model
     assert sizes["loaded"] < 1.3 * sizes["model"], sizes
+
+
+def test_load_model_finds_the_projects_configs_from_any_folder(tmp_path, monkeypatch):
+    """``load_model("configs/...")`` as the scripts resolve their configs: as given, else from the repository."""
+    # configs/tiny/autoencoder_kl_tiny.yaml: the tiny config with two blocks per decoder level
+    save_state_dict(make_autoencoder(seed=1, num_res_blocks=2).state_dict(), tmp_path / "base.ckpt")
+    monkeypatch.chdir(tmp_path)
+    model = load_model("configs/tiny/autoencoder_kl_tiny.yaml", "base.ckpt")
+    assert model.decoder.has_condition and not model.training
+    with pytest.raises(FileNotFoundError, match=r"config configs/tiny/nowhere\.yaml: not found"):
+        load_model("configs/tiny/nowhere.yaml", "base.ckpt")

@@ -18,7 +18,8 @@ from .conftest import REPO, TINY_DDCONFIG
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 # One family per latent space: SD 1.x under the original names, the others one folder each.
 FAMILIES = {"sd1": sorted((REPO / "configs/autoencoder").glob("autoencoder_kl_*32x32x4*.yaml")),
-            **{d.name: sorted(d.glob("*.yaml")) for d in sorted((REPO / "configs/autoencoder").iterdir()) if d.is_dir()}}
+            **{d.name: sorted(d.glob("*.yaml"))
+               for d in sorted((REPO / "configs/autoencoder").iterdir()) if d.is_dir()}}
 VARIANTS = [p for family in FAMILIES.values() for p in family]
 # What may differ between two variant configs: the decoder's numbers, the recipe that follows from them
 # (decoder warm-started from SD or trained from scratch, its learning-rate factor) and the batch that fits a GPU.

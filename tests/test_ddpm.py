@@ -93,6 +93,16 @@ def test_checkpoint_mismatch_names_the_keys(inpaint_model, tmp_path):
     assert "model.diffusion_model.out.2.bias" in str(e.value)
 
 
+def test_a_diffusers_folder_for_the_sd_model_is_refused_in_one_line(tmp_path):
+    """``inpaint_st.py --ckpt_d <diffusers folder>``: the SD model is read from one file only."""
+    (tmp_path / "sd-inpainting").mkdir()
+    (tmp_path / "sd-inpainting" / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"sd-inpainting: a folder; the SD model is read from one \.ckpt or "
+                                              r"\.safetensors file") as e:
+        load_model(TINY_INPAINT, tmp_path / "sd-inpainting")
+    assert "\n" not in str(e.value)
+
+
 def test_ema_scope_and_missing_ema_weights(tmp_path):
     model = build(TINY_T2I, use_ema=True)
     assert "model_ema.decay" in model.state_dict()

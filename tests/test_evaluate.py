@@ -38,8 +38,8 @@ def write_png(path, size, mode="RGB", seed=0):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {"asym": save_state_dict(make_autoencoder(condition=True, num_res_blocks=2).state_dict(), root / "asym.ckpt"),
-            "vanilla": save_state_dict(make_autoencoder(condition=False, num_res_blocks=2).state_dict(), root / "vanilla.ckpt")}
+    return {name: save_state_dict(make_autoencoder(condition=condition, num_res_blocks=2).state_dict(),
+                                  root / f"{name}.ckpt") for name, condition in (("asym", True), ("vanilla", False))}
 
 
 @pytest.fixture(scope="module")
@@ -312,13 +312,15 @@ def test_rerun_never_leaves_a_stale_figure_and_writes_metrics_json_last(tmp_path
         return evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--outdir", str(out),
                               "--quiet", *extra])
 
-    assert run() == 0 and (out / "examples.png").exists()
+    assert run() == 0 and (out / "examples.png").exists() and (out / "boundary.png").exists()
     monkeypatch.setattr(os, "replace", recording_replace)
     assert run("--n_examples", "1") == 0
-    assert written == [("examples.png", False), ("metrics.md", False), ("metrics.json", False)]
+    assert written == [("examples.png", False), ("boundary.png", False), ("metrics.md", False),
+                       ("metrics.json", False)]
     written.clear()
     assert run("--n_examples", "0") == 0
-    assert not (out / "examples.png").exists()  # the earlier figure is not left next to the new numbers
+    # the earlier figures are not left next to the new numbers
+    assert not (out / "examples.png").exists() and not (out / "boundary.png").exists()
     assert written == [("metrics.md", False), ("metrics.json", False)]
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
 
@@ -331,3 +333,171 @@ def test_report_folder_inside_the_input_folder_is_refused(image_dir, ckpts, caps
     err = capsys.readouterr().err
     assert "--outdir" in err and "--images" in err
     assert sorted(p.name for p in image_dir.rglob("*")) == before
+
+
+# ------------------------------------------------------------------------------------------------ baselines, edge
+def test_mask_name_is_one_rule_in_any_case():
+    from ldm.image_io import mask_name
+
+    assert mask_name("a/cat_mask.png") == "cat" and mask_name("cat_MASK.PNG") == "cat"
+    assert mask_name("cat_Mask.jpeg") == "cat" and mask_name("Cat_mask.webp") == "Cat"
+    assert mask_name("cat.png") is None and mask_name("cat_mask.txt") is None and mask_name("catmask.png") is None
+
+
+def test_coarsen_mask_is_the_block_majority_upsampled():
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(rng.random((1, 1, 10, 13)) > 0.6).float()
+    got = evaluate.coarsen_mask(mask, 4)[0, 0].numpy()
+    m = np.pad(mask[0, 0].numpy(), ((0, 2), (0, 3)), mode="edge")  # 12 x 16: whole 4 x 4 cells
+    cells = m.reshape(3, 4, 4, 4).mean(axis=(1, 3)) >= 0.5
+    np.testing.assert_array_equal(got, np.kron(cells, np.ones((4, 4)))[:10, :13])
+    assert torch.equal(evaluate.coarsen_mask(mask, 1), mask)
+
+
+def test_reconstruction_baselines_and_robustness_rows(image_dir, ckpts, tmp_path):
+    """--baselines, --mask_coarsen and --extra_size rows, end to end: X+paste keeps the kept region exactly and
+    leaves the generated one as X made it; X[mask/4] is X evaluated with the coarsened masks; NAME_mask files of any
+    case are masks, in --images (skipped) and in --mask_dir (read)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i, size in enumerate([(40, 36), (48, 48)]):
+        (images / f"img{i}.png").write_bytes((image_dir / f"img{i}.png").read_bytes())
+        write_png(masks / f"img{i}{'_MASK.PNG' if i else '_Mask.png'}", size, mode="L")
+    write_png(images / "img0_MASK.png", (40, 36), mode="L")  # a mask next to the images: not an image
+    out = tmp_path / "out"
+    assert evaluate.main(["reconstruction", "--images", str(images), "--mask_dir", str(masks), "--size", "32",
+                          "--outdir", str(out), "--decoder", f"asym={TINY}:{ckpts['asym']}", "--quiet",
+                          "--baselines", "paste,paste_blur", "--mask_coarsen", "4", "--extra_size", "40",
+                          "--band_px", "3"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    rows = report["decoders"]
+    assert report["images"] == ["img0", "img1"]
+    assert list(rows) == [f"asym{c}{b}" for c in ("", "[mask/4]", "[40px]") for b in ("", "+paste", "+paste_blur")]
+    for cond, size in (("", 32), ("[mask/4]", 32), ("[40px]", 40)):
+        x, paste, blur = (rows[f"asym{cond}{b}"] for b in ("", "+paste", "+paste_blur"))
+        assert x["size"] == paste["size"] == size and x["baseline"] is None and blur["blur_px"] == 4.0
+        assert math.isclose(x["pre_error_sum"], x["pre_error"] * 3 * size * size, rel_tol=1e-6)
+        assert paste["pre_error"] == 0 and paste["psnr_kept"] == "inf" and paste["psnr_band_outer"] == "inf"
+        for key in ("mse_generated", "mse_band_inner"):  # a hard paste changes no generated pixel
+            assert paste[key] == x[key]
+        assert 0 < blur["pre_error"] <= x["pre_error"]  # the blurred mask mixes some of X into kept pixels
+        for r in (x, paste, blur):
+            assert r["seam_error"] > 0 and r["n_images"] == 2 and "lpips" in r["missing"]
+    # the [mask/4] rows are X decoded and scored with the coarsened masks
+    opt = evaluate.parse_args(["reconstruction", "--images", str(images), "--mask_dir", str(masks), "--size", "32",
+                               "--outdir", "x", "--decoder", f"a={TINY}:{ckpts['asym']}"])
+    coarse = evaluate.condition_samples(evaluate.reconstruction_sources(opt), evaluate.Condition("", 32, 4), opt)
+    image, mask = torch.stack([s.image for s in coarse]), torch.stack([s.mask for s in coarse])
+    fine = torch.stack([s.mask for s in evaluate.reconstruction_samples(opt)])
+    assert torch.equal(mask, evaluate.coarsen_mask(fine, 4))
+    model = make_autoencoder(condition=True, num_res_blocks=2)
+    with torch.no_grad():
+        pred = quantize(metrics.to_unit(model.decode(model.encode(image * 2 - 1).mode(), image * 2 - 1, mask)))
+    seam = metrics.seam_error(pred, image, mask).mean().item()
+    assert math.isclose(rows["asym[mask/4]"]["seam_error"], seam, rel_tol=1e-4)
+    table = (out / "metrics.md").read_text()
+    assert "| asym[mask/4]+paste | 2 | 0.00 | 0 | inf |" in table and "seam_error (x1e-3)" in table
+    assert "Best per column (32 px, masks coarsened 4x): pre_error: asym[mask/4]+paste;" in table
+    figure = Image.open(out / "boundary.png")  # label column + output and error tiles; original + 3 rows
+    assert figure.size == (150 + 2 * 128 + 4, 4 * (128 + 4))
+
+
+def _smooth_image(seed, size):
+    """(size, size, 3) uint8 with values in [30, 200] (so that +20 never clips) and edges of its own."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    channels = [np.sin(xx / 5 + seed + c) * np.cos(yy / 7 - c) for c in range(3)]
+    base = 115 + 80 * np.stack(channels, -1) + rng.normal(0, 3, (size, size, 3))
+    return np.clip(np.round(base), 30, 200).astype(np.uint8)
+
+
+def test_results_baselines_and_boundary_metrics_match_numpy(tmp_path):
+    """results mode on files written here: every row's numbers against the numpy references of test_metrics, a step
+    of 20 levels added in the hole is a seam of 20/255 that pasting back keeps, and an output that has the image's
+    own edges is no seam."""
+    from scipy.ndimage import gaussian_filter1d
+
+    from tests.test_metrics import _overlay_reference, _reference_band_mse, _reference_seam
+
+    indir, same, step, noisy = (tmp_path / n for n in ("in", "same", "step", "noisy"))
+    for d in (indir, same, step, noisy):
+        d.mkdir()
+    originals, masks, preds = [], [], {"same": [], "step": [], "noisy": []}
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        img = _smooth_image(i, 64)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10 + 5 * i:40, 12:50 - 6 * i] = 255
+        Image.fromarray(img).save(indir / f"p{i}.png")
+        Image.fromarray(mask).save(indir / f"p{i}_MASK.png")  # any case of the suffix is a mask
+        stepped = img.astype(np.int16) + 20 * (mask[..., None] > 0)
+        out = {"same": img, "step": stepped.astype(np.uint8), "noisy": rng.integers(0, 256, img.shape, np.uint8)}
+        for k, v in out.items():
+            Image.fromarray(v).save(tmp_path / k / f"p{i}.png")
+            preds[k].append(v.astype(np.float64) / 255)
+        originals.append(img.astype(np.float64) / 255)
+        masks.append(mask.astype(np.float64) / 255)
+    out = tmp_path / "out"
+    assert evaluate.main(["results", "--indir", str(indir), "--outdir", str(out), "--quiet", "--no_fid",
+                          "--no_lpips", "--baselines", "paste,paste_blur", "--blur_px", "2", "--band_px", "3",
+                          *[f"--predictions={k}={tmp_path / k}" for k in preds]]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["decoders"]
+    x, m = np.stack(originals), np.stack(masks)
+    radius = int(2.5 * 2 + 0.5)
+    soft = gaussian_filter1d(gaussian_filter1d(m, 2.0, axis=2, mode="mirror", radius=radius), 2.0, axis=1,
+                             mode="mirror", radius=radius)
+    alpha = (np.round(soft * 255) / 255)[..., None]
+    for k, p in preds.items():
+        p = np.stack(p)
+        u8 = lambda a: np.round(a * 255).astype(np.uint8)  # noqa: E731
+        outputs = {k: p, f"{k}+paste": _overlay_reference(u8(p), u8(x), u8(m)),
+                   f"{k}+paste_blur": np.round((x * (1 - alpha) + p * alpha) * 255) / 255}
+        for row, o in outputs.items():
+            r = rows[row]
+            kept = (m < 0.5)[..., None]
+            pe = (((o - x) * kept) ** 2).reshape(2, -1).sum(1) / (3 * 64 * 64)
+            assert r["pre_error"] == pytest.approx(pe.mean(), rel=1e-5, abs=1e-12)
+            for side in ("inner", "outer"):
+                mse = _reference_band_mse(o, x, m, 3, side).mean()
+                assert float(r[f"mse_band_{side}"]) == pytest.approx(mse, rel=1e-5, abs=1e-12)
+            assert r["seam_error"] == pytest.approx(_reference_seam(o, x, m).mean(), rel=1e-5, abs=1e-9)
+    assert rows["same"]["seam_error"] == 0 and rows["same+paste"]["seam_error"] == 0  # the image's own edges
+    assert rows["step"]["seam_error"] == pytest.approx(20 / 255, rel=1e-5)
+    assert rows["step+paste"]["seam_error"] == pytest.approx(20 / 255, rel=1e-5)  # pasting back keeps the step
+    assert rows["step+paste"]["psnr_kept"] == "inf"
+    assert rows["step+paste_blur"]["seam_error"] < rows["step"]["seam_error"]  # the blur spreads it out
+
+
+def test_each_mode_refuses_the_flags_of_the_other(capsys):
+    base = {"results": ["results", "--indir", "i", "--predictions", "a=b", "--outdir", "o"],
+            "reconstruction": ["reconstruction", "--images", "i", "--decoder", "a=c.yaml:k", "--outdir", "o"]}
+    for mode, flag in (("results", "--fast"), ("results", "--seed=3"), ("results", "--mask_coarsen"),
+                       ("reconstruction", "--indir"), ("reconstruction", "--max_size")):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(base[mode] + [flag, "4"] if "=" not in flag else base[mode] + [flag])
+        err = capsys.readouterr().err
+        other = "reconstruction" if mode == "results" else "results"
+        assert f"{flag.split('=')[0]} is a flag of `evaluate.py {other}`, not of `{mode}`" in err
+        assert evaluate.MODE_PURPOSE[mode] in err
+    for extra, needle in ((["--baselines", "paste,crop"], "comma-separated list of paste, paste_blur"),
+                          (["--blur_px", "0"], "--blur_px 0.0"), (["--band_px", "0"], "--band_px 0"),
+                          (["--bogus"], "unrecognized arguments: --bogus")):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(base["results"] + extra)
+        assert needle in capsys.readouterr().err
+    for extra, needle in ((["--mask_coarsen", "1"], "--mask_coarsen [1]"), (["--extra_size", "256"], "must differ"),
+                          (["--extra_size", "44"], "--size/--extra_size 44")):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(base["reconstruction"] + extra)
+        assert needle in capsys.readouterr().err
+    opt = evaluate.parse_args(base["results"] + ["--baselines", "paste_blur,paste,paste"])
+    assert opt.baselines == ("paste_blur", "paste") and not hasattr(opt, "seed") and not hasattr(opt, "fast")
+
+
+def test_row_names_that_would_collide_are_refused(tmp_path, capsys):
+    indir, preds = results_folders(tmp_path)
+    out = tmp_path / "out"
+    assert evaluate.main(["results", "--indir", str(indir), "--predictions", f"x={preds}", "--predictions",
+                          f"x+paste={preds}", "--outdir", str(out), "--quiet", "--baselines", "paste"]) == 2
+    assert "the report rows x+paste would each come from two names" in capsys.readouterr().err
+    assert not out.exists()

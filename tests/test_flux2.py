@@ -111,11 +111,11 @@ def test_inconsistent_normalisation_arguments_are_refused(kwargs, match):
 
 
 # ------------------------------------------------------------------------------------------- diffusers
-@pytest.mark.parametrize("decoder_ch", [32, 64])
-def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path, decoder_ch):
-    """Our vanilla FLUX.2 VAE exported to an AutoencoderKLFlux2 folder (a decoder of other widths:
-    decoder_block_out_channels, as BFL's small decoder) computes what diffusers computes from it, and the folder
-    reads back tensor-identical, statistics included."""
+def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path):
+    """Our vanilla FLUX.2 VAE exported to an AutoencoderKLFlux2 folder computes what diffusers computes from it,
+    and the folder reads back tensor-identical, statistics included. The decoder has other widths than the encoder
+    (decoder_block_out_channels, as in BFL's small decoder); the same-width case is the starting-weights test."""
+    decoder_ch = 64
     import diffusers
 
     from ldm.checkpoints.diffusers import write_diffusers_folder
@@ -127,7 +127,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path, decoder_
                                     tmp_path / "vae", normalization={"batch_norm_eps": 1e-4, "patch_size": [2, 2]})
     theirs = diffusers.AutoencoderKLFlux2.from_pretrained(folder).eval()
     assert theirs.config.batch_norm_eps == 1e-4 and list(theirs.config.patch_size) == [2, 2]
-    assert (theirs.config.decoder_block_out_channels is None) == (decoder_ch == 32)
+    assert list(theirs.config.decoder_block_out_channels) == [64, 128]
     assert torch.equal(theirs.bn.running_var, ours.bn.running_var)
     image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     assert_same_vae(ours, theirs, image)
@@ -386,22 +386,26 @@ def test_convert_checkpoint_cli_in_the_flux2_space(tmp_path, capsys):
     assert "latent BatchNorm statistics" in capsys.readouterr().err
 
 
-def test_normalization_params_equal_those_read_from_diffusers_vae_configs():
-    """What a pipeline check compares: our model's normalisation and the one a diffusers VAE config describes."""
+def test_diffusers_vae_configs_read_as_our_normalisation_params():
+    """ldm_normalization(vae.config) (a saved config.json or a model's config, which has no _class_name) gives the
+    constructor params of the same normalisation: FLUX.2's BatchNorm, per-channel, scale and shift."""
     import diffusers
 
     from ldm.checkpoints.diffusers import ldm_normalization
     from ldm.models.autoencoder import AutoencoderKL
 
-    assert make_flux2().normalization_params() == ldm_normalization(dict(diffusers_flux2().config))
+    def ours(channels, config, **kwargs):
+        return AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=channels), embed_dim=channels,
+                             lossconfig={"target": "torch.nn.Identity"}, **kwargs, **ldm_normalization(dict(config)))
+
+    flux2 = ours(32, diffusers_flux2().config)
+    assert flux2.latent_normalization == "batch_norm" and flux2.bn.eps == 1e-4 and flux2.latent_patch_size == 2
     mean, std = [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]
-    playground_like = AutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
-                                    scaling_factor=0.5, latents_mean=mean, latents_std=std)
     with torch.device("meta"):
-        vae = diffusers.AutoencoderKL(latents_mean=mean, latents_std=std, scaling_factor=0.5)
-    assert playground_like.normalization_params() == ldm_normalization(dict(vae.config))
-    flux1 = AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=16), lossconfig={"target": "torch.nn.Identity"},
-                          embed_dim=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
-    with torch.device("meta"):
-        vae = diffusers.AutoencoderKL(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
-    assert flux1.normalization_params() == ldm_normalization(dict(vae.config))
+        playground = diffusers.AutoencoderKL(latents_mean=mean, latents_std=std, scaling_factor=0.5).config
+        flux1 = diffusers.AutoencoderKL(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159).config
+    model = ours(4, playground)
+    assert (model.latent_normalization, model.scaling_factor, model.latents_mean, model.latents_std) == (
+        "per_channel", 0.5, mean, std)
+    model = ours(16, flux1, use_quant_conv=False)
+    assert (model.latent_normalization, model.scaling_factor, model.shift_factor) == ("scale_shift", 0.3611, 0.1159)

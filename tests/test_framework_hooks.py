@@ -1,5 +1,5 @@
-"""The private framework APIs of ldm/training/framework_hooks.py still behave as it assumes: these fail when Lightning or
-torch changes under them."""
+"""The private framework APIs of ldm/training/framework_hooks.py still behave as it assumes: these fail when
+Lightning or torch changes under them."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -63,7 +63,8 @@ def test_set_last_lr_is_what_get_last_lr_reports():
 
 
 def test_no_other_module_reads_a_private_attribute_of_another_object():
-    """Private names are touched in ldm/training/framework_hooks.py only (``self._x`` / ``cls._x`` are the object's own)."""
+    """Private names are touched in ldm/training/framework_hooks.py only (``self._x`` / ``cls._x`` are the object's
+    own)."""
     import ast
 
     from .conftest import REPO

@@ -69,6 +69,7 @@ CHECKPOINT_LAYERS = [
     ["ldm.checkpoints.files"],                                    # files -> tensors
     ["ldm.checkpoints.tensors"],                                  # what the tensors are
     ["ldm.checkpoints.diffusers", "ldm.checkpoints.keys"],        # key layouts; any format into our keys, key checks
+    ["ldm.checkpoints.autoencoder_weights"],                      # which weights of a file an autoencoder takes
     ["ldm.models.autoencoder", "ldm.models.diffusion.ddpm"],      # models
     ["ldm.checkpoints.loading"],                                  # config + checkpoint -> model
 ]

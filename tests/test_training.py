@@ -15,7 +15,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses import LPIPSWithDiscriminator
 from ldm.modules.losses.contperceptual import VGG16_FILE, build_lpips
-from scripts.benchmark import ldm_generator_loss
+from ldm.modules.losses.reference import ldm_generator_loss
 from tests.conftest import TINY_DDCONFIG
 
 SCHED = {"target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler",

@@ -59,7 +59,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ldm.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, StateDict, read_diffusers_files
-from ldm.checkpoints.tensors import drop_unused_keys
+from ldm.checkpoints.tensors import drop_unused_keys, level_widths
 from ldm.latent_spaces import SD
 from ldm.modules.diffusionmodules.condition import default_condition_widths
 from ldm.util import default_file_mode
@@ -185,22 +185,8 @@ class AutoencoderLayout:
             raise CheckpointError(f"attention inside the resolution levels ({attn[0]}, attn_resolutions non-empty) "
                                   "has no diffusers counterpart")
 
-        def levels(prefix: str) -> Tuple[List[int], int]:
-            found = {}
-            for k in state_dict:
-                m = re.match(re.escape(prefix) + r"(\d+)\.block\.(\d+)\.", k)
-                if m:
-                    found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-            if not found or sorted(found) != list(range(len(found))):
-                raise CheckpointError(f"cannot read the levels of {prefix}* from the checkpoint keys")
-            blocks = {len(v) for v in found.values()}
-            if len(blocks) != 1:
-                raise CheckpointError(f"{prefix}*: levels have different numbers of blocks")
-            widths = [shape(f"{prefix}{i}.block.0.conv1.weight")[0] for i in range(len(found))]
-            return widths, blocks.pop()
-
-        enc_widths, enc_blocks = levels("encoder.down.")
-        dec_widths, dec_blocks = levels("decoder.up.")
+        enc_widths, enc_blocks = level_widths(state_dict, "encoder.down.")
+        dec_widths, dec_blocks = level_widths(state_dict, "decoder.up.")
         if shape("encoder.conv_in.weight")[0] != enc_widths[0]:
             raise CheckpointError("encoder.conv_in is narrower than the first level (ch_mult[0] != 1): diffusers' "
                                   "Encoder cannot hold it")

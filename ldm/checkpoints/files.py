@@ -18,18 +18,16 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ldm.util import write_atomically
+from ldm.util import PathLike, write_atomically
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
 CONFIG_NAME = "config.json"
@@ -140,7 +138,8 @@ def read_weights_file(path: PathLike) -> StateDict:
         if isinstance(obj, Mapping) and "state_dict" in obj:
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path}: expected a state dict or a Lightning checkpoint, found {type(obj).__name__}")
+            raise CheckpointError(f"{path}: expected a state dict or a Lightning checkpoint, "
+                                  f"found {type(obj).__name__}")
         if _holds_stand_in(obj):  # Lightning's metadata is accepted beside the weights, never among them
             raise _refused(path, {type(v).__name__ for v in obj.values() if _holds_stand_in(v)})
         state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -154,7 +153,8 @@ def read_weights_file(path: PathLike) -> StateDict:
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
                     metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Write tensors atomically as ``.safetensors`` or as a Lightning-style ``.ckpt``/``.pt`` (``{"state_dict": ...}``)."""
+    """Write tensors atomically as ``.safetensors`` or as a Lightning-style ``.ckpt``/``.pt``
+    (``{"state_dict": ...}``)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":

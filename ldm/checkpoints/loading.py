@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from ldm.checkpoints.files import PathLike
 from ldm.checkpoints.keys import load_into, read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.project import resolve_config_path
 from ldm.util import instantiate_from_config
 
 
@@ -21,10 +21,8 @@ def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[
     and load ``ckpt_path`` into it through the model's ``init_from_ckpt`` (or :func:`load_into`), strictly: an
     autoencoder whose config has a condition branch needs one in the file."""
     if isinstance(config, (str, os.PathLike)):
-        config_path = Path(config)
-        if not config_path.is_file():
-            raise FileNotFoundError(f"config not found: {config_path}")
-        config = OmegaConf.load(config_path)
+        # as given, else the project's own (``configs/...`` works from any working folder, as in the scripts)
+        config = OmegaConf.load(resolve_config_path(config, "config"))
     if "model" in config:
         config = config["model"]
     model = instantiate_from_config(config)

@@ -15,7 +15,8 @@ Files users bring, in our key layout after :func:`autoencoder_state_dict`:
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Optional, Tuple
+import re
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -135,15 +136,38 @@ _VARIANT_CONFIGS = {
 }
 
 
+def level_widths(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Tuple[List[int], int]:
+    """``(width of each level, ResNet blocks per level)`` of ``encoder.down.`` or ``decoder.up.`` (level 0 = full
+    resolution), read off the keys and shapes: the one reader of an architecture from tensors (error messages here,
+    the diffusers layout in :mod:`ldm.checkpoints.diffusers`). Unreadable: :class:`CheckpointError`."""
+    found: Dict[int, set] = {}
+    for k in state_dict:
+        m = re.match(re.escape(prefix) + r"(\d+)\.block\.(\d+)\.", k)
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not found or sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"cannot read the levels of {prefix}* from the checkpoint keys")
+    blocks = {len(v) for v in found.values()}
+    if len(blocks) != 1:
+        raise CheckpointError(f"{prefix}*: levels have different numbers of blocks")
+    widths = []
+    for i in range(len(found)):
+        key = f"{prefix}{i}.block.0.conv1.weight"
+        if key not in state_dict:
+            raise CheckpointError(f"not an autoencoder state dict in our key layout: {key} is missing")
+        widths.append(int(state_dict[key].shape[0]))
+    return widths, blocks.pop()
+
+
 def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
     try:
-        out_ch, ch = state_dict["decoder.conv_out.weight"].shape[:2]
-        blocks = {k.split(".")[4] for k in state_dict if k.startswith("decoder.up.0.block.")}
-    except (KeyError, IndexError, AttributeError, ValueError):
+        out_ch = state_dict["decoder.conv_out.weight"].shape[0]
+        widths, blocks = level_widths(state_dict, "decoder.up.")
+    except (KeyError, CheckpointError, AttributeError, IndexError):
         return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
+    ch, nrb = widths[0], blocks - 1
     branch = state_dict.get("decoder.encoder.layers.0.weight")
-    nrb = len(blocks) - 1
     known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
     if branch is None:
         condition = "absent"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import sys
 from pathlib import Path
@@ -16,10 +15,10 @@ import torch
 from ldm.checkpoints import files as checkpoint_files
 from ldm.checkpoints import loading
 from ldm.image_io import InputError
+from ldm.util import PathLike
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -72,8 +71,8 @@ def refuse_overlap(outdir: PathLike, indir: PathLike, out_flag: str = "--outdir"
 
 
 def load_flagged(opt: Any, config_flag: str, ckpt_flag: str, device: torch.device) -> torch.nn.Module:
-    """``ldm.checkpoints.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what loads; a
-    checkpoint error names both flags."""
+    """``ldm.checkpoints.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what
+    loads; a checkpoint error names both flags."""
     config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
     print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)
     try:

@@ -31,10 +31,10 @@ from torch.utils.data import Dataset
 
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
 from ldm.image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, InputError, open_image, to_rgb
+from ldm.util import PathLike
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 # Unreadable files in a row before giving up: a few are data noise, a long run means a broken dataset.
 _MAX_CONSECUTIVE_SKIPS = 32
 # Small-image warnings per process; ImageNet has thousands of images under 256 px.

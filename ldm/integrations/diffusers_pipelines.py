@@ -179,8 +179,17 @@ def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
 
 
 def decoder_latent_space(decoder: Any) -> LatentSpaceKey:
-    """The same for our ``AutoencoderKL`` (``normalization_params``)."""
-    return int(decoder.embed_dim), int(decoder.downsample_factor), decoder.normalization_params()
+    """The same for our ``AutoencoderKL``: its normalisation as the config params ``ldm_normalization`` reads from
+    a VAE config of the same space."""
+    if getattr(decoder, "bn", None) is not None:
+        params: Dict[str, Any] = {"latent_batch_norm": {"patch_size": decoder.latent_patch_size,
+                                                        "batch_norm_eps": decoder.bn.eps}}
+    elif getattr(decoder, "latents_mean", None) is not None:
+        params = {"scaling_factor": decoder.scaling_factor, "latents_mean": list(decoder.latents_mean),
+                  "latents_std": list(decoder.latents_std)}
+    else:
+        params = {"scaling_factor": decoder.scaling_factor, "shift_factor": decoder.shift_factor}
+    return int(decoder.embed_dim), int(decoder.downsample_factor), params
 
 
 def describe_latent_space(space: LatentSpaceKey) -> str:

@@ -17,16 +17,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm import metrics
-from ldm.checkpoints.files import CheckpointError, PathLike
-from ldm.checkpoints.keys import load_into, read_state_dict
-from ldm.checkpoints.tensors import (
-    UNUSED_PREFIXES,
-    autoencoder_state_dict,
-    describe_decoder_checkpoint,
-    describe_state_dict,
-    latent_layout,
-)
-from ldm.latent_spaces import SD, describe_latent_layout, patchify_latents, unpatchify_latents
+from ldm.checkpoints.autoencoder_weights import load_autoencoder_weights
+from ldm.checkpoints.files import PathLike
+from ldm.checkpoints.tensors import UNUSED_PREFIXES
+from ldm.latent_spaces import SD, patchify_latents, unpatchify_latents
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -188,24 +182,11 @@ class AutoencoderKL(pl.LightningModule):
         if not self.scaling_factor > 0:
             raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
 
-    def normalization_params(self) -> Dict[str, Any]:
-        """The latent normalisation as our config params: ``scaling_factor`` with ``shift_factor`` or with
-        ``latents_mean`` / ``latents_std``, or ``latent_batch_norm`` (its statistics are the ``bn`` buffers). Equal to
-        ``ldm.checkpoints.diffusers.ldm_normalization(vae.config)`` for a diffusers VAE of the same latent space."""
-        if self.bn is not None:
-            return {"latent_batch_norm": {"patch_size": self.latent_patch_size, "batch_norm_eps": self.bn.eps}}
-        if self.latents_mean is not None:
-            return {"scaling_factor": self.scaling_factor, "latents_mean": list(self.latents_mean),
-                    "latents_std": list(self.latents_std)}
-        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
-
     def _channel_stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, C, 1, 1) tensors of ``like``'s device and dtype: per latent channel, or per channel
         of the patchified latents for ``batch_norm`` (std = ``sqrt(running_var + eps)``, computed in the
         statistics' dtype and then cast, as diffusers' FLUX.2 pipelines do)."""
         if self.bn is not None:
-            if self.bn.running_mean is None:  # pragma: no cover - track_running_stats is always on
-                raise RuntimeError("the latent BatchNorm has no running statistics")
             mean = self.bn.running_mean.view(1, -1, 1, 1)
             std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps)
             return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
@@ -260,55 +241,9 @@ class AutoencoderKL(pl.LightningModule):
         return unused
 
     def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = (), fresh_condition: bool = True) -> None:
-        """Load weights from any supported checkpoint. A full Stable Diffusion checkpoint contributes its
-        ``first_stage_model``. A checkpoint without a condition branch (an SD VAE) leaves the branch fresh when
-        ``fresh_condition`` (the start of training); otherwise (a model to use, see ``ldm.checkpoints.keys.load_model``)
-        that is an error, since a random branch would overwrite the kept region."""
-        state_dict = autoencoder_state_dict(read_state_dict(path), source=path)
-        self._check_latent_layout(state_dict, path)
-        allow_missing = []
-        if self.decoder.has_condition and not any(k.startswith("decoder.encoder.") for k in state_dict):
-            if not fresh_condition:
-                raise CheckpointError(
-                    f"{path}: has no condition branch (decoder.encoder.*), but the config builds a decoder with "
-                    f"condition: true ({describe_decoder_checkpoint(state_dict)}). For a plain VAE decoder use a "
-                    "config with condition: false (configs/autoencoder/autoencoder_kl_woc_32x32x4*.yaml) or "
-                    "--vanilla_decoder; for the paper's decoder pass its checkpoint (base.ckpt, larger1.5.ckpt, "
-                    "larger2.ckpt or a diffusers AsymmetricAutoencoderKL folder).")
-            log.info("%s: no condition branch in the checkpoint; decoder.encoder.* starts from scratch", path)
-            allow_missing.append("decoder.encoder.")
-        if not any(k.startswith("loss.") for k in state_dict):
-            allow_missing.append("loss.")  # a training model starting from inference weights
-        # the lpips package registers lin0..lin4 a second time as lins.0..4; taming's LPIPS (the original's) does not
-        allow_missing.append("loss.perceptual_loss.lins.")
-        load_into(self, state_dict, source=path, ignore_keys=ignore_keys, known_unused=self.known_unused_keys(),
-                  allow_missing=allow_missing, hint=self._variant_hint(state_dict), assign=True)
-        log.info("restored %s from %s", type(self).__name__, path)
-
-    def _check_latent_layout(self, state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:
-        """Refuse a file of another latent space (channels, quant convs), naming the one its tensors look like."""
-        theirs = latent_layout(state_dict)
-        ours = (self.embed_dim, self.use_quant_conv)
-        if theirs is not None and theirs != ours:
-            raise CheckpointError(
-                f"{path}: {describe_state_dict(state_dict)}, but this config builds "
-                f"{describe_latent_layout(*ours)}: use a config of the file's latent space (embed_dim, "
-                "use_quant_conv and the latent normalisation come from there)")
-        has_bn = "bn.running_mean" in state_dict
-        if has_bn and self.bn is None:
-            raise CheckpointError(f"{path}: holds latent BatchNorm statistics (bn.*, FLUX.2's latent normalisation) "
-                                  "but this config normalises without them: use a config with latent_batch_norm "
-                                  "(configs/autoencoder/flux2/)")
-        if self.bn is not None and not has_bn and theirs is not None:
-            raise CheckpointError(f"{path}: has no latent BatchNorm statistics (bn.running_mean / bn.running_var), "
-                                  "which this config's latent_batch_norm normalises with: use FLUX.2's VAE as "
-                                  "released (BFL's ae.safetensors or a diffusers AutoencoderKLFlux2 vae/ folder)")
-
-    def _variant_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
-        cfg = self.decoder_config
-        return (f"{describe_decoder_checkpoint(state_dict)}; this model's decoder has ch={cfg['ch']}, "
-                f"num_res_blocks={cfg['num_res_blocks']}, condition={bool(cfg.get('condition', False))}, "
-                f"concat_mask={bool(cfg.get('concat_mask', False))}")
+        """Load weights from any supported checkpoint (configs pass ``ckpt_path``). The rules (latent space,
+        condition branch, ``ignore_keys: [decoder]``): :mod:`ldm.checkpoints.autoencoder_weights`."""
+        load_autoencoder_weights(self, path, ignore_keys=ignore_keys, fresh_condition=fresh_condition)
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
@@ -410,7 +345,8 @@ class AutoencoderKL(pl.LightningModule):
             return self.decode(z), posterior
         return self.decode(z, input, mask), posterior
 
-    def get_input(self, batch: Mapping[str, torch.Tensor], k: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get_input(self, batch: Mapping[str, torch.Tensor],
+                  k: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Image (B,3,H,W) float and mask (B,1,H,W) from a batch; channel-last tensors (the original's layout)
         are permuted."""
         x = batch[k or self.image_key]
@@ -545,7 +481,8 @@ class AutoencoderKL(pl.LightningModule):
         """One encoder+decoder forward, then the generator step and (from ``disc_start``) the discriminator step.
 
         ``global_step`` counts optimizer steps, as in the original (PL 1.x stepped both optimizers per batch): the
-        discriminator's step is kept out of Lightning's step counter (:func:`ldm.training.framework_hooks.step_uncounted`).
+        discriminator's step is kept out of Lightning's step counter
+        (:func:`ldm.training.framework_hooks.step_uncounted`).
         With ``accumulate_grad_batches`` = N both optimizers step once per N batches, on the mean of their
         gradients, which is the update of one batch N times larger (the GAN's adaptive weight is computed per
         micro-batch).

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -17,11 +16,10 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.image_io import to_uint8, write_png
-from ldm.util import remove_stale_temporaries, write_atomically
+from ldm.util import PathLike, remove_stale_temporaries, write_atomically
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

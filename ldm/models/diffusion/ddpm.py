@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoints.files import PathLike
+from ldm.checkpoints.files import CheckpointError, PathLike
 from ldm.checkpoints.keys import load_into, read_state_dict
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -238,7 +239,13 @@ class LatentDiffusion(nn.Module):
         return unused
 
     def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = ()) -> None:
-        """Load a full SD checkpoint (``.ckpt`` or ``.safetensors``) strictly, apart from :meth:`known_unused_keys`."""
+        """Load a full SD checkpoint (``.ckpt`` or ``.safetensors``) strictly, apart from :meth:`known_unused_keys`.
+        A diffusers pipeline folder is refused in one line: only the decoder is read from diffusers folders."""
+        if Path(path).is_dir():
+            raise CheckpointError(
+                f"{path}: a folder; the SD model is read from one .ckpt or .safetensors file (e.g. "
+                "sd-v1-5-inpainting.ckpt or v1-5-pruned-emaonly.safetensors), not from a diffusers folder (a diffusers "
+                "pipeline folder runs with scripts/inpaint_diffusers.py --pipeline)")
         state_dict = read_state_dict(path)
         hint = None
         if self.use_ema and not any(k.startswith("model_ema.") and k.count(".") == 1 and
@@ -257,10 +264,6 @@ class LatentDiffusion(nn.Module):
         noise = default(noise, lambda: torch.randn_like(x_start))
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
-
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Optional[Conditioning],
                     return_ids: bool = False) -> torch.Tensor:

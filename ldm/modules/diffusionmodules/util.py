@@ -30,7 +30,8 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     if n_timestep < 1:
         raise ValueError(f"n_timestep must be >= 1, got {n_timestep}")
     if schedule == "linear":
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64,
+                               device="cpu") ** 2
     elif schedule == "cosine":
         steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
