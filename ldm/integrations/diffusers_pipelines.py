@@ -50,14 +50,23 @@ def _size_of_kontext(pipe: Any, image: Any, kwargs: Mapping[str, Any]) -> Tuple[
     return pipe.image_processor.resize(image, height, width), height, width
 
 
+def _raw_size(image: Any) -> Tuple[int, int]:
+    """(height, width) of a PIL image, a (..., H, W) tensor or a (..., H, W, C) array (the first of a list)."""
+    first = image[0] if isinstance(image, list) else image
+    if hasattr(first, "height") and hasattr(first, "width"):  # PIL
+        return first.height, first.width
+    shape = tuple(first.shape)
+    return shape[-3:-1] if type(first).__module__ == "numpy" and len(shape) >= 3 else shape[-2:]
+
+
 def _size_of_flux2(pipe: Any, image: Any, kwargs: Mapping[str, Any]) -> Tuple[Any, int, int]:
     """FLUX.2: the image's size, first scaled down to 1024x1024 pixels of area if larger; floored to a multiple
-    of 16."""
-    height, width = pipe._get_raw_image_size(image)
+    of 16 (the pipeline's own rule, with its ``_get_raw_image_size``)."""
+    height, width = _raw_size(image)
     if height * width > 1024 * 1024:
         scale = math.sqrt(1024 * 1024 / (height * width))
         image = pipe.image_processor.resize(image, int(height * scale), int(width * scale))
-        height, width = pipe._get_raw_image_size(image)
+        height, width = _raw_size(image)
     multiple = 2 * pipe.vae_scale_factor
     return image, height // multiple * multiple, width // multiple * multiple
 
