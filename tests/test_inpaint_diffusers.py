@@ -95,6 +95,12 @@ def test_inpaint_diffusers_refuses_what_cannot_work(files, pipeline_dir, tmp_pat
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert inpaint_diffusers.main(script_args(files, other, tmp_path / "o")) == 2
     assert "StableDiffusionPipeline is not supported" in capsys.readouterr().err
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionControlNetInpaintPipeline"}))
+    assert inpaint_diffusers.main(script_args(files, other, tmp_path / "o")) == 2
+    assert "StableDiffusionControlNetInpaintPipeline needs --control_image" in capsys.readouterr().err
+    absent = ["--control_image", str(tmp_path / "absent.png")]
+    assert inpaint_diffusers.main(script_args(files, other, tmp_path / "o", *absent)) == 2
+    assert "absent.png: not found" in capsys.readouterr().err
     assert inpaint_diffusers.main(script_args(files, tmp_path / "absent", tmp_path / "o")) == 2
     assert "model_index.json is missing" in capsys.readouterr().err
     assert inpaint_diffusers.main(script_args(files, pipeline_dir, tmp_path / "o", "--ckpt", "absent.ckpt")) == 2

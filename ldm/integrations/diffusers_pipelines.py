@@ -1,39 +1,154 @@
 """Our decoder inside diffusers' inpainting pipelines.
 
-One mechanism for ``StableDiffusionInpaintPipeline`` (SD 1.5 / SD 2 inpainting), ``StableDiffusionXLInpaintPipeline``,
-``StableDiffusion3InpaintPipeline`` and ``FluxFillPipeline``:
+One mechanism for every inpainting pipeline of the pinned diffusers whose VAE is one of our latent spaces
+(:data:`PIPELINES`):
 
 1. the pipeline runs as it always does (its own VAE encodes the image for the denoiser) with ``output_type="latent"``
-   at an explicit output size, so it returns the final latents instead of decoding them;
-2. FLUX returns them packed into 2x2 patches: :func:`unpack_latents` restores (B,C,h,w) (the one place that calls a
-   private diffusers helper, ``_unpack_latents``; a test compares it with the pipeline's own decode);
-3. the pipeline's own ``image_processor`` / ``mask_processor`` prepare the image and mask at the output size, exactly
-   as the pipeline prepared them for itself (image in [-1,1], mask binarised, 1 = generate);
-4. our decoder undoes the latent scaling (``model.unscale_latents``: ``latents / scale + shift``, the inverse of the
-   pipeline's encoding ``(x - shift) * scale``) and decodes with image and mask; the pipeline's ``image_processor``
-   turns the result into the requested output type.
+   at the output size, so it returns its final latents instead of decoding them;
+2. the latents become (B,C,h,w) in the VAE's own latent space: FLUX-style pipelines return 2x2 patches packed into
+   tokens, restored by the pipeline's own ``_unpack_latents`` (the one private diffusers helper called here; a test
+   compares it with the packing); most pipelines return latents as the denoiser sees them (``(z - shift) * scale``),
+   undone by ``model.unscale_latents``; FLUX.2 undoes its normalisation itself before returning;
+3. the pipeline's own ``image_processor`` / ``mask_processor`` prepare the image and mask at the output size, as the
+   pipeline prepared them for itself (image in [-1,1], mask binarised, 1 = generate);
+4. our decoder decodes with image and mask; the pipeline's ``image_processor`` turns the result into the output type.
 
+What differs between pipelines is read from their code (diffusers 0.42.1) and written once per family
+(:class:`Family`, :data:`FAMILIES`): which arguments carry the image and the mask, packed latents, normalised or
+raw latents, who sets the output size, extra required arguments.
 Images and masks are whatever the pipelines accept (PIL images, arrays, tensors); the mask is white / 1 = generate.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 if TYPE_CHECKING:  # torch is imported where it runs, so that scripts list PIPELINES in --help without loading it
     import torch
 
-PIPELINES: Dict[str, str] = {
-    "StableDiffusionInpaintPipeline": "SD 1.5 / SD 2 inpainting",
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
-    "StableDiffusion3InpaintPipeline": "SD 3.x inpainting",
-    "FluxFillPipeline": "FLUX.1 Fill",
+SizeRule = Callable[[Any, Any, Mapping[str, Any]], Tuple[Any, int, int]]
+
+
+def _size_of_image(pipe: Any, image: Any, kwargs: Mapping[str, Any]) -> Tuple[Any, int, int]:
+    """Z-Image inpainting: the image's own size, floored to what the image processor accepts (a multiple of 16)."""
+    height, width = pipe.image_processor.get_default_height_width(image)
+    return image, height, width
+
+
+def _size_of_kontext(pipe: Any, image: Any, kwargs: Mapping[str, Any]) -> Tuple[Any, int, int]:
+    """FLUX.1 Kontext: the preferred Kontext resolution nearest the image's aspect ratio (``_auto_resize``, on by
+    default), else the image's own size; floored to a multiple of 16; the image resized to it."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext_inpaint import PREFERRED_KONTEXT_RESOLUTIONS
+
+    first = image[0] if isinstance(image, list) else image
+    height, width = pipe.image_processor.get_default_height_width(first)
+    if kwargs.get("_auto_resize", True):
+        _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    multiple = 2 * pipe.vae_scale_factor
+    height, width = height // multiple * multiple, width // multiple * multiple
+    return pipe.image_processor.resize(image, height, width), height, width
+
+
+def _raw_size(image: Any) -> Tuple[int, int]:
+    """(height, width) of a PIL image, a (..., H, W) tensor or a (..., H, W, C) array (the first of a list)."""
+    first = image[0] if isinstance(image, list) else image
+    if hasattr(first, "height") and hasattr(first, "width"):  # PIL
+        return first.height, first.width
+    shape = tuple(first.shape)
+    return shape[-3:-1] if type(first).__module__ == "numpy" and len(shape) >= 3 else shape[-2:]
+
+
+def _size_of_flux2(pipe: Any, image: Any, kwargs: Mapping[str, Any]) -> Tuple[Any, int, int]:
+    """FLUX.2: the image's size, first scaled down to 1024x1024 pixels of area if larger; floored to a multiple
+    of 16 (the pipeline's own rule, with its ``_get_raw_image_size``)."""
+    height, width = _raw_size(image)
+    if height * width > 1024 * 1024:
+        scale = math.sqrt(1024 * 1024 / (height * width))
+        image = pipe.image_processor.resize(image, int(height * scale), int(width * scale))
+        height, width = _raw_size(image)
+    multiple = 2 * pipe.vae_scale_factor
+    return image, height // multiple * multiple, width // multiple * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the pipelines of one family do with the image, the mask and the final latents, read from their code.
+
+    ``image`` / ``mask``: the pipeline arguments that carry the image to inpaint and its mask (SD 3 ControlNet
+    inpainting takes them as ``control_image`` / ``control_mask``).
+    ``packed``: ``output_type="latent"`` returns 2x2 latent patches packed into tokens (FLUX).
+    ``normalised``: the returned latents are normalised as the denoiser sees them (``model.unscale_latents``
+    undoes it); ``False``: the VAE's own latents (FLUX.2 denormalises and unpatchifies before returning).
+    ``size``: ``None`` = the pipeline takes ``height`` / ``width`` (passed explicitly: the image's size unless
+    given); else the pipeline's own rule (the image's size, resized for Kontext and FLUX.2) as a function
+    ``(pipe, image, kwargs) -> (image as the pipeline resized it, height, width)``; ``height`` / ``width`` are
+    then refused.
+    ``as_control``: the pipeline passes these inputs through its ControlNet ``prepare_image`` path: a tensor is
+    taken as given ([-1,1] image, {0,1} mask), not preprocessed, and a batch is repeated image by image
+    (``repeat_interleave``) where the others repeat it whole.
+    ``requires``: further arguments the pipeline cannot run without.
+    """
+    name: str
+    image: str = "image"
+    mask: str = "mask_image"
+    packed: bool = False
+    normalised: bool = True
+    size: Optional[SizeRule] = None
+    as_control: Tuple[str, ...] = ()
+    requires: Tuple[str, ...] = ()
+
+
+FAMILIES: Dict[str, Family] = {f.name: f for f in (
+    Family("SD"),  # SD 1.x / 2.x, SDXL, SD 3.x inpainting, their PAG variants
+    Family("SD ControlNet", requires=("control_image",)),
+    Family("SDXL ControlNet Union", requires=("control_image", "control_mode")),
+    # text-to-image with an inpainting ControlNet: the image and mask are the control's
+    Family("SD 3 ControlNet", image="control_image", mask="control_mask", as_control=("image", "mask")),
+    Family("FLUX", packed=True),  # FLUX.1 Fill, FLUX.1 img2img inpainting, Chroma
+    Family("FLUX control", packed=True, requires=("control_image",)),
+    Family("FLUX Kontext", packed=True, size=_size_of_kontext),
+    Family("Z-Image", size=_size_of_image),
+    Family("Z-Image ControlNet", as_control=("image",), requires=("control_image",)),
+    Family("FLUX.2", normalised=False, size=_size_of_flux2),
+)}
+
+
+class Supported(NamedTuple):
+    models: str
+    space: str  # the name in ldm.latent_spaces.LATENT_SPACES
+    family: str  # the key in FAMILIES
+
+
+PIPELINES: Dict[str, Supported] = {
+    "StableDiffusionInpaintPipeline": Supported("SD 1.5 / SD 2 inpainting", "sd", "SD"),
+    "StableDiffusionPAGInpaintPipeline": Supported("SD 1.5 / SD 2 inpainting with PAG", "sd", "SD"),
+    "StableDiffusionControlNetInpaintPipeline": Supported("SD 1.5 + ControlNet", "sd", "SD ControlNet"),
+    "StableDiffusionControlNetPAGInpaintPipeline": Supported("SD 1.5 + ControlNet with PAG", "sd", "SD ControlNet"),
+    "StableDiffusionXLInpaintPipeline": Supported("SDXL (inpainting fine-tunes or base)", "sdxl", "SD"),
+    "StableDiffusionXLPAGInpaintPipeline": Supported("SDXL with PAG", "sdxl", "SD"),
+    "StableDiffusionXLControlNetInpaintPipeline": Supported("SDXL + ControlNet", "sdxl", "SD ControlNet"),
+    "StableDiffusionXLControlNetUnionInpaintPipeline": Supported("SDXL + ControlNet Union (ProMax)", "sdxl",
+                                                                 "SDXL ControlNet Union"),
+    "StableDiffusion3InpaintPipeline": Supported("SD 3.x inpainting", "sd3", "SD"),
+    "StableDiffusion3ControlNetInpaintingPipeline": Supported("SD 3 + inpainting ControlNet (e.g. alimama's)",
+                                                              "sd3", "SD 3 ControlNet"),
+    "FluxFillPipeline": Supported("FLUX.1 Fill", "flux", "FLUX"),
+    "FluxInpaintPipeline": Supported("FLUX.1 dev / schnell", "flux", "FLUX"),
+    "ChromaInpaintPipeline": Supported("Chroma", "flux", "FLUX"),
+    "FluxControlInpaintPipeline": Supported("FLUX.1 Canny / Depth", "flux", "FLUX control"),
+    "FluxControlNetInpaintPipeline": Supported("FLUX.1 + ControlNet", "flux", "FLUX control"),
+    "FluxKontextInpaintPipeline": Supported("FLUX.1 Kontext", "flux", "FLUX Kontext"),
+    "ZImageInpaintPipeline": Supported("Z-Image (Turbo)", "flux", "Z-Image"),
+    "ZImageControlNetInpaintPipeline": Supported("Z-Image + ControlNet (Union)", "flux", "Z-Image ControlNet"),
+    "Flux2KleinInpaintPipeline": Supported("FLUX.2 [klein]", "flux2", "FLUX.2"),
 }
 
-# arguments that would make the pipeline's output something other than the decoded final latents at (height, width)
+# arguments that would make the pipeline's output something other than the decoded final latents at the output size
 _REFUSED_ARGUMENTS = {
     "padding_mask_crop": "the pipeline would inpaint a crop and paste it back with its own VAE's decode",
     "return_dict": "inpaint() returns the images",
+    "masked_image_latents": "our decoder reads the image itself, not latents of it",
 }
 
 
@@ -41,68 +156,123 @@ class PipelineError(ValueError):
     """A pipeline, decoder or argument that cannot be combined; the message names both sides."""
 
 
-def check_pipeline(pipe: Any) -> None:
-    """Refuse pipelines this module does not support (by class, including subclasses) and VAEs whose latents are
-    normalised per channel (``latents_mean`` / ``latents_std``, e.g. Playground v2.5), which our decoders do not
-    model."""
-    names = {cls.__name__ for cls in type(pipe).__mro__}
-    if not names & PIPELINES.keys():
+def supported(pipe: Any) -> Tuple[str, Supported]:
+    """``(class name, PIPELINES entry)`` of a pipeline (a subclass counts as its supported base); refuses pipelines
+    not in :data:`PIPELINES` and VAEs whose latents are normalised per channel (``latents_mean`` / ``latents_std``,
+    e.g. Playground v2.5), which the inpainting pipelines do not apply consistently."""
+    name = next((cls.__name__ for cls in type(pipe).__mro__ if cls.__name__ in PIPELINES), None)
+    if name is None:
         raise PipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {', '.join(PIPELINES)}")
     if getattr(pipe.vae.config, "latents_mean", None) is not None:
         raise PipelineError(f"{type(pipe).__name__}: its VAE normalises latents per channel (latents_mean / "
-                            "latents_std); only a scalar scaling_factor / shift_factor is supported")
+                            "latents_std), which diffusers' inpainting pipelines apply when decoding (SDXL) but not "
+                            "when encoding the image: no consistent latent space to decode")
+    return name, PIPELINES[name]
 
 
-def vae_latent_space(vae_config: Mapping[str, Any]) -> Tuple[int, float, float, int]:
-    """``(channels, scaling_factor, shift_factor, downsampling factor)`` of a diffusers VAE config
-    (``pipe.vae.config`` or a ``vae/config.json``; a missing or null ``shift_factor`` is 0, as in SD 1.x / SDXL)."""
-    return (int(vae_config["latent_channels"]), float(vae_config["scaling_factor"]),
-            float(vae_config.get("shift_factor") or 0.0), 2 ** (len(vae_config["block_out_channels"]) - 1))
+def family_of(pipe: Any) -> Family:
+    return FAMILIES[supported(pipe)[1].family]
 
 
-def decoder_latent_space(decoder: Any) -> Tuple[int, float, float, int]:
-    """The same four numbers for our ``AutoencoderKL``."""
-    return (int(decoder.embed_dim), float(decoder.scaling_factor), float(decoder.shift_factor),
-            int(decoder.downsample_factor))
+LatentSpaceKey = Tuple[int, int, Dict[str, Any]]  # (channels, downsampling factor, normalisation params)
 
 
-def describe_latent_space(space: Tuple[int, float, float, int]) -> str:
-    channels, scale, shift, f = space
-    return f"{channels} channels, scaling_factor {scale:g}, shift_factor {shift:g}, {f}x downsampling"
+def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
+    """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (a ``vae/config.json``, or
+    ``pipe.vae.config`` with ``_class_name`` added); the normalisation as our config params
+    (``ldm.checkpoints.diffusers.ldm_normalization``: scale and shift, or FLUX.2's ``latent_batch_norm``)."""
+    from ldm.checkpoints.diffusers import ldm_normalization
+
+    return (int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1),
+            ldm_normalization(vae_config))
+
+
+def decoder_latent_space(decoder: Any) -> LatentSpaceKey:
+    """The same for our ``AutoencoderKL``: its normalisation as the config params ``ldm_normalization`` reads from
+    a VAE config of the same space."""
+    if getattr(decoder, "bn", None) is not None:
+        params: Dict[str, Any] = {"latent_batch_norm": {"patch_size": decoder.latent_patch_size,
+                                                        "batch_norm_eps": decoder.bn.eps}}
+    elif getattr(decoder, "latents_mean", None) is not None:
+        params = {"scaling_factor": decoder.scaling_factor, "latents_mean": list(decoder.latents_mean),
+                  "latents_std": list(decoder.latents_std)}
+    else:
+        params = {"scaling_factor": decoder.scaling_factor, "shift_factor": decoder.shift_factor}
+    return int(decoder.embed_dim), int(decoder.downsample_factor), params
+
+
+def describe_latent_space(space: LatentSpaceKey) -> str:
+    channels, f, params = space
+    if "latent_batch_norm" in params:
+        how = "BatchNorm statistics over 2x2 patches (FLUX.2)"
+    elif "latents_mean" in params:
+        how = f"scaling_factor {params['scaling_factor']:g}, per-channel latents_mean / latents_std"
+    else:
+        how = f"scaling_factor {params['scaling_factor']:g}, shift_factor {params['shift_factor']:g}"
+    return f"{channels} channels, {how}, {f}x downsampling"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
 
 
 def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
                        decoder_name: str = "the decoder") -> None:
-    """Refuse a decoder whose latent space (channels, scale, shift, downsampling) is not that of the pipeline's VAE
-    (``pipe.vae.config``); the message names both."""
+    """Refuse a decoder whose latent space (channels, normalisation, downsampling) is not that of the pipeline's
+    VAE (see :func:`vae_latent_space`); the message names both."""
     ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
-    same = (ours[0] == theirs[0] and ours[3] == theirs[3]
-            and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(ours[1:3], theirs[1:3])))
-    if not same:
+    if not _same(ours, theirs):
         raise PipelineError(f"{decoder_name} decodes another latent space than {pipe_name}'s VAE: "
                             f"{decoder_name}: {describe_latent_space(ours)}; {pipe_name}'s VAE: "
                             f"{describe_latent_space(theirs)}")
 
 
-def output_size(pipe: Any, image: Any, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int]:
-    """The output ``(height, width)``: the given ones, else the input image's size; both rounded down to what the
-    pipeline's image processor accepts (a multiple of 8, 16 for FLUX). Passed to the pipeline explicitly, so the
-    pipeline, the decoder's image and mask, and FLUX's unpacking all use the same size (the pipelines' own default is
-    a fixed square, e.g. 1024x1024, which would stretch the image)."""
-    return pipe.image_processor.get_default_height_width(image, height, width)
+def vae_config_of(pipe: Any) -> Dict[str, Any]:
+    """``pipe.vae.config`` as its ``config.json`` reads (with ``_class_name``)."""
+    return {"_class_name": type(pipe.vae).__name__, **pipe.vae.config}
+
+
+def output_size(pipe: Any, image: Any, height: Optional[int] = None, width: Optional[int] = None,
+                **pipe_kwargs: Any) -> Tuple[int, int]:
+    """The output ``(height, width)``. Pipelines that take a size: the given one, else the input image's, both
+    rounded down to what the pipeline's image processor accepts (a multiple of 8, 16 for FLUX and Z-Image), passed
+    to the pipeline explicitly so that the pipeline, the decoder's image and mask and FLUX's unpacking all use it
+    (the pipelines' own default is a fixed square, e.g. 1024x1024, which would stretch the image). Pipelines that
+    size their output by the image (Z-Image inpainting, FLUX.1 Kontext, FLUX.2): their own rule."""
+    return _prepare_size(pipe, family_of(pipe), image, height, width, pipe_kwargs)[1:]
+
+
+def _prepare_size(pipe: Any, family: Family, image: Any, height: Optional[int], width: Optional[int],
+                  kwargs: Mapping[str, Any]) -> Tuple[Any, int, int]:
+    if family.size is None:
+        return (image, *pipe.image_processor.get_default_height_width(image, height, width))
+    resized, own_height, own_width = family.size(pipe, image, kwargs)
+    if (height is not None and height != own_height) or (width is not None and width != own_width):
+        raise PipelineError(f"{type(pipe).__name__} sizes its output by the image ({own_width}x{own_height} here): "
+                            f"height={height} / width={width} cannot be honoured; resize the image instead")
+    return resized, own_height, own_width
 
 
 def native_size(pipe: Any) -> int:
     """The pipeline's default output side in pixels (its ``height``/``width`` when none is given): 512 for SD 1.5,
-    1024 for SDXL, SD 3.x and FLUX.1 Fill."""
-    sample_size = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
-    return int(sample_size) * int(pipe.vae_scale_factor)
+    1024 for the others (Z-Image's pipelines have no sample size: 1024, the Z-Image ControlNet pipeline's
+    default)."""
+    sample_size = getattr(pipe, "default_sample_size", None)
+    if sample_size is None and getattr(pipe, "unet", None) is not None:
+        sample_size = pipe.unet.config.sample_size
+    return 1024 if sample_size is None else int(sample_size) * int(pipe.vae_scale_factor)
 
 
 def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Final latents as the pipeline returns them with ``output_type="latent"`` -> (B,C,h,w). SD/SDXL/SD3 return
-    (B,C,h,w) already; FLUX returns 2x2 patches packed into tokens (B, h*w/4, 4*C), restored by the pipeline's own
-    ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes)."""
+    """Final latents as the pipeline returns them with ``output_type="latent"`` -> (B,C,h,w). Most return
+    (B,C,h,w) already; FLUX-style pipelines return 2x2 patches packed into tokens (B, h*w/4, 4*C), restored by the
+    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes)."""
     if latents.ndim == 4:
         return latents
     unpack = getattr(type(pipe), "_unpack_latents", None)
@@ -115,19 +285,33 @@ def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) ->
 def decoder_condition(pipe: Any, image: Any, mask_image: Any, height: int, width: int
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The image (B,3,H,W) in [-1,1] and mask (B,1,H,W) in {0,1} (1 = generate) as the pipeline prepares them for
-    itself: its ``image_processor`` and ``mask_processor`` at the output size."""
-    return (pipe.image_processor.preprocess(image, height=height, width=width),
-            pipe.mask_processor.preprocess(mask_image, height=height, width=width))
+    itself: its ``image_processor`` and ``mask_processor`` at the output size (the image as the pipeline resized
+    it, for the pipelines that size by the image); tensors as given on a ControlNet ``prepare_image`` path."""
+    import torch
+
+    family = family_of(pipe)
+    prepared = []
+    for key, value, processor in (("image", image, pipe.image_processor), ("mask", mask_image, pipe.mask_processor)):
+        if key in family.as_control and isinstance(value, torch.Tensor):
+            if tuple(value.shape[-2:]) != (height, width):
+                raise PipelineError(f"{type(pipe).__name__} takes a {key} tensor as it is: its size "
+                                    f"{tuple(value.shape[-2:])} must be the output size {(height, width)}")
+            prepared.append(value)
+        else:
+            prepared.append(processor.preprocess(value, height=height, width=width))
+    return prepared[0], prepared[1]
 
 
-def _batch_like(t: torch.Tensor, batch: int) -> torch.Tensor:
+def batch_like(t: torch.Tensor, batch: int, interleave: bool = False) -> torch.Tensor:
     """Image/mask batch -> the latent batch: batch 1 is shared; B prompts x n images per prompt repeat the whole
-    batch n times, as the pipelines repeat their mask and masked image for the denoiser."""
+    batch n times, as the pipelines repeat their mask and masked image for the denoiser (ControlNet
+    ``prepare_image`` paths: each image n times, ``interleave``)."""
     if t.shape[0] in (1, batch):
         return t
     if batch % t.shape[0]:
         raise PipelineError(f"{t.shape[0]} images for {batch} latents: cannot pair them")
-    return t.repeat(batch // t.shape[0], 1, 1, 1)
+    n = batch // t.shape[0]
+    return t.repeat_interleave(n, dim=0) if interleave else t.repeat(n, 1, 1, 1)
 
 
 def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, height: Optional[int] = None,
@@ -137,31 +321,42 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     ``AutoencoderKL``, conditioned on the pipeline's image and mask); ``decoder=None`` lets the pipeline decode
     with its own VAE (for comparison, at the same size).
 
-    ``pipe_kwargs`` go to the pipeline unchanged (``prompt``, ``num_inference_steps``, ``guidance_scale``,
-    ``generator``, ``num_images_per_prompt``, ``strength``, prompt embeddings, ...). Returns what
-    ``pipe(...).images`` would be for ``output_type`` ("pil", "np" or "pt"), at :func:`output_size`.
-    The decoder runs on its own device and dtype; the latents are moved there. ``decode(z, image, mask)`` replaces
-    ``decoder.decode`` (float32, the exact path) where a faster path of the same decoder is wanted.
+    ``image`` / ``mask_image`` go to the pipeline's arguments for them (``control_image`` / ``control_mask`` for
+    SD 3 ControlNet inpainting). ``pipe_kwargs`` go to the pipeline unchanged (``prompt``, ``num_inference_steps``,
+    ``guidance_scale``, ``generator``, ``num_images_per_prompt``, ``strength``, ``control_image``, prompt
+    embeddings, ...). Returns what ``pipe(...).images`` would be for ``output_type`` ("pil", "np" or "pt"), at
+    :func:`output_size`. The decoder runs on its own device and dtype; the latents are moved there.
+    ``decode(z, image, mask)`` replaces ``decoder.decode`` (float32, the exact path) where a faster path of the
+    same decoder is wanted.
     """
     import torch
 
-    check_pipeline(pipe)
-    for name, why in _REFUSED_ARGUMENTS.items():
-        if name in pipe_kwargs:
-            raise PipelineError(f"{name} is not supported here: {why}")
+    name, entry = supported(pipe)
+    family = FAMILIES[entry.family]
+    for argument, why in _REFUSED_ARGUMENTS.items():
+        if argument in pipe_kwargs:
+            raise PipelineError(f"{argument} is not supported here: {why}")
     if output_type == "latent":
         raise PipelineError("output_type='latent': call the pipeline itself to get latents")
-    height, width = output_size(pipe, image, height, width)
-    call = dict(image=image, mask_image=mask_image, height=height, width=width, **pipe_kwargs)
+    missing = [argument for argument in family.requires if pipe_kwargs.get(argument) is None]
+    if missing:
+        raise PipelineError(f"{name} needs {', '.join(missing)} (pass {missing[0]}=... to inpaint)")
+    resized, height, width = _prepare_size(pipe, family, image, height, width, pipe_kwargs)
+    call = {family.image: image, family.mask: mask_image, **pipe_kwargs}
+    if family.size is None:
+        call.update(height=height, width=width)
     if decoder is None:
         return pipe(**call, output_type=output_type).images
-    check_decoder_fits(pipe.vae.config, decoder)
+    check_decoder_fits(vae_config_of(pipe), decoder, pipe_name=name)
     latents = unpack_latents(pipe, pipe(**call, output_type="latent").images, height, width)
-    cond_image, cond_mask = decoder_condition(pipe, image, mask_image, height, width)
+    cond_image, cond_mask = decoder_condition(pipe, resized, mask_image, height, width)
     weight = next(decoder.parameters())
-    z = decoder.unscale_latents(latents.to(device=weight.device, dtype=weight.dtype))
-    cond_image = _batch_like(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0])
-    cond_mask = _batch_like(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0])
+    latents = latents.to(device=weight.device, dtype=weight.dtype)
+    z = decoder.unscale_latents(latents) if family.normalised else latents
+    cond_image = batch_like(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0],
+                             "image" in family.as_control)
+    cond_mask = batch_like(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0],
+                            "mask" in family.as_control)
     with torch.no_grad():
         decoded = (decode or decoder.decode)(z, cond_image, cond_mask)
     return pipe.image_processor.postprocess(decoded.float(), output_type=output_type)
