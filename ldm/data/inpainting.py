@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -235,6 +235,10 @@ class ImageFolderInpainting(Dataset):
     def random_crop(self) -> bool:
         return self.transform.random_crop
 
+    @property
+    def min_crop_frac(self) -> float:
+        return self.transform.min_crop_frac
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -242,17 +246,28 @@ class ImageFolderInpainting(Dataset):
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} images")
         rng = sample_rng(self.seed, index if self.fixed_masks else None)
-        for attempt in range(min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))):
-            path = self.paths[(index + attempt) % len(self.paths)]
-            try:
-                with open_image(path, self.max_pixels) as img:
-                    return self.transform(img, path, rng)
-            except InputError as err:
-                if path not in self._warned:
-                    self._warned.add(path)
-                    log.warning("skipping unreadable image: %s", err)
-        raise RuntimeError(f"{min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))} unreadable images in a row from "
-                           f"{self.paths[index]}: check the dataset")
+
+        def load(i: int) -> Dict[str, Any]:
+            with open_image(self.paths[i], self.max_pixels) as img:
+                return self.transform(img, self.paths[i], rng)
+
+        return first_readable(index, len(self.paths), load, self._warned, self.paths[index])
+
+
+def first_readable(index: int, count: int, load: Callable[[int], Dict[str, Any]], warned: set,
+                   name: str) -> Dict[str, Any]:
+    """``load(index)``, or on an unreadable item (:class:`InputError`, warned once per item) the next ones in turn;
+    a long run of unreadable items is a broken dataset: ``RuntimeError`` naming ``name``."""
+    for attempt in range(min(_MAX_CONSECUTIVE_SKIPS, count)):
+        i = (index + attempt) % count
+        try:
+            return load(i)
+        except InputError as err:
+            if i not in warned:
+                warned.add(i)
+                log.warning("skipping unreadable image: %s", err)
+    raise RuntimeError(f"{min(_MAX_CONSECUTIVE_SKIPS, count)} unreadable images in a row from {name}: check the "
+                       "dataset")
 
 
 def _original_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
