@@ -288,6 +288,10 @@ class StreamLoader(DataLoader):
                     self.dataset.samples_per_worker) for w in range(workers)]
 
     def __iter__(self) -> Iterator[Any]:
+        # the epoch advances when the previous one was delivered whole (Lightning stops iterating after the last
+        # batch it counted, so the generator may never see its own end)
+        if self._resume_at == 0 and self._consumed >= len(self):
+            self.epoch += 1
         start, self._resume_at = self._resume_at, 0
         self.dataset.epoch = self.epoch
         self.dataset.skip = self._worker_skips(start)
@@ -298,8 +302,6 @@ class StreamLoader(DataLoader):
                 yield batch
         finally:
             self.dataset.skip = []
-        self.epoch += 1
-        self._consumed = 0
 
     def state_dict(self) -> Dict[str, int]:
         return {"epoch": int(self.epoch), "batches": int(self._consumed), "num_workers": int(self.num_workers),
