@@ -68,6 +68,7 @@ def test_shard_stream_splits_between_ranks_and_workers_and_resumes_exactly(tmp_p
         assert len(loader) == 6 and len(names) == 10  # 23 // 4 = 5 per worker: a shard without its corrupt member
         per_rank.append(names)
     assert not set(per_rank[0]) & set(per_rank[1])  # disjoint ranks
+    assert all(len(set(names)) == len(names) for names in per_rank)  # one pass: no sample twice in the epoch
     shards = [{n.split("#")[0] for n in names} for names in per_rank]
     assert [len(s) for s in shards] == [2, 2] and not shards[0] & shards[1]  # a shard per worker, its own
     assert not any("00001.tar#000010002" in n for n in per_rank[0] + per_rank[1])  # the corrupt member never

@@ -15,12 +15,14 @@ The stream of one epoch is a pure function of ``(seed, epoch, rank, worker)``:
   (still disjoint; each process then reads every shard);
 * each process cycles over its shards and takes exactly ``epoch_size // (ranks x workers)`` samples per epoch, so
   every rank runs the same number of batches (a rank that ran out first would hang the others in DDP);
-* a shuffle buffer of ``shuffle_buffer`` samples seeded by ``(seed, epoch, rank, worker)``; the crop and mask of the
-  sample at position ``p`` are drawn from ``(seed, epoch, rank, worker, p)`` (validation, ``fixed_masks``: from
-  ``(seed, crc32(key))``, the same in every run).
+* a shuffle buffer of ``shuffle_buffer`` samples seeded by ``(seed, epoch, rank, worker)``, applied to each pass
+  over the process's shards on its own: an epoch that fits in one pass (each process's shards hold at least its
+  share, as with shards of equal size and ``epoch_size`` at most their total) sees no sample twice. The crop and mask of the sample at position ``p`` are drawn from
+  ``(seed, epoch, rank, worker, p)`` (validation, ``fixed_masks``: from ``(seed, crc32(key))``, the same in every
+  run).
 
-Corrupt samples (an unreadable tar member or an image that does not decode) are skipped, each logged once with its
-shard and key, and counted: every worker logs its count at the end of its epoch, and ``corrupt`` on the dataset
+Corrupt samples (an unreadable tar member or an image that does not decode) are skipped, the first 20 of a process
+logged with their shard and key, and all counted: every worker logs its count at the end of its epoch, and ``corrupt`` on the dataset
 holds it in the process that read it. They never stop training; a full pass over a process's shards without a
 single good sample does (a wrong URL pattern, not data noise).
 
@@ -173,7 +175,8 @@ class WebDatasetInpainting(IterableDataset):
         return urls
 
     def _raw_samples(self, worker: int) -> Iterator[Dict[str, Any]]:
-        """This process's undecoded samples, cycling over its shards without end."""
+        """This process's undecoded samples, pass after pass over its shards without end. Each pass goes through
+        the shuffle buffer on its own, so an epoch that fits in one pass sees no sample twice."""
         urls = self._shard_order()
         slot = self.rank * max(self.num_workers, 1) + worker
         split_samples = len(urls) < self.slots
@@ -182,12 +185,15 @@ class WebDatasetInpainting(IterableDataset):
             # environment nor torch.distributed need say it), then its split_by_worker
             urls = list(split_by_worker(itertools.islice(urls, self.rank, None, self.world_size)))
         handler = _CorruptCounter(self)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         while True:
             found = False
             streams = ({"url": url, "stream": open_url(url)} for url in urls)
             samples = group_by_keys(tar_file_expander(_opened(streams, handler), handler=handler), handler=handler)
             if split_samples:
                 samples = itertools.islice(samples, slot, None, self.slots)
+            if self.shuffle_buffer > 1:
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
             for sample in samples:
                 found = True
                 yield sample
@@ -224,10 +230,6 @@ class WebDatasetInpainting(IterableDataset):
         n = self.samples_per_worker
         skip = min(self.skip[worker] if worker < len(self.skip) else 0, n)
         raw = self._raw_samples(worker)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-            raw = wds.filters._shuffle(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
-        raw = iter(raw)
         corrupt_before = self.corrupt
         for _ in range(skip):  # a resumed epoch: the samples delivered before the stop, read and not decoded
             next(raw)
