@@ -231,8 +231,8 @@ class Decoder(nn.Module):
 
     ``gradient_checkpointing`` (off by default; ``decoder_overrides: {gradient_checkpointing: true}``): in training,
     each ResnetBlock, AttnBlock and Upsample keeps only its input and recomputes its activations in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant), so the step's activation memory is about one block's instead of the
-    whole decoder's, for one extra forward of the blocks. Outputs and gradients are those without it (the same
+    (``torch.utils.checkpoint``, non-reentrant), so the decoder holds one tensor per block instead of all its
+    intermediate activations, for one extra forward of the blocks. Outputs and gradients are those without it (the same
     operations, run again). It acts only when autograd records; inference is unchanged.
     """
 
