@@ -513,7 +513,8 @@ def run_train_memory(case: Dict[str, Any], opt_dict: Dict[str, Any], device: tor
 
 def run_loader(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device, out: Dict[str, Any]) -> None:
     """images/s of one loader process (decode + crop + resize + mask) over the same JPEGs, from an image folder
-    (``ImageFolderInpainting``) or from webdataset shards of 16 images (``WebDatasetInpainting``)."""
+    (``ImageFolderInpainting``), from webdataset shards of 16 images (``WebDatasetInpainting``) or from a
+    ``save_to_disk`` folder of Hugging Face ``datasets`` (``HFDatasetInpainting``)."""
     import tempfile
 
     import numpy as np
@@ -521,6 +522,7 @@ def run_loader(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.dev
     from PIL import Image
     from torch.utils.data import DataLoader
 
+    from ldm.data.hf_datasets import HFDatasetInpainting
     from ldm.data.inpainting import ImageFolderInpainting
     from ldm.data.shards import StreamLoader, WebDatasetInpainting
 
@@ -539,6 +541,15 @@ def run_loader(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.dev
                     sink.write({"__key__": f"{i:06d}", "jpg": (folder / f"{i:06d}.jpg").read_bytes()})
         if case["impl"] == "folder":
             loader = DataLoader(ImageFolderInpainting(root=folder, size=case["size"]), batch_size=8, shuffle=True)
+        elif case["impl"] == "hf":
+            import datasets
+
+            files = sorted(folder.glob("*.jpg"))
+            table = datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": None} for f in files]},
+                                               features=datasets.Features({"image": datasets.Image()}))
+            table.save_to_disk(str(Path(tmp) / "hf"))
+            loader = DataLoader(HFDatasetInpainting(path=Path(tmp) / "hf", size=case["size"]), batch_size=8,
+                                shuffle=True)
         else:
             urls = str(shards / f"{{00000..{(n - 1) // 16:05d}}}.tar")
             loader = StreamLoader(WebDatasetInpainting(urls, epoch_size=n, size=case["size"], shuffle_buffer=64),
@@ -678,7 +689,7 @@ def plan(opt: argparse.Namespace) -> List[Dict[str, Any]]:
                 add(variant=variant, size=opt.train_size or 256, kind="train_memory", checkpointing=checkpointing,
                     batch=batch)
     if opt.loader:
-        for source in ("folder", "shards"):
+        for source in ("folder", "shards", "hf"):
             add(variant="-", impl=source, size=opt.loader_size, kind="loader", images=opt.loader_images,
                 image_size=opt.loader_image_size)
     unique = []  # an untiled size listed in both --sizes and --tiled_sizes is measured once
@@ -904,7 +915,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "at --memory_batches, and the batch that fits 24 / 80 GB")
     p.add_argument("--memory_variants", nargs="*", choices=sorted(CONFIGS), default=["base", "large", "large2"])
     p.add_argument("--memory_batches", nargs=2, type=int, default=[1, 2], help="the two batches measured")
-    p.add_argument("--loader", action="store_true", help="images/s of the shard loader against the folder loader")
+    p.add_argument("--loader", action="store_true", help="images/s of the shard and datasets loaders against the "
+                   "folder loader")
     p.add_argument("--loader_images", type=int, default=256, help="JPEGs written for the loader rows")
     p.add_argument("--loader_image_size", type=int, default=512, help="their long side in pixels")
     p.add_argument("--loader_size", type=int, default=256, help="the crop side the loaders produce")

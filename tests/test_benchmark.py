@@ -125,7 +125,7 @@ def test_tiling_overhead_outside_attention_by_hand():
 
 def test_scale_quick_reports_training_memory_batches_and_loader_rates(tmp_path):
     """--suite scale_quick: the training step's peak with and without gradient checkpointing at two batches, the
-    batch estimates, and images/s of the folder and shard loaders over the same images."""
+    batch estimates, and images/s of the folder, shard and datasets loaders over the same images."""
     assert benchmark.main(["--suite", "scale_quick", "--in_process", "--threads", "1", "--out",
                            str(tmp_path / "scale")]) == 0
     report = json.loads((tmp_path / "scale.json").read_text())
@@ -134,7 +134,7 @@ def test_scale_quick_reports_training_memory_batches_and_loader_rates(tmp_path):
     assert sorted((r["checkpointing"], r["batch"]) for r in memory) == [(False, 1), (False, 2), (True, 1), (True, 2)]
     assert all(r["static_mib"] > 0 and r["peak_mib"] >= 0 for r in memory)
     loaders = {r["impl"]: r for r in report["results"] if r["kind"] == "loader"}
-    assert set(loaders) == {"folder", "shards"} and all(r["images"] == 32 and r["images_per_s"] > 0
+    assert set(loaders) == {"folder", "shards", "hf"} and all(r["images"] == 32 and r["images_per_s"] > 0
                                                         for r in loaders.values())
     table = (tmp_path / "scale.md").read_text()
     assert "### Training memory and the batch that fits" in table and "### Data loader" in table
