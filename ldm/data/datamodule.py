@@ -94,8 +94,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         num_workers: loader workers per process (default: min(2 * batch_size, CPU count)).
         seed: seed of the training shuffle order (epoch e uses seed + e); main.py passes ``--seed``.
         wrap, use_worker_init_fn, shuffle_test_loader, shuffle_val_dataloader: the original's options. ``wrap``
-            is accepted and has no effect (every dataset here is a map-style Dataset already); workers are
-            seeded by PyTorch (distinct ``random``/``numpy``/``torch`` seeds per worker and epoch) and Lightning,
+            is accepted and has no effect (streamed datasets get a :class:`~ldm.data.shards.StreamLoader`); workers
+            are seeded by PyTorch (distinct ``random``/``numpy``/``torch`` seeds per worker and epoch) and Lightning,
             and ignore SIGTERM (:func:`worker_init_fn`) whatever ``use_worker_init_fn`` says.
     """
 
