@@ -125,7 +125,8 @@ def report(work: Path, out: Optional[Path]) -> Path:
                if (work / f"{k}.json").is_file()}
     if timings:
         lines += ["", "## main.py, base recipe at 256 px from shards", "",
-                  "Median step after the first 20 (compilation and autotuning); the discriminator on from step 0. "
+                  f"Median step after the first {next(iter(timings.values()))['skipped']} (compilation and "
+                  "autotuning); the discriminator on from step 0. "
                   "The original two-forward step is the `original` row of the training-step table below "
                   "(same harness as `ours`).", "", "| run | precision | batch | steps timed | median ms/step | "
                   "images/s | vs main.py |", "|---|---|---|---|---|---|---|"]
@@ -147,8 +148,8 @@ def report(work: Path, out: Optional[Path]) -> Path:
     if ddp.is_file():
         tail = [ln for ln in ddp.read_text().splitlines() if "max_steps" in ln or "Error" in ln][-3:]
         lines += ["", "## DDP on the device", "", "main.py from the shards with Lightning's DDP strategy "
-                  "(one process on the one GPU: NCCL process group, DDP-wrapped model, the shard loader's rank "
-                  "split):", "", "```text", *tail, "```"]
+                  "(one process on the device: its process group (NCCL on a GPU), the DDP-wrapped model, the shard "
+                  "loader's rank split):", "", "```text", *tail, "```"]
     text = "\n".join(lines) + "\n"
     path = (out if out is not None else work) / f"gpu_check_{_slug(name)}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
