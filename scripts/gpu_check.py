@@ -87,7 +87,7 @@ def prepare(work: Path, smoke: bool) -> None:
         torch.manual_seed(0)
         torch.save(torchvision.models.vgg16().state_dict(), work / "vgg16.pth")
         config.model.params.lossconfig.params.vgg_path = str(work / "vgg16.pth")
-    steps = 400  # more than any run takes: one epoch, so no epoch-end checkpoint inside the timed steps
+    steps = 300  # more than any run takes: one epoch, so no epoch-end checkpoint inside the timed steps
     shards = {"target": "ldm.data.shards.WebDatasetInpainting",
               "params": {"urls": str(work / "shards" / f"{{00000..{(n - 1) // 32:05d}}}.tar"),
                          "epoch_size": steps * int(config.data.params.batch_size), "size": size,

@@ -12,7 +12,7 @@
 #   scale                       training step at 256 px: ours, the original two-forward step, ours --fast; peak
 #                               memory with / without gradient checkpointing for base / large / large2 and the
 #                               batch that fits 24 / 80 GB; shard loader against folder loader
-#   plain, fast                 main.py and main.py --fast, a few hundred steps of the base recipe at 256 px from
+#   plain, fast                 main.py and main.py --fast, 200 steps of the base recipe at 256 px from
 #                               webdataset shards (median step time)
 #   ddp                         main.py from the shards under Lightning's DDP strategy on the device
 set -uo pipefail
@@ -45,8 +45,11 @@ if [[ $SMOKE -eq 1 ]]; then
 else
   DEVICE=(--device cuda)
   DECODE=(--sizes 512 1024)
-  STEPS=300; SKIP=20; GPUS=(--gpus "0,"); LIMIT=0; REPORT_DIR=docs/reports
-  SCALE=(--suite scale --device cuda)
+  STEPS=200; SKIP=20; GPUS=(--gpus "0,"); LIMIT=0; REPORT_DIR=docs/reports
+  # the scale suite narrowed to the time budget: training-step rows for base only (the workers estimate)
+  SCALE=(--device cuda --memory --loader --variants base --sizes --paths eager --tiled_sizes --attention_sizes
+         --train_variants base --train_size 256 --memory_variants base large large2 --warmup 1 --repeats 3
+         --loader_images 256 --no_diffusers)
 fi
 limit() { if [[ $LIMIT -gt 0 ]]; then echo "$LIMIT"; else echo "$1"; fi; }  # smoke: one generous limit for all
 
@@ -56,14 +59,14 @@ if [[ $SMOKE -eq 1 ]]; then
   stage decode_base "$(limit 0)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" "${DECODE[@]}" \
     --dtype fp32 --warmup 1 --repeats 1 --out "$WORK/decode_base"
 else
-  stage decode_base "$(limit 70)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" "${DECODE[@]}" \
+  stage decode_base "$(limit 65)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" "${DECODE[@]}" \
     --variants base --out "$WORK/decode_base"
-  stage decode_large2 "$(limit 85)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" "${DECODE[@]}" \
+  stage decode_large2 "$(limit 80)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" "${DECODE[@]}" \
     --variants large2 --out "$WORK/decode_large2"
-  stage compiled "$(limit 50)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" --variants base \
+  stage compiled "$(limit 45)" "$PY" scripts/benchmark.py "${COMMON[@]}" "${DEVICE[@]}" --variants base \
     --sizes 512 --paths eager --compile --out "$WORK/compiled"
 fi
-stage scale "$(limit 90)" "$PY" scripts/benchmark.py "${SCALE[@]}" --out "$WORK/scale"
+stage scale "$(limit 110)" "$PY" scripts/benchmark.py "${SCALE[@]}" --out "$WORK/scale"
 
 stage prepare "$(limit 20)" "$PY" scripts/gpu_check.py prepare --work "$WORK" \
   $([[ $SMOKE -eq 1 ]] && echo --cpu-smoke)
@@ -72,7 +75,7 @@ TRAIN=(--base "$WORK/train.yaml" -t --no-test --wandb off --logdir "$WORK/logs" 
        lightning.callbacks.timer.target=scripts.gpu_check.StepTimer lightning.callbacks.timer.params.skip="$SKIP")
 stage plain "$(limit 50)" "$PY" main.py "${TRAIN[@]}" "${GPUS[@]}" -n plain \
   lightning.callbacks.timer.params.path="$WORK/plain.json"
-stage fast "$(limit 75)" "$PY" main.py "${TRAIN[@]}" "${GPUS[@]}" --fast -n fast \
+stage fast "$(limit 70)" "$PY" main.py "${TRAIN[@]}" "${GPUS[@]}" --fast -n fast \
   lightning.callbacks.timer.params.path="$WORK/fast.json"
 stage ddp "$(limit 30)" "$PY" main.py "${TRAIN[@]}" "${GPUS[@]}" -n ddp --max_steps 20 \
   lightning.trainer.strategy=ddp_find_unused_parameters_true lightning.callbacks.timer.params.path="$WORK/ddp.json"
