@@ -17,14 +17,14 @@ The stream of one epoch is a pure function of ``(seed, epoch, rank, worker)``:
   every rank runs the same number of batches (a rank that ran out first would hang the others in DDP);
 * a shuffle buffer of ``shuffle_buffer`` samples seeded by ``(seed, epoch, rank, worker)``, applied to each pass
   over the process's shards on its own: an epoch that fits in one pass (each process's shards hold at least its
-  share, as with shards of equal size and ``epoch_size`` at most their total) sees no sample twice. The crop and mask of the sample at position ``p`` are drawn from
-  ``(seed, epoch, rank, worker, p)`` (validation, ``fixed_masks``: from ``(seed, crc32(key))``, the same in every
-  run).
+  share, as with shards of equal size and ``epoch_size`` at most their total) sees no sample twice;
+* the crop and mask of the sample at position ``p`` are drawn from ``(seed, epoch, rank, worker, p)``
+  (validation, ``fixed_masks``: from ``(seed, crc32(key))``, the same in every run).
 
-Corrupt samples (an unreadable tar member or an image that does not decode) are skipped, the first 20 of a process
-logged with their shard and key, and all counted: every worker logs its count at the end of its epoch, and ``corrupt`` on the dataset
-holds it in the process that read it. They never stop training; a full pass over a process's shards without a
-single good sample does (a wrong URL pattern, not data noise).
+Corrupt samples (an unreadable tar member or an image that does not decode) are skipped, the first 20 of a
+process logged with their shard and key, and all counted: every worker logs its count at the end of its epoch, and
+``corrupt`` on the dataset holds it in the process that read it. They never stop training; a full pass over a
+process's shards without a single good sample does (a wrong URL pattern, not data noise).
 
 Resume (:class:`StreamLoader`): a checkpoint records the epoch and the batches this rank consumed; the resumed
 loader rebuilds the same streams and each worker skips the samples it had delivered (read, not decoded). That is
