@@ -73,13 +73,16 @@ def test_shard_stream_splits_between_ranks_and_workers_and_resumes_exactly(tmp_p
     assert [len(s) for s in shards] == [2, 2] and not shards[0] & shards[1]  # a shard per worker, its own
     assert not any("00001.tar#000010002" in n for n in per_rank[0] + per_rank[1])  # the corrupt member never
 
-    # one process: the corrupt sample is skipped, logged and counted; the stream is a function of the seed
-    ds = WebDatasetInpainting(urls, epoch_size=12, size=32, shuffle_buffer=4, seed=3)
+    # one process: the corrupt sample and a missing shard are skipped, logged and counted; the stream is a
+    # function of the seed
+    listed = [urls, str(tmp_path / "missing.tar")]
+    ds = WebDatasetInpainting(listed, epoch_size=24, size=32, shuffle_buffer=4, seed=3)  # a whole pass and one more
     with caplog.at_level(logging.WARNING, logger="ldm.data.shards"):
         first = _names(StreamLoader(ds, batch_size=2))
-    assert ds.corrupt >= 1 and "skipping corrupt sample" in caplog.text and "00001.tar#000010002" in caplog.text
-    assert len(first) == 12 and first == _names(StreamLoader(WebDatasetInpainting(
-        urls, epoch_size=12, size=32, shuffle_buffer=4, seed=3), batch_size=2))
+    assert ds.corrupt >= 2 and "skipping corrupt sample" in caplog.text and "00001.tar#000010002" in caplog.text
+    assert "missing.tar" in caplog.text
+    assert len(first) == 24 and first == _names(StreamLoader(WebDatasetInpainting(
+        listed, epoch_size=24, size=32, shuffle_buffer=4, seed=3), batch_size=2))
 
     # resume: 2 batches consumed, the state saved; a new loader gives exactly the rest (clean shards: bound 0)
     clean = write_shards(tmp_path / "clean", 3, 4)

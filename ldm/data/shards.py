@@ -188,8 +188,7 @@ class WebDatasetInpainting(IterableDataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         while True:
             found = False
-            streams = ({"url": url, "stream": open_url(url)} for url in urls)
-            samples = group_by_keys(tar_file_expander(_opened(streams, handler), handler=handler), handler=handler)
+            samples = group_by_keys(tar_file_expander(_opened(urls, handler), handler=handler), handler=handler)
             if split_samples:
                 samples = itertools.islice(samples, slot, None, self.slots)
             if self.shuffle_buffer > 1:
@@ -246,14 +245,14 @@ class WebDatasetInpainting(IterableDataset):
                         self.corrupt)
 
 
-def _opened(streams: Iterator[Dict[str, Any]], handler: Any) -> Iterator[Dict[str, Any]]:
-    """Shard streams, an unopenable shard reported to ``handler`` and passed over."""
-    while True:
+def _opened(urls: Sequence[str], handler: Any) -> Iterator[Dict[str, Any]]:
+    """``{"url", "stream"}`` of each shard; one that cannot be opened (a missing file, a failed pipe, a network
+    error) goes to ``handler`` with its URL and the next one is tried."""
+    for url in urls:
         try:
-            yield next(streams)
-        except StopIteration:
-            return
-        except Exception as exn:  # noqa: BLE001  (any opener error: a missing file, a failed pipe, a network error)
+            yield {"url": url, "stream": open_url(url)}
+        except Exception as exn:  # noqa: BLE001  (any opener error)
+            exn.args = exn.args + (url,)
             handler(exn)
 
 
