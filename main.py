@@ -39,6 +39,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401  (the original configs name main.DataModuleFromConfig)
 from ldm.project import resolve_config_path
+from ldm.training import cluster
 from ldm.training.callbacks import (  # noqa: F401
     AtomicCheckpointIO,
     EpochLastCheckpoint,
@@ -305,11 +306,16 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DDP re-runs this script once per extra device; they inherit the timestamp, so every rank names the same folder
-    now = os.environ.setdefault(RUN_TIMESTAMP_ENV, datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
+    # (a Slurm job names its folder by its job id instead, the same in every task and after a requeue)
+    now = os.environ.setdefault(RUN_TIMESTAMP_ENV,
+                                cluster.run_timestamp(datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")))
     opt, overrides = get_parser().parse_known_args(_explicit_bools(sys.argv[1:] if argv is None else list(argv)))
     if opt.fast and opt.precision is not None:
         raise ValueError(f"--fast chooses the precision itself; drop --precision {opt.precision} or --fast")
     logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
+    if resume_ckpt is None and cluster.requeued_run(logdir):  # a requeued Slurm job continues its run folder
+        opt.resume, opt.name = str(logdir), ""
+        logdir, nowname, resume_ckpt, config_files = resolve_run(opt, now)
     start_step = resume_step(resume_ckpt) if resume_ckpt is not None else None  # before anything heavy
     if not config_files:
         raise ValueError("no config: give --base config.yaml (or --resume a log folder)")
@@ -391,11 +397,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint_params = OmegaConf.merge(checkpoint_params,
                                         lightning_config.get("modelcheckpoint", {}).get("params", {}))
     callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
-    callbacks += [EpochLastCheckpoint(**checkpoint_params), StopOnSignal(ckptdir / "last.ckpt")]
+    callbacks += [EpochLastCheckpoint(**checkpoint_params), cluster.stop_callback(ckptdir / "last.ckpt")]
     callbacks += periodic_checkpoints(ckptdir, lightning_config.get("periodic_checkpoints", OmegaConf.create()))
 
     trainer = pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, nowname, now, config),
-                         callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=str(logdir))
+                         callbacks=callbacks, plugins=[AtomicCheckpointIO(), *cluster.plugins()],
+                         default_root_dir=str(logdir))
     train = opt.train if opt.train is not None else bool(opt.resume)
     if opt.resume and opt.train is None:
         log.info("--resume: training continues (-t is implied)")

@@ -18,6 +18,7 @@ never replaced, also when another process creates it meanwhile.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,11 @@ class InputError(ValueError):
     """A user-supplied file or argument that cannot be used; the message names it."""
 
 
-def open_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+               data: Optional[bytes] = None) -> Image.Image:
     """Open and fully decode ``path``, upright by its EXIF orientation. Files with more than ``max_pixels`` pixels
-    (None or 0: no limit) are refused from their header, before decoding."""
+    (None or 0: no limit) are refused from their header, before decoding. With ``data`` (the encoded bytes, e.g. a
+    member of a tar shard) those are decoded and ``path`` only names them in errors."""
     path = Path(path)
     previous = Image.MAX_IMAGE_PIXELS
     img = None
@@ -53,7 +56,7 @@ def open_image(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -
         Image.MAX_IMAGE_PIXELS = None  # our limit replaces PIL's, which raises an exception no caller expects
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data) if data is not None else path)
         if max_pixels and img.width * img.height > max_pixels:
             raise InputError(f"{path}: {img.width}x{img.height} is {img.width * img.height / 1e6:.1f} megapixels, "
                                  f"above the limit of {max_pixels / 1e6:g} (--max_pixels)")

@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -471,7 +472,9 @@ def run_train(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.devi
     settings = path_settings(case["path"], device, opt_dict)
     model.loss, out["lpips"] = build_training_loss(device)
     model.train()
-    _, x, mask = make_inputs(case["size"], f, opt_dict["batch"], device, channels=channels)
+    model.decoder.gradient_checkpointing = bool(case.get("checkpointing", False))
+    batch = case.get("batch", opt_dict["batch"])
+    _, x, mask = make_inputs(case["size"], f, batch, device, channels=channels)
     step = make_train_step(model, case["impl"], settings, device, x, mask)
     for _ in range(opt_dict["warmup"]):
         step(PhaseTimer(device))
@@ -483,8 +486,134 @@ def run_train(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.devi
     totals = [sum(t.ms.values()) for t in timers]
     i = totals.index(sorted(totals)[len(totals) // 2])  # the median step, with its own phases
     out.update(latency_ms=totals[i], times_ms=[round(t, 3) for t in totals], phases_ms=timers[i].ms,
-               images_per_s=opt_dict["batch"] / (totals[i] / 1e3), peak_mib=mem.mib,
+               images_per_s=batch / (totals[i] / 1e3), peak_mib=mem.mib,
                settings=settings.describe() + (", fused Adam" if case["impl"] != "original" else ""))
+
+
+def run_train_memory(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device,
+                     out: Dict[str, Any]) -> None:
+    """The training step's peak at ``case["batch"]``, with or without the decoder's gradient checkpointing, and the
+    memory held between steps (weights, buffers, Adam's two moments), for the batch estimates."""
+    run_train(dict(case, impl="ours", path="eager"), dict(opt_dict, warmup=1, repeats=1), device, out)
+    model = _MODELS[(case["variant"], "train ours", "eager")][0]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    out["static_mib"] = (held + 2 * 4 * trainable) / 2 ** 20  # float32 Adam moments
+
+
+def run_loader(case: Dict[str, Any], opt_dict: Dict[str, Any], device: torch.device, out: Dict[str, Any]) -> None:
+    """images/s of one loader process (decode + crop + resize + mask) over the same JPEGs, from an image folder
+    (``ImageFolderInpainting``), from webdataset shards of 16 images (``WebDatasetInpainting``) or from a
+    ``save_to_disk`` folder of Hugging Face ``datasets`` (``HFDatasetInpainting``)."""
+    import tempfile
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from ldm.data.hf_datasets import HFDatasetInpainting
+    from ldm.data.inpainting import ImageFolderInpainting
+    from ldm.data.shards import StreamLoader, WebDatasetInpainting
+
+    n, side = case["images"], case["image_size"]
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, shards = Path(tmp) / "folder", Path(tmp) / "shards"
+        folder.mkdir()
+        shards.mkdir()
+        for i in range(n):
+            small = Image.fromarray(rng.integers(0, 256, (side // 16, side * 3 // 64, 3), dtype=np.uint8))
+            small.resize((side * 3 // 4, side), Image.BILINEAR).save(folder / f"{i:06d}.jpg", quality=90)
+        for start in range(0, n, 16):
+            with wds.TarWriter(str(shards / f"{start // 16:05d}.tar")) as sink:
+                for i in range(start, min(start + 16, n)):
+                    sink.write({"__key__": f"{i:06d}", "jpg": (folder / f"{i:06d}.jpg").read_bytes()})
+        if case["impl"] == "folder":
+            loader = DataLoader(ImageFolderInpainting(root=folder, size=case["size"]), batch_size=8, shuffle=True)
+        elif case["impl"] == "hf":
+            import datasets
+
+            files = sorted(folder.glob("*.jpg"))
+            table = datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": None} for f in files]},
+                                               features=datasets.Features({"image": datasets.Image()}))
+            table.save_to_disk(str(Path(tmp) / "hf"))
+            loader = DataLoader(HFDatasetInpainting(path=Path(tmp) / "hf", size=case["size"]), batch_size=8,
+                                shuffle=True)
+        else:
+            urls = str(shards / f"{{00000..{(n - 1) // 16:05d}}}.tar")
+            loader = StreamLoader(WebDatasetInpainting(urls, epoch_size=n, size=case["size"], shuffle_buffer=64),
+                                  batch_size=8)
+        times = []
+        for _ in range(opt_dict["warmup"] + opt_dict["repeats"]):
+            t0 = time.perf_counter()
+            count = sum(len(batch["path"]) for batch in loader)
+            times.append(time.perf_counter() - t0)
+    best = sorted(times[opt_dict["warmup"]:])[len(times[opt_dict["warmup"]:]) // 2]
+    out.update(latency_ms=best * 1e3, times_ms=[round(t * 1e3, 3) for t in times], images_per_s=count / best,
+               peak_mib=0.0, images=count)
+
+
+def batch_estimates(rows: List[Dict[str, Any]], gib: float) -> Optional[int]:
+    """Largest batch whose training step fits ``gib`` GiB, from two measured batches b1 < b2 of one variant and
+    setting: need(b) = static + peak(b1) + (b - b1) * (peak(b2) - peak(b1)) / (b2 - b1)."""
+    rows = sorted((r for r in rows if "error" not in r), key=lambda r: r["batch"])
+    if len(rows) < 2:
+        return None
+    a, b = rows[0], rows[-1]
+    per_sample = (b["peak_mib"] - a["peak_mib"]) / (b["batch"] - a["batch"])
+    room = gib * 1024 - a["static_mib"] - a["peak_mib"]
+    if per_sample <= 0 or room < 0:
+        return None if per_sample <= 0 else 0
+    return a["batch"] + int(room // per_sample)
+
+
+SCALE_NOTE = ("Training memory: peak of the whole training step (as in the training-step table, LPIPS and the "
+              "discriminator included) above the memory held between steps; held = weights, buffers and Adam's two "
+              "float32 moments. Batches that fit: a straight line through the two measured batches plus the held "
+              "memory. On a CPU run the peak is the process's resident memory: the GPU batches are then estimated "
+              "from CPU numbers (no CUDA allocator caching, no cuDNN workspaces); a GPU run measures them.")
+
+
+def scale_markdown(report: Dict[str, Any]) -> str:
+    """The sections of the memory and loader rows (``--memory`` / ``--loader``)."""
+    results = [r for r in report["results"] if "error" not in r]
+    on_gpu = "gpu" in report["machine"]
+    lines = []
+    memory = [r for r in results if r["kind"] == "train_memory"]
+    if memory:
+        lines += ["### Training memory and the batch that fits", "", SCALE_NOTE, "",
+                  "| variant | size | gradient checkpointing | batch | peak MiB | held MiB | ms | batch in 24 GB | "
+                  "batch in 80 GB |", "|---|---|---|---|---|---|---|---|---|"]
+        groups: Dict[tuple, List[Dict[str, Any]]] = {}
+        for r in memory:
+            groups.setdefault((r["variant"], r["size"], r["checkpointing"]), []).append(r)
+        how = "measured" if on_gpu else "estimated from the CPU peak"
+        for (variant, size, ckpt), rows in groups.items():
+            fits = [batch_estimates(rows, gib) for gib in (24, 80)]
+            for r in rows:
+                lines.append(f"| {variant} | {size} | {'on' if ckpt else 'off'} | {r['batch']} | {r['peak_mib']:.0f} | "
+                             f"{r['static_mib']:.0f} | {r['latency_ms']:.0f} | {_fmt(fits[0], 'd')} ({how}) | "
+                             f"{_fmt(fits[1], 'd')} ({how}) |")
+        lines.append("")
+    loaders = [r for r in results if r["kind"] == "loader"]
+    if loaders:
+        steps: Dict[str, Dict[str, Any]] = {}
+        for r in results:  # the fastest of our training-step rows of each variant
+            if r["kind"] == "train_step" and r["impl"] == "ours" and \
+                    r["images_per_s"] > steps.get(r["variant"], {}).get("images_per_s", 0):
+                steps[r["variant"]] = r
+        lines += ["### Data loader", "", "images/s of one loader process (decode + crop + resize + mask) over the same "
+                  "JPEGs; workers per device = the training step's images/s (ours, fastest path in this run) / the "
+                  "shard loader's.", "", "| source | images | image px | size | images/s | workers per device: "
+                  + ", ".join(steps) + " |", "|---|---|---|---|---|---|"]
+        shard_rate = next((r["images_per_s"] for r in loaders if r["impl"] == "shards"), None)
+        need = ", ".join(f"{math.ceil(s['images_per_s'] / shard_rate)}" for s in steps.values()) if shard_rate else "-"
+        for r in loaders:
+            lines.append(f"| {r['impl']} | {r['images']} | {r['image_size']} | {r['size']} | {r['images_per_s']:.0f} | "
+                         f"{need if r['impl'] == 'shards' else '-'} |")
+        lines.append("")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def run_case(case: Dict[str, Any], opt_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -494,7 +623,8 @@ def run_case(case: Dict[str, Any], opt_dict: Dict[str, Any]) -> Dict[str, Any]:
         torch.set_num_threads(opt_dict["threads"])
     out = dict(case)
     try:
-        {"decode": run_decode, "attention": run_attention, "train_step": run_train}[case["kind"]](
+        {"decode": run_decode, "attention": run_attention, "train_step": run_train, "train_memory": run_train_memory,
+         "loader": run_loader}[case["kind"]](
             case, opt_dict, device, out)
     except torch.cuda.OutOfMemoryError as err:
         out["error"] = f"out of memory: {str(err).splitlines()[0]}"
@@ -543,6 +673,15 @@ def plan(opt: argparse.Namespace) -> List[Dict[str, Any]]:
         if opt.train_size:
             for impl, path in (("ours", "eager"), ("original", "eager"), ("ours", "fast")):
                 add(variant=variant, impl=impl, path=path, size=opt.train_size, kind="train_step")
+    for variant in opt.memory_variants if opt.memory else []:
+        for checkpointing in (False, True):
+            for batch in opt.memory_batches:
+                add(variant=variant, size=opt.train_size or 256, kind="train_memory", checkpointing=checkpointing,
+                    batch=batch)
+    if opt.loader:
+        for source in ("folder", "shards", "hf"):
+            add(variant="-", impl=source, size=opt.loader_size, kind="loader", images=opt.loader_images,
+                image_size=opt.loader_image_size)
     unique = []  # an untiled size listed in both --sizes and --tiled_sizes is measured once
     for case in cases:
         if case not in unique:
@@ -716,6 +855,17 @@ SUITES = {
                 dtype="bf16", tiled_variants=["large2"], tiled_sizes=[2048], tile=512, tile_overlap=128,
                 attention_sizes=[1024, 2048], train_variants=["base", "large", "large2"], train_size=256,
                 warmup=3, repeats=10, tiled_warmup=1),
+    # training memory with and without gradient checkpointing, batch estimates, loader throughput (train steps for
+    # the workers-per-device estimate); on a GPU machine add --device cuda
+    "scale": dict(variants=["base"], sizes=[], paths=["eager"], tiled_sizes=[], attention_sizes=[],
+                  train_variants=["base", "large", "large2"], train_size=256, memory=True,
+                  memory_variants=["base", "large", "large2"], memory_batches=[1, 2], loader=True, loader_images=256,
+                  loader_image_size=512, loader_size=256, warmup=1, repeats=2),
+    # the same on the tiny config in seconds (what the tests run)
+    "scale_quick": dict(variants=["tiny"], sizes=[], paths=["eager"], tiled_sizes=[], attention_sizes=[],
+                        train_variants=["tiny"], train_size=32, memory=True, memory_variants=["tiny"],
+                        memory_batches=[1, 2], loader=True, loader_images=32, loader_image_size=64, loader_size=32,
+                        warmup=0, repeats=1, no_diffusers=True),
     # every path on the tiny config (what the tests run), in one process: a fresh subprocess per case (for exact
     # CPU peak memory) would spend most of the run importing torch and diffusers again
     "quick": dict(variants=["tiny"], condition="both", sizes=[32, 64], paths=["eager", "fast"], tiled_variants=None,
@@ -754,6 +904,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train_variants", nargs="*", choices=sorted(CONFIGS), help="default --variants")
     p.add_argument("--no_train", action="store_true", help="same as --train_size 0")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--memory", action="store_true", help="training memory with and without gradient checkpointing "
+                   "at --memory_batches, and the batch that fits 24 / 80 GB")
+    p.add_argument("--memory_variants", nargs="*", choices=sorted(CONFIGS), default=["base", "large", "large2"])
+    p.add_argument("--memory_batches", nargs=2, type=int, default=[1, 2], help="the two batches measured")
+    p.add_argument("--loader", action="store_true", help="images/s of the shard and datasets loaders against the "
+                   "folder loader")
+    p.add_argument("--loader_images", type=int, default=256, help="JPEGs written for the loader rows")
+    p.add_argument("--loader_image_size", type=int, default=512, help="their long side in pixels")
+    p.add_argument("--loader_size", type=int, default=256, help="the crop side the loaders produce")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="autocast dtype of the eager path; random weights: with real SDXL weights fp16 overflows")
@@ -837,7 +996,7 @@ def _benchmark(opt: argparse.Namespace, device: torch.device) -> int:
               f"cond={case['condition']} {case['size']}{' tiled' if case['tiled'] else ''}: {status}", flush=True)
     json_path, md_path = report_paths(opt.out)
     text = json.dumps(report, indent=2) + "\n"
-    table = markdown(report)
+    table = markdown(report) + scale_markdown(report)
     write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
     write_atomically(md_path, lambda tmp: Path(tmp).write_text(table))
     print(table)

@@ -125,3 +125,30 @@ def test_tiling_overhead_outside_attention_by_hand():
     assert share == "40 % / 50 %" and outside == pytest.approx((85 / 60) / (8 / 5))
     del untiled["attention_ms"]  # rows measured without the attention clock
     assert benchmark.tiling_overhead(untiled, tiled)[1:] == (None, None)
+
+
+def test_scale_quick_reports_training_memory_batches_and_loader_rates(tmp_path):
+    """--suite scale_quick: the training step's peak with and without gradient checkpointing at two batches, the
+    batch estimates, and images/s of the folder, shard and datasets loaders over the same images."""
+    assert benchmark.main(["--suite", "scale_quick", "--in_process", "--threads", "1", "--out",
+                           str(tmp_path / "scale")]) == 0
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert not [r for r in report["results"] if "error" in r]
+    memory = [r for r in report["results"] if r["kind"] == "train_memory"]
+    assert sorted((r["checkpointing"], r["batch"]) for r in memory) == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    assert all(r["static_mib"] > 0 and r["peak_mib"] >= 0 for r in memory)
+    loaders = {r["impl"]: r for r in report["results"] if r["kind"] == "loader"}
+    assert set(loaders) == {"folder", "shards", "hf"} and all(r["images"] == 32 and r["images_per_s"] > 0
+                                                        for r in loaders.values())
+    table = (tmp_path / "scale.md").read_text()
+    assert "### Training memory and the batch that fits" in table and "### Data loader" in table
+    assert "estimated from the CPU peak" in table
+
+
+def test_batch_estimates_follow_the_two_measured_batches():
+    rows = [{"batch": 1, "peak_mib": 3000.0, "static_mib": 2000.0}, {"batch": 2, "peak_mib": 5000.0,
+                                                                     "static_mib": 2000.0}]
+    # 24 GiB = 24576 MiB: 2000 held + 3000 at batch 1 + 2000 per further image -> 1 + 19576 // 2000 = 10
+    assert benchmark.batch_estimates(rows, 24) == 10
+    assert benchmark.batch_estimates(rows, 4) == 0  # not even batch 1 fits
+    assert benchmark.batch_estimates(rows[:1], 24) is None

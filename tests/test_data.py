@@ -206,7 +206,7 @@ def test_centre_crop_and_random_crop_sides(tmp_path):
     assert (centre[:, :, :16] == -1).all() and (centre[:, :, 16:] == 1).all()  # columns 16..47 of the image
     ds = ImageFolderInpainting(root=path.parent, size=32, min_crop_frac=0.5)
     rng = np.random.default_rng(0)
-    boxes = [ds._crop_box(100, 80, rng) for _ in range(300)]
+    boxes = [ds.transform.crop_box(100, 80, rng) for _ in range(300)]
     sides = [x1 - x0 for x0, y0, x1, y1 in boxes]
     assert all(x1 - x0 == y1 - y0 for x0, y0, x1, y1 in boxes)
     assert 40 <= min(sides) < 45 and 75 < max(sides) <= 80

@@ -3,7 +3,9 @@
 The training loader is *stateful* in Lightning's sense (``state_dict`` / ``load_state_dict``): a checkpoint records
 the epoch and how many batches of it were consumed, and a resumed run continues with the next batch of the same
 shuffled order. Sharding across DDP processes is done by the sampler itself (a ``DistributedSampler``, so Lightning
-leaves it in place).
+leaves it in place). Streamed datasets (:class:`~ldm.data.shards.WebDatasetInpainting`) get a
+:class:`~ldm.data.shards.StreamLoader` instead, which splits the shards between ranks and workers and resumes the
+same way.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytorch_lightning as pl
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ldm.data.shards import StreamLoader, WebDatasetInpainting
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -91,8 +94,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         num_workers: loader workers per process (default: min(2 * batch_size, CPU count)).
         seed: seed of the training shuffle order (epoch e uses seed + e); main.py passes ``--seed``.
         wrap, use_worker_init_fn, shuffle_test_loader, shuffle_val_dataloader: the original's options. ``wrap``
-            is accepted and has no effect (every dataset here is a map-style Dataset already); workers are
-            seeded by PyTorch (distinct ``random``/``numpy``/``torch`` seeds per worker and epoch) and Lightning,
+            is accepted and has no effect (streamed datasets get a :class:`~ldm.data.shards.StreamLoader`); workers
+            are seeded by PyTorch (distinct ``random``/``numpy``/``torch`` seeds per worker and epoch) and Lightning,
             and ignore SIGTERM (:func:`worker_init_fn`) whatever ``use_worker_init_fn`` says.
     """
 
@@ -137,19 +140,31 @@ class DataModuleFromConfig(pl.LightningDataModule):
                     persistent_workers=self.num_workers > 0, pin_memory=False,
                     worker_init_fn=partial(worker_init_fn, rank=rank))
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def _rank_world(self) -> tuple:
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[name]
+        if isinstance(dataset, WebDatasetInpainting):
+            rank, world = self._rank_world()
+            return StreamLoader(dataset, rank=rank, world_size=world, **self._loader_kwargs())
+        return DataLoader(dataset, shuffle=shuffle, **self._loader_kwargs())
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
         dataset = self.datasets["train"]
+        if isinstance(dataset, WebDatasetInpainting):
+            return self._loader("train", shuffle=True)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
                                    drop_last=False)
         return ResumableDataLoader(dataset, sampler, drop_last=False, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["validation"], shuffle=self.shuffle_val, **self._loader_kwargs())
+        return self._loader("validation", self.shuffle_val)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], shuffle=self.shuffle_test, **self._loader_kwargs())
+        return self._loader("test", self.shuffle_test)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["predict"], shuffle=False, **self._loader_kwargs())
+        return self._loader("predict", False)

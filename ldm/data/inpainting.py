@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -102,68 +102,39 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-class ImageFolderInpainting(Dataset):
-    """Square crops of the images under ``root`` (or in ``file_list``) with random inpainting masks.
+class InpaintingTransform:
+    """The per-sample recipe, shared by every data source (image folders, webdataset shards, Hugging Face datasets).
 
-    Returns ``{"image": (3, size, size) float32 in [-1, 1], "mask": (1, size, size) float32 in {0, 1}
-    (1 = generate), "path": str}``. See the module docstring for the crop/mask recipe and the seeding.
+    ``transform(img, name, rng)`` takes a decoded PIL image and returns ``{"image": (3, size, size) float32 in
+    [-1, 1], "mask": (1, size, size) float32 in {0, 1} (1 = generate), "path": name}``: the crop of the module
+    docstring, area resizing, the mask (or, with probability ``no_mask_prob``, all ones). Every draw comes from
+    ``rng``, so the caller decides the seeding (:func:`sample_rng`).
 
     Args:
-        root: image folder, scanned recursively; with ``file_list``, the base of its relative entries.
-        file_list: text file with one image path per line (e.g. an ImageNet subset), used instead of scanning.
         size: output side in pixels.
         mask_config: mask yaml path (repo-relative works from anywhere) or dict, see :class:`MaskGenerator`.
         no_mask_prob: probability of an all-ones mask (the decoder then gets no condition).
         random_crop: random crop of random side (training); False: largest centre square (validation).
         min_crop_frac: the crop side is ``int(min_side * U(min_crop_frac, 1))`` when ``random_crop``.
-        fixed_masks: draw everything for sample ``i`` from ``(seed, i)`` (validation).
-        seed: base seed mixed into every generator.
-        extensions: file suffixes taken when scanning ``root`` (case-insensitive).
-        max_pixels: larger files are skipped with a warning (see :mod:`ldm.image_io`, which reads every file).
     """
 
-    def __init__(self, root: Optional[PathLike] = None, file_list: Optional[PathLike] = None, size: int = 256,
-                 mask_config: Union[PathLike, Mapping[str, Any]] = DEFAULT_MASK_CONFIG, no_mask_prob: float = 0.5,
-                 random_crop: bool = True, min_crop_frac: float = 0.5, fixed_masks: bool = False, seed: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+    def __init__(self, size: int = 256, mask_config: Union[PathLike, Mapping[str, Any]] = DEFAULT_MASK_CONFIG,
+                 no_mask_prob: float = 0.5, random_crop: bool = True, min_crop_frac: float = 0.5):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         if not 0.0 <= no_mask_prob <= 1.0:
             raise ValueError(f"no_mask_prob must be in [0, 1], got {no_mask_prob!r}")
         if not 0.0 < min_crop_frac <= 1.0:
             raise ValueError(f"min_crop_frac must be in (0, 1], got {min_crop_frac!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        if file_list is not None:
-            self.paths = read_file_list(file_list, root)
-            source = str(file_list)
-        elif root is not None:
-            self.paths = find_images(root, extensions)
-            source = str(root)
-        else:
-            raise ValueError("give root (an image folder) or file_list (a text file of image paths)")
         self.size = size
         self.no_mask_prob = float(no_mask_prob)
         self.random_crop = bool(random_crop)
         self.min_crop_frac = float(min_crop_frac)
-        self.fixed_masks = bool(fixed_masks)
-        self.seed = seed
-        self.max_pixels = max_pixels
         self.mask_generator = MaskGenerator.from_config(mask_config)
         self._warned: set = set()
         self._small_warnings = 0
-        log.info("%s: %d images from %s", type(self).__name__, len(self.paths), source)
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _rng(self, index: int) -> np.random.Generator:
-        if self.fixed_masks:
-            return np.random.default_rng([self.seed, index])
-        draw = int(torch.randint(0, 2 ** 62, ()).item())
-        return np.random.default_rng([self.seed, draw, _global_rank()])
-
-    def _crop_box(self, width: int, height: int, rng: np.random.Generator) -> Tuple[int, int, int, int]:
+    def crop_box(self, width: int, height: int, rng: np.random.Generator) -> Tuple[int, int, int, int]:
         min_side = min(width, height)
         if not self.random_crop:
             side = min_side
@@ -174,20 +145,20 @@ class ImageFolderInpainting(Dataset):
             y = int(rng.integers(0, height - side + 1))
         return x, y, x + side, y + side
 
-    def _warn_small(self, path: str, width: int, height: int) -> None:
-        if path in self._warned:
+    def _warn_small(self, name: str, width: int, height: int) -> None:
+        if name in self._warned:
             return
-        self._warned.add(path)
+        self._warned.add(name)
         self._small_warnings += 1
         if self._small_warnings <= _MAX_SMALL_WARNINGS:
             suffix = " (further small-image warnings suppressed)" if self._small_warnings == _MAX_SMALL_WARNINGS else ""
-            log.warning("%s is %dx%d, smaller than size=%d: upscaling%s", path, width, height, self.size, suffix)
+            log.warning("%s is %dx%d, smaller than size=%d: upscaling%s", name, width, height, self.size, suffix)
 
-    def _example(self, img: Image.Image, path: str, rng: np.random.Generator) -> Dict[str, Any]:
+    def __call__(self, img: Image.Image, name: str, rng: np.random.Generator) -> Dict[str, Any]:
         width, height = img.size
         if min(width, height) < self.size:
-            self._warn_small(path, width, height)
-        crop = to_rgb(img.crop(self._crop_box(width, height, rng)), path)
+            self._warn_small(name, width, height)
+        crop = to_rgb(img.crop(self.crop_box(width, height, rng)), name)
         if crop.shape[0] != self.size:
             crop = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA)
         if rng.random() < self.no_mask_prob:
@@ -197,23 +168,106 @@ class ImageFolderInpainting(Dataset):
         image = np.clip(crop, 0.0, 1.0) * 2.0 - 1.0  # resizing in float32 can leave 1 + eps
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
                 "mask": torch.from_numpy(mask[None]),
-                "path": path}
+                "path": name}
+
+
+def sample_rng(seed: int, fixed_key: Optional[int] = None) -> np.random.Generator:
+    """The generator of one sample. ``fixed_key`` (validation): seeded by ``(seed, fixed_key)`` alone, the same in
+    every run, process and worker. None (training): one 62-bit draw from torch's default generator mixed with the
+    seed and the global rank (see the module docstring)."""
+    if fixed_key is not None:
+        return np.random.default_rng([seed, fixed_key])
+    draw = int(torch.randint(0, 2 ** 62, ()).item())
+    return np.random.default_rng([seed, draw, _global_rank()])
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return seed
+
+
+class ImageFolderInpainting(Dataset):
+    """Square crops of the images under ``root`` (or in ``file_list``) with random inpainting masks.
+
+    Returns ``{"image": (3, size, size) float32 in [-1, 1], "mask": (1, size, size) float32 in {0, 1}
+    (1 = generate), "path": str}`` (:class:`InpaintingTransform`). See the module docstring for the crop/mask
+    recipe and the seeding.
+
+    Args:
+        root: image folder, scanned recursively; with ``file_list``, the base of its relative entries.
+        file_list: text file with one image path per line (e.g. an ImageNet subset), used instead of scanning.
+        size, mask_config, no_mask_prob, random_crop, min_crop_frac: the recipe, see :class:`InpaintingTransform`.
+        fixed_masks: draw everything for sample ``i`` from ``(seed, i)`` (validation).
+        seed: base seed mixed into every generator.
+        extensions: file suffixes taken when scanning ``root`` (case-insensitive).
+        max_pixels: larger files are skipped with a warning (see :mod:`ldm.image_io`, which reads every file).
+    """
+
+    def __init__(self, root: Optional[PathLike] = None, file_list: Optional[PathLike] = None, size: int = 256,
+                 mask_config: Union[PathLike, Mapping[str, Any]] = DEFAULT_MASK_CONFIG, no_mask_prob: float = 0.5,
+                 random_crop: bool = True, min_crop_frac: float = 0.5, fixed_masks: bool = False, seed: int = 0,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+        self.transform = InpaintingTransform(size, mask_config, no_mask_prob, random_crop, min_crop_frac)
+        self.seed = check_seed(seed)
+        if file_list is not None:
+            self.paths = read_file_list(file_list, root)
+            source = str(file_list)
+        elif root is not None:
+            self.paths = find_images(root, extensions)
+            source = str(root)
+        else:
+            raise ValueError("give root (an image folder) or file_list (a text file of image paths)")
+        self.fixed_masks = bool(fixed_masks)
+        self.max_pixels = max_pixels
+        self._warned: set = set()
+        log.info("%s: %d images from %s", type(self).__name__, len(self.paths), source)
+
+    @property
+    def size(self) -> int:
+        return self.transform.size
+
+    @property
+    def no_mask_prob(self) -> float:
+        return self.transform.no_mask_prob
+
+    @property
+    def random_crop(self) -> bool:
+        return self.transform.random_crop
+
+    @property
+    def min_crop_frac(self) -> float:
+        return self.transform.min_crop_frac
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} images")
-        rng = self._rng(index)
-        for attempt in range(min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))):
-            path = self.paths[(index + attempt) % len(self.paths)]
-            try:
-                with open_image(path, self.max_pixels) as img:
-                    return self._example(img, path, rng)
-            except InputError as err:
-                if path not in self._warned:
-                    self._warned.add(path)
-                    log.warning("skipping unreadable image: %s", err)
-        raise RuntimeError(f"{min(_MAX_CONSECUTIVE_SKIPS, len(self.paths))} unreadable images in a row from "
-                           f"{self.paths[index]}: check the dataset")
+        rng = sample_rng(self.seed, index if self.fixed_masks else None)
+
+        def load(i: int) -> Dict[str, Any]:
+            with open_image(self.paths[i], self.max_pixels) as img:
+                return self.transform(img, self.paths[i], rng)
+
+        return first_readable(index, len(self.paths), load, self._warned, self.paths[index])
+
+
+def first_readable(index: int, count: int, load: Callable[[int], Dict[str, Any]], warned: set,
+                   name: str) -> Dict[str, Any]:
+    """``load(index)``, or on an unreadable item (:class:`InputError`, warned once per item) the next ones in turn;
+    a long run of unreadable items is a broken dataset: ``RuntimeError`` naming ``name``."""
+    for attempt in range(min(_MAX_CONSECUTIVE_SKIPS, count)):
+        i = (index + attempt) % count
+        try:
+            return load(i)
+        except InputError as err:
+            if i not in warned:
+                warned.add(i)
+                log.warning("skipping unreadable image: %s", err)
+    raise RuntimeError(f"{min(_MAX_CONSECUTIVE_SKIPS, count)} unreadable images in a row from {name}: check the "
+                       "dataset")
 
 
 def _original_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

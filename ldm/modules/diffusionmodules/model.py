@@ -16,10 +16,11 @@ large 2x     256   5               True
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ldm.modules.diffusionmodules.condition import (
@@ -227,6 +228,12 @@ class Decoder(nn.Module):
     ``concat_mask`` and ``gate_conv`` are :class:`ConditionEncoder` options; ``mask_resize`` ("nearest", the
     paper's, or "area") is how the mask reaches each level's blend (:func:`resize_mask`). The last blend, at full
     resolution before ``norm_out``, uses the mask as given in both.
+
+    ``gradient_checkpointing`` (off by default; ``decoder_overrides: {gradient_checkpointing: true}``): in training,
+    each ResnetBlock, AttnBlock and Upsample keeps only its input and recomputes its activations in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant), so the decoder holds one tensor per block instead of all its
+    intermediate activations, for one extra forward of the blocks. Outputs and gradients are those without it (the same
+    operations, run again). It acts only when autograd records; inference is unchanged.
     """
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
@@ -234,8 +241,9 @@ class Decoder(nn.Module):
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
                  tanh_out: bool = False, attn_type: str = "vanilla", condition: bool = False,
                  condition_widths: Optional[Sequence[int]] = None, concat_mask: bool = False,
-                 gate_conv: bool = False, mask_resize: str = "nearest"):
+                 gate_conv: bool = False, mask_resize: str = "nearest", gradient_checkpointing: bool = False):
         super().__init__()
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         self.ch = ch
         self.temb_ch = 0
         self.num_resolutions = len(ch_mult)
@@ -297,18 +305,19 @@ class Decoder(nn.Module):
             # feats[0]: full res for the last blend; feats[i + 1]: up[i]
             feats = self.encoder((1 - mask) * image, mask)
 
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else _call
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = run(self.mid.block_2, run(self.mid.attn_1, run(self.mid.block_1, h)))
         for i_level in reversed(range(self.num_resolutions)):
             if feats is not None:
                 h = keep_known(h, feats[i_level + 1], resize_mask(mask, h.shape[-2:], self.mask_resize))
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):
-                h = block(h)
+                h = run(block, h)
                 if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+                    h = run(up.attn[i_block], h)
             if i_level != 0:
-                h = up.upsample(h)
+                h = run(up.upsample, h)
         if feats is not None:
             h = keep_known(h, feats[0], mask)
 
@@ -316,8 +325,18 @@ class Decoder(nn.Module):
             return h
         return self.head(h).contiguous(memory_format=out_format)
 
+    @staticmethod
+    def _checkpointed(block: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        if isinstance(block, nn.Identity):
+            return h
+        return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Full-resolution features -> image: GroupNorm, SiLU, conv_out (and tanh with ``tanh_out``). A method of
         its own so that ``ldm.fast.compile_blocks`` can compile it as one region."""
         h = self.conv_out(norm_silu(self.norm_out, h))
         return torch.tanh(h) if self.tanh_out else h
+
+
+def _call(block: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    return block(h)

@@ -1,0 +1,111 @@
+"""Many machines and Slurm for main.py: the cluster environment, the run folder of a (requeued) Slurm job, and
+preemption by signal -> ``last.ckpt`` -> ``scontrol requeue`` -> exact resume.
+
+Under Slurm (Lightning's :class:`SLURMEnvironment` detects it: ``SLURM_NTASKS`` set and the job not an interactive
+shell) ranks, world size and the master address come from Slurm's variables; one task per GPU
+(``srun python main.py ...``). Lightning's own auto-requeue is off: its SIGUSR1 handler saves the checkpoint inside
+the signal handler, in the middle of a training step. :class:`RequeueOnSignal` instead saves ``last.ckpt`` between
+batches, on every rank at the same batch (the checkpoint of :class:`~ldm.training.callbacks.StopOnSignal`), then
+rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` and the job stops. The requeued job keeps its id, so the same command
+line finds its run folder (``<logdir>/slurm-<job id>[_<name>]``) and continues from its ``last.ckpt``.
+
+Without Slurm, several machines are started by hand, one ``main.py`` per node with the same command line and
+``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` (and the same ``LDM_RUN_TIMESTAMP``, so that all name one run
+folder) in the environment: Lightning's default environment reads them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
+
+from ldm.training.callbacks import StopOnSignal, TrainingStopped
+
+log = logging.getLogger(__name__)
+
+REQUEUE_SIGNAL = signal.SIGUSR1  # sbatch --signal=USR1@<seconds before the time limit>
+
+
+def slurm_job_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The id ``scontrol requeue`` takes (``<array job>_<task>`` for an array task); None outside a Slurm batch
+    job (Lightning's detection: ``SLURM_NTASKS`` set, the job not an interactive shell)."""
+    env = os.environ if env is None else env
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive") or "SLURM_JOB_ID" not in env:
+        return None
+    job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env \
+        else env["SLURM_JOB_ID"]
+    if not re.fullmatch(r"[0-9_]+", job):
+        raise ValueError(f"SLURM_JOB_ID: unexpected job id {job!r}")
+    return job
+
+
+def run_timestamp(default: str) -> str:
+    """The ``now`` part of the run folder: ``slurm-<job id>`` in a Slurm job (the same in every task, and again in
+    the requeued job), else ``default`` (a timestamp)."""
+    job = slurm_job_id()
+    return f"slurm-{job}" if job is not None else default
+
+
+def requeued_run(logdir: Path) -> bool:
+    """Whether a new Slurm run's folder already holds ``checkpoints/last.ckpt``: the job was requeued and continues
+    there (main.py then resumes that folder)."""
+    return slurm_job_id() is not None and (Path(logdir) / "checkpoints" / "last.ckpt").is_file()
+
+
+def plugins() -> List[Any]:
+    """Trainer plugins: Slurm's environment with Lightning's mid-step auto-requeue off (see the module docstring)."""
+    if slurm_job_id() is not None:
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
+def stop_callback(ckpt_path: Path) -> StopOnSignal:
+    """:class:`RequeueOnSignal` in a Slurm job, else :class:`StopOnSignal` (SIGTERM / Ctrl-C)."""
+    return RequeueOnSignal(ckpt_path) if slurm_job_id() is not None else StopOnSignal(ckpt_path)
+
+
+def requeue(job_id: str) -> bool:
+    """``scontrol requeue <job_id>``; False (logged) when it fails: the checkpoint is saved either way."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("scontrol requeue %s failed (%s); resume by hand with --resume", job_id, err)
+        return False
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (exit %d: %s); resume by hand with --resume", job_id,
+                    result.returncode, result.stderr.strip())
+        return False
+    log.warning("requeued Slurm job %s", job_id)
+    return True
+
+
+class RequeueOnSignal(StopOnSignal):
+    """:class:`StopOnSignal` that also answers Slurm's warning signal (SIGUSR1): after the current batch every rank
+    saves ``last.ckpt``, rank 0 requeues the job, and the run stops (exit status 128 + 10)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        try:
+            self._previous[REQUEUE_SIGNAL] = signal.signal(REQUEUE_SIGNAL, self._handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        wants_requeue = self.received == REQUEUE_SIGNAL
+        if trainer.world_size > 1:
+            wants_requeue = trainer.strategy.reduce_boolean_decision(wants_requeue, all=False)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        except TrainingStopped:
+            job = slurm_job_id()
+            if wants_requeue and trainer.is_global_zero and job is not None:
+                requeue(job)
+            raise
