@@ -16,8 +16,10 @@ r"""Convert autoencoder checkpoints between the original release, our files and 
 The architecture (widths, blocks per level, condition branch, latent channels, quant convs) is read from the
 tensors and printed; ``--config`` checks it against one of our autoencoder configs. A VAE without quant convs
 (SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none).
-Existing outputs are kept unless ``--overwrite``.
-Exit status: 0 done, 2 bad input (message on stderr).
+Existing outputs are kept unless ``--overwrite``, and even then only what this tool writes is replaced: a
+checkpoint file, or a folder holding a model export alone (``config.json`` + weights); never an input or a folder
+that contains one. Outputs appear complete or not at all (a full disk is one line naming the file).
+Exit status: 0 done, 2 bad input or a failed write (message on stderr).
 """
 from __future__ import annotations
 
@@ -36,7 +38,14 @@ from ldm.checkpoints.diffusers import (  # noqa: E402
     read_diffusers_folder,
     write_diffusers_folder,
 )
-from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict  # noqa: E402
+from ldm.checkpoints.files import (  # noqa: E402
+    TORCH_SUFFIXES,
+    CheckpointError,
+    StateDict,
+    is_model_export,
+    read_diffusers_config,
+    save_state_dict,
+)
 from ldm.checkpoints.keys import read_state_dict  # noqa: E402
 from ldm.checkpoints.tensors import (  # noqa: E402
     SINGLE_FILE_VAE_PREFIXES,
@@ -47,6 +56,7 @@ from ldm.checkpoints.tensors import (  # noqa: E402
     strip_prefix,
 )
 from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces  # noqa: E402
+from ldm.util import WriteError, check_output  # noqa: E402
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -212,15 +222,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)
-    if opt.output.exists() and not opt.overwrite:
-        print(f"error: {opt.output} already exists (use --overwrite to replace it)", file=sys.stderr)
-        return 2
-    if opt.output.resolve() == opt.input.resolve():
-        print(f"error: output {opt.output} is the input", file=sys.stderr)
-        return 2
     try:
+        inputs = [opt.input] + ([opt.config] if getattr(opt, "config", None) is not None else [])
+        check_output(opt.output, inputs=inputs, overwrite=opt.overwrite, folder=opt.command == "to-diffusers",
+                     replaceable=is_model_export)
         COMMANDS[opt.command][0](opt)
-    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

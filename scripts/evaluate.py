@@ -46,13 +46,15 @@ REPO = Path(__file__).resolve().parents[1]
 from ldm import metrics  # noqa: E402
 from ldm.checkpoints.files import CheckpointError  # noqa: E402
 from ldm.checkpoints.loading import load_model  # noqa: E402
-from ldm.cli.common import pick_device, precision_scope, refuse_overlap, seed_everything  # noqa: E402
+from ldm.cli.common import pick_device, precision_scope, prepare_outdir, refuse_overlap, seed_everything  # noqa: E402
 from ldm.data.inpainting import find_images  # noqa: E402
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator  # noqa: E402
 from ldm.fast import FastDecode  # noqa: E402
 from ldm.image_io import (  # noqa: E402
     IMAGE_EXTENSIONS,
     InputError,
+    NonFiniteError,
+    check_finite,
     find_pairs,
     quantize,
     read_image,
@@ -63,7 +65,7 @@ from ldm.image_io import (  # noqa: E402
 )
 from ldm.latent_spaces import latent_space_of
 from ldm.project import FAST_HELP  # noqa: E402
-from ldm.util import write_atomically  # noqa: E402
+from ldm.util import WriteError, write_atomically  # noqa: E402
 
 log = logging.getLogger("evaluate")
 MASK_SUFFIX = "_mask"
@@ -257,7 +259,7 @@ def reconstruct(decoder: FastDecode, image: torch.Tensor, mask: torch.Tensor, op
     x = image * 2 - 1
     posterior = model.encode(x)
     z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
-    rec = decoder.decode(z, x, mask)
+    rec = check_finite(decoder.decode(z, x, mask), "the decoded images")  # NaN must not become metrics
     return quantize(metrics.to_unit(rec.float()))
 
 
@@ -285,7 +287,11 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
         with torch.inference_mode(), precision_scope(opt.precision, device):
             for batch in tqdm(list(batches(samples, opt.batch_size)), desc=f"decoder {name}", disable=opt.quiet):
                 image, mask = stack(batch, device)
-                pred = reconstruct(decoder, image, mask, opt, generator)
+                try:
+                    pred = reconstruct(decoder, image, mask, opt, generator)
+                except NonFiniteError as e:
+                    raise NonFiniteError(f"--decoder {name} ({ckpt}) on {', '.join(s.name for s in batch)}: "
+                                         f"{e}") from None
                 scorer.update(pred, image, mask)
                 examples[name].extend(pred[:max(0, opt.n_examples - len(examples[name]))].cpu())
         results[name] = {"config": config, "checkpoint": ckpt, **scorer.summary()}
@@ -437,6 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         inputs = [("--images", opt.images)] if opt.mode == "reconstruction" else [("--indir", opt.indir)]
         for flag, folder in inputs:
             refuse_overlap(opt.outdir, folder, "--outdir", flag)
+        prepare_outdir(opt.outdir, create=False)  # writable: found before any model loads
         run = run_reconstruction if opt.mode == "reconstruction" else run_results
         samples, results, examples = run(opt, device)
     except (InputError, CheckpointError, OSError, ValueError) as err:  # OSError: unreadable inputs, not a folder
@@ -455,7 +462,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     table = markdown_table(results)
     figure = example_figure(samples, examples) if opt.n_examples > 0 else None
-    write_report(Path(opt.outdir), report, table, figure)
+    try:
+        write_report(Path(opt.outdir), report, table, figure)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table)
     print(f"wrote {Path(opt.outdir) / 'metrics.json'}, metrics.md" + (", examples.png" if figure is not None else ""))
     return 0

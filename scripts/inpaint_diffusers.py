@@ -104,6 +104,7 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
     from diffusers import DiffusionPipeline
 
     from ldm.fast import FastDecode
+    from ldm.image_io import check_finite
     from ldm.integrations.diffusers_pipelines import check_decoder_fits, inpaint, native_size
 
     name = pipeline_class(opt.pipeline)
@@ -132,8 +133,9 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
         # a CPU generator: the same seed gives the same noise on every device
         images = inpaint(pipe, decoder, (image + 1) / 2, mask, decode=decode, prompt=opt.prompt,
                          num_images_per_prompt=opt.n_samples, generator=torch.Generator().manual_seed(opt.seed),
-                         **settings)
-        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+                         output_type="np", **settings)
+        check_finite(torch.from_numpy(images), "the pipeline's images")  # NaN would become black pixels
+        return np.stack([np.asarray(im.convert("RGB")) for im in pipe.image_processor.numpy_to_pil(images)])
 
     return inpaint_one
 
