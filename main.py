@@ -524,25 +524,31 @@ def load_run_configs(opt: argparse.Namespace, overrides: Sequence[str]) -> Tuple
     return folder, start_step, config, lightning_config
 
 
-def build_model_and_data(opt: argparse.Namespace, config: DictConfig, trainer_kwargs: Dict[str, Any],
-                         world: int) -> Tuple[pl.LightningModule, pl.LightningDataModule]:
+def fast_path(opt: argparse.Namespace, trainer_kwargs: Dict[str, Any]) -> Optional[Tuple[torch.device, Any]]:
+    """``--fast``: (device, its fast settings), the precision set in ``trainer_kwargs``; else None."""
+    if not opt.fast:
+        return None
+    from ldm.cli.common import pick_device
+    from ldm.fast import TRAINING_PRECISION, fast_settings
+
+    accelerator = trainer_kwargs["accelerator"]  # Lightning's name: cpu, gpu, cuda, mps or auto
+    device = pick_device("auto") if accelerator == "auto" else torch.device({"gpu": "cuda"}.get(accelerator,
+                                                                                               accelerator))
+    fast = fast_settings(device)
+    trainer_kwargs["precision"] = TRAINING_PRECISION[fast.dtype]
+    return device, fast
+
+
+def build_model_and_data(opt: argparse.Namespace, config: DictConfig, trainer_kwargs: Dict[str, Any], world: int,
+                         fast: Optional[Tuple[torch.device, Any]]) -> Tuple[pl.LightningModule,
+                                                                            pl.LightningDataModule]:
     """Step 3: the model (on the device's fast path with ``--fast``) with its learning rate, and the data, whose
     datasets are built now: an empty or missing folder fails before any training."""
-    fast = None
-    if opt.fast:
-        from ldm.cli.common import pick_device
-        from ldm.fast import TRAINING_PRECISION, fast_settings
-
-        accelerator = trainer_kwargs["accelerator"]  # Lightning's name: cpu, gpu, cuda, mps or auto
-        fast_device = pick_device("auto") if accelerator == "auto" else torch.device(
-            {"gpu": "cuda"}.get(accelerator, accelerator))
-        fast = fast_settings(fast_device)
-        trainer_kwargs["precision"] = TRAINING_PRECISION[fast.dtype]
     model = instantiate_from_config(config.model)
     if fast is not None:
         from ldm.fast import fast_training
 
-        fast_training(model, fast_device, fast)
+        fast_training(model, *fast)
     data = instantiate_from_config(config.data)
     data.setup("fit")
 
@@ -626,13 +632,14 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Run:
     folder, start_step, config, lightning_config = load_run_configs(opt, overrides)
     trainer_kwargs, world = build_trainer_kwargs(opt, lightning_config.get("trainer", OmegaConf.create()))
     check_devices(opt, trainer_kwargs)
-    lightning_config.trainer = trainer_kwargs
+    fast = fast_path(opt, trainer_kwargs)
+    lightning_config.trainer = trainer_kwargs  # as saved in configs/ (a copy: the model's step may take some out)
     train = opt.train if opt.train is not None else bool(opt.resume)
     if not train and (opt.no_test or "test" not in config.data.get("params", {})):
         raise ValueError("nothing to do: add -t to train (without -t only the test stage runs, and this config has "
                          "no test data)")
     pl.seed_everything(opt.seed, workers=True)
-    model, data = build_model_and_data(opt, config, trainer_kwargs, world)
+    model, data = build_model_and_data(opt, config, trainer_kwargs, world, fast)
     if not train and not is_overridden("test_step", model):
         raise ValueError(f"nothing to do: add -t to train (without -t only the test stage runs, and "
                          f"{type(model).__name__} has no test_step)")

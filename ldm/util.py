@@ -126,6 +126,9 @@ class WriteError(OSError):
     """A write that failed (full disk, read-only or vanished folder, ...): the message names the file and says
     that nothing was left half-written (the previous file, if any, is unchanged)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without "[Errno 28]"
+
 
 def write_failed(path: Path, err: BaseException) -> WriteError:
     """The one message of a failed write (``err``) of ``path``, whose temporary file the caller has removed."""

@@ -56,7 +56,7 @@ from ldm.checkpoints.tensors import (  # noqa: E402
     strip_prefix,
 )
 from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout, matching_spaces  # noqa: E402
-from ldm.util import WriteError, check_output  # noqa: E402
+from ldm.util import WriteError, check_output, remove_stale_temporaries  # noqa: E402
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -224,8 +224,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = parse_args(argv)
     try:
         inputs = [opt.input] + ([opt.config] if getattr(opt, "config", None) is not None else [])
-        check_output(opt.output, inputs=inputs, overwrite=opt.overwrite, folder=opt.command == "to-diffusers",
-                     replaceable=is_model_export)
+        out = check_output(opt.output, inputs=inputs, overwrite=opt.overwrite, folder=opt.command == "to-diffusers",
+                           replaceable=is_model_export)
+        if out.parent.is_dir():  # what a killed conversion left there
+            for stale in remove_stale_temporaries(out.parent, recursive=False, shared=True):
+                print(f"removed {stale}, left by an interrupted write")
         COMMANDS[opt.command][0](opt)
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
