@@ -2,13 +2,15 @@
 
     python main.py --base configs/autoencoder/autoencoder_kl_32x32x4_train.yaml -t --gpus 0,1
     python main.py --base a.yaml b.yaml -t model.params.embed_dim=4 data.params.batch_size=2
-    python main.py --resume logs/<run>            # continues training; or logs/<run>/checkpoints/last.ckpt
+    python main.py --resume logs/<run>            # continues from the run's newest checkpoint (by global step)
     python main.py --resume elsewhere.ckpt --base a.yaml      # its training state, in a new run folder
     python main.py --base a.yaml -t model.params.ckpt_path=larger2.ckpt   # start from weights only
 
-Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides. Each run writes
-``<logdir>/<timestamp>_<name>/`` with ``configs/`` (merged project and lightning configs), ``checkpoints/``
-(``last.ckpt``, refreshed at every epoch end; the newest 3 ``periodic-*.ckpt``, one per epoch, set by
+Several ``--base`` files are merged left to right, then the ``key.sub=value`` overrides; an unknown key is an error
+naming the closest real one, and every file the run reads is checked before anything is built. Each run claims
+its own ``<logdir>/<timestamp>_<name>/`` (``<timestamp>-1_<name>`` when that name is taken) with ``configs/``
+(merged project and lightning configs), ``checkpoints/`` (``last.ckpt``, refreshed at every epoch end; the
+newest 3 ``periodic-*.ckpt``, one per epoch, set by
 ``lightning.periodic_checkpoints``; the best ones when the model has a ``monitor``), ``images/``
 (PNG grids), ``csv/metrics.csv`` (after a ``--resume``: ``csv/resumed-<timestamp>/metrics.csv``) and a wandb folder
 (offline unless ``--wandb online``). SIGTERM / Ctrl-C save ``last.ckpt`` after the current batch.
