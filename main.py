@@ -577,12 +577,25 @@ def build_model_and_data(opt: argparse.Namespace, config: DictConfig, trainer_kw
     return model, data
 
 
+def _external_rank() -> int:
+    """This process's global rank when a launcher outside Lightning started it (torchrun, srun), else 0."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
 def take_run_folder(folder: RunFolder) -> RunFolder:
     """Step 4: a new run claims its folder (:func:`claim_run_folder`), unless this process was started by the
     run's rank-0 process, which claimed it; a resumed run keeps its folder."""
     launched = launched_run()
     if launched is not None:
         return dataclasses.replace(folder, path=launched[0], now=launched[1], new=False)
+    if folder.new and _external_rank() > 0:
+        # started by srun / torchrun beside rank 0, which claims the folder; Lightning gives every rank rank 0's
+        # checkpoint folder, and only rank 0 writes configs, logs and images
+        return dataclasses.replace(folder, new=False)
     if folder.new:
         path, now = claim_run_folder(folder.path, folder.now)
         log.info("run folder %s", path)
