@@ -167,10 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seed_everything,
     )
     from ldm.fast import FastDecode
-    from ldm.image_io import to_uint8, write_png_numbered
+    from ldm.image_io import NonFiniteError, to_uint8, write_png_numbered
     from ldm.models.diffusion.ddim import DDIMSampler
     from ldm.models.diffusion.plms import PLMSSampler
     from ldm.models.diffusion.sampling_common import randn
+    from ldm.util import WriteError
 
     outdir = Path(opt.outdir)
     sample_dir = outdir / "samples"
@@ -202,34 +203,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     all_samples = []
     written = []
-    # one bar over every sampling run (the sampler's per-step bar and a per-batch bar are off)
-    runs = [prompts for _ in range(opt.n_iter) for prompts in batches]
-    with torch.no_grad(), precision_scope(opt.precision, device), model.ema_scope():
-        for prompts in tqdm(runs, desc="sampling", unit="batch"):
-            n = len(prompts)
-            uc = model.get_learned_conditioning(n * [""]) if opt.scale != 1.0 else None
-            c = model.get_learned_conditioning(prompts)
-            samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape,
-                                        verbose=False, unconditional_guidance_scale=opt.scale,
-                                        unconditional_conditioning=uc, eta=opt.ddim_eta,
-                                        x_T=None if start_code is None else start_code[:n], generator=generator,
-                                        progress=False)
-            if decoder is None:
-                images = model.decode_first_stage(samples)
-            else:
-                images = decoder.decode(model.first_stage_model.unscale_latents(samples))  # no prior: everything
-            images = images.float().cpu()
-            if not opt.skip_save:
-                for array in to_uint8(images):
-                    path = write_png_numbered(array, sample_dir, "{:05}.png".format, base_count)
-                    base_count = int(path.stem) + 1
-                    written.append(path)
-            all_samples.append(images)
+    models = f"--ckpt {opt.ckpt}" + ("" if opt.vanilla_decoder else f", --ckpt_c {opt.ckpt_c}")
+    try:
+        # one bar over every sampling run (the sampler's per-step bar and a per-batch bar are off)
+        runs = [prompts for _ in range(opt.n_iter) for prompts in batches]
+        with torch.no_grad(), precision_scope(opt.precision, device), model.ema_scope():
+            for prompts in tqdm(runs, desc="sampling", unit="batch"):
+                n = len(prompts)
+                uc = model.get_learned_conditioning(n * [""]) if opt.scale != 1.0 else None
+                c = model.get_learned_conditioning(prompts)
+                samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape,
+                                            verbose=False, unconditional_guidance_scale=opt.scale,
+                                            unconditional_conditioning=uc, eta=opt.ddim_eta,
+                                            x_T=None if start_code is None else start_code[:n], generator=generator,
+                                            progress=False)
+                if decoder is None:
+                    images = model.decode_first_stage(samples)
+                else:
+                    images = decoder.decode(model.first_stage_model.unscale_latents(samples))  # no prior: everything
+                images = images.float().cpu()
+                if not opt.skip_save:
+                    for array in to_uint8(images):
+                        path = write_png_numbered(array, sample_dir, "{:05}.png".format, base_count)
+                        base_count = int(path.stem) + 1
+                        written.append(path)
+                all_samples.append(images)
 
-    if not opt.skip_grid:
-        # padding -1 is black, as the original's 0 in [0, 1]
-        grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.0)
-        written.append(write_png_numbered(to_uint8(grid[None])[0], outdir, "grid-{:04}.png".format, grid_count))
+        if not opt.skip_grid:
+            # padding -1 is black, as the original's 0 in [0, 1]
+            grid = make_grid(torch.cat(all_samples), nrow=opt.n_rows or opt.n_samples, pad_value=-1.0)
+            written.append(write_png_numbered(to_uint8(grid[None])[0], outdir, "grid-{:04}.png".format, grid_count))
+    except NonFiniteError as e:  # a damaged checkpoint or float16 overflow: stop before writing black images
+        print(f"error: {models}: {e}; stopped after {len(written)} files", file=sys.stderr)
+        return 1
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
     print(f"Your samples are ready and waiting for you here: \n{outdir} \n \nEnjoy.")
     print(f"wrote {len(written)} files: {written[0].name} ... {written[-1].name}" if len(written) > 1
           else f"wrote {written[0]}")

@@ -11,7 +11,9 @@ Pairs (:func:`find_pairs`): ``NAME.<ext>`` + ``NAME_mask.<ext>`` in one folder, 
 that tells a mask file from an image.
 
 Tensors (:func:`to_tensor`, :func:`to_uint8`, :func:`quantize`): images are (B,3,H,W) in [-1,1]; 8-bit values are
-``round(255 * (x + 1) / 2)`` after clamping, so an 8-bit image read and written back keeps its bytes.
+``round(255 * (x + 1) / 2)`` after clamping, so an 8-bit image read and written back keeps its bytes. A NaN or
+infinite value (a damaged checkpoint, float16 overflow) is never clamped into an image: :func:`check_finite` raises
+:class:`NonFiniteError`, and every image written goes through :func:`to_uint8`, which checks.
 
 Writing (:func:`write_png`): atomic (``ldm.util.write_atomically``); with ``overwrite=False`` an existing file is
 never replaced, also when another process creates it meanwhile.
@@ -186,8 +188,25 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, clamped and rounded to the nearest 8-bit value."""
+class NonFiniteError(ValueError):
+    """A model output with NaN or infinite values; callers add which checkpoint and input produced it."""
+
+
+def check_finite(x: torch.Tensor, what: str = "the output") -> torch.Tensor:
+    """``x`` unchanged if every value is finite, else :class:`NonFiniteError` naming ``what``."""
+    finite = torch.isfinite(x.detach())
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        hint = " (float16 overflow? run in float32)" if x.dtype in (torch.float16, torch.bfloat16) else ""
+        raise NonFiniteError(f"{what}: {bad} of {finite.numel()} values are NaN or infinite{hint}; nothing was "
+                             "written from it")
+    return x
+
+
+def to_uint8(images: torch.Tensor, what: str = "the image") -> np.ndarray:
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, clamped and rounded to the nearest 8-bit value; NaN / inf are a
+    :class:`NonFiniteError` naming ``what`` (clamping would turn them into black or white pixels)."""
+    check_finite(images, what)
     x = torch.clamp((images.detach().float().cpu() + 1.0) * 127.5, 0.0, 255.0)
     return torch.round(x).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

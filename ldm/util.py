@@ -1,4 +1,6 @@
-"""Shared by every entry point: ``target`` / ``params`` instantiation and atomic file writes."""
+"""Shared by every entry point: ``target`` / ``params`` instantiation, and the rules of every write: what an
+output may replace (:func:`check_output`), atomic writes (:func:`write_atomically`, :class:`WriteError`) and the
+clean-up of killed writes (:func:`remove_stale_temporaries`). docs/reliability.md states the same rules."""
 from __future__ import annotations
 
 import difflib
@@ -7,9 +9,10 @@ import importlib
 import inspect
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Union
 
 # a file or folder argument: a string or anything os.fspath takes (the one definition)
 PathLike = Union[str, os.PathLike]
@@ -82,20 +85,87 @@ def default_file_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-# write_atomically's temporary files: ".<name>.<8 random characters>.tmp" next to the target
-_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+def check_output(path: Union[str, os.PathLike], *, inputs: Iterable[Union[str, os.PathLike]] = (),
+                 overwrite: bool = False, folder: bool = False,
+                 replaceable: Optional[Callable[[Path], bool]] = None, flag: str = "output") -> Path:
+    """The rule of every writer, checked before any work starts; -> the absolute output path.
+
+    * An input is never replaced: ``path`` may not be an input, nor a folder that contains one (paths resolved,
+      links followed, ``.`` and ``../here`` included): ``ValueError``.
+    * An existing ``path`` is kept unless ``overwrite`` (``FileExistsError``), and even then only what this tool
+      wrote, recognisably, is replaced: a file where a file is written (a folder there is a ``ValueError``); a folder
+      (``folder=True``) only when ``replaceable(path)`` says it holds nothing but what the tool writes (a model
+      export: ``ldm.checkpoints.files.is_model_export``); anything else is a ``ValueError``.
+    """
+    given = Path(path)
+    out = Path(os.path.abspath(given))
+    resolved = out.resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if resolved == src or resolved in src.parents:
+            where = "is" if resolved == src else "contains"
+            raise ValueError(f"{flag} {given} {where} the input {item}: inputs are never replaced; choose an output "
+                             "outside the inputs")
+    if not os.path.lexists(out):
+        return out
+    if not overwrite:
+        raise FileExistsError(f"{flag} {given} already exists (use --overwrite to replace it)")
+    if folder:
+        if not out.is_dir():
+            raise ValueError(f"{flag} {given} is a file, not a folder this tool wrote: not replaced, even with "
+                             "--overwrite")
+        if replaceable is None or not replaceable(out):
+            held = sorted(p.name for p in out.iterdir())
+            raise ValueError(f"{flag} {given} holds files this tool did not write ({', '.join(held[:5])}"
+                             f"{' ...' if len(held) > 5 else ''}): not replaced, even with --overwrite; choose a new "
+                             "folder")
+    elif out.is_dir():
+        raise ValueError(f"{flag} {given} is a folder: this writes a file; name the file (e.g. {given / 'model'}"
+                         "...) instead")
+    return out
+
+
+class WriteError(OSError):
+    """A write that failed (full disk, read-only or vanished folder, ...): the message names the file and says
+    that nothing was left half-written (the previous file, if any, is unchanged)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without "[Errno 28]"
+
+
+def write_failed(path: Path, err: BaseException) -> WriteError:
+    """The one message of a failed write (``err``) of ``path``, whose temporary file the caller has removed."""
+    code = getattr(err, "errno", None)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (free is not None and free < 1 << 20):
+        why = "the disk is full"
+    else:
+        why = getattr(err, "strerror", None) or f"{type(err).__name__}: {err}"
+    return WriteError(code or errno.EIO, f"{path}: could not be written ({why}); nothing was left half-written "
+                      f"({'the previous file is unchanged' if path.exists() else 'no file was created'})")
+
+
+# write_atomically's temporary files: ".<name>.<writer's pid>.<8 random characters>.tmp" next to the target
+# (earlier versions wrote ".<name>.<8 random characters>.tmp")
+_TEMP_NAME = re.compile(r"\..+?(?:\.(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp")
 
 
 def write_atomically(path: PathLike, write: Callable[[str], None], overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk, then rename it over ``path``:
     ``path`` is always absent, the old file or the complete new one, never half-written. The new file gets the
     usual permissions (umask), not ``mkstemp``'s 0600. ``overwrite=False``: an existing ``path`` is never replaced,
-    also one created by another process meanwhile (``FileExistsError``; the check and the rename are one step)."""
+    also one created by another process meanwhile (``FileExistsError``; the check and the rename are one step).
+    A failure of the write itself (a full disk, ``torch.save``'s "unexpected pos", a ``SafetensorError``) is a
+    :class:`WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -104,8 +174,14 @@ def write_atomically(path: PathLike, write: Callable[[str], None], overwrite: bo
             os.replace(tmp, path)
         else:
             _rename_no_clobber(tmp, path)
+    except (FileExistsError, WriteError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001  (any failure of the writer: the file system's, torch's, safetensors')
+        if isinstance(e, (TypeError, AttributeError, KeyError, NameError)):
+            raise  # a programming error, not a failed write
+        raise write_failed(path, e) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -134,10 +210,33 @@ def write_numbered(folder: PathLike, name: Callable[[int], str], start: int,
             n += 1
 
 
-def remove_stale_temporaries(folder: PathLike) -> List[Path]:
-    """Delete the temporary files :func:`write_atomically` left in ``folder`` (recursively) when its process was
-    killed mid-write; returns them. Only for folders no other process is writing to."""
-    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and _TEMP_NAME.fullmatch(p.name)]
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike, recursive: bool = True, shared: bool = False) -> List[Path]:
+    """Delete the temporary files :func:`write_atomically` left in ``folder`` (recursively, unless not
+    ``recursive``) when its process was killed mid-write; returns them. ``shared``: other processes on this machine
+    may be writing into ``folder`` now (the scripts' output folders): the temporaries of live processes are kept."""
+    found = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
+    stale = []
+    for p in found:
+        match = _TEMP_NAME.fullmatch(p.name)
+        if not match or not (p.is_file() or p.is_dir()):
+            continue
+        pid = match.group("pid")
+        if shared and pid is not None and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        stale.append(p)
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir():  # a folder written as a whole (ldm.checkpoints.diffusers.write_diffusers_folder)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale

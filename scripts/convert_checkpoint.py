@@ -23,8 +23,10 @@ tensors and printed; ``--config`` checks it against one of our autoencoder confi
 (SD 3.x, FLUX.1) gets identity quant convs in an AsymmetricAutoencoderKL folder (exact; read back as none). FLUX.2's
 VAE (latent BatchNorm statistics) becomes an AutoencoderKLFlux2 folder; a FLUX.2 decoder with condition branch is
 refused (AsymmetricAutoencoderKL cannot hold the statistics).
-Existing outputs are kept unless ``--overwrite``.
-Exit status: 0 done, 2 bad input (message on stderr).
+Existing outputs are kept unless ``--overwrite``, and even then only what this tool writes is replaced: a
+checkpoint file, or a folder holding a model export alone (``config.json`` + weights); never an input or a folder
+that contains one. Outputs appear complete or not at all (a full disk is one line naming the file).
+Exit status: 0 done, 2 bad input or a failed write (message on stderr).
 """
 from __future__ import annotations
 
@@ -44,7 +46,14 @@ from ldm.checkpoints.diffusers import (
     read_diffusers_folder,
     write_diffusers_folder,
 )
-from ldm.checkpoints.files import TORCH_SUFFIXES, CheckpointError, StateDict, read_diffusers_config, save_state_dict
+from ldm.checkpoints.files import (
+    TORCH_SUFFIXES,
+    CheckpointError,
+    StateDict,
+    is_model_export,
+    read_diffusers_config,
+    save_state_dict,
+)
 from ldm.checkpoints.keys import read_state_dict
 from ldm.checkpoints.tensors import (
     SINGLE_FILE_VAE_PREFIXES,
@@ -57,6 +66,7 @@ from ldm.checkpoints.tensors import (
     to_bfl_flux2_layout,
 )
 from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout
+from ldm.util import WriteError, check_output, remove_stale_temporaries
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
 FILE_SUFFIXES = sorted(TORCH_SUFFIXES - {".bin"} | {".safetensors"})
@@ -236,15 +246,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opt = parse_args(argv)
-    if opt.output.exists() and not opt.overwrite:
-        print(f"error: {opt.output} already exists (use --overwrite to replace it)", file=sys.stderr)
-        return 2
-    if opt.output.resolve() == opt.input.resolve():
-        print(f"error: output {opt.output} is the input", file=sys.stderr)
-        return 2
     try:
+        inputs = [opt.input] + ([opt.config] if getattr(opt, "config", None) is not None else [])
+        out = check_output(opt.output, inputs=inputs, overwrite=opt.overwrite, folder=opt.command == "to-diffusers",
+                           replaceable=is_model_export)
+        if out.parent.is_dir():  # what a killed conversion left there
+            for stale in remove_stale_temporaries(out.parent, recursive=False, shared=True):
+                print(f"removed {stale}, left by an interrupted write")
         COMMANDS[opt.command][0](opt)
-    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

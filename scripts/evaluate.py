@@ -56,7 +56,7 @@ from tqdm import tqdm
 from ldm import metrics
 from ldm.checkpoints.files import CheckpointError
 from ldm.checkpoints.loading import load_model
-from ldm.cli.common import pick_device, precision_scope, refuse_overlap, seed_everything
+from ldm.cli.common import pick_device, precision_scope, prepare_outdir, refuse_overlap, seed_everything
 from ldm.data.inpainting import find_images
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
 from ldm.fast import FastDecode
@@ -64,6 +64,8 @@ from ldm.image_io import (
     IMAGE_EXTENSIONS,
     MASK_SUFFIX,
     InputError,
+    NonFiniteError,
+    check_finite,
     find_pairs,
     mask_name,
     quantize,
@@ -75,7 +77,7 @@ from ldm.image_io import (
 )
 from ldm.latent_spaces import latent_space_of
 from ldm.project import FAST_HELP
-from ldm.util import write_atomically
+from ldm.util import WriteError, write_atomically
 
 log = logging.getLogger("evaluate")
 BASELINES = ("paste", "paste_blur")
@@ -365,7 +367,7 @@ def reconstruct(decoder: FastDecode, image: torch.Tensor, mask: torch.Tensor, op
     x = image * 2 - 1
     posterior = model.encode(x)
     z = posterior.sample(generator) if opt.sample_posterior else posterior.mode()
-    rec = decoder.decode(z, x, mask)
+    rec = check_finite(decoder.decode(z, x, mask), "the decoded images")  # NaN must not become metrics
     return quantize(metrics.to_unit(rec.float()))
 
 
@@ -399,7 +401,11 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
                 for batch in tqdm(list(batches(sets[cond.label], opt.batch_size)), desc=f"decoder {name}{cond.label}",
                                   disable=opt.quiet):
                     image, mask = stack(batch, device)
-                    pred = reconstruct(decoder, image, mask, opt, generator)
+                    try:
+                        pred = reconstruct(decoder, image, mask, opt, generator)
+                    except NonFiniteError as e:
+                        raise NonFiniteError(f"--decoder {name} ({ckpt}) on {', '.join(s.name for s in batch)}: "
+                                             f"{e}") from None
                     for suffix, out in with_baselines(pred, image, mask, opt).items():
                         row = f"{name}{cond.label}{suffix}"
                         scorers.setdefault(row, template.fresh()).update(out, image, mask)
@@ -733,6 +739,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         inputs = [("--images", opt.images)] if opt.mode == "reconstruction" else [("--indir", opt.indir)]
         for flag, folder in inputs:
             refuse_overlap(opt.outdir, folder, "--outdir", flag)
+        prepare_outdir(opt.outdir, create=False)  # writable: found before any model loads
         run = run_reconstruction if opt.mode == "reconstruction" else run_results
         samples, results, examples = run(opt, device)
     except (InputError, CheckpointError, OSError, ValueError) as err:  # OSError: unreadable inputs, not a folder
@@ -754,7 +761,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opt.n_examples > 0:
         figures["examples.png"] = example_figure(samples, examples)
         figures["boundary.png"] = boundary_figure(samples, examples)
-    write_report(Path(opt.outdir), report, table, figures)
+    try:
+        write_report(Path(opt.outdir), report, table, figures)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table)
     written = ["metrics.md"] + [name for name in FIGURES if figures.get(name) is not None]
     print(f"wrote {Path(opt.outdir) / 'metrics.json'}, " + ", ".join(written))

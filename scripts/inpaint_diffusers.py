@@ -129,6 +129,7 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
     from PIL import Image
 
     from ldm.fast import FastDecode
+    from ldm.image_io import check_finite
     from ldm.integrations.diffusers_pipelines import check_decoder_fits, inpaint, native_size
 
     name = pipeline_class(opt.pipeline)
@@ -165,8 +166,9 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
         image, mask = (t.permute(0, 2, 3, 1).float().cpu().numpy() for t in ((image + 1) / 2, mask))
         images = inpaint(pipe, decoder, image, mask, decode=decode, prompt=opt.prompt,
                          num_images_per_prompt=opt.n_samples, generator=torch.Generator().manual_seed(opt.seed),
-                         **settings, **controls)
-        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+                         output_type="np", **settings, **controls)
+        check_finite(torch.from_numpy(images), "the pipeline's images")  # NaN would become black pixels
+        return np.stack([np.asarray(im.convert("RGB")) for im in pipe.image_processor.numpy_to_pil(images)])
 
     return inpaint_one
 

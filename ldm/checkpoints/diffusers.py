@@ -58,11 +58,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, PathLike, StateDict, read_diffusers_files
+from ldm.checkpoints.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    PathLike,
+    StateDict,
+    is_model_export,
+    read_diffusers_files,
+)
 from ldm.checkpoints.tensors import drop_unused_keys, level_widths
 from ldm.latent_spaces import SD
 from ldm.modules.diffusionmodules.condition import default_condition_widths
-from ldm.util import default_file_mode
+from ldm.util import check_output, default_file_mode, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -589,13 +597,13 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
     ``AutoencoderKL`` for a VAE without condition branch) loads: ``config.json`` + ``.safetensors``.
 
     ``ddconfig``/``decoder_overrides`` may be ``None`` (architecture read from the tensors). The folder appears
-    complete or not at all: it is written next to its destination and renamed into place.
+    complete or not at all: it is written next to its destination and renamed into place. An existing folder is
+    replaced only with ``overwrite`` and only when it holds a model export alone (``ldm.util.check_output``).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists (pass overwrite=True / --overwrite to replace it)")
+    folder = check_output(folder, overwrite=overwrite, folder=True, replaceable=is_model_export)
     sd, config = ldm_to_diffusers(state_dict, ddconfig, decoder_overrides, sample_size=sample_size,
                                   scaling_factor=scaling_factor, shift_factor=shift_factor,
                                   use_quant_conv=use_quant_conv, normalization=normalization)
@@ -608,7 +616,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
         pass
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    # named as write_atomically's temporaries, so that ldm.util.remove_stale_temporaries finds one a kill left
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
     os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp's 0700 would hide the folder from the group
     old = None
     try:
@@ -622,6 +631,8 @@ def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Opt
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
         os.replace(tmp, folder)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(folder, e) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

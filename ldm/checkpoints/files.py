@@ -19,12 +19,14 @@ import collections
 import json
 import logging
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ldm.util import PathLike, write_atomically
+from ldm.util import PathLike, check_output, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_NAME_BIN = "diffusion_pytorch_model.bin"
 TORCH_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+# the files of a model export (save_pretrained / write_diffusers_folder), shards included
+_EXPORT_FILE = re.compile(r"config\.json|diffusion_pytorch_model(-\d+-of-\d+)?\.(safetensors|bin)"
+                          r"|diffusion_pytorch_model\.(safetensors|bin)\.index\.json")
 
 # Types that pickles name by reference although they are plain data (container types, a defaultdict's factory).
 _PLAIN_TYPES = (dict, list, set, frozenset, tuple, int, float, str, bool, bytes, complex, collections.OrderedDict,
@@ -84,6 +89,38 @@ def _refused(path: Path, names: Iterable[str] = ()) -> CheckpointError:
         "loaded. Re-save the weights as .safetensors from a trusted environment.")
 
 
+def is_model_export(folder: Path) -> bool:
+    """True when ``folder`` holds a model export and nothing else (``config.json`` + weights files, no
+    sub-folders), or nothing at all: the only folders a converter may replace (``ldm.util.check_output``)."""
+    entries = list(Path(folder).iterdir())
+    if not entries:
+        return True
+    names = {p.name for p in entries}
+    return CONFIG_NAME in names and all(p.is_file() and _EXPORT_FILE.fullmatch(p.name) for p in entries)
+
+
+_CRC_CHUNK = 1 << 22
+
+
+def verify_zip_checksums(path: PathLike) -> None:
+    """Read every member of a zip-format ``torch.save`` file once, in chunks (``zipfile`` checks each member's
+    CRC-32 as it reads it to the end): a damaged file is a :class:`CheckpointError` naming it and the member, where
+    memory-mapped loading would give wrong weights without a word."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    while member.read(_CRC_CHUNK):
+                        pass
+    except zipfile.BadZipFile as e:
+        if "CRC" not in str(e):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (BadZipFile: {e})") from None
+        raise CheckpointError(f"{path}: damaged checkpoint ({e}): its bytes changed after it was written (a "
+                              "failed copy or download, a bad disk); copy it again") from None
+    except (OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
 def _torch_load_weights_only(path: Path) -> Any:
     """``torch.load(weights_only=True)`` of a ``torch.save`` file (memory-mapped when zip), after torch's own static
     list of the file's globals (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`) shows nothing but
@@ -94,6 +131,8 @@ def _torch_load_weights_only(path: Path) -> Any:
     if not zipped and head != _LEGACY_MAGIC:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (a file written by torch.save); other pickles "
                               "are never loaded")
+    if zipped:
+        verify_zip_checksums(path)
     stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in sorted(LIGHTNING_METADATA)]
     try:
         with torch.serialization.safe_globals(list(_PLAIN_TYPES)):
@@ -156,6 +195,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     """Write tensors atomically as ``.safetensors`` or as a Lightning-style ``.ckpt``/``.pt``
     (``{"state_dict": ...}``)."""
     path = Path(path)
+    check_output(path, overwrite=True)  # never onto a folder
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -15,7 +17,7 @@ import torch
 from ldm.checkpoints import files as checkpoint_files
 from ldm.checkpoints import loading
 from ldm.image_io import InputError
-from ldm.util import PathLike
+from ldm.util import PathLike, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +47,27 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def prepare_outdir(path: PathLike, flag: str = "--outdir", create: bool = True) -> Path:
-    """Check (and with ``create``, make) an output folder; a path that is, or lies under, a file is an
-    :class:`InputError` naming ``flag``. Check with ``create=False`` before the slow setup, create after it."""
+    """Check (and with ``create``, make) an output folder; a path that is, or lies under, a file, or a folder this
+    process cannot write into (read-only, no permission), is an :class:`InputError` naming ``flag``. Temporary
+    files that killed writes left in it are removed (``ldm.util.remove_stale_temporaries``; other live runs'
+    kept). Check with ``create=False`` before the slow setup, create after it."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    existing = next((p for p in (path, *path.resolve().parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "is a file" if existing == path else f"lies under the file {existing}"
         raise InputError(f"{flag} {path}: {where}, not a folder")
+    if existing is not None:
+        try:  # a real write: os.access says yes to root on a read-only mount
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            where = "" if existing == path else f" (in {existing}, where it would be created)"
+            raise InputError(f"{flag} {path}: cannot write there{where}: {e.strerror or e}; nothing was "
+                             "computed") from None
+        if existing == path:
+            for stale in remove_stale_temporaries(path, recursive=False, shared=True):
+                log.info("removed %s, left by a killed write", stale)
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)

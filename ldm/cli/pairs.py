@@ -41,6 +41,13 @@ def load_decoder(opt: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     return decoder
 
 
+def model_flags(opt: argparse.Namespace) -> str:
+    """The model files of a run as its flags say them (``--ckpt X, --ckpt_d Y``), for messages."""
+    flags = [f"--{name} {getattr(opt, name)}" for name in ("pipeline", "ckpt_d", "ckpt")
+             if getattr(opt, name, None) is not None and not (name == "ckpt" and getattr(opt, "vanilla_decoder", 0))]
+    return ", ".join(flags) or "the models"
+
+
 def add_pair_arguments(p: argparse.ArgumentParser, outdir: str, max_size: Optional[int] = 640,
                        max_size_help: str = "longest side is scaled down to this") -> None:
     """The flags of every script that inpaints a folder of pairs (this one, ``scripts/inpaint_diffusers.py``)."""
@@ -90,7 +97,7 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
 
     from ldm.checkpoints.files import CheckpointError
     from ldm.cli.common import pick_device, prepare_outdir, refuse_overlap
-    from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, find_pairs, read_pair, write_png
+    from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, NonFiniteError, find_pairs, read_pair, write_png
 
     max_pixels = DEFAULT_MAX_PIXELS if opt.max_pixels is None else opt.max_pixels
     try:
@@ -147,6 +154,9 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
                         write_png(array, path, overwrite=opt.overwrite)
                     except FileExistsError:  # another run wrote it meanwhile: theirs is kept
                         tqdm.write(f"kept: {path}, written by another run meanwhile", file=sys.stderr)
+            except NonFiniteError as e:  # a damaged checkpoint or float16 overflow: every pair would fail alike
+                print(f"error: {pair.image} with {model_flags(opt)}: {e}; stopped", file=sys.stderr)
+                return 1
             except (RuntimeError, OSError) as e:  # e.g. CUDA out of memory on one large image, a full disk
                 tqdm.write(f"failed: {pair.image} ({image.shape[-1]}x{image.shape[-2]}): {type(e).__name__}: {e}",
                            file=sys.stderr)

@@ -50,10 +50,15 @@ def _normalise_extensions(extensions: Iterable[str]) -> Tuple[str, ...]:
     return exts
 
 
+def _seen(path: str, visited: set, inside: set) -> bool:
+    return path in visited or path in inside
+
+
 def find_images(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> List[str]:
     """Sorted image paths under ``root``, recursively (``root/class/x.JPEG`` and flat folders); hidden entries skipped.
 
-    Sorting makes indices identical across runs and DDP ranks.
+    Links are followed, but never into a folder already visited or one the scan is inside (a link loop, a link
+    to a parent folder): each folder's images count once. Sorting makes indices identical across runs and DDP ranks.
     """
     exts = _normalise_extensions(extensions)
     root = Path(root).expanduser()
@@ -62,8 +67,16 @@ def find_images(root: PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) ->
     if not root.is_dir():
         raise NotADirectoryError(f"root: not a folder: {root} (pass a list of images as file_list instead)")
     paths = []
+    visited = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        real = os.path.realpath(folder)
+        if real in visited:  # reached again through another link
+            dirs[:] = []
+            continue
+        visited.add(real)
+        inside = {real, *map(str, Path(real).parents)}  # a link to one of these would loop
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not _seen(os.path.realpath(os.path.join(folder, d)), visited, inside)]
         paths.extend(os.path.join(folder, f) for f in files
                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
     if not paths:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.image_io import to_uint8, write_png
+from ldm.image_io import NonFiniteError, to_uint8, write_png
 from ldm.util import PathLike, remove_stale_temporaries, write_atomically
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,12 @@ class ImageLogger(Callback):
             if not self.rescale:  # the images are in [0, 1]
                 grid = grid * 2.0 - 1.0
             path = root / split / f"{key}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
-            write_png(to_uint8(grid[None])[0], path)
+            try:
+                array = to_uint8(grid[None], f"{key} at step {global_step}")[0]
+            except NonFiniteError as e:  # training goes on (the loss decides); no black grid is written
+                log.warning("not writing %s: %s", path, e)
+                continue
+            write_png(array, path)
 
     @rank_zero_only
     def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
