@@ -29,10 +29,11 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
-import torch.nn.functional as F
+
+from ldm.modules.mask_edges import DEFAULT_BAND_PX, band_masks
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_
 _MEAN_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "mse_band_inner", "mse_band_outer",
               "seam_error")
 _PSNR_REGIONS = ("kept", "generated", "band_inner", "band_outer")
-DEFAULT_BAND_PX = 8
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -84,21 +84,6 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, pixels: torch.Tensor) 
     count = pixels.flatten(1).sum(1) * pred.shape[1]
     total = ((pred - target).pow(2) * pixels).flatten(1).sum(1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
-
-
-def _within(pixels: torch.Tensor, band_px: int) -> torch.Tensor:
-    """(B,1,H,W) 1 wherever a pixel of ``pixels`` lies within ``band_px`` (chessboard distance), itself included:
-    a (2K+1)x(2K+1) max filter (a dilation); outside the image counts as no pixel."""
-    return F.max_pool2d(pixels, kernel_size=2 * band_px + 1, stride=1, padding=band_px)
-
-
-def band_masks(mask: torch.Tensor, band_px: int = DEFAULT_BAND_PX) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(inner, outer), each (B,1,H,W) in {0,1}: generated pixels (mask 1) within ``band_px`` pixels (chessboard
-    distance, max(|dy|, |dx|) <= band_px) of a kept pixel, and kept pixels within ``band_px`` of a generated one."""
-    if int(band_px) != band_px or band_px < 1:
-        raise ValueError(f"band_px must be a whole number >= 1, got {band_px!r}")
-    m = (mask >= 0.5).float()
-    return m * _within(1 - m, int(band_px)), (1 - m) * _within(m, int(band_px))
 
 
 def seam_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

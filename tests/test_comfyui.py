@@ -74,7 +74,7 @@ def test_node_contracts(folder_paths):
         assert callable(getattr(cls(), cls.FUNCTION)) and cls.CATEGORY == "latent/asymmetric vae"
     loader = nodes.AsymmetricVAELoader.INPUT_TYPES()
     assert loader["required"]["vae_name"][0] == ["asym-x-1-5/", "base.ckpt"]  # a diffusers folder by its name
-    assert loader["required"]["latent_space"][0] == ["auto", "sd", "sdxl", "sd3", "flux"]
+    assert loader["required"]["latent_space"][0] == ["auto", "sd", "sdxl", "sd3", "flux", "flux2"]
     assert loader["optional"]["config"][0] == "STRING"
     assert nodes.AsymmetricVAELoader.RETURN_TYPES == ("VAE",)
     decode = nodes.AsymmetricVAEDecode.INPUT_TYPES()["required"]
@@ -188,6 +188,16 @@ def test_every_format_loads_from_its_tensors_alone(tmp_path):
     # an explicit config is used as given (and checked against the file)
     model = load_autoencoder(tmp_path / "base.ckpt", config=REPO / "configs/tiny/autoencoder_kl_tiny.yaml")
     torch.testing.assert_close(integration.decode_with_prior(model, z, pixels, mask), ref, rtol=0, atol=1e-5)
+    # FLUX.2 (32 channels, BatchNorm latent statistics in bn.*): the statistics load with the file
+    flux2 = tiny("autoencoder_kl_flux2_tiny.yaml")
+    with torch.no_grad():
+        flux2.bn.running_mean.normal_()
+        flux2.bn.running_var.uniform_(0.5, 2.0)
+    save_state_dict(flux2.state_dict(), tmp_path / "flux2.safetensors")
+    model = load_autoencoder(tmp_path / "flux2.safetensors")
+    torch.testing.assert_close(model.bn.running_var, flux2.bn.running_var, rtol=0, atol=0)
+    z2 = torch.randn(1, 32, 8, 12)
+    torch.testing.assert_close(model.unscale_latents(z2), flux2.unscale_latents(z2), rtol=0, atol=0)
 
 
 def test_latent_space_and_layout_errors(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from ldm.checkpoints.diffusers import AutoencoderLayout
+from ldm.checkpoints.diffusers import FLUX2_DEFAULTS, AutoencoderLayout
 from ldm.checkpoints.files import CheckpointError
 from ldm.checkpoints.tensors import autoencoder_state_dict, drop_unused_keys
 from ldm.latent_spaces import LATENT_SPACES, SD, LatentSpace, describe_latent_layout, matching_spaces
@@ -58,6 +58,15 @@ def _branch_options(state_dict: Mapping[str, torch.Tensor], out_channels: int) -
     gate_conv = n > 1 and shapes[0][0] == 2 * shapes[1][1]
     widths = [s[0] // 2 if gate_conv else s[0] for s in shapes]
     return {"condition_widths": widths, "concat_mask": concat_mask, "gate_conv": gate_conv}
+
+
+def latent_normalization(space: LatentSpace) -> Dict[str, Any]:
+    """``AutoencoderKL``'s params for the latent normalisation of ``space``: its scale and shift, or for FLUX.2 the
+    BatchNorm over 2x2 patches whose statistics (``bn.*``) come with the checkpoint."""
+    if space.normalization == "batch_norm":
+        return {"latent_batch_norm": {"patch_size": int(FLUX2_DEFAULTS["patch_size"][0]),
+                                      "batch_norm_eps": float(FLUX2_DEFAULTS["batch_norm_eps"])}}
+    return {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
 
 
 def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Optional[str] = None,
@@ -106,7 +115,7 @@ def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Opt
             overrides["gate_conv"] = True
     return {"target": "ldm.models.autoencoder.AutoencoderKL",
             "params": {"embed_dim": layout.latent_channels, "use_quant_conv": layout.quant_conv,
-                       "scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor,
+                       **latent_normalization(space),
                        "lossconfig": {"target": "torch.nn.Identity"}, "ddconfig": ddconfig,
                        "decoder_overrides": overrides}}
 

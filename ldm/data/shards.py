@@ -90,7 +90,7 @@ class _CorruptCounter:
         self.owner = owner
 
     def __call__(self, exn: Exception) -> bool:
-        self.owner._note_corrupt(f"{type(exn).__name__}: {exn}")
+        self.owner.note_corrupt(f"{type(exn).__name__}: {exn}")
         return True
 
 
@@ -161,7 +161,7 @@ class WebDatasetInpainting(IterableDataset):
         """Samples this rank yields per epoch."""
         return self.samples_per_worker * max(self.num_workers, 1)
 
-    def _note_corrupt(self, what: str) -> None:
+    def note_corrupt(self, what: str) -> None:
         self.corrupt += 1
         if self.corrupt <= _MAX_CORRUPT_WARNINGS:
             suffix = " (further corrupt-sample warnings suppressed; the count goes on)" \
@@ -217,7 +217,7 @@ class WebDatasetInpainting(IterableDataset):
             with open_image(f"{name}.{key}", self.max_pixels, data=data) as img:
                 return self.transform(img, f"{name}.{key}", rng)
         except InputError as err:
-            self._note_corrupt(str(err))
+            self.note_corrupt(str(err))
             return None
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:

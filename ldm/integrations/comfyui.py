@@ -178,7 +178,7 @@ def decode_with_prior(model: AutoencoderKL, samples: torch.Tensor, pixels: torch
 def tiled(model: AutoencoderKL, tile_size: Optional[int], overlap: int) -> Iterator[None]:
     """Inside, ``model`` decodes in tiles of ``tile_size`` image pixels (rounded down to the downscale factor;
     ``None``: as it was); afterwards as before."""
-    before = model._tiling
+    before = model.tiling
     if tile_size is not None:
         f = model.downsample_factor
         tile = max(f, tile_size // f * f)

@@ -289,6 +289,11 @@ class AutoencoderKL(pl.LightningModule):
         """Decode in one piece again (the default)."""
         self._tiling = None
 
+    @property
+    def tiling(self) -> Optional[Tuple[int, int]]:
+        """``(tile_sample_size, overlap)`` in image pixels while tiling is on (:meth:`enable_tiling`), else None."""
+        return self._tiling
+
     def _check_dtype(self, name: str, t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
         """Outside autocast, inputs must have the dtype of the weights that read them (default: the decoder's,
         which ``ldm.fast`` may convert apart from the encoder), else the first conv fails with a message that names

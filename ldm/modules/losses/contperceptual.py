@@ -28,7 +28,7 @@ from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from taming.modules.losses.vqperceptual import hinge_d_loss, vanilla_d_loss
 from torch import nn
 
-from ldm.metrics import band_masks
+from ldm.modules.mask_edges import band_masks
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def build_lpips(vgg_path: Optional[Union[str, Path]] = None) -> nn.Module:
 def boundary_band(mask: torch.Tensor, band_px: int) -> torch.Tensor:
     """(B,1,H,W) 1 at the pixels within ``band_px`` pixels (chessboard distance) of a pixel of the other region
     (mask binarised at 0.5), on both sides of the edge: the union of the two bands of
-    :func:`ldm.metrics.band_masks`; 0 everywhere for a mask of one value."""
+    :func:`ldm.modules.mask_edges.band_masks`; 0 everywhere for a mask of one value."""
     inner, outer = band_masks(mask, band_px)
     return inner + outer
 
