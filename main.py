@@ -584,12 +584,13 @@ def build_model_and_data(opt: argparse.Namespace, config: DictConfig, trainer_kw
 
 
 def _external_rank() -> int:
-    """This process's global rank when a launcher outside Lightning started it (torchrun, srun), else 0."""
+    """This process's global rank when a launcher outside Lightning started it (torchrun, srun), or > 0 on every
+    machine but the first of a multi-node run started by hand (``NODE_RANK``, Lightning's variable), else 0."""
     if os.environ.get("RANK"):
         return int(os.environ["RANK"])
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return int(os.environ.get("SLURM_PROCID", "0"))
-    return 0
+    return int(os.environ.get("NODE_RANK", "0") or 0)
 
 
 def take_run_folder(folder: RunFolder) -> RunFolder:
