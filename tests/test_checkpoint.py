@@ -395,3 +395,24 @@ def test_load_model_finds_the_projects_configs_from_any_folder(tmp_path, monkeyp
     assert model.decoder.has_condition and not model.training
     with pytest.raises(FileNotFoundError, match=r"config configs/tiny/nowhere\.yaml: not found"):
         load_model("configs/tiny/nowhere.yaml", "base.ckpt")
+
+
+def test_the_variant_hint_reads_the_condition_branch_as_the_config_reader_does():
+    """describe_decoder_checkpoint (error messages) and autoencoder_config (the ComfyUI loader) read the branch with
+    the one reader, condition_branch: absent, present, and ASUKA's mask-reading branch."""
+    from ldm.checkpoints.architecture import autoencoder_config
+    from ldm.checkpoints.tensors import describe_decoder_checkpoint
+    from tests.test_asuka import asuka_layout_checkpoint
+
+    from .conftest import make_autoencoder
+
+    plain = make_autoencoder(condition=True).state_dict()
+    woc = make_autoencoder(condition=False).state_dict()
+    asuka = asuka_layout_checkpoint(gate_conv=True)
+    assert "condition branch present;" in describe_decoder_checkpoint(plain)
+    assert "condition branch absent;" in describe_decoder_checkpoint(woc)
+    assert "reading the mask too" in describe_decoder_checkpoint(asuka)
+    assert autoencoder_config(asuka)["params"]["decoder_overrides"]["concat_mask"] is True
+    broken = dict(plain)
+    broken["decoder.encoder.layers.0.weight"] = broken["decoder.encoder.layers.0.weight"][:, :2]
+    assert "condition branch unreadable" in describe_decoder_checkpoint(broken)

@@ -20,11 +20,10 @@ import torch
 
 from ldm.checkpoints.diffusers import FLUX2_DEFAULTS, AutoencoderLayout
 from ldm.checkpoints.files import CheckpointError
-from ldm.checkpoints.tensors import autoencoder_state_dict, drop_unused_keys
+from ldm.checkpoints.tensors import BRANCH, autoencoder_state_dict, condition_branch, drop_unused_keys
 from ldm.latent_spaces import LATENT_SPACES, SD, LatentSpace, describe_latent_layout, matching_spaces
 from ldm.modules.diffusionmodules.condition import default_condition_widths
 
-BRANCH = "decoder.encoder.layers."
 FLUX = LATENT_SPACES["flux"]
 
 
@@ -39,25 +38,6 @@ def default_latent_space(channels: int, quant_conv: bool, concat_mask: bool = Fa
         return FLUX
     spaces = matching_spaces(channels, quant_conv)
     return spaces[0] if len(spaces) == 1 else None
-
-
-def _branch_options(state_dict: Mapping[str, torch.Tensor], out_channels: int) -> Optional[Dict[str, Any]]:
-    """``{condition_widths, concat_mask, gate_conv}`` of the condition branch, ``None`` without one."""
-    n = len({k[len(BRANCH):].split(".")[0] for k in state_dict if k.startswith(BRANCH)})
-    if n == 0:
-        return None
-    shapes = []
-    for i in range(n):
-        if f"{BRANCH}{i}.weight" not in state_dict:
-            raise CheckpointError(f"condition branch without {BRANCH}{i}.weight (its layers are not 0..{n - 1})")
-        shapes.append(tuple(state_dict[f"{BRANCH}{i}.weight"].shape))
-    concat_mask = shapes[0][1] == out_channels + 1
-    if shapes[0][1] not in (out_channels, out_channels + 1):
-        raise CheckpointError(f"{BRANCH}0.weight reads {shapes[0][1]} channels: neither the image ({out_channels}) "
-                              f"nor image + mask ({out_channels + 1})")
-    gate_conv = n > 1 and shapes[0][0] == 2 * shapes[1][1]
-    widths = [s[0] // 2 if gate_conv else s[0] for s in shapes]
-    return {"condition_widths": widths, "concat_mask": concat_mask, "gate_conv": gate_conv}
 
 
 def latent_normalization(space: LatentSpace) -> Dict[str, Any]:
@@ -85,7 +65,7 @@ def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Opt
     try:
         layout = AutoencoderLayout.from_state_dict(main_path)
         ddconfig, overrides = layout.to_ldm_config()
-        branch = _branch_options(sd, layout.out_channels)
+        branch = condition_branch(sd, layout.out_channels)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: not an autoencoder checkpoint this project reads: {e}") from None
     what = describe_latent_layout(layout.latent_channels, layout.quant_conv)

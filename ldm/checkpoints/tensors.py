@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -159,6 +159,31 @@ def level_widths(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Tuple[L
     return widths, blocks.pop()
 
 
+# where our checkpoints keep the decoder's condition branch (the original release's name)
+BRANCH = "decoder.encoder.layers."
+
+
+def condition_branch(state_dict: Mapping[str, torch.Tensor], out_channels: int) -> Optional[Dict[str, Any]]:
+    """``{condition_widths, concat_mask, gate_conv}`` of the decoder's condition branch read off its tensors
+    (``out_channels``: the image's channels; ASUKA's ``concat_mask`` reads one more, its ``gate_conv`` doubles the
+    outputs), ``None`` without one; :class:`CheckpointError` for a branch of neither shape."""
+    n = len({k[len(BRANCH):].split(".")[0] for k in state_dict if k.startswith(BRANCH)})
+    if n == 0:
+        return None
+    shapes = []
+    for i in range(n):
+        if f"{BRANCH}{i}.weight" not in state_dict:
+            raise CheckpointError(f"condition branch without {BRANCH}{i}.weight (its layers are not 0..{n - 1})")
+        shapes.append(tuple(state_dict[f"{BRANCH}{i}.weight"].shape))
+    concat_mask = shapes[0][1] == out_channels + 1
+    if shapes[0][1] not in (out_channels, out_channels + 1):
+        raise CheckpointError(f"{BRANCH}0.weight reads {shapes[0][1]} channels: neither the image ({out_channels}) "
+                              f"nor image + mask ({out_channels + 1})")
+    gate_conv = n > 1 and shapes[0][0] == 2 * shapes[1][1]
+    widths = [s[0] // 2 if gate_conv else s[0] for s in shapes]
+    return {"condition_widths": widths, "concat_mask": concat_mask, "gate_conv": gate_conv}
+
+
 def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Guess the decoder variant of a checkpoint from its tensors, for error messages."""
     try:
@@ -167,13 +192,14 @@ def describe_decoder_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
     except (KeyError, CheckpointError, AttributeError, IndexError):
         return "the checkpoint has no recognisable decoder (no decoder.conv_out.weight)"
     ch, nrb = widths[0], blocks - 1
-    branch = state_dict.get("decoder.encoder.layers.0.weight")
     known = _VARIANT_CONFIGS.get((ch, nrb), "no released variant")
-    if branch is None:
-        condition = "absent"
-    elif branch.shape[1] == out_ch + 1:
-        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
+    try:
+        branch = condition_branch(state_dict, out_ch)
+    except CheckpointError as e:
+        branch, condition = None, f"unreadable ({e})"
     else:
-        condition = "present"
+        condition = "absent" if branch is None else "present"
+    if branch is not None and branch["concat_mask"]:
+        condition = "present, reading the mask too (concat_mask: ASUKA, configs/autoencoder/flux/asuka.yaml)"
     return (f"the checkpoint's decoder has ch={ch}, num_res_blocks={nrb}, condition branch {condition}; "
             f"{describe_state_dict(state_dict)}: it matches {known}")
