@@ -13,6 +13,8 @@ CPU in minutes, with no downloads.
    of the kept and generated regions and of the bands either side of the mask edge, seam_error, pre_error
    (ldm.metrics). A table and a verdict on stdout, outputs/demo/report.json and a figure outputs/demo/comparison.png
    (whole photos side by side, error maps on one scale, a zoom on a stretch of mask edge).
+5. robustness rows (ROBUSTNESS): vanilla+paste, vanilla+paste_blur and asymmetric again with the masks drawn on an
+   8x coarser grid (jagged edges) and with the photos at 1.5x the size, each against the table's own row.
 
     python scripts/demo.py [--out outputs/demo] [--stage1-steps N] [--stage2-steps N] [--precision auto]
                            [--boundary-weight W]
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +86,15 @@ def resize_short_side(img: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
 
 
+def heldout_photo(name: str, side: int) -> np.ndarray:
+    """A held-out photo whole at ``side`` short side, its long side cut to a multiple of 8 around the centre (as
+    the latent needs), resized from scikit-image's original (larger than 192 px on the short side)."""
+    img = resize_short_side(load_photo(name), side)
+    h, w = (s - s % 8 for s in img.shape[:2])
+    y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return np.ascontiguousarray(img[y:y + h, x:x + w])
+
+
 def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Path, Path]:
     """Random ``TRAIN_CROP`` crops of the training photos, and each held-out photo whole at ``PHOTO_SIDE`` short
     side (its long side cut to a multiple of 8 around the centre, as the latent needs)."""
@@ -99,10 +111,7 @@ def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Pa
         x = int(rng.integers(0, img.shape[1] - TRAIN_CROP + 1))
         write_png(img[y:y + TRAIN_CROP, x:x + TRAIN_CROP], train_dir / f"{TRAIN_PHOTOS[i % len(photos)]}_{i:05d}.png")
     for name in HELDOUT_PHOTOS:
-        img = resize_short_side(load_photo(name), PHOTO_SIDE)
-        h, w = (s - s % 8 for s in img.shape[:2])
-        y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-        write_png(img[y:y + h, x:x + w], heldout_dir / f"{name}.png")
+        write_png(heldout_photo(name, PHOTO_SIDE), heldout_dir / f"{name}.png")
     done.write_text(stamp)
     print(f"data: {n_train} training crops of {len(TRAIN_PHOTOS)} photos in {train_dir}, "
           f"{len(HELDOUT_PHOTOS)} held-out photos ({', '.join(HELDOUT_PHOTOS)}) in {heldout_dir}")
@@ -168,34 +177,50 @@ def heldout_masks(mask_config: str, height: int, width: int, count: int, seed: i
     return masks
 
 
-def load_heldout(heldout_dir: Path, mask_config: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """Every held-out photo, whole, with ``MASKS_PER_PHOTO`` fixed masks each: images (N,3,H,W) in [-1, 1], masks
-    (N,1,H,W) and a name per image."""
-    from ldm.image_io import open_image, to_rgb
+def heldout_batch(photos: Sequence[Tuple[str, np.ndarray]], mask_config: str,
+                  coarsen: int = 1) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """``photos`` (name, (H, W, 3) float32 RGB in [0, 1]) with ``MASKS_PER_PHOTO`` fixed masks each, drawn at the
+    photo's size (seeded by the image's index, so every size gets the same draws) and, with ``coarsen`` F > 1,
+    redrawn on a grid F times coarser (:func:`ldm.modules.mask_edges.coarsen_mask`): images (N,3,H,W) in [-1, 1],
+    masks (N,1,H,W) and a name per image."""
+    from ldm.modules.mask_edges import coarsen_mask
 
     images, masks, names = [], [], []
-    for path in sorted(heldout_dir.glob("*.png")):
-        with open_image(path) as img:
-            rgb = to_rgb(img, str(path))  # (H, W, 3) float32 in [0, 1]
+    for stem, rgb in photos:
         h, w = rgb.shape[:2]
         for k, mask in enumerate(heldout_masks(mask_config, h, w, MASKS_PER_PHOTO, seed=len(names))):
             images.append(torch.from_numpy(rgb.transpose(2, 0, 1).copy()) * 2 - 1)
-            masks.append(torch.from_numpy(mask)[None])
-            names.append(f"{path.stem} mask {k}")
+            masks.append(coarsen_mask(torch.from_numpy(mask)[None], coarsen))
+            names.append(f"{stem} mask {k}")
     return torch.stack(images), torch.stack(masks), names
+
+
+def load_heldout(heldout_dir: Path, mask_config: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """Every held-out photo of ``heldout_dir``, whole, with its fixed masks (:func:`heldout_batch`)."""
+    from ldm.image_io import open_image, to_rgb
+
+    photos = []
+    for path in sorted(heldout_dir.glob("*.png")):
+        with open_image(path) as img:
+            photos.append((path.stem, to_rgb(img, str(path))))
+    return heldout_batch(photos, mask_config)
 
 
 ROWS = ("vanilla", "vanilla+paste", "vanilla+paste_blur", "asymmetric", "asymmetric, no mask")
 
 
 @torch.no_grad()
-def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Tensor,
-             mask: torch.Tensor) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
-    """Every row of ``ROWS`` on the held-out images, each decoded whole (the autoencoder is convolutional), one
-    image at a time; latents are the posterior mode of each model's own (identical, frozen) encoder. Paste-back
-    composites the input over the vanilla output where mask = 0 (diffusers' ``apply_overlay``), with the mask
-    blurred by a Gaussian of sigma ``BLUR_PX`` first for ``paste_blur`` (AUTOMATIC1111's mask blur). Every row is
-    scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
+def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
+             rows: Sequence[str] = ROWS) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
+    """Every row of ``rows`` (of ``ROWS``) on the held-out images, each decoded whole (the autoencoder is
+    convolutional), one image at a time; latents are the posterior mode of each model's own (identical, frozen)
+    encoder. Paste-back composites the input over the vanilla output where mask = 0 (diffusers' ``apply_overlay``),
+    with the mask blurred by a Gaussian of sigma ``BLUR_PX`` first for ``paste_blur`` (AUTOMATIC1111's mask blur).
+    Every row is scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the
+    figure)."""
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise ValueError(f"rows {sorted(unknown)}: not among {ROWS}")
     outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in ROWS}
     for i in range(len(x)):
         xi, mi = x[i:i + 1], mask[i:i + 1]
@@ -205,10 +230,11 @@ def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Ten
         for name, blur in (("vanilla+paste", 0.0), ("vanilla+paste_blur", BLUR_PX)):  # in [0, 1], as users paste
             outputs[name].append(metrics.paste_back(metrics.to_unit(van), metrics.to_unit(xi), mi, blur) * 2 - 1)
         outputs["asymmetric"].append(asymmetric.decode(z, xi, mi))
-        outputs["asymmetric, no mask"].append(asymmetric.decode(z))
+        if "asymmetric, no mask" in rows:
+            outputs["asymmetric, no mask"].append(asymmetric.decode(z))
     target = quantize(metrics.to_unit(x))
     table, tensors = {}, {"image": x, "mask": mask}
-    for name in ROWS:
+    for name in rows:
         rec = torch.cat(outputs[name]).clamp(-1, 1)
         tensors[name] = rec
         acc = metrics.RegionMetricAccumulator(band_px=BAND_PX)
@@ -345,15 +371,52 @@ def side_by_side(tensors: Dict[str, torch.Tensor], names: Sequence[str], path: P
     write_png(np.concatenate(parts, axis=0), path)
 
 
-def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path,
-                  figure: Path) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
-    """Evaluate the two trained runs on the held-out photos: print the table and the verdict, write the figure.
-    Returns (table, verdict lines)."""
+# Robustness conditions, as ASUKA's users meet them: (label, short side of the photos, mask coarsening factor)
+ROBUSTNESS = (("masks drawn 8x coarser", PHOTO_SIDE, 8), ("photos at 192 px, 1.5x", 192, 1))
+ROBUST_ROWS = ("vanilla+paste", "vanilla+paste_blur", "asymmetric")
+ROBUST_COLUMNS = ("psnr_kept", "psnr_generated", "seam_error")
+
+
+def evaluate_robustness(vanilla: torch.nn.Module, asymmetric: torch.nn.Module,
+                        mask_config: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``ROBUST_ROWS`` under each condition of ``ROBUSTNESS``: the held-out photos (from scikit-image's originals,
+    at that short side) with the same mask draws (at that size; coarsened). {label: {row: metrics}}."""
+    out = {}
+    for label, side, coarsen in ROBUSTNESS:
+        photos = [(name, heldout_photo(name, side).astype(np.float32) / 255) for name in HELDOUT_PHOTOS]
+        x, mask, _ = heldout_batch(photos, mask_config, coarsen)
+        out[label] = evaluate(vanilla, asymmetric, x, mask, rows=ROBUST_ROWS)[0]
+    return out
+
+
+def format_robustness(table: Dict[str, Dict[str, float]], robustness: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """Markdown: each condition's rows, and each value's change against the same row of the main table."""
+    titles = {key: title for key, title, _, _ in COLUMNS}
+    lines = ["| condition | decoder | " + " | ".join(f"{titles[k]} (change)" for k in ROBUST_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(ROBUST_COLUMNS)]
+    formats = {key: fmt for key, _, fmt, _ in COLUMNS}
+    for label, rows in robustness.items():
+        for name, row in rows.items():
+            cells = []
+            for key in ROBUST_COLUMNS:
+                value, main_value = row[key], table[name][key]
+                change = value - main_value if math.isfinite(value) and math.isfinite(main_value) else None
+                sign = "" if change is None else f" ({'+' if change >= 0 else '-'}{formats[key].format(abs(change))})"
+                cells.append(formats[key].format(value) + sign)
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path, figure: Path
+                  ) -> Tuple[Dict[str, Dict[str, float]], List[str], Dict[str, Dict[str, Dict[str, float]]]]:
+    """Evaluate the two trained runs on the held-out photos: print the table, the verdict and the robustness
+    table, write the figure. Returns (table, verdict lines, robustness)."""
     from omegaconf import OmegaConf
 
     mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
     x, mask, names = load_heldout(heldout_dir, mask_config)
-    table, tensors = evaluate(load_trained(stage1), load_trained(stage2), x, mask)
+    vanilla, asymmetric = load_trained(stage1), load_trained(stage2)
+    table, tensors = evaluate(vanilla, asymmetric, x, mask)
     print(f"\nheld-out: {', '.join(HELDOUT_PHOTOS)}, whole ({x.shape[-1]}x{x.shape[-2]}), {MASKS_PER_PHOTO} fixed "
           f"masks each (1 = generate), scored as 8-bit images in [0, 1]; PSNR in dB; bands: {BAND_PX} px either "
           f"side of the mask edge; seam_error: mean |output step - image step| across the edge; paste_blur: "
@@ -362,7 +425,10 @@ def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path,
     lines = verdict(table)
     print("\n" + "\n".join(lines))
     side_by_side(tensors, names, figure, images=range(0, len(x), MASKS_PER_PHOTO))
-    return table, lines
+    robustness = evaluate_robustness(vanilla, asymmetric, mask_config)
+    print("\nrobustness (the same photos and mask draws; change against the table above):")
+    print(format_robustness(table, robustness))
+    return table, lines, robustness
 
 
 def main(argv: Sequence[str] = None) -> int:
@@ -394,10 +460,12 @@ def main(argv: Sequence[str] = None) -> int:
                                                f"model.params.lossconfig.params.boundary_weight={args.boundary_weight}"])
 
     evaluation_started = time.time()
-    table, lines = evaluate_runs(stage1, stage2, heldout_dir, out / "comparison.png")
+    table, lines, robustness = evaluate_runs(stage1, stage2, heldout_dir, out / "comparison.png")
     seconds["evaluation"] = time.time() - evaluation_started
     seconds["total"] = time.time() - started
-    report = {"rows": {name: metrics.json_safe(table[name]) for name in table}, "verdict": lines}
+    report = {"rows": {name: metrics.json_safe(table[name]) for name in table}, "verdict": lines,
+              "robustness": {label: {name: metrics.json_safe(row) for name, row in rows.items()}
+                             for label, rows in robustness.items()}}
     report["run"] = {"steps": {"stage1": args.stage1_steps, "stage2": args.stage2_steps}, "precision": precision,
                      "boundary_weight": args.boundary_weight,
                      "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

@@ -76,6 +76,7 @@ from ldm.image_io import (
     write_png,
 )
 from ldm.latent_spaces import latent_space_of
+from ldm.modules.mask_edges import coarsen_mask
 from ldm.project import FAST_HELP
 from ldm.util import WriteError, write_atomically
 
@@ -186,21 +187,6 @@ def conditions(opt: argparse.Namespace) -> List[Condition]:
     out += [Condition(f"[mask/{f}]", opt.size, f) for f in opt.mask_coarsen]
     out += [Condition(f"[{s}px]", s) for s in opt.extra_size]
     return out
-
-
-def coarsen_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """(...,1,H,W) binary mask as drawn on a grid ``factor`` times coarser: each ``factor`` x ``factor`` cell
-    (counted from the top left; the last ones padded by repeating the edge) becomes 1 where at least half of it is
-    generated, then nearest-upsampled back to H x W: the same mask with jagged, blocky edges."""
-    if factor <= 1:
-        return mask
-    h, w = mask.shape[-2:]
-    flat = mask.reshape(-1, 1, h, w).float()
-    ph, pw = -h % factor, -w % factor
-    padded = F.pad(flat, (0, pw, 0, ph), mode="replicate") if ph or pw else flat
-    cells = (F.avg_pool2d(padded, factor) >= 0.5).float()
-    up = cells.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[..., :h, :w]
-    return up.reshape(mask.shape).to(mask.dtype)
 
 
 @dataclass

@@ -18,7 +18,7 @@ def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys):
     assert "| vanilla+paste |" in out and "seam_error" in out and "asymmetric against vanilla+paste" in out
 
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) == {"rows", "verdict", "run"}
+    assert set(report) == {"rows", "verdict", "robustness", "run"}
     assert tuple(report["rows"]) == demo.ROWS
     heldout = sorted((tmp_path / "data" / "heldout").glob("*.png"))
     assert [p.stem for p in heldout] == sorted(demo.HELDOUT_PHOTOS)
@@ -36,6 +36,13 @@ def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys):
     # paste-back leaves the generated region of the vanilla output alone (the blur reaches past the edge)
     assert report["rows"]["vanilla+paste"]["psnr_generated"] == report["rows"]["vanilla"]["psnr_generated"]
     assert len(report["verdict"]) == len(demo.WHERE) + 1
+    # the robustness rows: the same photos and mask draws, coarsened or at another size; paste-back stays exact
+    assert list(report["robustness"]) == [label for label, _, _ in demo.ROBUSTNESS]
+    for label, rows in report["robustness"].items():
+        assert tuple(rows) == demo.ROBUST_ROWS, label
+        assert all(row["n_images"] == len(heldout) * demo.MASKS_PER_PHOTO for row in rows.values()), label
+        assert rows["vanilla+paste"]["psnr_kept"] == "inf", label
+    assert "| masks drawn 8x coarser | asymmetric |" in out
     run = report["run"]
     assert run["steps"] == {"stage1": 2, "stage2": 2} and run["precision"] == "32"
     wall = run["wall_time_s"]
@@ -66,3 +73,17 @@ def test_edge_window_is_centred_on_the_mask_edge_nearest_the_centre():
     y0, x0 = demo.edge_window(mask, 10, 16)
     assert (y0, x0) == (15, 37)  # centred on the pixel (20, 45)
     assert demo.edge_window(torch.ones(1, 40, 60), 10, 16) == (15, 22)  # no edge: the centre
+
+
+def test_robustness_masks_are_the_main_draws_coarsened():
+    import torch
+
+    from ldm.modules.mask_edges import coarsen_mask
+
+    rgb = np.random.default_rng(0).random((64, 96, 3), dtype=np.float32)
+    config = "configs/autoencoder/random_thick_256.yaml"
+    x, mask, names = demo.heldout_batch([("photo", rgb)], config)
+    x8, mask8, _ = demo.heldout_batch([("photo", rgb)], config, coarsen=8)
+    assert x.shape == (demo.MASKS_PER_PHOTO, 3, 64, 96) and torch.equal(x, x8)
+    assert names == [f"photo mask {k}" for k in range(demo.MASKS_PER_PHOTO)]
+    assert torch.equal(mask8, coarsen_mask(mask, 8)) and not torch.equal(mask8, mask)

@@ -14,6 +14,7 @@ from PIL import Image
 from ldm import metrics
 from ldm.checkpoints.files import save_state_dict
 from ldm.image_io import quantize
+from ldm.modules.mask_edges import coarsen_mask
 from scripts import evaluate
 from tests.conftest import make_autoencoder
 
@@ -347,11 +348,11 @@ def test_mask_name_is_one_rule_in_any_case():
 def test_coarsen_mask_is_the_block_majority_upsampled():
     rng = np.random.default_rng(0)
     mask = torch.from_numpy(rng.random((1, 1, 10, 13)) > 0.6).float()
-    got = evaluate.coarsen_mask(mask, 4)[0, 0].numpy()
+    got = coarsen_mask(mask, 4)[0, 0].numpy()
     m = np.pad(mask[0, 0].numpy(), ((0, 2), (0, 3)), mode="edge")  # 12 x 16: whole 4 x 4 cells
     cells = m.reshape(3, 4, 4, 4).mean(axis=(1, 3)) >= 0.5
     np.testing.assert_array_equal(got, np.kron(cells, np.ones((4, 4)))[:10, :13])
-    assert torch.equal(evaluate.coarsen_mask(mask, 1), mask)
+    assert torch.equal(coarsen_mask(mask, 1), mask)
 
 
 def test_reconstruction_baselines_and_robustness_rows(image_dir, ckpts, tmp_path):
@@ -389,7 +390,7 @@ def test_reconstruction_baselines_and_robustness_rows(image_dir, ckpts, tmp_path
     coarse = evaluate.condition_samples(evaluate.reconstruction_sources(opt), evaluate.Condition("", 32, 4), opt)
     image, mask = torch.stack([s.image for s in coarse]), torch.stack([s.mask for s in coarse])
     fine = torch.stack([s.mask for s in evaluate.reconstruction_samples(opt)])
-    assert torch.equal(mask, evaluate.coarsen_mask(fine, 4))
+    assert torch.equal(mask, coarsen_mask(fine, 4))
     model = make_autoencoder(condition=True, num_res_blocks=2)
     with torch.no_grad():
         pred = quantize(metrics.to_unit(model.decode(model.encode(image * 2 - 1).mode(), image * 2 - 1, mask)))

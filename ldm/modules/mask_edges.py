@@ -1,5 +1,6 @@
 """The mask's edge: the bands of pixels on either side of it, read by the boundary metrics
-(:mod:`ldm.metrics`) and the boundary-weighted reconstruction loss (:mod:`ldm.modules.losses.contperceptual`).
+(:mod:`ldm.metrics`) and the boundary-weighted reconstruction loss (:mod:`ldm.modules.losses.contperceptual`); and
+the same mask with jagged edges (:func:`coarsen_mask`, the robustness rows of ``scripts/evaluate.py`` and the demo).
 
 Masks are (B,1,H,W), 1 = generate, 0 = keep, binarised at 0.5.
 """
@@ -26,3 +27,18 @@ def band_masks(mask: torch.Tensor, band_px: int = DEFAULT_BAND_PX) -> Tuple[torc
         raise ValueError(f"band_px must be a whole number >= 1, got {band_px!r}")
     m = (mask >= 0.5).float()
     return m * _within(1 - m, int(band_px)), (1 - m) * _within(m, int(band_px))
+
+
+def coarsen_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(...,1,H,W) binary mask as drawn on a grid ``factor`` times coarser: each ``factor`` x ``factor`` cell
+    (counted from the top left; the last ones padded by repeating the edge) becomes 1 where at least half of it is
+    generated, then nearest-upsampled back to H x W: the same mask with jagged, blocky edges."""
+    if factor <= 1:
+        return mask
+    h, w = mask.shape[-2:]
+    flat = mask.reshape(-1, 1, h, w).float()
+    ph, pw = -h % factor, -w % factor
+    padded = F.pad(flat, (0, pw, 0, ph), mode="replicate") if ph or pw else flat
+    cells = (F.avg_pool2d(padded, factor) >= 0.5).float()
+    up = cells.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[..., :h, :w]
+    return up.reshape(mask.shape).to(mask.dtype)
