@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -195,43 +195,59 @@ def heldout_batch(photos: Sequence[Tuple[str, np.ndarray]], mask_config: str,
     return torch.stack(images), torch.stack(masks), names
 
 
-def load_heldout(heldout_dir: Path, mask_config: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """Every held-out photo of ``heldout_dir``, whole, with its fixed masks (:func:`heldout_batch`)."""
+def load_heldout(heldout_dir: Path) -> List[Tuple[str, np.ndarray]]:
+    """Every held-out photo of ``heldout_dir``, whole: (name, (H, W, 3) float32 RGB in [0, 1]), for
+    :func:`heldout_batch`."""
     from ldm.image_io import open_image, to_rgb
 
     photos = []
     for path in sorted(heldout_dir.glob("*.png")):
         with open_image(path) as img:
             photos.append((path.stem, to_rgb(img, str(path))))
-    return heldout_batch(photos, mask_config)
+    return photos
 
 
 ROWS = ("vanilla", "vanilla+paste", "vanilla+paste_blur", "asymmetric", "asymmetric, no mask")
 
 
 @torch.no_grad()
+def decode_unmasked(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Tensor,
+                    control: bool = True) -> Dict[str, List[torch.Tensor]]:
+    """What does not depend on the mask, one image at a time: the vanilla output (``"vanilla"``), the asymmetric
+    model's latent (``"z"``) and, with ``control``, its decode without image and mask (``"asymmetric, no mask"``).
+    Latents are the posterior mode of each model's own (identical, frozen) encoder; outputs are not clamped."""
+    out: Dict[str, List[torch.Tensor]] = {"vanilla": [], "z": [], "asymmetric, no mask": []}
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        out["vanilla"].append(vanilla.decode(vanilla.encode(xi).mode()))
+        out["z"].append(asymmetric.encode(xi).mode())
+        if control:
+            out["asymmetric, no mask"].append(asymmetric.decode(out["z"][-1]))
+    return out
+
+
+@torch.no_grad()
 def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
-             rows: Sequence[str] = ROWS) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
+             rows: Sequence[str] = ROWS, unmasked: Optional[Dict[str, List[torch.Tensor]]] = None
+             ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
     """Every row of ``rows`` (of ``ROWS``) on the held-out images, each decoded whole (the autoencoder is
-    convolutional), one image at a time; latents are the posterior mode of each model's own (identical, frozen)
-    encoder. Paste-back composites the input over the vanilla output where mask = 0 (diffusers' ``apply_overlay``),
-    with the mask blurred by a Gaussian of sigma ``BLUR_PX`` first for ``paste_blur`` (AUTOMATIC1111's mask blur).
-    Every row is scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the
-    figure)."""
+    convolutional). ``unmasked``: :func:`decode_unmasked` of these images, when another mask set already made it.
+    Paste-back composites the input over the vanilla output where mask = 0 (diffusers' ``apply_overlay``), with the
+    mask blurred by a Gaussian of sigma ``BLUR_PX`` first for ``paste_blur`` (AUTOMATIC1111's mask blur). Every row
+    is scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"rows {sorted(unknown)}: not among {ROWS}")
-    outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in ROWS}
+    if unmasked is None:
+        unmasked = decode_unmasked(vanilla, asymmetric, x, control="asymmetric, no mask" in rows)
+    outputs: Dict[str, List[torch.Tensor]] = {"vanilla": unmasked["vanilla"],
+                                              "asymmetric, no mask": unmasked["asymmetric, no mask"],
+                                              "vanilla+paste": [], "vanilla+paste_blur": [], "asymmetric": []}
     for i in range(len(x)):
-        xi, mi = x[i:i + 1], mask[i:i + 1]
-        van = vanilla.decode(vanilla.encode(xi).mode())
-        z = asymmetric.encode(xi).mode()
-        outputs["vanilla"].append(van)
+        xi, mi, van = x[i:i + 1], mask[i:i + 1], unmasked["vanilla"][i]
         for name, blur in (("vanilla+paste", 0.0), ("vanilla+paste_blur", BLUR_PX)):  # in [0, 1], as users paste
             outputs[name].append(metrics.paste_back(metrics.to_unit(van), metrics.to_unit(xi), mi, blur) * 2 - 1)
-        outputs["asymmetric"].append(asymmetric.decode(z, xi, mi))
-        if "asymmetric, no mask" in rows:
-            outputs["asymmetric, no mask"].append(asymmetric.decode(z))
+        outputs["asymmetric"].append(asymmetric.decode(unmasked["z"][i], xi, mi))
     target = quantize(metrics.to_unit(x))
     table, tensors = {}, {"image": x, "mask": mask}
     for name in rows:
@@ -377,15 +393,19 @@ ROBUST_ROWS = ("vanilla+paste", "vanilla+paste_blur", "asymmetric")
 ROBUST_COLUMNS = ("psnr_kept", "psnr_generated", "seam_error")
 
 
-def evaluate_robustness(vanilla: torch.nn.Module, asymmetric: torch.nn.Module,
-                        mask_config: str) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """``ROBUST_ROWS`` under each condition of ``ROBUSTNESS``: the held-out photos (from scikit-image's originals,
-    at that short side) with the same mask draws (at that size; coarsened). {label: {row: metrics}}."""
+def evaluate_robustness(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, mask_config: str,
+                        photos: Sequence[Tuple[str, np.ndarray]],
+                        unmasked: Dict[str, List[torch.Tensor]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``ROBUST_ROWS`` under each condition of ``ROBUSTNESS``: the held-out photos at that short side (``photos``
+    and their :func:`decode_unmasked` ``unmasked`` at ``PHOTO_SIDE``, the main table's; from scikit-image's
+    originals at another side) with the same mask draws (at that size; coarsened). {label: {row: metrics}}."""
     out = {}
     for label, side, coarsen in ROBUSTNESS:
-        photos = [(name, heldout_photo(name, side).astype(np.float32) / 255) for name in HELDOUT_PHOTOS]
-        x, mask, _ = heldout_batch(photos, mask_config, coarsen)
-        out[label] = evaluate(vanilla, asymmetric, x, mask, rows=ROBUST_ROWS)[0]
+        at_side = photos if side == PHOTO_SIDE else [
+            (name, heldout_photo(name, side).astype(np.float32) / 255) for name in HELDOUT_PHOTOS]
+        x, mask, _ = heldout_batch(at_side, mask_config, coarsen)
+        out[label] = evaluate(vanilla, asymmetric, x, mask, rows=ROBUST_ROWS,
+                              unmasked=unmasked if side == PHOTO_SIDE else None)[0]
     return out
 
 
@@ -414,9 +434,11 @@ def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path, figure: Path
     from omegaconf import OmegaConf
 
     mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
-    x, mask, names = load_heldout(heldout_dir, mask_config)
+    photos = load_heldout(heldout_dir)
+    x, mask, names = heldout_batch(photos, mask_config)
     vanilla, asymmetric = load_trained(stage1), load_trained(stage2)
-    table, tensors = evaluate(vanilla, asymmetric, x, mask)
+    unmasked = decode_unmasked(vanilla, asymmetric, x)
+    table, tensors = evaluate(vanilla, asymmetric, x, mask, unmasked=unmasked)
     print(f"\nheld-out: {', '.join(HELDOUT_PHOTOS)}, whole ({x.shape[-1]}x{x.shape[-2]}), {MASKS_PER_PHOTO} fixed "
           f"masks each (1 = generate), scored as 8-bit images in [0, 1]; PSNR in dB; bands: {BAND_PX} px either "
           f"side of the mask edge; seam_error: mean |output step - image step| across the edge; paste_blur: "
@@ -425,7 +447,7 @@ def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path, figure: Path
     lines = verdict(table)
     print("\n" + "\n".join(lines))
     side_by_side(tensors, names, figure, images=range(0, len(x), MASKS_PER_PHOTO))
-    robustness = evaluate_robustness(vanilla, asymmetric, mask_config)
+    robustness = evaluate_robustness(vanilla, asymmetric, mask_config, photos, unmasked)
     print("\nrobustness (the same photos and mask draws; change against the table above):")
     print(format_robustness(table, robustness))
     return table, lines, robustness

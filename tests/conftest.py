@@ -20,6 +20,13 @@ TINY_DDCONFIG = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, 
                      num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Two state dicts hold the same keys and, under each, the same dtype and values bit for bit."""
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 @pytest.fixture
 def tiny_ddconfig() -> dict:
     return dict(TINY_DDCONFIG)

@@ -12,7 +12,7 @@ import torch
 from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.checkpoints.keys import read_state_dict
 from ldm.checkpoints.loading import load_model
-from tests.conftest import TINY_DDCONFIG, make_autoencoder
+from tests.conftest import TINY_DDCONFIG, assert_same_tensors, make_autoencoder
 
 
 def original_style_checkpoint(model, path, extra=None):
@@ -196,7 +196,7 @@ def test_hyper_parameter_metadata_loads_without_running_code(tmp_path, tiny_auto
                 "callbacks": {pl.callbacks.ModelCheckpoint: {"best_model_path": "x"}}},
                tmp_path / "hp.ckpt")
     back = read_state_dict(tmp_path / "hp.ckpt")
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert_same_tensors(back, sd)
 
 
 def test_written_files_get_the_umask_mode_not_mkstemp_0600(tmp_path, tiny_autoencoder):

@@ -89,3 +89,23 @@ def test_robustness_masks_are_the_main_draws_coarsened():
     assert x.shape == (demo.MASKS_PER_PHOTO, 3, 64, 96) and torch.equal(x, x8)
     assert names == [f"photo mask {k}" for k in range(demo.MASKS_PER_PHOTO)]
     assert torch.equal(mask8, coarsen_mask(mask, 8)) and not torch.equal(mask8, mask)
+
+
+def test_decodes_without_the_mask_are_reused_across_mask_sets_exactly():
+    # the robustness rows score the main images' vanilla outputs and latents again under coarsened masks
+    import torch
+
+    from ldm.modules.mask_edges import coarsen_mask
+    from tests.conftest import make_autoencoder
+
+    vanilla, asymmetric = make_autoencoder(condition=False, seed=0), make_autoencoder(condition=True, seed=1)
+    x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(2, 1, 16, 24)
+    mask[0, :, 3:11, 5:17] = 1
+    mask[1, :, 6:16, 2:9] = 1
+    coarse = coarsen_mask(mask, 4)
+    unmasked = demo.decode_unmasked(vanilla, asymmetric, x)
+    fresh, _ = demo.evaluate(vanilla, asymmetric, x, coarse)
+    reused, _ = demo.evaluate(vanilla, asymmetric, x, coarse, unmasked=unmasked)
+    assert fresh == reused and tuple(fresh) == demo.ROWS
+    assert fresh != demo.evaluate(vanilla, asymmetric, x, mask, unmasked=unmasked)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import TINY_DDCONFIG
+from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.test_interop import randomize_
 from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
@@ -134,8 +134,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path):
 
     back = read_state_dict(folder)
     original = ours.state_dict()
-    assert back.keys() == original.keys()
-    assert all(torch.equal(back[k], original[k]) for k in original)
+    assert_same_tensors(back, original)
 
 
 def test_diffusers_flux2_folder_loads_as_starting_weights_of_the_asymmetric_decoder(tmp_path):
@@ -372,7 +371,7 @@ def test_convert_checkpoint_cli_in_the_flux2_space(tmp_path, capsys):
     assert "latent_batch_norm" in capsys.readouterr().out
     assert cli.main(["from-diffusers", str(tmp_path / "vae"), str(tmp_path / "back.safetensors")]) == 0
     back = read_state_dict(tmp_path / "back.safetensors")
-    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    assert_same_tensors(back, original)
 
     assert cli.main(["reformat", str(src), str(tmp_path / "ae.safetensors"), "--bfl_flux2"]) == 0
     bfl = read_weights_file(tmp_path / "ae.safetensors")

@@ -26,7 +26,7 @@ from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.checkpoints.keys import read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 
-from .conftest import REPO, TINY_DDCONFIG
+from .conftest import REPO, TINY_DDCONFIG, assert_same_tensors
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -300,12 +300,6 @@ def load_cli():
 @pytest.fixture(scope="module")
 def cli():
     return load_cli()
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 def test_cli_original_ckpt_to_diffusers_and_back(cli, tmp_path, capsys):

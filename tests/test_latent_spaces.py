@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_DDCONFIG
+from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.test_interop import randomize_
 from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
@@ -263,8 +263,7 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
 
     back = read_state_dict(folder)
     original = ours.state_dict()
-    assert back.keys() == original.keys()
-    assert all(torch.equal(back[k], original[k]) for k in original)
+    assert_same_tensors(back, original)
     restored = make_16ch(condition=True, seed=1)
     restored.init_from_ckpt(folder, fresh_condition=False)
     with torch.no_grad():
@@ -515,7 +514,7 @@ def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
     assert "identity" in capsys.readouterr().out
     assert cli.main(["from-diffusers", str(tmp_path / "flux"), str(tmp_path / "back.safetensors")]) == 0
     back, original = read_state_dict(tmp_path / "back.safetensors"), model.state_dict()
-    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    assert_same_tensors(back, original)
 
     params = tmp_path / "sd3.yaml"
     params.write_text(Path("configs/autoencoder/sd3/asymmetric_base.yaml").read_text()
