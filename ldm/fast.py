@@ -93,7 +93,7 @@ def compile_blocks(decoder: nn.Module, **compile_kwargs) -> int:
     output head, GroupNorm + SiLU + conv), instead of the whole decoder. Blocks of one class share their compiled
     code, so start-up stays a few graphs long; inside each block the compiler fuses GroupNorm with SiLU and the
     residual add. State-dict keys do not change. Returns the number of regions compiled."""
-    from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock, Upsample
+    from .modules.diffusionmodules.model import AttnBlock, ResnetBlock, Upsample
 
     count = 0
     for module in decoder.modules():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ldm.util import PathLike, write_atomically, write_numbered
+from .util import PathLike, write_atomically, write_numbered
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"

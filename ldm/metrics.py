@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 
-from ldm.modules.mask_edges import DEFAULT_BAND_PX, band_masks
+from .modules.mask_edges import DEFAULT_BAND_PX, band_masks
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _first_line(err: BaseException) -> str:
 def _build_lpips(vgg_path: Optional[Union[str, Path]]):
     """``build_lpips`` with every way a weights file can be unusable turned into FileNotFoundError / ValueError
     naming the file (torch.load raises UnpicklingError, EOFError, RuntimeError, ... for a corrupt file)."""
-    from ldm.modules.losses.contperceptual import build_lpips, default_vgg16_path
+    from .modules.losses.contperceptual import build_lpips, default_vgg16_path
 
     try:
         return build_lpips(vgg_path)

@@ -18,9 +18,17 @@ from typing import Any, Callable, Iterable, List, Mapping, Optional, Union
 PathLike = Union[str, os.PathLike]
 
 
+# The name this package was imported under: ``ldm`` from a checkout or an install, another name where a host
+# (ComfyUI) already has an ``ldm`` of its own and the node pack loads this one beside it. Inside the package every
+# import is relative, and a config's ``ldm.*`` target resolves here, so both ways run the same code.
+PACKAGE = __name__.rpartition(".")[0]
+
+
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Import ``"package.module.Name"`` and return ``Name``."""
+    """Import ``"package.module.Name"`` and return ``Name``; ``ldm.*`` means this package, whatever its import name."""
     module, cls = string.rsplit(".", 1)
+    if module == "ldm" or module.startswith("ldm."):
+        module = PACKAGE + module[3:]
     if reload:
         importlib.reload(importlib.import_module(module))
     return getattr(importlib.import_module(module, package=None), cls)

@@ -18,11 +18,11 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from ldm.checkpoints.diffusers import FLUX2_DEFAULTS, AutoencoderLayout
-from ldm.checkpoints.files import CheckpointError
-from ldm.checkpoints.tensors import BRANCH, autoencoder_state_dict, condition_branch, drop_unused_keys
-from ldm.latent_spaces import LATENT_SPACES, SD, LatentSpace, describe_latent_layout, matching_spaces
-from ldm.modules.diffusionmodules.condition import default_condition_widths
+from ..checkpoints.diffusers import FLUX2_DEFAULTS, AutoencoderLayout
+from ..checkpoints.files import CheckpointError
+from ..checkpoints.tensors import BRANCH, autoencoder_state_dict, condition_branch, drop_unused_keys
+from ..latent_spaces import LATENT_SPACES, SD, LatentSpace, describe_latent_layout, matching_spaces
+from ..modules.diffusionmodules.condition import default_condition_widths
 
 FLUX = LATENT_SPACES["flux"]
 

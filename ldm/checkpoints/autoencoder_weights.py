@@ -17,16 +17,16 @@ from typing import Any, List, Mapping, Sequence
 
 import torch
 
-from ldm.checkpoints.files import CheckpointError, PathLike
-from ldm.checkpoints.keys import load_into, read_state_dict
-from ldm.checkpoints.tensors import (
+from ..checkpoints.files import CheckpointError, PathLike
+from ..checkpoints.keys import load_into, read_state_dict
+from ..checkpoints.tensors import (
     UNUSED_PREFIXES,
     autoencoder_state_dict,
     describe_decoder_checkpoint,
     describe_state_dict,
     latent_layout,
 )
-from ldm.latent_spaces import describe_latent_layout
+from ..latent_spaces import describe_latent_layout
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.checkpoints.files import (
+from ..checkpoints.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -67,10 +67,10 @@ from ldm.checkpoints.files import (
     is_model_export,
     read_diffusers_files,
 )
-from ldm.checkpoints.tensors import drop_unused_keys, level_widths
-from ldm.latent_spaces import SD
-from ldm.modules.diffusionmodules.condition import default_condition_widths
-from ldm.util import check_output, default_file_mode, write_failed
+from ..checkpoints.tensors import drop_unused_keys, level_widths
+from ..latent_spaces import SD
+from ..modules.diffusionmodules.condition import default_condition_widths
+from ..util import check_output, default_file_mode, write_failed
 
 log = logging.getLogger(__name__)
 

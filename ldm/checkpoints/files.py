@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ldm.util import PathLike, check_output, write_atomically
+from ..util import PathLike, check_output, write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Iterable, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ldm.checkpoints.diffusers import read_diffusers_folder
-from ldm.checkpoints.files import CheckpointError, PathLike, StateDict, read_weights_file
-from ldm.checkpoints.tensors import strip_prefix
+from ..checkpoints.diffusers import read_diffusers_folder
+from ..checkpoints.files import CheckpointError, PathLike, StateDict, read_weights_file
+from ..checkpoints.tensors import strip_prefix
 
 log = logging.getLogger(__name__)
 

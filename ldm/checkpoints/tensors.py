@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ldm.checkpoints.files import CheckpointError
-from ldm.latent_spaces import describe_latent_layout
+from ..checkpoints.files import CheckpointError
+from ..latent_spaces import describe_latent_layout
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
-from ldm.checkpoints import files as checkpoint_files
-from ldm.checkpoints import loading
-from ldm.image_io import InputError
-from ldm.util import PathLike, remove_stale_temporaries
+from ..checkpoints import files as checkpoint_files
+from ..checkpoints import loading
+from ..image_io import InputError
+from ..util import PathLike, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

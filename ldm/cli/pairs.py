@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
 
-from ldm.project import FAST_HELP
+from ..project import FAST_HELP
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,7 +32,7 @@ def output_paths(outdir: Path, name: str, n_samples: int) -> List[Path]:
 def load_decoder(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """Our decoder's autoencoder from ``--config`` / ``--ckpt``; a decoder without condition branch is used with a
     warning (it ignores the image and mask)."""
-    from ldm.cli.common import load_flagged
+    from ..cli.common import load_flagged
 
     decoder = load_flagged(opt, "--config", "--ckpt", device)
     if not decoder.decoder.has_condition:
@@ -95,9 +95,9 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
     import torch
     from tqdm import tqdm
 
-    from ldm.checkpoints.files import CheckpointError
-    from ldm.cli.common import pick_device, prepare_outdir, refuse_overlap
-    from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, NonFiniteError, find_pairs, read_pair, write_png
+    from ..checkpoints.files import CheckpointError
+    from ..cli.common import pick_device, prepare_outdir, refuse_overlap
+    from ..image_io import DEFAULT_MAX_PIXELS, InputError, NonFiniteError, find_pairs, read_pair, write_png
 
     max_pixels = DEFAULT_MAX_PIXELS if opt.max_pixels is None else opt.max_pixels
     try:

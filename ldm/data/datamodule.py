@@ -19,8 +19,8 @@ import pytorch_lightning as pl
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ldm.data.shards import StreamLoader, WebDatasetInpainting
-from ldm.util import instantiate_from_config
+from ..data.shards import StreamLoader, WebDatasetInpainting
+from ..util import instantiate_from_config
 
 log = logging.getLogger(__name__)
 

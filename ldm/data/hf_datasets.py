@@ -16,15 +16,15 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
-from ldm.data.inpainting import (
+from ..data.inpainting import (
     InpaintingTransform,
     PathLike,
     check_seed,
     first_readable,
     sample_rng,
 )
-from ldm.data.masks import DEFAULT_MASK_CONFIG
-from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, open_image
+from ..data.masks import DEFAULT_MASK_CONFIG
+from ..image_io import DEFAULT_MAX_PIXELS, InputError, open_image
 
 log = logging.getLogger(__name__)
 

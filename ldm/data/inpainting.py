@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
-from ldm.image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, InputError, open_image, to_rgb
-from ldm.util import PathLike
+from ..data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
+from ..image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, InputError, open_image, to_rgb
+from ..util import PathLike
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from omegaconf import OmegaConf
 
-from ldm.project import resolve_config_path
+from ..project import resolve_config_path
 
 DEFAULT_MASK_CONFIG = "configs/autoencoder/random_thick_256.yaml"
 

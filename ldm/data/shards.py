@@ -50,9 +50,9 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.shardlists import expand_urls, split_by_worker
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.data.inpainting import InpaintingTransform, PathLike, check_seed, sample_rng
-from ldm.data.masks import DEFAULT_MASK_CONFIG
-from ldm.image_io import DEFAULT_MAX_PIXELS, InputError, open_image
+from ..data.inpainting import InpaintingTransform, PathLike, check_seed, sample_rng
+from ..data.masks import DEFAULT_MASK_CONFIG
+from ..image_io import DEFAULT_MAX_PIXELS, InputError, open_image
 
 log = logging.getLogger(__name__)
 

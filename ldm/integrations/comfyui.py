@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoints.files import CONFIG_NAME
-from ldm.latent_spaces import latent_space_of, matching_spaces
-from ldm.models.autoencoder import AutoencoderKL
-from ldm.util import PathLike
+from ..checkpoints.files import CONFIG_NAME
+from ..latent_spaces import latent_space_of, matching_spaces
+from ..models.autoencoder import AutoencoderKL
+from ..util import PathLike
 
 log = logging.getLogger(__name__)
 

@@ -181,7 +181,7 @@ def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
     """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (a ``vae/config.json``, or
     ``pipe.vae.config`` with ``_class_name`` added); the normalisation as our config params
     (``ldm.checkpoints.diffusers.ldm_normalization``: scale and shift, or FLUX.2's ``latent_batch_norm``)."""
-    from ldm.checkpoints.diffusers import ldm_normalization
+    from ..checkpoints.diffusers import ldm_normalization
 
     return (int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1),
             ldm_normalization(vae_config))

@@ -16,16 +16,16 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm import metrics
-from ldm.checkpoints.autoencoder_weights import load_autoencoder_weights
-from ldm.checkpoints.files import PathLike
-from ldm.checkpoints.tensors import UNUSED_PREFIXES
-from ldm.latent_spaces import SD, patchify_latents, unpatchify_latents
-from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
-from ldm.modules.diffusionmodules.tiling import tiled_decode
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.training.framework_hooks import set_last_lr, step_uncounted
-from ldm.util import check_params, instantiate_from_config
+from .. import metrics
+from ..checkpoints.autoencoder_weights import load_autoencoder_weights
+from ..checkpoints.files import PathLike
+from ..checkpoints.tensors import UNUSED_PREFIXES
+from ..latent_spaces import SD, patchify_latents, unpatchify_latents
+from ..modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
+from ..modules.diffusionmodules.tiling import tiled_decode
+from ..modules.distributions.distributions import DiagonalGaussianDistribution
+from ..training.framework_hooks import set_last_lr, step_uncounted
+from ..util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
 # devices where torch.optim.Adam(fused=True) runs

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.model import Normalize
-from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ..modules.diffusionmodules.model import Normalize
+from ..modules.diffusionmodules.util import checkpoint, zero_module
 
 
 class GEGLU(nn.Module):

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.image_io import NonFiniteError, to_uint8, write_png
-from ldm.util import PathLike, remove_stale_temporaries, write_atomically
+from ..image_io import NonFiniteError, to_uint8, write_png
+from ..util import PathLike, remove_stale_temporaries, write_atomically
 
 log = logging.getLogger(__name__)
 

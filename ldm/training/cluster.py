@@ -26,7 +26,7 @@ from typing import Any, List, Mapping, Optional
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
-from ldm.training.callbacks import StopOnSignal, TrainingStopped
+from ..training.callbacks import StopOnSignal, TrainingStopped
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ldm.models.diffusion.sampling_common import Conditioning, ScheduledSampler
+from ...models.diffusion.sampling_common import Conditioning, ScheduledSampler
 
 
 class DDIMSampler(ScheduledSampler):

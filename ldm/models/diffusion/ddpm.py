@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoints.files import CheckpointError, PathLike
-from ldm.checkpoints.keys import load_into, read_state_dict
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.ema import LitEma
-from ldm.util import default, instantiate_from_config
+from ...checkpoints.files import CheckpointError, PathLike
+from ...checkpoints.keys import load_into, read_state_dict
+from ...modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ...modules.distributions.distributions import DiagonalGaussianDistribution
+from ...modules.ema import LitEma
+from ...util import default, instantiate_from_config
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ldm.models.diffusion.sampling_common import Conditioning, ScheduledSampler
+from ...models.diffusion.sampling_common import Conditioning, ScheduledSampler
 
 # Adams-Bashforth weights for the newest eps first, by number of previous eps (1, 2, 3).
 _AB_WEIGHTS = {1: (3 / 2, -1 / 2), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+from ...modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ldm.modules.diffusionmodules.condition import (
+from ...modules.diffusionmodules.condition import (
     MASK_RESIZE_MODES,
     ConditionEncoder,
     default_condition_widths,

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import (
+from ...modules.attention import SpatialTransformer
+from ...modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
     conv_nd,

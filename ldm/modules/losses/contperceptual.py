@@ -28,7 +28,7 @@ from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from taming.modules.losses.vqperceptual import hinge_d_loss, vanilla_d_loss
 from torch import nn
 
-from ldm.modules.mask_edges import band_masks
+from ...modules.mask_edges import band_masks
 
 log = logging.getLogger(__name__)
 
