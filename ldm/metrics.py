@@ -29,20 +29,24 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import cv2
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .modules.mask_edges import DEFAULT_BAND_PX, band_masks
+from .modules.mask_edges import DEFAULT_BAND_PX, DEFAULT_BLEND_PX, band_masks, edge_pixels
 
 log = logging.getLogger(__name__)
 
 REGION_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "psnr_kept", "psnr_generated",
-               "mse_band_inner", "mse_band_outer", "psnr_band_inner", "psnr_band_outer", "seam_error")
+               "mse_band_inner", "mse_band_outer", "psnr_band_inner", "psnr_band_outer", "seam_error",
+               "boundary_gradient_error", "mse_blend_outer", "psnr_blend_outer", "band_gradient_error")
 # per-image values averaged over images by the accumulator; every psnr_* key is computed from its mse_* mean
 _MEAN_KEYS = ("pre_error", "pre_error_sum", "mse_kept", "mse_generated", "mse_band_inner", "mse_band_outer",
-              "seam_error")
-_PSNR_REGIONS = ("kept", "generated", "band_inner", "band_outer")
+              "seam_error", "boundary_gradient_error", "mse_blend_outer", "band_gradient_error")
+_PSNR_REGIONS = ("kept", "generated", "band_inner", "band_outer", "blend_outer")
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,12 +109,43 @@ def seam_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return out.to(pred.dtype)
 
 
+def sobel(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gx, gy) of (B,C,H,W): the 3x3 Sobel derivatives divided by 8 (a unit step per pixel gives 1), borders
+    reflect-101 (cv2.Sobel's default)."""
+    h_idx = _border_index(x.shape[-2], 1, "reflect101").to(x.device)
+    w_idx = _border_index(x.shape[-1], 1, "reflect101").to(x.device)
+    p = x.index_select(-2, h_idx).index_select(-1, w_idx)
+    h, w = x.shape[-2:]
+
+    def at(dy, dx):
+        return p[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1) - at(-1, -1) - 2 * at(0, -1) - at(1, -1)) / 8
+    gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1) - at(-1, -1) - 2 * at(-1, 0) - at(-1, 1)) / 8
+    return gx, gy
+
+
+def gradient_error(pred: torch.Tensor, target: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over the pixels where ``pixels`` (B,1,H,W) is 1, and over channels, of the length of the Sobel
+    gradient difference ``|grad(pred) - grad(target)|`` (:func:`sobel`); nan where there is no such pixel."""
+    (px, py), (tx, ty) = sobel(pred.double()), sobel(target.double())
+    diff = ((px - tx) ** 2 + (py - ty) ** 2).sqrt().mean(1, keepdim=True)
+    count = pixels.flatten(1).sum(1).double()
+    total = (diff * pixels.double()).flatten(1).sum(1)
+    out = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+    return out.to(pred.dtype)
+
+
 def boundary_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                     band_px: int = DEFAULT_BAND_PX) -> Dict[str, torch.Tensor]:
+                     band_px: int = DEFAULT_BAND_PX, blend_px: int = DEFAULT_BLEND_PX) -> Dict[str, torch.Tensor]:
     """Per-image (B,) ``mse_band_inner`` / ``psnr_band_inner`` (generated pixels within ``band_px`` of a kept
-    pixel), ``mse_band_outer`` / ``psnr_band_outer`` (kept pixels within ``band_px`` of a generated pixel) and
-    :func:`seam_error`; same conventions as :func:`pre_error` (images in [0, 1], mask binarised at 0.5). An image
-    whose band is empty (no edge) gives nan there; :class:`RegionMetricAccumulator` leaves it out of the means."""
+    pixel), ``mse_band_outer`` / ``psnr_band_outer`` (kept pixels within ``band_px`` of a generated pixel),
+    :func:`seam_error`; ``boundary_gradient_error`` (MISATO's boundary metric: :func:`gradient_error` on the edge
+    pixels, both sides); and over the wider blend band, ``blend_px`` either side of the edge, where the recipes blend:
+    ``band_gradient_error`` (:func:`gradient_error` over the whole band) and ``mse_blend_outer`` /
+    ``psnr_blend_outer`` (its kept part: what a blend costs the kept pixels). Same conventions as :func:`pre_error`
+    (images in [0, 1], mask binarised at 0.5). An image whose band is empty (no edge) gives nan there;
+    :class:`RegionMetricAccumulator` leaves it out of the means."""
     m = _check(pred, target, mask)
     inner, outer = band_masks(m, band_px)
     out = {}
@@ -118,31 +153,46 @@ def boundary_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         out[f"mse_{name}"] = _masked_mse(pred, target, pixels)
         out[f"psnr_{name}"] = psnr_from_mse(out[f"mse_{name}"])
     out["seam_error"] = seam_error(pred, target, m)
+    out["boundary_gradient_error"] = gradient_error(pred, target, edge_pixels(m))
+    blend_inner, blend_outer = band_masks(m, blend_px)
+    out["mse_blend_outer"] = _masked_mse(pred, target, blend_outer)
+    out["psnr_blend_outer"] = psnr_from_mse(out["mse_blend_outer"])
+    out["band_gradient_error"] = gradient_error(pred, target, blend_inner + blend_outer)
     return out
 
 
-def gaussian_blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+def _border_index(n: int, radius: int, border: str) -> torch.Tensor:
+    """Indices ``-radius .. n + radius - 1`` folded into ``0 .. n-1``: ``"reflect101"`` (cv2's default,
+    ``dcb|abcd|cba``) or ``"reflect"`` (scipy.ndimage's, ``cba|abcd|dcb``), for any radius."""
+    idx = torch.arange(-radius, n + radius)
+    if n == 1:
+        return torch.zeros_like(idx)
+    if border == "reflect101":
+        idx = idx.remainder(2 * (n - 1))
+        return torch.where(idx >= n, 2 * (n - 1) - idx, idx)
+    if border == "reflect":
+        idx = idx.remainder(2 * n)
+        return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+    raise ValueError(f"border must be 'reflect101' or 'reflect', got {border!r}")
+
+
+def gaussian_blur_mask(mask: torch.Tensor, sigma: float, radius: Optional[int] = None,
+                       border: str = "reflect101") -> torch.Tensor:
     """(B,1,H,W) mask blurred as AUTOMATIC1111's "mask blur" R does (``cv2.GaussianBlur`` along x, then along y):
     a separable Gaussian of standard deviation ``sigma`` = R pixels, sampled on a kernel of ``2 * int(2.5 * R + 0.5)
-    + 1`` taps (radius about 2.5 sigma) and normalised to sum 1, with cv2's default border ``BORDER_REFLECT_101``
-    (``dcb|abcd|cba``, the edge pixel not repeated), computed in float (A1111 rounds the blurred mask to 8 bits)."""
+    + 1`` taps (radius about 2.5 sigma; ``radius`` overrides it) and normalised to sum 1, with cv2's default border
+    ``BORDER_REFLECT_101`` (``dcb|abcd|cba``, the edge pixel not repeated; ``border="reflect"`` is scipy's
+    ``cba|abcd|dcb``), computed in float (A1111 rounds the blurred mask to 8 bits)."""
     if sigma <= 0:
         return mask
-    radius = int(2.5 * sigma + 0.5)
+    radius = int(2.5 * sigma + 0.5) if radius is None else int(radius)
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
     kernel = (kernel / kernel.sum()).to(mask.dtype).to(mask.device)
     out = mask
     for dim in (-1, -2):
         n = out.shape[dim]
-        # reflect-101 indices for any radius (also wider than the image): period 2(n-1)
-        idx = torch.arange(-radius, n + radius)
-        if n > 1:
-            idx = idx.remainder(2 * (n - 1))
-            idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx)
-        else:
-            idx = torch.zeros_like(idx)
-        padded = out.index_select(dim, idx.to(out.device))
+        padded = out.index_select(dim, _border_index(n, radius, border).to(out.device))
         acc = torch.zeros_like(out)
         for k in range(2 * radius + 1):
             acc = acc + kernel[k] * padded.narrow(dim, k, n)
@@ -151,8 +201,10 @@ def gaussian_blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def paste_back(output: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, blur_px: float = 0.0) -> torch.Tensor:
-    """The original pasted back over a decoder's output: ``source * (1 - a) + output * a``, images (B,3,H,W) in
-    [0, 1], mask (B,1,H,W) with 1 = generate.
+    """``source`` pasted over a decoder's output: ``source * (1 - a) + output * a``, images (B,3,H,W) in [0, 1],
+    mask (B,1,H,W) with 1 = generate. The blending primitive, with no information rule: with ``blur_px`` > 0 the
+    generated pixels near the edge take some of ``source``, so passing the reference there hands the row the answer.
+    Report rows go through :func:`composite` (recipes ``paste`` and ``a1111``), which never does.
 
     ``blur_px`` 0: ``a`` is the mask binarised at 0.5, so every kept pixel is the source's and every generated pixel
     the output's (diffusers' ``VaeImageProcessor.apply_overlay``: the source is pasted through the inverted mask
@@ -166,6 +218,308 @@ def paste_back(output: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, b
     return source * (1 - alpha) + output * alpha
 
 
+# ------------------------------------------------------------------------------------------------ the information rule
+# A composite row X+<recipe> may read the decoder's output, the kept pixels (1 - mask) * image and the mask, never the
+# reference under the mask: in use those pixels are the content being replaced. composite() is the one door.
+RECIPES = ("paste", "a1111", "fooocus", "invokeai", "cropandstitch", "brushnet", "colormatch", "poisson", "laplacian")
+# recipes whose blend also reaches into the hole and so shows what was there: given other content (other_content())
+SYMMETRIC_RECIPES = ("a1111",)
+A1111_BLUR_PX = 4.0          # AUTOMATIC1111's default mask blur
+FOOOCUS_RAMP_STEPS = 32      # Fooocus morphological_open: 32 iterations of a 3x3 max filter minus 8 levels
+INVOKEAI_FADE_PX = 16        # InvokeAI canvas default maskBlur, passed as expand_mask_with_fade's fade_size_px
+CROPANDSTITCH_BLEND_PX = 32  # Inpaint-CropAndStitch's mask_blend_pixels default
+CROPANDSTITCH_HIPASS = 0.1   # its mask_hipass_filter default
+BRUSHNET_KERNEL = 21         # BrushNet's cv2.GaussianBlur(mask, (21, 21), 0)
+
+
+def visible(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What a composite may see of the original: ``(1 - m) * image``, the kept pixels (mask binarised at 0.5)."""
+    return image * (1 - (mask >= 0.5).to(image.dtype))
+
+
+def composite(recipe: str, output: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+              other: Optional[torch.Tensor] = None, *, blur_px: float = A1111_BLUR_PX) -> torch.Tensor:
+    """The row ``X+<recipe>``: the decoder's ``output`` (B,3,H,W) in [0, 1] composited with the original ``image``
+    by one of :data:`RECIPES`, mask (B,1,H,W) 1 = generate. The single entry of every recipe, and where the
+    information rule holds: the recipe is handed ``visible(image, mask)``, never the pixels of ``image`` under the
+    mask. A symmetric recipe (:data:`SYMMETRIC_RECIPES`) blends the source into the hole's rim too; there the source
+    under the mask is ``other`` (B,3,H,W), content that is not the reference (:func:`other_content`), as in real
+    use where it is the content being replaced. ``blur_px``: a1111's mask blur sigma. Returns (B,3,H,W) in [0, 1]."""
+    _check(output, image, mask)
+    if recipe not in _RECIPE_FUNCTIONS:
+        raise ValueError(f"recipe {recipe!r}: not one of {', '.join(RECIPES)}")
+    m = (mask >= 0.5).to(output.dtype)
+    kept = visible(image, m)
+    if recipe in SYMMETRIC_RECIPES:
+        if other is None or other.shape != image.shape:
+            raise ValueError(f"recipe {recipe!r} blends the source into the hole: give other content "
+                             f"{tuple(image.shape)} (other_content()), never the reference")
+        kept = kept + m * other
+    if recipe == "a1111":
+        return _alpha_blend(output, kept, _a1111_alpha(m, blur_px))
+    return _RECIPE_FUNCTIONS[recipe](output, kept, m)
+
+
+def other_content(images: Sequence[torch.Tensor], seed: int = 0) -> List[torch.Tensor]:
+    """For each (3,H,W) image of a set, content that is not it, for the symmetric recipes' hole: another image of
+    the set, ``images[(i + k) % n]`` with one shift ``1 <= k < n`` drawn from ``seed``, resized to image i's size
+    (bilinear, antialiased); a set of one image gets that image rotated by 180 degrees."""
+    n = len(images)
+    if n == 1:
+        return [images[0].flip(-1).flip(-2)]
+    k = 1 + int(np.random.default_rng([int(seed), 29]).integers(n - 1))
+    out = []
+    for i, image in enumerate(images):
+        source = images[(i + k) % n]
+        if source.shape[-2:] != image.shape[-2:]:
+            source = F.interpolate(source[None].float(), size=tuple(image.shape[-2:]), mode="bilinear",
+                                   antialias=True, align_corners=False)[0].clamp(0, 1).to(image.dtype)
+        out.append(source)
+    return out
+
+
+def _alpha_blend(output: torch.Tensor, source: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``source * (1 - a) + output * a``: a = 1 where the output shows."""
+    return source * (1 - alpha) + output * alpha
+
+
+def _a1111_alpha(m: torch.Tensor, blur_px: float) -> torch.Tensor:
+    """AUTOMATIC1111's mask blur: :func:`gaussian_blur_mask` (sigma R) of the binary mask, as an 8-bit image."""
+    return torch.round(gaussian_blur_mask(m, float(blur_px)).clamp(0, 1) * 255) / 255
+
+
+def fooocus_alpha(m: torch.Tensor, steps: int = FOOOCUS_RAMP_STEPS) -> torch.Tensor:
+    """Fooocus' ``morphological_open`` (modules/inpaint_worker.py), the mask of its ``color_correction``: 256 inside
+    the mask, then ``steps`` times ``max(max3x3(x) - 8, x)``, clipped to 0..255: a linear ramp outward, 8 levels per
+    pixel of chessboard distance (0 at 32 px)."""
+    x = m * 256
+    for _ in range(steps):
+        x = torch.maximum(F.max_pool2d(x, 3, stride=1, padding=1) - 8, x)
+    return x.clamp(0, 255) / 255
+
+
+def invokeai_alpha(m: torch.Tensor, fade_px: int = INVOKEAI_FADE_PX) -> torch.Tensor:
+    """InvokeAI's ``expand_mask_with_fade`` (invokeai/app/invocations/image.py), as the output's alpha: for each
+    kept pixel its Euclidean distance to the hole (``cv2.distanceTransform``, DIST_L2, mask 5), normalised by
+    ``fade_px`` and clipped to 1, through the cubic fitted to (0, 0), (1/fade, 0), (0.2, 0.2), (0.8, 0.9), (1, 1),
+    1 at or beyond the fade, stored as 8 bits (truncated); the output's alpha is 1 minus that (1 in the hole)."""
+    x_control = np.array([0.0, 1.0 / fade_px, 0.2, 0.8, 1.0])
+    poly = np.poly1d(np.polyfit(x_control, np.array([0.0, 0.0, 0.2, 0.9, 1.0]), 3))
+    out = []
+    for plane in m[:, 0].detach().cpu().numpy():
+        keep = (plane < 0.5).astype(np.uint8)
+        dist = cv2.distanceTransform(keep, cv2.DIST_L2, 5)
+        d = np.clip(dist / fade_px, 0, 1)
+        feather = np.clip(np.where(d >= 1.0, 1.0, poly(d)), 0, 1)
+        keep_alpha = np.where(keep == 0, 0, (feather * 255).astype(np.uint8)).astype(np.float32) / 255
+        out.append(1 - keep_alpha)
+    return torch.from_numpy(np.stack(out))[:, None].to(m)
+
+
+def cropandstitch_alpha(m: torch.Tensor, blend_px: int = CROPANDSTITCH_BLEND_PX,
+                        hipass: float = CROPANDSTITCH_HIPASS) -> torch.Tensor:
+    """ComfyUI-Inpaint-CropAndStitch's stitch mask for ``mask_blend_pixels`` B (CPU logic of InpaintCropImproved
+    and InpaintStitchImproved, crop at full resolution): grey dilation by a square of ``ceil(1.5 B/4 + 1)`` px
+    (13 for B = 32), a Gaussian of sigma ``B/2/4`` (4 px; scipy's gaussian_filter: radius ``int(4 sigma + 0.5)``,
+    border 'reflect'), values below ``mask_hipass_filter`` set to 0, then at stitch the same Gaussian again."""
+    sigma = blend_px * 0.5 / 4
+    size = math.ceil(blend_px / 4 * 1.5 + 1)
+    # a centred footprint of even size reaches one pixel further up/left, as scipy's
+    pad = (size // 2, (size - 1) // 2, size // 2, (size - 1) // 2)
+    x = F.max_pool2d(F.pad(m, pad, value=float("-inf")), size, stride=1)
+    radius = int(4.0 * sigma + 0.5)
+    x = gaussian_blur_mask(x, sigma, radius=radius, border="reflect").clamp(0, 1)
+    x = torch.where(x < hipass, torch.zeros_like(x), x)
+    return gaussian_blur_mask(x, sigma, radius=radius, border="reflect").clamp(0, 1)
+
+
+def brushnet_alpha(m: torch.Tensor, kernel: int = BRUSHNET_KERNEL) -> torch.Tensor:
+    """BrushNet's blend (examples/brushnet/test_brushnet.py, also BrushEdit, PowerPaint): ``1 - (1 - m)(1 - G(m))``
+    with G ``cv2.GaussianBlur(m, (21, 21), 0)`` (sigma 0.3 ((21 - 1) / 2 - 1) + 0.8 = 3.5, border reflect-101, in
+    float): the hole, and a blur of it that reaches outward only."""
+    sigma = 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
+    return 1 - (1 - m) * (1 - gaussian_blur_mask(m, sigma, radius=kernel // 2))
+
+
+def _paste(output: torch.Tensor, kept: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return _alpha_blend(output, kept, m)
+
+
+def _colormatch(output: torch.Tensor, kept: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Reinhard colour transfer in CIELAB fitted on the kept pixels, then a hard paste: per image and Lab channel,
+    the output's mean and standard deviation over the kept pixels moved to the original's there."""
+    lab_out, lab_kept = rgb_to_lab(output), rgb_to_lab(kept)
+    keep = (1 - m).expand_as(lab_out)
+    count = keep.flatten(2).sum(-1).clamp(min=1)[..., None, None]
+
+    def stats(x):
+        mean = (x * keep).flatten(2).sum(-1)[..., None, None] / count
+        std = (((x - mean) * keep).pow(2).flatten(2).sum(-1)[..., None, None] / count).sqrt()
+        return mean, std
+
+    (mu_o, sd_o), (mu_k, sd_k) = stats(lab_out), stats(lab_kept)
+    scale = torch.where(sd_o > 1e-6, sd_k / sd_o.clamp(min=1e-6), torch.ones_like(sd_o))
+    matched = lab_to_rgb((lab_out - mu_o) * scale + mu_k).clamp(0, 1)
+    has_kept = (1 - m).flatten(1).sum(1) > 0
+    matched = torch.where(has_kept[:, None, None, None], matched, output)
+    return _alpha_blend(matched, kept, m)
+
+
+def _poisson(output: torch.Tensor, kept: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Poisson blending (Perez et al. 2003, guided interpolation, what ``cv2.seamlessClone(..., NORMAL_CLONE)``
+    computes): in the hole, the image f whose discrete Laplacian is the output's, with the kept pixels as boundary
+    values. Per hole pixel p and each 4-neighbour q inside the image: ``sum_q (f_p - f_q) = sum_q (o_p - o_q)``,
+    f_q the kept pixel where q is kept (no condition across the image border); solved exactly (sparse LU), per
+    image and channel, on the 8-bit output. Kept pixels stay the original's.
+
+    Not ``cv2.seamlessClone`` itself: it solves on the mask's bounding box with that box's own border as boundary,
+    so it reads the destination's first ring of pixels inside the mask, which in use is the content being
+    replaced (and here would be the reference)."""
+    out = []
+    for o, k, mm in zip(output, kept, m):
+        hole = (mm[0] >= 0.5).cpu().numpy()
+        if not hole.any() or hole.all():
+            out.append(o if hole.all() else k)
+            continue
+        src = torch.round(o.clamp(0, 1) * 255).double().cpu().numpy() / 255
+        solved = poisson_fill(src, k.double().cpu().numpy(), hole)
+        out.append(torch.from_numpy(solved).to(o) * mm + k * (1 - mm))
+    return torch.stack(out)
+
+
+def poisson_fill(guide: np.ndarray, boundary: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """(C,H,W) ``boundary`` with its ``hole`` (H,W bool) pixels replaced by the guided interpolation of
+    :func:`_poisson`: the Laplacian of ``guide`` (C,H,W) inside, ``boundary`` at the kept neighbours."""
+    import scipy.sparse as sparse
+    from scipy.sparse.linalg import splu
+
+    h, w = hole.shape
+    ys, xs = np.nonzero(hole)
+    index = -np.ones((h, w), np.int64)
+    index[ys, xs] = np.arange(len(ys))
+    rows, cols, vals = [], [], []
+    degree = np.zeros(len(ys))
+    rhs = np.zeros((guide.shape[0], len(ys)))
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        qy, qx = ys + dy, xs + dx
+        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+        p, qy, qx = np.nonzero(inside)[0], qy[inside], qx[inside]
+        degree[p] += 1
+        rhs[:, p] += guide[:, ys[p], xs[p]] - guide[:, qy, qx]
+        neighbour_hole = hole[qy, qx]
+        rows.append(p[neighbour_hole])
+        cols.append(index[qy[neighbour_hole], qx[neighbour_hole]])
+        vals.append(-np.ones(int(neighbour_hole.sum())))
+        kept_p = p[~neighbour_hole]
+        rhs[:, kept_p] += boundary[:, qy[~neighbour_hole], qx[~neighbour_hole]]
+    n = len(ys)
+    rows.append(np.arange(n))
+    cols.append(np.arange(n))
+    vals.append(degree)
+    matrix = sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    solution = splu(matrix).solve(rhs.T).T
+    out = boundary.copy()
+    out[:, ys, xs] = np.clip(solution, 0, 1)
+    return out
+
+
+_PYRAMID_KERNEL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+
+
+def _binomial(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """The 5-tap binomial filter along y and x, borders reflect-101, each pass times ``gain``."""
+    kernel = torch.tensor(_PYRAMID_KERNEL, dtype=x.dtype, device=x.device) * gain
+    for dim in (-1, -2):
+        n = x.shape[dim]
+        idx = _border_index(n, 2, "reflect101").to(x.device)
+        padded = x.index_select(dim, idx)
+        x = sum(kernel[k] * padded.narrow(dim, k, n) for k in range(5))
+    return x
+
+
+def _pyr_up(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Zeros inserted between the samples up to ``size``, then the binomial filter times 2 per axis."""
+    up = torch.zeros(*x.shape[:-2], *size, dtype=x.dtype, device=x.device)
+    up[..., ::2, ::2] = x[..., :(size[0] + 1) // 2, :(size[1] + 1) // 2]
+    return _binomial(up, gain=2.0)
+
+
+def laplacian_levels(height: int, width: int) -> int:
+    """Pyramid levels of the multi-band blend: halvings while the coarsest side stays >= 8 px, at most 5."""
+    return max(1, min(5, int(math.floor(math.log2(max(min(height, width), 8) / 8)))))
+
+
+def _laplacian(output: torch.Tensor, kept: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Burt-Adelson multi-band blend: Laplacian pyramids of the output and of the original with the output in its
+    hole (``kept + m * output``), blended per level through the Gaussian pyramid of the binary mask, collapsed.
+    Pyramid: the 5-tap binomial filter (borders reflect-101), every second pixel; :func:`laplacian_levels` levels.
+    Low frequencies cross the edge both ways; the kept region near it changes too."""
+    source = kept + m * output
+    levels = laplacian_levels(*output.shape[-2:])
+
+    def pyramids(x):
+        gauss = [x]
+        for _ in range(levels):
+            gauss.append(_binomial(gauss[-1])[..., ::2, ::2])
+        lap = [g - _pyr_up(gauss[i + 1], tuple(g.shape[-2:])) for i, g in enumerate(gauss[:-1])]
+        return gauss, lap + [gauss[-1]]
+
+    g_mask, _ = pyramids(m)
+    _, l_out = pyramids(output)
+    _, l_src = pyramids(source)
+    blended = [a * lo + (1 - a) * ls for a, lo, ls in zip(g_mask, l_out, l_src)]
+    x = blended[-1]
+    for level in reversed(blended[:-1]):
+        x = _pyr_up(x, tuple(level.shape[-2:])) + level
+    return x.clamp(0, 1)
+
+
+def _to_u8(x: torch.Tensor) -> np.ndarray:
+    """(3,H,W) in [0, 1] -> (H,W,3) uint8, rounded."""
+    return np.ascontiguousarray((x.detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
+                                .astype(np.uint8))
+
+
+_RECIPE_FUNCTIONS = {
+    "paste": _paste,
+    "a1111": None,  # composite() passes the blur
+    "fooocus": lambda o, k, m: _alpha_blend(o, k, fooocus_alpha(m)),
+    "invokeai": lambda o, k, m: _alpha_blend(o, k, invokeai_alpha(m)),
+    "cropandstitch": lambda o, k, m: _alpha_blend(o, k, cropandstitch_alpha(m)),
+    "brushnet": lambda o, k, m: _alpha_blend(o, k, brushnet_alpha(m)),
+    "colormatch": _colormatch,
+    "poisson": _poisson,
+    "laplacian": _laplacian,
+}
+assert tuple(_RECIPE_FUNCTIONS) == RECIPES
+
+
+# sRGB (D65) <-> CIELAB, as skimage.color.rgb2lab / lab2rgb define them
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_WHITE_D65 = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) sRGB in [0, 1] -> CIELAB (L in 0..100), D65 white, the sRGB transfer curve undone first."""
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055).clamp(min=0) ** 2.4, rgb / 12.92)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, lin) / torch.tensor(_WHITE_D65, dtype=rgb.dtype,
+                                                                    device=rgb.device)[:, None, None]
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rgb_to_lab` (not clipped)."""
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
+    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787)
+    xyz = xyz * torch.tensor(_WHITE_D65, dtype=lab.dtype, device=lab.device)[:, None, None]
+    inverse = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab)
+    lin = torch.einsum("ij,bjhw->bihw", inverse, xyz)
+    return torch.where(lin > 0.0031308, 1.055 * lin.clamp(min=1e-12) ** (1 / 2.4) - 0.055, 12.92 * lin)
+
+
 def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """PSNR in dB; ``inf`` where the MSE is 0, ``nan`` where it is nan."""
     mse = torch.as_tensor(mse, dtype=torch.float64)
@@ -175,14 +529,14 @@ def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
 
 
 def region_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                   band_px: int = DEFAULT_BAND_PX) -> Dict[str, torch.Tensor]:
+                   band_px: int = DEFAULT_BAND_PX, blend_px: int = DEFAULT_BLEND_PX) -> Dict[str, torch.Tensor]:
     """Per-image (B,) values of every key in :data:`REGION_KEYS` (the boundary ones by :func:`boundary_metrics`)."""
     out = {"pre_error": pre_error(pred, target, mask), "pre_error_sum": pre_error_sum(pred, target, mask)}
     for region in ("kept", "generated"):
         mse = region_mse(pred, target, mask, region)
         out[f"mse_{region}"] = mse
         out[f"psnr_{region}"] = psnr_from_mse(mse)
-    out.update(boundary_metrics(pred, target, mask, band_px))
+    out.update(boundary_metrics(pred, target, mask, band_px, blend_px))
     return out
 
 
@@ -194,12 +548,13 @@ class RegionMetricAccumulator:
     so identical images give ``inf`` and one perfect image does not make the whole set infinite.
     """
 
-    def __init__(self, band_px: int = DEFAULT_BAND_PX) -> None:
+    def __init__(self, band_px: int = DEFAULT_BAND_PX, blend_px: int = DEFAULT_BLEND_PX) -> None:
         self.band_px = band_px
+        self.blend_px = blend_px
         self.values: Dict[str, List[float]] = {k: [] for k in REGION_KEYS}
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-        batch = region_metrics(pred.float(), target.float(), mask.float(), self.band_px)
+        batch = region_metrics(pred.float(), target.float(), mask.float(), self.band_px, self.blend_px)
         for k, v in batch.items():
             self.values[k].extend(float(x) for x in v.double().cpu())
         return batch
@@ -287,9 +642,9 @@ class ImageMetrics:
 
     def __init__(self, *, lpips: bool = True, fid: bool = True, lpips_vgg_path: Optional[Union[str, Path]] = None,
                  fid_weights_path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
-                 band_px: int = DEFAULT_BAND_PX):
+                 band_px: int = DEFAULT_BAND_PX, blend_px: int = DEFAULT_BLEND_PX):
         self.device = torch.device(device)
-        self.region = RegionMetricAccumulator(band_px)
+        self.region = RegionMetricAccumulator(band_px, blend_px)
         self.ssim: List[float] = []
         self.lpips_values: List[float] = []
         self.missing: Dict[str, str] = {}
@@ -319,7 +674,7 @@ class ImageMetrics:
         if len(self.region):
             raise ValueError("fresh() copies an accumulator before it has seen any image")
         other = copy.copy(self)
-        other.region = RegionMetricAccumulator(self.region.band_px)
+        other.region = RegionMetricAccumulator(self.region.band_px, self.region.blend_px)
         other.ssim, other.lpips_values, other.missing = [], [], dict(self.missing)
         other.fid_metric = copy.deepcopy(self.fid_metric) if self.fid_metric is not None else None
         return other

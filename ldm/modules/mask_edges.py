@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_BAND_PX = 8
+# the blend band: as wide as the widest default recipe's reach (Fooocus' 32 px ramp), both sides of the edge
+DEFAULT_BLEND_PX = 32
 
 
 def _within(pixels: torch.Tensor, band_px: int) -> torch.Tensor:
@@ -27,6 +29,18 @@ def band_masks(mask: torch.Tensor, band_px: int = DEFAULT_BAND_PX) -> Tuple[torc
         raise ValueError(f"band_px must be a whole number >= 1, got {band_px!r}")
     m = (mask >= 0.5).float()
     return m * _within(1 - m, int(band_px)), (1 - m) * _within(m, int(band_px))
+
+
+def edge_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """(...,1,H,W) 1 on every pixel with a 4-neighbour on the other side of the mask edge (both sides)."""
+    m = mask >= 0.5
+    edge = torch.zeros_like(m)
+    dx, dy = m[..., :, 1:] != m[..., :, :-1], m[..., 1:, :] != m[..., :-1, :]
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    return edge.to(mask.dtype)
 
 
 def coarsen_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
