@@ -572,6 +572,41 @@ class RegionMetricAccumulator:
         return out
 
 
+# ------------------------------------------------------------------------------------------------ statistics
+CI_RESAMPLES = 2000
+CI_LEVEL = 0.95
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], seed: int = 0, resamples: int = CI_RESAMPLES,
+                     level: float = CI_LEVEL) -> Optional[Dict[str, float]]:
+    """The mean per-image difference ``a - b`` (the same images, paired) and its percentile bootstrap interval:
+    ``resamples`` draws of n images with replacement, ``np.random.default_rng(seed).integers(0, n, (resamples,
+    n))``, the interval the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (numpy's linear rule) of the
+    resampled means. Pairs with a nan (an empty region) are left out; two equal values (also two infinite PSNRs)
+    differ by 0. None when no pair is left or a difference is infinite (one perfect region: no finite difference
+    to average)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    both = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[both], b[both]
+    with np.errstate(invalid="ignore"):
+        d = np.where(a == b, 0.0, a - b)  # two perfect (inf) values: no difference
+    if not len(d) or not np.isfinite(d).all():
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))
+    means = d[draws].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "n": int(len(d))}
+
+
+def verdict(interval: Optional[Mapping[str, float]], higher_is_better: bool) -> str:
+    """"wins" / "loses" only where the interval excludes zero; otherwise "no difference measured"."""
+    if interval is None:
+        return "no interval"
+    if interval["low"] > 0 or interval["high"] < 0:
+        return "wins" if (interval["low"] > 0) == higher_is_better else "loses"
+    return "no difference measured"
+
+
 # FID's InceptionV3 weights as torch-fidelity / torchmetrics fetch them (no network here: the user brings the file)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"

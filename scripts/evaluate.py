@@ -76,12 +76,14 @@ from ldm.image_io import (
     write_png,
 )
 from ldm.latent_spaces import latent_space_of
-from ldm.modules.mask_edges import coarsen_mask
+from ldm.modules.mask_edges import coarsen_mask, edge_pixels
 from ldm.project import FAST_HELP
 from ldm.util import WriteError, write_atomically
 
 log = logging.getLogger("evaluate")
-BASELINES = ("paste", "paste_blur")
+BASELINES = metrics.RECIPES
+# the name the recipe a1111 had before every recipe had its tool's name (README's command lines still use it)
+BASELINE_ALIASES = {"paste_blur": "a1111"}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -307,18 +309,26 @@ def image_metrics(opt: argparse.Namespace, device: torch.device) -> metrics.Imag
     """The accumulator of every metric for one row (LPIPS / FID skipped, with the reason, when weights are missing);
     further rows take :meth:`~ldm.metrics.ImageMetrics.fresh` copies of it (the networks are loaded once)."""
     return metrics.ImageMetrics(lpips=not opt.no_lpips, fid=not opt.no_fid, lpips_vgg_path=opt.lpips_vgg,
-                                fid_weights_path=opt.fid_weights, device=device, band_px=opt.band_px)
+                                fid_weights_path=opt.fid_weights, device=device, band_px=opt.band_px,
+                                blend_px=opt.blend_px)
 
 
-def with_baselines(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace
-                   ) -> Dict[str, torch.Tensor]:
-    """Row suffix -> output: ``""`` is ``pred`` itself, ``"+paste"`` / ``"+paste_blur"`` the ``--baselines``
-    composites (:func:`ldm.metrics.paste_back`), 8-bit quantised like every output."""
+def with_baselines(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, opt: argparse.Namespace,
+                   other: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Row suffix -> output: ``""`` is ``pred`` itself, ``"+<recipe>"`` each ``--baselines`` recipe's composite
+    (:func:`ldm.metrics.composite`: it sees ``pred``, the kept pixels and the mask; the symmetric recipes get
+    ``other`` in the hole, :func:`ldm.metrics.other_content`), 8-bit quantised like every output."""
     out = {"": pred}
-    for baseline in opt.baselines:
-        blur = opt.blur_px if baseline == "paste_blur" else 0.0
-        out[f"+{baseline}"] = quantize(metrics.paste_back(pred, image, mask, blur_px=blur))
+    for recipe in opt.baselines:
+        out[f"+{recipe}"] = quantize(metrics.composite(recipe, pred, image, mask, other, blur_px=opt.blur_px))
     return out
+
+
+def other_images(samples: Sequence[Sample], opt: argparse.Namespace) -> Dict[str, torch.Tensor]:
+    """NAME -> the content the symmetric recipes blend into that sample's hole (never its own image):
+    :func:`ldm.metrics.other_content` of the set, seeded by ``--other_seed``."""
+    others = metrics.other_content([s.image for s in samples], opt.other_seed)
+    return {s.name: o for s, o in zip(samples, others)}
 
 
 def refuse_row_collisions(names: Sequence[str], labels: Sequence[str], opt: argparse.Namespace, flag: str) -> None:
@@ -329,20 +339,54 @@ def refuse_row_collisions(names: Sequence[str], labels: Sequence[str], opt: argp
     repeated = sorted({r for r in rows if rows.count(r) > 1})
     if repeated:
         raise InputError(f"{flag}: the report rows {', '.join(repeated)} would each come from two names; rename "
-                         "the one that ends like a row suffix (+paste, +paste_blur, [mask/F], [Spx])")
+                         "the one that ends like a row suffix (+<recipe>, [mask/F], [Spx])")
+
+
+OTHER_CONTENT = ("another image of the set, the same shift for every image (drawn from --other_seed), resized to "
+                 "the image; a set of one image: that image rotated 180 degrees")
 
 
 def row_info(suffix: str, opt: argparse.Namespace) -> Dict:
-    """What a row is, for metrics.json: its baseline (None for the output itself) and its blur."""
+    """What a row is, for metrics.json: its baseline recipe (None for the output itself), the a1111 blur and what
+    fills the hole for a symmetric recipe."""
     baseline = suffix[1:] or None
     info: Dict = {"baseline": baseline}
-    if baseline == "paste_blur":
+    if baseline == "a1111":
         info["blur_px"] = opt.blur_px
+    if baseline in metrics.SYMMETRIC_RECIPES:
+        info["other_content"] = OTHER_CONTENT
+        info["other_seed"] = opt.other_seed
     return info
 
 
 def stack(batch: Sequence[Sample], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     return (torch.stack([s.image for s in batch]).to(device), torch.stack([s.mask for s in batch]).to(device))
+
+
+# keys with a paired interval against the row each row is compared with (its decoder's own row for X+<recipe>,
+# the first decoder's for another decoder)
+CI_KEYS = ("psnr_kept", "psnr_generated", "psnr_band_inner", "psnr_band_outer", "psnr_blend_outer", "seam_error",
+           "boundary_gradient_error", "band_gradient_error")
+# results mode: the generated region's reference is the content that was replaced; agreement with it is no quality
+REPLACED_KEYS = ("psnr_generated", "psnr_band_inner", "mse_generated")
+
+
+def add_intervals(results: Dict[str, Dict], per_image: Dict[str, Dict[str, List[float]]], bases: Dict[str, str],
+                  opt: argparse.Namespace) -> None:
+    """``<key>_ci`` in every row but the reference ones: the paired per-image difference to row ``bases[row]``
+    (:func:`ldm.metrics.paired_bootstrap`, seeded by ``--ci_seed``) and its verdict; in results mode the keys of
+    :data:`REPLACED_KEYS` get no verdict word."""
+    for row, base in bases.items():
+        if row == base:
+            continue
+        for key in CI_KEYS:
+            interval = metrics.paired_bootstrap(per_image[row][key], per_image[base][key], opt.ci_seed)
+            entry = {"vs": base, **(interval or {"diff": None, "low": None, "high": None})}
+            if opt.mode == "results" and key in REPLACED_KEYS:
+                entry["verdict"] = "agreement with the replaced content, not a quality"
+            else:
+                entry["verdict"] = metrics.verdict(interval, key in HIGHER_IS_BETTER)
+            results[row][f"{key}_ci"] = entry
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -368,8 +412,9 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
     refuse_row_collisions([name for name, _, _ in specs], [c.label for c in conds], opt, "--decoder")
     sources = reconstruction_sources(opt)
     sets = {c.label: condition_samples(sources, c, opt) for c in conds}
+    others = {c.label: other_images(sets[c.label], opt) for c in conds}
     template = image_metrics(opt, device)
-    results, examples = {}, {}
+    results, examples, per_image, bases = {}, {}, {}, {}
     for name, config, ckpt in specs:
         model = load_model(config, ckpt, device=device)
         space = latent_space_of(model)
@@ -392,7 +437,8 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
                     except NonFiniteError as e:
                         raise NonFiniteError(f"--decoder {name} ({ckpt}) on {', '.join(s.name for s in batch)}: "
                                              f"{e}") from None
-                    for suffix, out in with_baselines(pred, image, mask, opt).items():
+                    other = torch.stack([others[cond.label][s.name] for s in batch]).to(device)
+                    for suffix, out in with_baselines(pred, image, mask, opt, other).items():
                         row = f"{name}{cond.label}{suffix}"
                         scorers.setdefault(row, template.fresh()).update(out, image, mask)
                         if not cond.label:
@@ -402,7 +448,10 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
                 suffix = row[len(name) + len(cond.label):]
                 results[row] = {"config": config, "checkpoint": ckpt, "decoder": name, **row_info(suffix, opt),
                                 "size": cond.size, "mask_coarsen": cond.coarsen, **scorer.summary()}
+                per_image[row] = scorer.region.values
+                bases[row] = (f"{name}{cond.label}" if suffix else f"{specs[0][0]}{cond.label}")
         del model, decoder
+    add_intervals(results, per_image, bases, opt)
     return sets[""], results, examples
 
 
@@ -410,8 +459,10 @@ def run_results(opt: argparse.Namespace, device: torch.device):
     folders = dict(parse_spec(s, "--predictions", False)[:2] for s in opt.predictions)
     refuse_row_collisions(list(folders), [""], opt, "--predictions")
     samples, predictions = results_samples(opt)
+    others = other_images(samples, opt)
     template = image_metrics(opt, device)
-    results, examples = {}, {}
+    results, examples, per_image, bases = {}, {}, {}, {}
+    first = next(iter(predictions))
     for label, preds in predictions.items():
         scorers: Dict[str, metrics.ImageMetrics] = {}
         with torch.inference_mode():
@@ -419,13 +470,17 @@ def run_results(opt: argparse.Namespace, device: torch.device):
                               disable=opt.quiet):
                 image, mask = stack(batch, device)
                 pred = torch.stack([preds[s.name] for s in batch]).to(device)
-                for suffix, out in with_baselines(pred, image, mask, opt).items():
+                other = torch.stack([others[s.name] for s in batch]).to(device)
+                for suffix, out in with_baselines(pred, image, mask, opt, other).items():
                     scorers.setdefault(label + suffix, template.fresh()).update(out, image, mask)
                     kept = examples.setdefault(label + suffix, [])
                     kept.extend(out[:max(0, opt.n_examples - len(kept))].cpu())
         for row, scorer in scorers.items():
             results[row] = {"folder": folders[label], "predictions": label, **row_info(row[len(label):], opt),
                             **scorer.summary()}
+            per_image[row] = scorer.region.values
+            bases[row] = label if row != label else first
+    add_intervals(results, per_image, bases, opt)
     return samples, results, examples
 
 
@@ -434,11 +489,23 @@ def run_results(opt: argparse.Namespace, device: torch.device):
 COLUMNS = (("n_images", "images", "d", 1), ("pre_error", "pre_error (x1e-5)", ".2f", 1e5),
            ("pre_error_sum", "pre_error_sum", ".4g", 1), ("psnr_kept", "PSNR kept (dB)", ".2f", 1),
            ("psnr_generated", "PSNR generated (dB)", ".2f", 1), ("psnr_band_inner", "PSNR band in (dB)", ".2f", 1),
-           ("psnr_band_outer", "PSNR band out (dB)", ".2f", 1), ("seam_error", "seam_error (x1e-3)", ".2f", 1e3),
+           ("psnr_band_outer", "PSNR band out (dB)", ".2f", 1), ("psnr_blend_outer", "PSNR blend out (dB)", ".2f", 1),
+           ("seam_error", "seam_error (x1e-3)", ".2f", 1e3),
+           ("boundary_gradient_error", "boundary grad (x1e-3)", ".2f", 1e3),
+           ("band_gradient_error", "band grad (x1e-3)", ".2f", 1e3),
            ("mse_generated", "MSE generated", ".4g", 1), ("lpips", "LPIPS", ".4f", 1), ("ssim", "SSIM", ".4f", 1),
            ("fid", "FID", ".2f", 1))
+# results mode: the same numbers, named for what they are there
+RESULTS_HEADERS = {"psnr_generated": "PSNR vs replaced content (dB)",
+                   "psnr_band_inner": "PSNR band in vs replaced content (dB)",
+                   "mse_generated": "MSE vs replaced content"}
 # the column's best value is the highest (PSNR, SSIM) or the lowest (errors, LPIPS, FID)
-HIGHER_IS_BETTER = ("psnr_kept", "psnr_generated", "psnr_band_inner", "psnr_band_outer", "ssim")
+HIGHER_IS_BETTER = ("psnr_kept", "psnr_generated", "psnr_band_inner", "psnr_band_outer", "psnr_blend_outer", "ssim")
+# the paired-difference table of metrics.md: (key, header, scale)
+CI_COLUMNS = (("psnr_kept", "PSNR kept (dB)", 1), ("psnr_band_inner", "PSNR band in (dB)", 1),
+              ("psnr_blend_outer", "PSNR blend out (dB)", 1), ("seam_error", "seam_error (x1e-3)", 1e3),
+              ("boundary_gradient_error", "boundary grad (x1e-3)", 1e3),
+              ("band_gradient_error", "band grad (x1e-3)", 1e3))
 
 
 def _value(v) -> Optional[float]:
@@ -449,13 +516,14 @@ def _value(v) -> Optional[float]:
     return None if math.isnan(v) else v
 
 
-def best_rows(results: Dict[str, Dict]) -> List[str]:
+def best_rows(results: Dict[str, Dict], mode: str = "reconstruction") -> List[str]:
     """One entry per metric: the row(s) with the best value (ties listed together). Compare only rows of one
-    condition (the same images and masks): callers pass one group at a time."""
+    condition (the same images and masks): callers pass one group at a time. In results mode the agreement with
+    the replaced content ranks nothing."""
     lines = []
     for key, header, _, _ in COLUMNS[1:]:
-        if key == "pre_error_sum":
-            continue  # the same ranking as pre_error
+        if key == "pre_error_sum" or (mode == "results" and key in REPLACED_KEYS):
+            continue  # the same ranking as pre_error; not a quality
         values = {name: _value(r.get(key)) for name, r in results.items()}
         values = {k: v for k, v in values.items() if v is not None}
         if len(values) < 2:
@@ -466,10 +534,25 @@ def best_rows(results: Dict[str, Dict]) -> List[str]:
     return lines
 
 
+RECIPE_LINES = {
+    "paste": "the original pasted where the mask keeps (diffusers' apply_overlay)",
+    "a1111": "AUTOMATIC1111's mask blur, a Gaussian of sigma {blur_px:g} px, symmetric: other content in the hole",
+    "fooocus": "Fooocus' 32 px linear ramp outward",
+    "invokeai": "InvokeAI's 16 px cubic distance fade outward",
+    "cropandstitch": "Inpaint-CropAndStitch's blend 32: dilate 13 px, sigma 4 twice",
+    "brushnet": "BrushNet's 1 - (1 - m)(1 - G21(m)), outward",
+    "colormatch": "Lab mean/std of X matched to the original over the kept pixels, then pasted",
+    "poisson": "Poisson blending: X's gradients in the hole, the kept pixels as boundary",
+    "laplacian": "multi-band (Laplacian pyramid) blend through the mask",
+}
+
+
 def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND_PX,
-                   blur_px: Optional[float] = None) -> str:
+                   blur_px: Optional[float] = None, mode: str = "reconstruction",
+                   blend_px: int = metrics.DEFAULT_BLEND_PX) -> str:
     """One row per decoder / prediction folder, baseline and condition, as the paper's tables, then the best
-    row per column and the definitions."""
+    row per column, the paired differences with their intervals and the definitions. In results mode the
+    generated region's columns are named for what they are there (agreement with the replaced content)."""
     def num(v, fmt, scale):
         v = _value(v)
         if v is None:
@@ -478,8 +561,8 @@ def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND
             return "inf"
         return format(int(v) if fmt == "d" else v * scale, fmt)
 
-    lines = ["| row | " + " | ".join(header for _, header, _, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+    headers = [RESULTS_HEADERS.get(k, h) if mode == "results" else h for k, h, _, _ in COLUMNS]
+    lines = ["| row | " + " | ".join(headers) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(num(r.get(k), fmt, scale) for k, _, fmt, scale in COLUMNS) + " |")
     lines.append("")
@@ -487,24 +570,56 @@ def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND
     for name, r in results.items():  # rows of one condition see the same images and masks
         groups.setdefault((r.get("size"), r.get("mask_coarsen", 1)), {})[name] = r
     for (size, coarsen), rows in groups.items():
-        best = best_rows(rows)
+        best = best_rows(rows, mode)
         if best:
             which = [] if size is None else [f"{size} px" if size else "native size"]
             which += [f"masks coarsened {coarsen}x"] if coarsen > 1 else []
             lines.append(f"Best per column{' (' + ', '.join(which) + ')' if which else ''}: " + "; ".join(best) + ".")
             lines.append("")
+    lines += interval_table(results)
+    recipes = [r.get("baseline") for r in results.values() if r.get("baseline")]
+    described = "; ".join(f"X+{name}: " + RECIPE_LINES[name].format(blur_px=blur_px or metrics.A1111_BLUR_PX)
+                          for name in dict.fromkeys(recipes))
+    generated = ("PSNR generated / band in: in results mode the distance from the content that was replaced, no "
+                 "quality; " if mode == "results" else "")
     lines.append("pre_error: squared error in the kept region (mask 0) per element, images in [0, 1] "
                  "(= pre_error_sum / (3*H*W), the magnitude of the paper's table); pre_error_sum: the original "
                  "code's per-image sum. PSNR from the mean region MSE. Band in / out: the generated pixels within "
                  f"{band_px} px (chessboard) of a kept pixel / the kept pixels within {band_px} px of a generated "
-                 "one. seam_error: mean |step of the output - step of the original| over the pixel pairs across "
-                 "the mask edge. X+paste: the original pasted over X where the mask keeps (diffusers' "
-                 "apply_overlay)" + ("" if blur_px is None else f"; X+paste_blur: the same through the mask blurred "
-                                     f"by a Gaussian of sigma {blur_px:g} px (AUTOMATIC1111's mask blur)")
+                 f"one; blend out: the kept pixels within {blend_px} px. " + generated + "seam_error: mean |step of "
+                 "the output - step of the original| over the pixel pairs across the mask edge; boundary grad: "
+                 "mean |Sobel gradient of the output - of the original| on the edge pixels (MISATO); band grad: the "
+                 f"same over every pixel within {blend_px} px of the edge, both sides, where recipes blend. Every "
+                 "X+recipe row sees only X, the kept pixels and the mask"
+                 + (f" ({described})" if described else "")
                  + ". X[mask/F]: masks coarsened F times; X[Spx]: images at S px. docs/evaluation.md defines each.")
     for name, why in next(iter(results.values()))["missing"].items():
         lines.append(f"\n{name.upper()} not computed: {why}")
     return "\n".join(lines) + "\n"
+
+
+def interval_table(results: Dict[str, Dict]) -> List[str]:
+    """The ``*_ci`` entries as a table: per row, against the row it is compared with, the mean per-image
+    difference, its 95 % bootstrap interval and the verdict ("wins" / "loses" only where the interval excludes 0)."""
+    rows = [(name, r) for name, r in results.items() if any(f"{k}_ci" in r for k, _, _ in CI_COLUMNS)]
+    if not rows:
+        return []
+
+    def cell(entry, scale):
+        if not entry or entry.get("diff") is None:
+            return "n/a"
+        return (f"{entry['diff'] * scale:+.2f} [{entry['low'] * scale:+.2f}, {entry['high'] * scale:+.2f}] "
+                f"{entry['verdict']}")
+
+    n = next((e["n"] for _, r in rows for k, _, _ in CI_COLUMNS if (e := r.get(f"{k}_ci")) and e.get("n")), None)
+    lines = [f"Paired differences, row minus the row it is compared with: mean over {n} images, 95 % bootstrap "
+             f"interval ({metrics.CI_RESAMPLES} resamples of the images), and a verdict only where the interval "
+             "excludes 0:", "",
+             "| row | vs | " + " | ".join(h for _, h, _ in CI_COLUMNS) + " |", "|---" * (len(CI_COLUMNS) + 2) + "|"]
+    for name, r in rows:
+        vs = next(r[f"{k}_ci"]["vs"] for k, _, _ in CI_COLUMNS if f"{k}_ci" in r)
+        lines.append(f"| {name} | {vs} | " + " | ".join(cell(r.get(f"{k}_ci"), s) for k, _, s in CI_COLUMNS) + " |")
+    return lines + [""]
 
 
 def error_map(pred: torch.Tensor, target: torch.Tensor, gain: float = 4.0) -> torch.Tensor:
@@ -536,24 +651,12 @@ def example_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Ten
     return np.asarray(canvas)
 
 
-def edge_pixels(mask: torch.Tensor) -> torch.Tensor:
-    """(H,W) 1 on every pixel that has a 4-neighbour on the other side of the mask edge."""
-    m = mask[0] >= 0.5
-    edge = torch.zeros_like(m)
-    dx, dy = m[:, 1:] != m[:, :-1], m[1:] != m[:-1]
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[1:] |= dy
-    edge[:-1] |= dy
-    return edge
-
-
 def boundary_window(samples: Sequence[Sample], n: int, crop: int) -> Optional[Tuple[int, int, int]]:
     """(image index, top, left) of the ``crop`` x ``crop`` window, among the first ``n`` images, that holds the
     most mask-edge pixels (the first such window in reading order); None when no image has an edge."""
     best, where = 0, None
     for i in range(n):
-        edge = edge_pixels(samples[i].mask).float()[None, None]
+        edge = edge_pixels(samples[i].mask).float()[None]
         size = min(crop, *edge.shape[-2:])
         counts = F.avg_pool2d(edge, size, stride=1) * size * size
         value = float(counts.max())
@@ -581,7 +684,7 @@ def boundary_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Te
         x = x[:, top:top + size, left:left + size]
         return x.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)
 
-    edge = edge_pixels(s.mask)[None].float()
+    edge = edge_pixels(s.mask).float()
     masked = s.image * (1 - s.mask) + 0.5 * s.mask
     masked = masked * (1 - edge) + edge * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
     lines = [("original / mask edge", [s.image, masked])]
@@ -626,11 +729,14 @@ MODE_PURPOSE = {"reconstruction": "encodes and decodes the images of --images it
 
 
 def baseline_list(text: str) -> Tuple[str, ...]:
-    """``--baselines paste,paste_blur`` -> ("paste", "paste_blur"); unknown names refused."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    """``--baselines paste,fooocus`` -> ("paste", "fooocus"); ``all`` -> every recipe; ``paste_blur`` is
+    ``a1111``; unknown names refused."""
+    names = tuple(BASELINE_ALIASES.get(n.strip(), n.strip()) for n in text.split(",") if n.strip())
+    if "all" in names:
+        names = tuple(n for n in names if n != "all") + BASELINES
     unknown = [n for n in names if n not in BASELINES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(BASELINES)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(BASELINES)}, or all")
     return tuple(dict.fromkeys(names))
 
 
@@ -669,14 +775,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     res.add_argument("--max_size", type=int, default=640, help="inpaint_st.py's --max_size the outputs were made with")
     for q in (rec, res):
         q.add_argument("--outdir", required=True, help="metrics.json, metrics.md, examples.png, boundary.png go here")
-        q.add_argument("--baselines", type=baseline_list, default=(), metavar="paste,paste_blur",
-                       help="add the rows X+paste (the original pasted over X where the mask keeps, as diffusers' "
-                       "apply_overlay) and X+paste_blur (through the mask blurred as AUTOMATIC1111's mask blur)")
-        q.add_argument("--blur_px", type=float, default=4.0, metavar="R",
-                       help="paste_blur's mask blur: a Gaussian of sigma R px, kernel 2*int(2.5R+0.5)+1 taps, "
+        q.add_argument("--baselines", type=baseline_list, default=(), metavar="RECIPE,...|all",
+                       help="add a row X+RECIPE for every row X: X composited with the original by a tool's recipe, "
+                       "seeing only X, the kept pixels and the mask (" + ", ".join(BASELINES) + "; all = every "
+                       "one; paste_blur = a1111); docs/evaluation.md defines each")
+        q.add_argument("--blur_px", type=float, default=metrics.A1111_BLUR_PX, metavar="R",
+                       help="a1111's mask blur: a Gaussian of sigma R px, kernel 2*int(2.5R+0.5)+1 taps, "
                        "borders reflected (cv2.GaussianBlur as AUTOMATIC1111 calls it)")
+        q.add_argument("--other_seed", type=int, default=0,
+                       help="the symmetric recipes (a1111) blend into the hole's rim other content, never the "
+                       "original: another image of the set, the shift drawn from this seed")
+        q.add_argument("--ci_seed", type=int, default=0, help="seed of the bootstrap intervals")
         q.add_argument("--band_px", type=int, default=metrics.DEFAULT_BAND_PX, metavar="K",
                        help="width of the bands either side of the mask edge (chessboard distance) for the band PSNRs")
+        q.add_argument("--blend_px", type=int, default=metrics.DEFAULT_BLEND_PX, metavar="W",
+                       help="width of the blend band either side of the edge, where recipes blend: "
+                       "band_gradient_error and PSNR blend out")
         q.add_argument("--batch_size", type=int, default=8)
         q.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
         q.add_argument("--device", default="auto")
@@ -703,6 +817,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--batch_size must be >= 1")
     if opt.band_px < 1:
         p.error(f"--band_px {opt.band_px}: must be >= 1")
+    if opt.blend_px < 1:
+        p.error(f"--blend_px {opt.blend_px}: must be >= 1")
     if opt.blur_px <= 0 or not math.isfinite(opt.blur_px):
         p.error(f"--blur_px {opt.blur_px}: must be a positive number of pixels")
     if opt.mode == "reconstruction":
@@ -742,7 +858,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "protocol": {k: v for k, v in vars(opt).items() if k not in ("quiet",)},
         "decoders": results,
     }
-    table = markdown_table(results, opt.band_px, opt.blur_px if "paste_blur" in opt.baselines else None)
+    table = markdown_table(results, opt.band_px, opt.blur_px, opt.mode, opt.blend_px)
     figures: Dict[str, Optional[np.ndarray]] = {}
     if opt.n_examples > 0:
         figures["examples.png"] = example_figure(samples, examples)

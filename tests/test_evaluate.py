@@ -76,7 +76,13 @@ def test_reconstruction_report(rec_report, image_dir, ckpts):
         assert r["lpips"] is None and r["fid"] is None  # no weights on this machine's default paths
         assert "vgg16-397923af.pth" in r["missing"]["lpips"] and metrics.INCEPTION_FILE in r["missing"]["fid"]
     table = (outdir / "metrics.md").read_text()
-    assert table.count("\n| vanilla |") == 1 and table.count("\n| asym |") == 1
+    assert table.count("\n| vanilla | 3 |") == 1 and table.count("\n| asym | 3 |") == 1
+    # the second decoder against the first, paired per image; a verdict word only where the interval excludes 0
+    ci = report["decoders"]["asym"]["psnr_kept_ci"]
+    assert ci["vs"] == "vanilla" and ci["low"] <= ci["diff"] <= ci["high"] and ci["n"] == 3
+    assert ci["verdict"] == ("no difference measured" if ci["low"] <= 0 <= ci["high"] else
+                             "wins" if ci["low"] > 0 else "loses")
+    assert "psnr_kept_ci" not in report["decoders"]["vanilla"] and "\n| asym | vanilla | " in table
     figure = Image.open(outdir / "examples.png")
     assert figure.size == (6 * 32, 3 * 32 + 14)  # input, mask, 2 decoders, 2 error maps; 3 rows + labels
 
@@ -368,14 +374,14 @@ def test_reconstruction_baselines_and_robustness_rows(image_dir, ckpts, tmp_path
     out = tmp_path / "out"
     assert evaluate.main(["reconstruction", "--images", str(images), "--mask_dir", str(masks), "--size", "32",
                           "--outdir", str(out), "--decoder", f"asym={TINY}:{ckpts['asym']}", "--quiet",
-                          "--baselines", "paste,paste_blur", "--mask_coarsen", "4", "--extra_size", "40",
+                          "--baselines", "paste,a1111", "--mask_coarsen", "4", "--extra_size", "40",
                           "--band_px", "3"]) == 0
     report = json.loads((out / "metrics.json").read_text())
     rows = report["decoders"]
     assert report["images"] == ["img0", "img1"]
-    assert list(rows) == [f"asym{c}{b}" for c in ("", "[mask/4]", "[40px]") for b in ("", "+paste", "+paste_blur")]
+    assert list(rows) == [f"asym{c}{b}" for c in ("", "[mask/4]", "[40px]") for b in ("", "+paste", "+a1111")]
     for cond, size in (("", 32), ("[mask/4]", 32), ("[40px]", 40)):
-        x, paste, blur = (rows[f"asym{cond}{b}"] for b in ("", "+paste", "+paste_blur"))
+        x, paste, blur = (rows[f"asym{cond}{b}"] for b in ("", "+paste", "+a1111"))
         assert x["size"] == paste["size"] == size and x["baseline"] is None and blur["blur_px"] == 4.0
         assert math.isclose(x["pre_error_sum"], x["pre_error"] * 3 * size * size, rel_tol=1e-6)
         assert paste["pre_error"] == 0 and paste["psnr_kept"] == "inf" and paste["psnr_band_outer"] == "inf"
@@ -440,7 +446,7 @@ def test_results_baselines_and_boundary_metrics_match_numpy(tmp_path):
         masks.append(mask.astype(np.float64) / 255)
     out = tmp_path / "out"
     assert evaluate.main(["results", "--indir", str(indir), "--outdir", str(out), "--quiet", "--no_fid",
-                          "--no_lpips", "--baselines", "paste,paste_blur", "--blur_px", "2", "--band_px", "3",
+                          "--no_lpips", "--baselines", "paste,a1111", "--blur_px", "2", "--band_px", "3",
                           *[f"--predictions={k}={tmp_path / k}" for k in preds]]) == 0
     rows = json.loads((out / "metrics.json").read_text())["decoders"]
     x, m = np.stack(originals), np.stack(masks)
@@ -448,11 +454,13 @@ def test_results_baselines_and_boundary_metrics_match_numpy(tmp_path):
     soft = gaussian_filter1d(gaussian_filter1d(m, 2.0, axis=2, mode="mirror", radius=radius), 2.0, axis=1,
                              mode="mirror", radius=radius)
     alpha = (np.round(soft * 255) / 255)[..., None]
+    # a1111 is symmetric: under the mask its source is the other image of the set (two images: each the other's)
+    source = x * (1 - m[..., None]) + x[::-1] * m[..., None]
     for k, p in preds.items():
         p = np.stack(p)
         u8 = lambda a: np.round(a * 255).astype(np.uint8)  # noqa: E731
         outputs = {k: p, f"{k}+paste": _overlay_reference(u8(p), u8(x), u8(m)),
-                   f"{k}+paste_blur": np.round((x * (1 - alpha) + p * alpha) * 255) / 255}
+                   f"{k}+a1111": np.round((source * (1 - alpha) + p * alpha) * 255) / 255}
         for row, o in outputs.items():
             r = rows[row]
             kept = (m < 0.5)[..., None]
@@ -466,7 +474,7 @@ def test_results_baselines_and_boundary_metrics_match_numpy(tmp_path):
     assert rows["step"]["seam_error"] == pytest.approx(20 / 255, rel=1e-5)
     assert rows["step+paste"]["seam_error"] == pytest.approx(20 / 255, rel=1e-5)  # pasting back keeps the step
     assert rows["step+paste"]["psnr_kept"] == "inf"
-    assert rows["step+paste_blur"]["seam_error"] < rows["step"]["seam_error"]  # the blur spreads it out
+    assert rows["step+a1111"]["other_content"].startswith("another image of the set")
 
 
 def test_each_mode_refuses_the_flags_of_the_other(capsys):
@@ -480,7 +488,7 @@ def test_each_mode_refuses_the_flags_of_the_other(capsys):
         other = "reconstruction" if mode == "results" else "results"
         assert f"{flag.split('=')[0]} is a flag of `evaluate.py {other}`, not of `{mode}`" in err
         assert evaluate.MODE_PURPOSE[mode] in err
-    for extra, needle in ((["--baselines", "paste,crop"], "comma-separated list of paste, paste_blur"),
+    for extra, needle in ((["--baselines", "paste,crop"], "comma-separated list of paste, a1111"),
                           (["--blur_px", "0"], "--blur_px 0.0"), (["--band_px", "0"], "--band_px 0"),
                           (["--bogus"], "unrecognized arguments: --bogus")):
         with pytest.raises(SystemExit):
@@ -491,8 +499,10 @@ def test_each_mode_refuses_the_flags_of_the_other(capsys):
         with pytest.raises(SystemExit):
             evaluate.parse_args(base["reconstruction"] + extra)
         assert needle in capsys.readouterr().err
-    opt = evaluate.parse_args(base["results"] + ["--baselines", "paste_blur,paste,paste"])
-    assert opt.baselines == ("paste_blur", "paste") and not hasattr(opt, "seed") and not hasattr(opt, "fast")
+    opt = evaluate.parse_args(base["results"] + ["--baselines", "paste_blur,paste,paste"])  # the old name of a1111
+    assert opt.baselines == ("a1111", "paste") and not hasattr(opt, "seed") and not hasattr(opt, "fast")
+    assert evaluate.parse_args(base["results"] + ["--baselines", "fooocus,all"]).baselines == \
+        ("fooocus",) + tuple(r for r in metrics.RECIPES if r != "fooocus")
 
 
 def test_row_names_that_would_collide_are_refused(tmp_path, capsys):
