@@ -260,6 +260,18 @@ def composite(recipe: str, output: torch.Tensor, image: torch.Tensor, mask: torc
     return _RECIPE_FUNCTIONS[recipe](output, kept, m)
 
 
+def composites(recipes: Union[str, Sequence[str]], output: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+               other: Optional[torch.Tensor] = None, *, seed: int = 0,
+               blur_px: float = A1111_BLUR_PX) -> Dict[str, torch.Tensor]:
+    """Recipe -> :func:`composite` for each of ``recipes`` (names, or ``"all"`` for :data:`RECIPES`), on one batch.
+    ``other``: the content the symmetric recipes show in the hole; by default :func:`other_content` of the batch's
+    own images (seeded by ``seed``), so a batch of a whole set needs nothing else."""
+    names = RECIPES if recipes == "all" else tuple(recipes)
+    if other is None and any(r in SYMMETRIC_RECIPES for r in names):
+        other = torch.stack(other_content(list(image), seed))
+    return {r: composite(r, output, image, mask, other, blur_px=blur_px) for r in names}
+
+
 def other_content(images: Sequence[torch.Tensor], seed: int = 0) -> List[torch.Tensor]:
     """For each (3,H,W) image of a set, content that is not it, for the symmetric recipes' hole: another image of
     the set, ``images[(i + k) % n]`` with one shift ``1 <= k < n`` drawn from ``seed``, resized to image i's size

@@ -319,8 +319,9 @@ def with_baselines(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, 
     (:func:`ldm.metrics.composite`: it sees ``pred``, the kept pixels and the mask; the symmetric recipes get
     ``other`` in the hole, :func:`ldm.metrics.other_content`), 8-bit quantised like every output."""
     out = {"": pred}
-    for recipe in opt.baselines:
-        out[f"+{recipe}"] = quantize(metrics.composite(recipe, pred, image, mask, other, blur_px=opt.blur_px))
+    for recipe, composite in metrics.composites(opt.baselines, pred, image, mask, other,
+                                                 blur_px=opt.blur_px).items():
+        out[f"+{recipe}"] = quantize(composite)
     return out
 
 

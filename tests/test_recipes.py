@@ -365,3 +365,12 @@ def test_paired_bootstrap_matches_numpy():
     assert metrics.paired_bootstrap([1.0, float("nan")], [0.0, 2.0])["n"] == 1
     assert metrics.paired_bootstrap([float("inf")], [2.0]) is None
     assert metrics.paired_bootstrap([float("inf")], [float("inf")])["diff"] == 0
+
+
+def test_composites_of_a_whole_batch_take_their_other_content_from_it(tmp_path):
+    _, t = _files(tmp_path)
+    rows = metrics.composites("all", t["output"], t["image"], t["mask"], seed=4)
+    assert tuple(rows) == metrics.RECIPES
+    other = torch.stack(metrics.other_content(list(t["image"]), 4))
+    assert torch.equal(rows["a1111"], metrics.composite("a1111", t["output"], t["image"], t["mask"], other))
+    assert tuple(metrics.composites(["poisson", "paste"], t["output"], t["image"], t["mask"])) == ("poisson", "paste")
