@@ -12,7 +12,7 @@ paper's protocol). Masks come from the project's mask generator, seeded per imag
     python scripts/evaluate.py reconstruction --images data/val --size 256 \\
         --decoder vanilla=configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml:stable_vqgan.ckpt \\
         --decoder base=configs/autoencoder/autoencoder_kl_32x32x4.yaml:base.ckpt --outdir outputs/eval \\
-        --baselines paste,paste_blur --mask_coarsen 8 --extra_size 512
+        --baselines all --mask_coarsen 8 --extra_size 512
 
 results -- images already produced (e.g. by ``inpaint_st.py``): ``--indir`` holds ``NAME.<ext>`` +
 ``NAME_mask.<ext>`` (inpaint_st.py's input), each ``--predictions LABEL=DIR`` holds ``NAME.png``. Originals and
@@ -22,11 +22,14 @@ outputs::
     python scripts/evaluate.py results --indir inputs --predictions vanilla=out_sd --predictions base=out_base \\
         --outdir outputs/eval_inpaint --baselines paste
 
-Baselines (``--baselines paste,paste_blur``): for every decoder or prediction row ``X``, the rows ``X+paste`` (the
-original pasted over X's output wherever the mask keeps, as diffusers' ``apply_overlay``) and ``X+paste_blur`` (the
-same through the mask blurred by a Gaussian of sigma ``--blur_px``, AUTOMATIC1111's "mask blur"). Robustness rows
-(reconstruction): ``--mask_coarsen F`` adds ``X[mask/F]``, the same masks at 1/F resolution, nearest-upsampled
-(jagged edges); ``--extra_size S`` adds ``X[Spx]``, the images resized to S. Baselines apply to those rows too.
+Recipes (``--baselines paste,fooocus,...`` or ``all``): for every decoder or prediction row ``X``, a row
+``X+<recipe>``: X composited with the original as a tool does it (paste, a1111, fooocus, invokeai, cropandstitch,
+brushnet, colormatch, poisson, laplacian; ``ldm.metrics.composite``), seeing only X, the kept pixels and the mask;
+the symmetric a1111 gets another image of the set under the mask (``--other_seed``), never the original. Every row
+but the reference ones gets paired per-image differences with 95 % bootstrap intervals (``*_ci``, ``--ci_seed``).
+Robustness rows (reconstruction): ``--mask_coarsen F`` adds ``X[mask/F]``, the same masks at 1/F resolution,
+nearest-upsampled (jagged edges); ``--extra_size S`` adds ``X[Spx]``, the images resized to S. Recipes apply to those
+rows too.
 
 Images are compared in [0, 1] after 8-bit quantisation (what the saved files hold). ``pre_error`` is the per-element
 mean the paper's table reports, ``pre_error_sum`` the original code's per-image sum (see ``ldm/metrics.py``). PSNR of
