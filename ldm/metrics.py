@@ -574,14 +574,31 @@ class RegionMetricAccumulator:
     def __len__(self) -> int:
         return len(self.values["pre_error"])
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self, indices: Optional[Sequence[int]] = None) -> Dict[str, float]:
+        """The dataset-level numbers, of every image or of the images at ``indices`` (in update order)."""
         if not len(self):
             raise ValueError("no images were evaluated")
-        out = {k: _nanmean(self.values[k]) for k in _MEAN_KEYS}
+        values = self.values if indices is None else {k: [v[i] for i in indices] for k, v in self.values.items()}
+        if not values["pre_error"]:
+            return {"n_images": 0}
+        out = {k: _nanmean(values[k]) for k in _MEAN_KEYS}
         for region in _PSNR_REGIONS:
             out[f"psnr_{region}"] = float(psnr_from_mse(torch.tensor(out[f"mse_{region}"])))
-        out["n_images"] = len(self)
+        out["n_images"] = len(values["pre_error"])
         return out
+
+
+# hole-size bins of EditBench (fraction of the image generated): small, medium, large
+HOLE_SIZES = (("small", 0.057, 0.215), ("medium", 0.215, 0.369), ("large", 0.369, 1.0))
+
+
+def hole_size_bin(fraction: float) -> Optional[str]:
+    """"small" for a hole of 5.7-21.5 % of the image, "medium" for 21.5-36.9 %, "large" above 36.9 % (each bin
+    includes its upper bound); None below 5.7 %."""
+    for name, low, high in HOLE_SIZES:
+        if low < fraction <= high or (name == "small" and fraction == low):
+            return name
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -61,7 +61,7 @@ from ldm.checkpoints.files import CheckpointError
 from ldm.checkpoints.loading import load_model
 from ldm.cli.common import pick_device, precision_scope, prepare_outdir, refuse_overlap, seed_everything
 from ldm.data.inpainting import find_images
-from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
+from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator, lama_mask_config
 from ldm.fast import FastDecode
 from ldm.image_io import (
     IMAGE_EXTENSIONS,
@@ -239,7 +239,8 @@ def reconstruction_sources(opt: argparse.Namespace) -> List[Source]:
 def condition_samples(sources: Sequence[Source], condition: Condition, opt: argparse.Namespace) -> List[Sample]:
     """The samples of one condition: images resized to its size, masks from ``--mask_dir`` (resized, nearest) or
     the mask generator seeded by (``--seed``, image index) at that size, then coarsened."""
-    generator = None if opt.mask_dir else MaskGenerator.from_config(opt.mask_config)
+    generator = None if opt.mask_dir else MaskGenerator.from_config(
+        lama_mask_config(opt.mask_config, condition.size) or opt.mask_config)
     samples = []
     for index, src in enumerate(sources):
         image = resize_center_crop(src.image, condition.size, "bicubic")
@@ -375,6 +376,13 @@ CI_KEYS = ("psnr_kept", "psnr_generated", "psnr_band_inner", "psnr_band_outer", 
 REPLACED_KEYS = ("psnr_generated", "psnr_band_inner", "mse_generated")
 
 
+def by_hole_size(region: metrics.RegionMetricAccumulator, samples: Sequence[Sample]) -> Dict[str, Dict]:
+    """The region metrics of the images in each hole-size bin (:data:`ldm.metrics.HOLE_SIZES`: small 5.7-21.5 %,
+    medium 21.5-36.9 %, large > 36.9 % of the image generated), with ``n_images`` (0 for an empty bin)."""
+    bins = [metrics.hole_size_bin(float((s.mask >= 0.5).float().mean())) for s in samples]
+    return {name: region.summary([i for i, b in enumerate(bins) if b == name]) for name, _, _ in metrics.HOLE_SIZES}
+
+
 def add_intervals(results: Dict[str, Dict], per_image: Dict[str, Dict[str, List[float]]], bases: Dict[str, str],
                   opt: argparse.Namespace) -> None:
     """``<key>_ci`` in every row but the reference ones: the paired per-image difference to row ``bases[row]``
@@ -454,6 +462,7 @@ def run_reconstruction(opt: argparse.Namespace, device: torch.device):
                                 "size": cond.size, "mask_coarsen": cond.coarsen, **scorer.summary()}
                 per_image[row] = scorer.region.values
                 bases[row] = (f"{name}{cond.label}" if suffix else f"{specs[0][0]}{cond.label}")
+                results[row]["by_hole_size"] = by_hole_size(scorer.region, sets[cond.label])
         del model, decoder
     add_intervals(results, per_image, bases, opt)
     return sets[""], results, examples
@@ -484,6 +493,7 @@ def run_results(opt: argparse.Namespace, device: torch.device):
                             **scorer.summary()}
             per_image[row] = scorer.region.values
             bases[row] = label if row != label else first
+            results[row]["by_hole_size"] = by_hole_size(scorer.region, samples)
     add_intervals(results, per_image, bases, opt)
     return samples, results, examples
 
@@ -581,6 +591,7 @@ def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND
             lines.append(f"Best per column{' (' + ', '.join(which) + ')' if which else ''}: " + "; ".join(best) + ".")
             lines.append("")
     lines += interval_table(results)
+    lines += hole_size_table(results, mode)
     recipes = [r.get("baseline") for r in results.values() if r.get("baseline")]
     described = "; ".join(f"X+{name}: " + RECIPE_LINES[name].format(blur_px=blur_px or metrics.A1111_BLUR_PX)
                           for name in dict.fromkeys(recipes))
@@ -600,6 +611,30 @@ def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND
     for name, why in next(iter(results.values()))["missing"].items():
         lines.append(f"\n{name.upper()} not computed: {why}")
     return "\n".join(lines) + "\n"
+
+
+def hole_size_table(results: Dict[str, Dict], mode: str) -> List[str]:
+    """Per row and hole-size bin: images, PSNR kept, PSNR band in, seam_error (x1e-3)."""
+    rows = [(name, r["by_hole_size"]) for name, r in results.items() if "by_hole_size" in r]
+    if not rows:
+        return []
+    band = "band in vs replaced" if mode == "results" else "band in"
+    lines = ["By hole size (share of the image generated: small 5.7-21.5 %, medium 21.5-36.9 %, large > 36.9 %; "
+             f"per bin: images, PSNR kept, PSNR {band} (dB), seam_error (x1e-3)):", "",
+             "| row | " + " | ".join(name for name, _, _ in metrics.HOLE_SIZES) + " |",
+             "|---" * (len(metrics.HOLE_SIZES) + 1) + "|"]
+
+    def cell(b):
+        if not b.get("n_images"):
+            return "0"
+        parts = [_value(b.get(k)) for k in ("psnr_kept", "psnr_band_inner", "seam_error")]
+        text = ["inf" if v is not None and math.isinf(v) else "n/a" if v is None else f"{v * s:.2f}"
+                for v, s in zip(parts, (1, 1, 1e3))]
+        return f"{b['n_images']}: " + " / ".join(text)
+
+    for name, bins in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(bins[b]) for b, _, _ in metrics.HOLE_SIZES) + " |")
+    return lines + [""]
 
 
 def interval_table(results: Dict[str, Dict]) -> List[str]:
@@ -753,7 +788,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     rec.add_argument("--decoder", action="append", required=True, metavar="NAME=CONFIG:CKPT",
                      help="a decoder to evaluate (repeat for several: one report row each)")
     rec.add_argument("--mask_dir", help="folder with NAME_mask.<ext> per image (default: generated masks)")
-    rec.add_argument("--mask_config", default=str(DEFAULT_MASK_CONFIG), help="mask generator yaml")
+    rec.add_argument("--mask_config", default=str(DEFAULT_MASK_CONFIG),
+                     help="mask generator: a yaml, or LaMa's evaluation sets thin, medium, thick (the 256 or 512 "
+                     "settings, whichever is nearer to --size) or thin_256 ... thick_512")
     rec.add_argument("--seed", type=int, default=0, help="mask and posterior seed")
     rec.add_argument("--size", type=int, default=256,
                      help="shorter side resized to SIZE, centre crop SIZExSIZE; 0 = native size (cropped to x8)")

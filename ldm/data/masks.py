@@ -30,6 +30,42 @@ from ..project import resolve_config_path
 
 DEFAULT_MASK_CONFIG = "configs/autoencoder/random_thick_256.yaml"
 
+# LaMa's evaluation mask sets: the mask_generator_kwargs of its configs/data_gen/random_{thin,medium,thick}_{256,512}
+# .yaml, pixel sizes at reference_size (256 or 512), and their max_tamper_area: LaMa's mask-dumping script drops a mask
+# that covers more than half of the image (here: drawn again, the same distribution as keeping one that passed).
+_LAMA_IRREGULAR = {
+    "thin_256": dict(min_times=4, max_times=50, max_width=10, max_angle=4, max_len=40),
+    "thin_512": dict(min_times=4, max_times=70, max_width=20, max_angle=4, max_len=100),
+    "medium_256": dict(min_times=4, max_times=5, max_width=50, max_angle=4, max_len=100),
+    "medium_512": dict(min_times=4, max_times=10, max_width=100, max_angle=4, max_len=200),
+    "thick_256": dict(min_times=1, max_times=5, max_width=100, max_angle=4, max_len=200),
+    "thick_512": dict(min_times=1, max_times=5, max_width=250, max_angle=4, max_len=450),
+}
+_LAMA_BOX = {
+    "medium_256": dict(margin=0, bbox_min_size=10, bbox_max_size=50, max_times=5, min_times=1),
+    "medium_512": dict(margin=0, bbox_min_size=30, bbox_max_size=150, max_times=5, min_times=1),
+    "thick_256": dict(margin=10, bbox_min_size=30, bbox_max_size=150, max_times=3, min_times=1),
+    "thick_512": dict(margin=10, bbox_min_size=30, bbox_max_size=300, max_times=4, min_times=1),
+}
+LAMA_MASK_CONFIGS = {
+    name: {"irregular_proba": 1, "irregular_kwargs": irregular, "box_proba": 0.3 if name in _LAMA_BOX else 0,
+           **({"box_kwargs": _LAMA_BOX[name]} if name in _LAMA_BOX else {}), "segm_proba": 0, "squares_proba": 0,
+           "reference_size": int(name.rsplit("_", 1)[1]), "max_area": 0.5}
+    for name, irregular in _LAMA_IRREGULAR.items()
+}
+
+
+def lama_mask_config(name: str, size: int = 256) -> Optional[dict]:
+    """The LaMa preset ``thin|medium|thick`` (at reference 256 or 512: the one nearer to ``size``, 256 up to 384)
+    or ``thin_512`` etc. given whole; None for any other name (a yaml path)."""
+    if name in LAMA_MASK_CONFIGS:
+        return LAMA_MASK_CONFIGS[name]
+    if name in ("thin", "medium", "thick"):
+        return LAMA_MASK_CONFIGS[f"{name}_{256 if size <= 384 else 512}"]
+    return None
+
+_MAX_DRAWS = 1000  # draws of a mask under max_area before giving up
+
 # Keys of the original yaml's ``mask_generator_kwargs`` that need no code: ``variants_n`` drew several masks per image
 # and kept one at random, which has the same distribution as drawing one.
 _IGNORED_KEYS = ("variants_n",)
@@ -94,11 +130,13 @@ class MaskGenerator:
         box_kwargs: ``margin, bbox_min_size, bbox_max_size, min_times, max_times`` of :func:`box_mask`.
         segm_proba, squares_proba: LaMa's other kinds; accepted so LaMa configs load, must be 0.
         reference_size: the image side at which the pixel sizes above apply.
+        max_area: a mask covering more than this fraction of the image is drawn again (LaMa's ``max_tamper_area``
+            of its evaluation sets; 1 = never).
     """
 
     def __init__(self, irregular_proba: float = 1.0, irregular_kwargs: Optional[Mapping[str, int]] = None,
                  box_proba: float = 0.3, box_kwargs: Optional[Mapping[str, int]] = None, segm_proba: float = 0.0,
-                 squares_proba: float = 0.0, reference_size: int = 256):
+                 squares_proba: float = 0.0, reference_size: int = 256, max_area: float = 1.0):
         if segm_proba or squares_proba:
             raise ValueError(f"segm_proba={segm_proba}, squares_proba={squares_proba}: only strokes (irregular) and "
                              "boxes are implemented, as used by the paper; set both to 0")
@@ -106,6 +144,9 @@ class MaskGenerator:
             raise ValueError(f"irregular_proba={irregular_proba}, box_proba={box_proba}: need non-negative weights "
                              "with a positive sum")
         self.reference_size = _check_int("reference_size", reference_size, 1)
+        if not 0 < max_area <= 1:
+            raise ValueError(f"max_area={max_area}: a fraction of the image in (0, 1]")
+        self.max_area = float(max_area)
         self.irregular_kwargs = self._checked("irregular_kwargs", irregular_kwargs, irregular_mask)
         self.box_kwargs = self._checked("box_kwargs", box_kwargs, box_mask)
         if self.box_kwargs["bbox_min_size"] > self.box_kwargs["bbox_max_size"]:
@@ -134,12 +175,15 @@ class MaskGenerator:
 
     @classmethod
     def from_config(cls, config: Union[str, os.PathLike, Mapping[str, Any]] = DEFAULT_MASK_CONFIG) -> "MaskGenerator":
-        """Build from a yaml path (repo-relative paths work from any directory) or a dict.
+        """Build from a yaml path (repo-relative paths work from any directory), a name of
+        :data:`LAMA_MASK_CONFIGS` (``thin_256``, ..., ``thick_512``) or a dict.
 
         The dict is either a whole mask config (with ``mask_generator_kwargs``, as in the yaml) or those kwargs.
         """
         source = "mask config dict"
-        if isinstance(config, (str, os.PathLike)):
+        if isinstance(config, str) and config in LAMA_MASK_CONFIGS:
+            source, config = f"LaMa mask config {config}", LAMA_MASK_CONFIGS[config]
+        elif isinstance(config, (str, os.PathLike)):
             path = resolve_config_path(config)
             source = str(path)
             config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -159,11 +203,17 @@ class MaskGenerator:
         """One mask ``(height, width)`` float32 in {0, 1} and its kind (``"irregular"`` or ``"box"``)."""
         _check_int("height", height, 1)
         _check_int("width", width, 1)
-        kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
         scale = min(height, width) / self.reference_size
-        if kind == "irregular":
-            return irregular_mask(height, width, rng, scale=scale, **self.irregular_kwargs), kind
-        return box_mask(height, width, rng, scale=scale, **self.box_kwargs), kind
+        for _ in range(_MAX_DRAWS):
+            kind = self.kinds[rng.choice(len(self.kinds), p=self.probs)]
+            if kind == "irregular":
+                mask = irregular_mask(height, width, rng, scale=scale, **self.irregular_kwargs)
+            else:
+                mask = box_mask(height, width, rng, scale=scale, **self.box_kwargs)
+            if mask.mean() <= self.max_area:
+                return mask, kind
+        raise ValueError(f"{_MAX_DRAWS} masks in a row covered more than max_area={self.max_area} of a "
+                         f"{width}x{height} image; raise max_area or use thinner strokes")
 
     def __call__(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
         """One mask ``(height, width)`` float32 in {0, 1}, 1 = generate."""
