@@ -60,6 +60,7 @@ from ldm import metrics
 from ldm.checkpoints.files import CheckpointError
 from ldm.checkpoints.loading import load_model
 from ldm.cli.common import pick_device, precision_scope, prepare_outdir, refuse_overlap, seed_everything
+from ldm.data.benchmarks import benchmark_items
 from ldm.data.inpainting import find_images
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator, lama_mask_config
 from ldm.fast import FastDecode
@@ -203,9 +204,30 @@ class Source:
     mask: Optional[torch.Tensor]
 
 
+def benchmark_sources(spec: str, limit: int = 0) -> List[Source]:
+    """``--benchmark KIND=DIR`` (:func:`ldm.data.benchmarks.benchmark_items`) as sources, each with its mask. A
+    BrushBench image of another size is resized to its 512 x 512 mask (bicubic, as BrushNet's evaluation does)."""
+    _, items = benchmark_items(spec)
+    sources = []
+    for item in items[:limit or None]:
+        image = torch.from_numpy(read_image(item.image_path)).permute(2, 0, 1)
+        mask = item.mask if item.mask is not None else read_mask(item.mask_path)
+        mask = torch.from_numpy(mask >= 0.5).float()[None]
+        if mask.shape[-2:] != image.shape[-2:]:
+            if item.mask_path is not None:
+                raise InputError(f"{item.mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} but {item.image_path} "
+                                 f"is {image.shape[-1]}x{image.shape[-2]}")
+            image = F.interpolate(image[None], size=tuple(mask.shape[-2:]), mode="bicubic", antialias=True,
+                                  align_corners=False)[0].clamp(0, 1)
+        sources.append(Source(item.name, item.image_path, image, mask))
+    return sources
+
+
 def reconstruction_sources(opt: argparse.Namespace) -> List[Source]:
     """Images of ``--images`` (mask files excluded by :func:`ldm.image_io.mask_name`'s rule) with their
-    ``--mask_dir`` masks, in sorted order."""
+    ``--mask_dir`` masks, in sorted order; or the images and masks of ``--benchmark``."""
+    if opt.benchmark:
+        return benchmark_sources(opt.benchmark, opt.limit)
     folder = require_folder(opt.images, "--images")
     mask_dir = require_folder(opt.mask_dir, "--mask_dir") if opt.mask_dir else None
     try:
@@ -262,20 +284,25 @@ def reconstruction_samples(opt: argparse.Namespace) -> List[Sample]:
 
 
 def results_samples(opt: argparse.Namespace) -> Tuple[List[Sample], Dict[str, Dict[str, torch.Tensor]]]:
-    """Originals and masks of ``--indir`` and, per ``--predictions`` label, the predicted images by name."""
+    """Originals and masks of ``--indir`` (or ``--benchmark``, at their own size) and, per ``--predictions``
+    label, the predicted images by name."""
     refuse_duplicates([parse_spec(s, "--predictions", with_ckpt=False)[0] for s in opt.predictions], "--predictions")
-    indir = require_folder(opt.indir, "--indir")
-    pairs, problems = find_pairs(indir)
-    if problems:
-        raise InputError("; ".join(problems))
-    if not pairs:
-        raise InputError(f"--indir {indir}: no NAME.png + NAME_mask.png pairs")
-    if opt.limit:
-        pairs = pairs[:opt.limit]
     samples = []
-    for pair in tqdm(pairs, desc="loading originals", disable=opt.quiet):
-        image, mask = read_pair(pair, opt.max_size)
-        samples.append(Sample(pair.name, quantize(metrics.to_unit(image[0])), mask[0]))
+    if opt.benchmark:
+        indir = Path(opt.benchmark.partition("=")[2])
+        samples = [Sample(s.name, quantize(s.image), s.mask) for s in benchmark_sources(opt.benchmark, opt.limit)]
+    else:
+        indir = require_folder(opt.indir, "--indir")
+        pairs, problems = find_pairs(indir)
+        if problems:
+            raise InputError("; ".join(problems))
+        if not pairs:
+            raise InputError(f"--indir {indir}: no NAME.png + NAME_mask.png pairs")
+        if opt.limit:
+            pairs = pairs[:opt.limit]
+        for pair in tqdm(pairs, desc="loading originals", disable=opt.quiet):
+            image, mask = read_pair(pair, opt.max_size)
+            samples.append(Sample(pair.name, quantize(metrics.to_unit(image[0])), mask[0]))
     predictions: Dict[str, Dict[str, torch.Tensor]] = {}
     for spec in opt.predictions:
         label, folder, _ = parse_spec(spec, "--predictions", with_ckpt=False)
@@ -784,7 +811,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="mode", required=True)
     rec = sub.add_parser("reconstruction", help="encode + decode images with fixed masks")
-    rec.add_argument("--images", required=True, help="folder of images (recursive; NAME_mask.<ext> files skipped)")
+    rec.add_argument("--images", help="folder of images (recursive; NAME_mask.<ext> files skipped); or --benchmark")
     rec.add_argument("--decoder", action="append", required=True, metavar="NAME=CONFIG:CKPT",
                      help="a decoder to evaluate (repeat for several: one report row each)")
     rec.add_argument("--mask_dir", help="folder with NAME_mask.<ext> per image (default: generated masks)")
@@ -810,11 +837,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="decode in tiles of TILE image pixels (model.enable_tiling); 0 = off")
     rec.add_argument("--tile_overlap", type=int, default=128, help="tile overlap in image pixels")
     res = sub.add_parser("results", help="score images produced elsewhere (e.g. inpaint_st.py outputs)")
-    res.add_argument("--indir", required=True, help="NAME.<ext> + NAME_mask.<ext> (inpaint_st.py's input folder)")
+    res.add_argument("--indir", help="NAME.<ext> + NAME_mask.<ext> (inpaint_st.py's input folder); or --benchmark")
     res.add_argument("--predictions", action="append", required=True, metavar="LABEL=DIR",
                      help="folder of NAME.png predictions (repeat for several)")
     res.add_argument("--max_size", type=int, default=640, help="inpaint_st.py's --max_size the outputs were made with")
     for q in (rec, res):
+        q.add_argument("--benchmark", metavar="KIND=DIR",
+                       help="a benchmark's images and masks instead of --images / --indir: misato=DIR (DIR/image/"
+                       "NNNN.png + DIR/mask/NNNN.png), brushbench=DIR or brushbench_outside=DIR (DIR/mapping_file"
+                       ".json, inside or outside masks); predictions are named by its image names / keys")
         q.add_argument("--outdir", required=True, help="metrics.json, metrics.md, examples.png, boundary.png go here")
         q.add_argument("--baselines", type=baseline_list, default=(), metavar="RECIPE,...|all",
                        help="add a row X+RECIPE for every row X: X composited with the original by a tool's recipe, "
@@ -854,6 +885,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 p.error(f"{flag} is a flag of `evaluate.py {other}`, not of `{opt.mode}`: {opt.mode} mode "
                         f"{MODE_PURPOSE[opt.mode]} (see `evaluate.py {opt.mode} -h`)")
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    source = "--images" if opt.mode == "reconstruction" else "--indir"
+    if bool(getattr(opt, source[2:])) == bool(opt.benchmark):
+        p.error(f"give one of {source} and --benchmark")
+    if opt.benchmark and getattr(opt, "mask_dir", None):
+        p.error("--mask_dir: a --benchmark brings its own masks")
     if opt.batch_size < 1:
         p.error("--batch_size must be >= 1")
     if opt.band_px < 1:
@@ -880,6 +916,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # the report's figures would become inputs of the next run (and with --indir files without a mask)
         inputs = [("--images", opt.images)] if opt.mode == "reconstruction" else [("--indir", opt.indir)]
+        if opt.benchmark:
+            inputs = [("--benchmark", opt.benchmark.partition("=")[2] or ".")]
         for flag, folder in inputs:
             refuse_overlap(opt.outdir, folder, "--outdir", flag)
         prepare_outdir(opt.outdir, create=False)  # writable: found before any model loads
