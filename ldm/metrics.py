@@ -486,12 +486,6 @@ def _laplacian(output: torch.Tensor, kept: torch.Tensor, m: torch.Tensor) -> tor
     return x.clamp(0, 1)
 
 
-def _to_u8(x: torch.Tensor) -> np.ndarray:
-    """(3,H,W) in [0, 1] -> (H,W,3) uint8, rounded."""
-    return np.ascontiguousarray((x.detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
-                                .astype(np.uint8))
-
-
 _RECIPE_FUNCTIONS = {
     "paste": _paste,
     "a1111": None,  # composite() passes the blur

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data.benchmarks import brushbench_items, misato_domain, misato_items, rle_decode, rle_encode
+from ldm.data.benchmarks import brushbench_items, misato_domain, misato_items, rle_decode
 from ldm.image_io import InputError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import evaluate  # noqa: E402
+from scripts import evaluate
 
 
 def _brushnet_rle2mask(mask_rle, shape):
@@ -25,6 +21,14 @@ def _brushnet_rle2mask(mask_rle, shape):
     for lo, hi in zip(starts, ends):
         binary_mask[lo:hi] = 1
     return binary_mask.reshape(shape)
+
+
+def rle_encode(mask):
+    """Row-major runs of a boolean mask as BrushBench stores them: start (1-based), length, ..."""
+    flat = np.concatenate([[0], np.asarray(mask).ravel().astype(np.int8), [0]])
+    edges = np.nonzero(np.diff(flat))[0]
+    starts, ends = edges[0::2], edges[1::2]
+    return [int(v) for pair in zip(starts + 1, ends - starts) for v in pair]
 
 
 def _image(seed, h, w):

@@ -68,11 +68,7 @@ def test_hole_size_bins_are_editbenchs():
 
 
 def test_evaluate_splits_rows_by_hole_size(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import evaluate
+    from scripts import evaluate
 
     indir, preds = tmp_path / "in", tmp_path / "pred"
     indir.mkdir(), preds.mkdir()
@@ -103,13 +99,11 @@ def test_evaluate_splits_rows_by_hole_size(tmp_path):
 
 def test_mask_config_names_a_lama_set_in_reconstruction():
     import argparse
-    import sys
     from pathlib import Path
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import evaluate
+    from scripts import evaluate
 
     sources = [evaluate.Source(f"s{i}", Path(f"s{i}.png"), torch.rand(3, 64, 64), None) for i in range(3)]
     opt = argparse.Namespace(mask_dir=None, mask_config="thin", seed=2)

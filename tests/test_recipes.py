@@ -3,8 +3,6 @@ its tool's code (numpy / scipy / cv2 / skimage written here) on 8-bit PNG files 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +11,7 @@ from PIL import Image
 
 from ldm import metrics
 from ldm.image_io import quantize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import evaluate  # noqa: E402
+from scripts import evaluate
 
 
 def _files(tmp_path, seed=0, size=(2, 48, 56)):

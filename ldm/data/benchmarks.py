@@ -52,14 +52,6 @@ def rle_decode(rle: Sequence[int], shape: Tuple[int, int] = BRUSHBENCH_SIZE) -> 
     return flat.reshape(shape)
 
 
-def rle_encode(mask: np.ndarray) -> List[int]:
-    """The inverse of :func:`rle_decode` (row-major runs of mask >= 0.5, starts 1-based)."""
-    flat = np.concatenate([[0], (np.asarray(mask) >= 0.5).ravel().astype(np.int8), [0]])
-    edges = np.nonzero(np.diff(flat))[0]
-    starts, ends = edges[0::2], edges[1::2]
-    return [int(v) for pair in zip(starts + 1, ends - starts) for v in pair]
-
-
 def misato_domain(name: str) -> Optional[str]:
     """MISATO's domain of image ``NNNN`` (None for a name that is not a number in 0..1999)."""
     if not name.isdigit() or not 0 <= int(name) < 2000:
