@@ -44,8 +44,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm import metrics  # noqa: E402
+from ldm.fast import cpu_has_native_bf16  # noqa: E402
 from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402
 from ldm.loading import load_model  # noqa: E402
+from ldm.modules.mask_edges import edge_pixels  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("demo")
@@ -120,16 +122,6 @@ def prepare_data(data_dir: Path, n_train: int = 2000, seed: int = 0) -> Tuple[Pa
 
 def data_overrides(train_dir: Path, heldout_dir: Path) -> List[str]:
     return [f"data.params.train.params.root={train_dir}", f"data.params.validation.params.root={heldout_dir}"]
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU has bfloat16 instructions (x86 AVX-512 BF16 or AMX; read from /proc/cpuinfo, so Linux
-    only). Without them oneDNN emulates bfloat16 and mixed precision is no faster than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train_stage(config: Path, name: str, logdir: Path, steps: int, precision: str,
@@ -309,14 +301,11 @@ GAP = 6
 
 def edge_window(mask: torch.Tensor, height: int, width: int) -> Tuple[int, int]:
     """Top-left corner of a ``height`` x ``width`` window centred on the mask-edge pixel nearest the image centre
-    (a pixel whose left or upper neighbour lies in the other region; the centre when the mask has no edge): a
+    (:func:`ldm.modules.mask_edges.edge_pixels`; the centre when the mask has no edge): a
     stretch of mask edge chosen without looking at any output."""
-    m = mask[0] >= 0.5
-    edge = torch.zeros_like(m)
-    edge[:, 1:] |= m[:, 1:] != m[:, :-1]
-    edge[1:, :] |= m[1:, :] != m[:-1, :]
+    edge = edge_pixels(mask[0])
     ys, xs = torch.nonzero(edge, as_tuple=True)
-    H, W = m.shape
+    H, W = edge.shape
     if len(ys) == 0:
         cy, cx = H // 2, W // 2
     else:
@@ -465,7 +454,7 @@ def main(argv: Sequence[str] = None) -> int:
                         help="stage 2's seam fix (off by default, the paper's loss): the L1 term weighs 1 + W at the "
                              "pixels within 2 px of the mask edge (LPIPSWithDiscriminator boundary_weight)")
     args = parser.parse_args(argv)
-    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if cpu_has_bf16() else "32")
+    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if cpu_has_native_bf16() else "32")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     seconds = {}
