@@ -5,14 +5,13 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from .checkpoints.architecture import autoencoder_config
 from .checkpoints.files import CheckpointError, PathLike
 from .checkpoints.keys import load_into, read_state_dict
 from .models.autoencoder import AutoencoderKL
-from .project import resolve_config_path
+from .project import load_yaml, resolve_config_path
 from .util import instantiate_from_config
 
 
@@ -24,7 +23,7 @@ def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[
     when the caller has read them (the file is then not read again)."""
     if isinstance(config, (str, os.PathLike)):
         # as given, else the project's own (``configs/...`` works from any working folder, as in the scripts)
-        config = OmegaConf.load(resolve_config_path(config, "config"))
+        config = load_yaml(resolve_config_path(config, "config"))
     if "model" in config:
         config = config["model"]
     model = instantiate_from_config(config)

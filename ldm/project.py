@@ -1,6 +1,7 @@
 """Where the project's own files are: the repository root, and paths the project names relative to it.
 
-Standard library only, so that a script can resolve its defaults before torch is imported (``--help`` stays fast).
+Standard library only at import, so that a script can resolve its defaults before torch is imported (``--help``
+stays fast); :func:`load_yaml` imports OmegaConf when called.
 """
 from __future__ import annotations
 
@@ -41,3 +42,34 @@ def check_run_files(opt: Any, configs: Sequence[str], files: Mapping[str, str]) 
                if not Path(getattr(opt, flag[2:])).exists()]
     if missing:
         raise FileNotFoundError("\n".join(missing))
+
+
+# A config's top-level list of the configs it extends (merged first, left to right, then the config over them).
+DEFAULTS_KEY = "defaults"
+
+
+def load_yaml(path: Union[str, os.PathLike], _seen: Sequence[Path] = ()) -> Any:
+    """A config file as an OmegaConf ``DictConfig``, with the configs its ``defaults:`` list names merged under
+    it (each path relative to the naming file's folder, else as :func:`resolve_config_path` finds it), so that
+    the ``_train`` configs share one recipe (``configs/autoencoder/recipe/``). Every config of the project is
+    read through here; one without ``defaults`` is ``OmegaConf.load`` of it."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    path = Path(path)
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig) or DEFAULTS_KEY not in config:
+        return config
+    names = config.pop(DEFAULTS_KEY)
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, ListConfig)):
+        raise ValueError(f"{path}: {DEFAULTS_KEY} must be a list of config files, got {names!r}")
+    seen = (*_seen, path.resolve())
+    bases = []
+    for name in names:
+        beside = path.parent / str(name)
+        base = beside if beside.is_file() else resolve_config_path(str(name), f"{path}: {DEFAULTS_KEY}")
+        if base.resolve() in seen:
+            raise ValueError(f"{path}: {DEFAULTS_KEY} names {name}, which extends {path.name} itself")
+        bases.append(load_yaml(base, seen))
+    return OmegaConf.merge(*bases, config)

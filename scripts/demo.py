@@ -48,6 +48,7 @@ from ldm.fast import cpu_has_native_bf16  # noqa: E402
 from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402
 from ldm.loading import load_model  # noqa: E402
 from ldm.modules.mask_edges import edge_pixels  # noqa: E402
+from ldm.project import load_yaml  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("demo")
@@ -144,10 +145,9 @@ def train_stage(config: Path, name: str, logdir: Path, steps: int, precision: st
 
 def load_trained(run_dir: Path) -> torch.nn.Module:
     """The model of a run from its saved config and last.ckpt, without its training loss."""
-    from omegaconf import OmegaConf
 
     project = sorted((run_dir / "configs").glob("*-project.yaml"))[-1]
-    config = OmegaConf.load(project).model
+    config = load_yaml(project).model
     config.params.lossconfig = {"target": "torch.nn.Identity"}
     config.params.ckpt_path = None
     return load_model(config, run_dir / "checkpoints" / "last.ckpt")
@@ -420,9 +420,8 @@ def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path, figure: Path
                   ) -> Tuple[Dict[str, Dict[str, float]], List[str], Dict[str, Dict[str, Dict[str, float]]]]:
     """Evaluate the two trained runs on the held-out photos: print the table, the verdict and the robustness
     table, write the figure. Returns (table, verdict lines, robustness)."""
-    from omegaconf import OmegaConf
 
-    mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
+    mask_config = load_yaml(STAGE2_CONFIG).data.params.validation.params.mask_config
     photos = load_heldout(heldout_dir)
     x, mask, names = heldout_batch(photos, mask_config)
     vanilla, asymmetric = load_trained(stage1), load_trained(stage2)

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from ..project import resolve_config_path
+from ..project import load_yaml, resolve_config_path
 
 log = logging.getLogger("main")
 
@@ -25,7 +25,7 @@ def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     if bad:
         raise ValueError(f"unrecognised arguments {bad}: use the flags of `python main.py --help` or "
                          "key.sub=value config overrides")
-    config = OmegaConf.merge(*[OmegaConf.load(f) for f in files], OmegaConf.from_dotlist(list(overrides)))
+    config = OmegaConf.merge(*[load_yaml(f) for f in files], OmegaConf.from_dotlist(list(overrides)))
     check_config_keys(config)
     return config
 
