@@ -72,4 +72,30 @@ def load_yaml(path: Union[str, os.PathLike], _seen: Sequence[Path] = ()) -> Any:
         if base.resolve() in seen:
             raise ValueError(f"{path}: {DEFAULTS_KEY} names {name}, which extends {path.name} itself")
         bases.append(load_yaml(base, seen))
-    return OmegaConf.merge(*bases, config)
+    return merge_configs(*bases, config)
+
+
+def merge_configs(*configs: Any) -> Any:
+    """OmegaConf's merge, left to right, with one rule of ours: where a later config names another ``target`` for
+    a section, that section is replaced whole, not merged key by key, since the earlier ``params`` belong to
+    another class (``--base train.yaml shards.yaml``: the shards' ``WebDatasetInpainting`` params replace the image
+    folder's ``root`` instead of keeping it beside them)."""
+    import copy
+
+    from omegaconf import DictConfig, OmegaConf
+
+    def drop_replaced(base: Any, new: Any) -> None:
+        for key in list(new.keys()) if isinstance(new, DictConfig) else []:
+            old, nxt = base.get(key) if isinstance(base, DictConfig) else None, new[key]
+            if not (isinstance(old, DictConfig) and isinstance(nxt, DictConfig)):
+                continue
+            if "target" in nxt and "target" in old and nxt["target"] != old["target"]:
+                del base[key]
+            else:
+                drop_replaced(old, nxt)
+
+    merged = copy.deepcopy(configs[0])
+    for config in configs[1:]:
+        drop_replaced(merged, config)
+        merged = OmegaConf.merge(merged, config)
+    return merged

@@ -159,3 +159,24 @@ def test_defaults_merge_in_order_and_refuse_a_cycle(tmp_path):
     (tmp_path / "d.yaml").write_text("defaults: [missing.yaml]\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_yaml(tmp_path / "d.yaml")
+
+
+def test_a_later_file_that_names_another_target_replaces_the_section(tmp_path):
+    """``--base train.yaml shards.yaml``: the shards' data section replaces the image folders' (whose ``root`` the
+    stream does not take), while a later file that keeps the target still merges key by key."""
+    from ldm.training.config import load_config
+
+    shards = tmp_path / "shards.yaml"
+    shards.write_text("data:\n  params:\n    train:\n      target: ldm.data.shards.WebDatasetInpainting\n"
+                      "      params: {urls: '/data/{0..3}.tar', epoch_size: 100}\n")
+    config = load_config([str(REPO / "configs/autoencoder/autoencoder_kl_32x32x4_train.yaml"), str(shards)], [])
+    train = OmegaConf.to_container(config.data.params.train)
+    assert train == {"target": "ldm.data.shards.WebDatasetInpainting",
+                     "params": {"urls": "/data/{0..3}.tar", "epoch_size": 100}}
+    assert config.data.params.validation.params.root == "data/imagenet/val"  # untouched
+    assert config.data.params.batch_size == 10
+    same = tmp_path / "same.yaml"
+    same.write_text("data:\n  params:\n    train:\n      target: ldm.data.inpainting.ImageNetSRTrain\n"
+                    "      params: {size: 128}\n")
+    config = load_config([str(REPO / "configs/autoencoder/autoencoder_kl_32x32x4_train.yaml"), str(same)], [])
+    assert (config.data.params.train.params.size, config.data.params.train.params.root) == (128, "data/imagenet/train")
