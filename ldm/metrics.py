@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .modules.mask_edges import DEFAULT_BAND_PX, DEFAULT_BLEND_PX, band_masks, edge_pixels
+from .modules.mask_edges import DEFAULT_BAND_PX, DEFAULT_BLEND_PX, band_masks, edge_band, edge_pixels
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,11 @@ def boundary_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
         out[f"mse_{name}"] = _masked_mse(pred, target, pixels)
         out[f"psnr_{name}"] = psnr_from_mse(out[f"mse_{name}"])
     out["seam_error"] = seam_error(pred, target, m)
-    out["boundary_gradient_error"] = gradient_error(pred, target, edge_pixels(m))
-    blend_inner, blend_outer = band_masks(m, blend_px)
+    out["boundary_gradient_error"] = gradient_error(pred, target, edge_pixels(m).to(pred.dtype))
+    _, blend_outer = band_masks(m, blend_px)
     out["mse_blend_outer"] = _masked_mse(pred, target, blend_outer)
     out["psnr_blend_outer"] = psnr_from_mse(out["mse_blend_outer"])
-    out["band_gradient_error"] = gradient_error(pred, target, blend_inner + blend_outer)
+    out["band_gradient_error"] = gradient_error(pred, target, edge_band(m, blend_px))
     return out
 
 
