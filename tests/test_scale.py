@@ -318,3 +318,75 @@ def test_two_localhost_nodes_train_in_step_on_disjoint_shards(tmp_path, config_f
     assert len(digests) == 1, "ranks hold different weights"
     (run,) = (tmp_path / "logs").glob("*_ddp")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+_STREAM_SCRIPT = """
+import sys
+from ldm.data.shards import StreamError, StreamLoader, WebDatasetInpainting
+urls, image_key = sys.argv[1].split(","), sys.argv[2] or None
+loader = StreamLoader(WebDatasetInpainting(urls, epoch_size=8, size=32, shuffle_buffer=0, shuffle_shards=False,
+                                           image_key=image_key), batch_size=2, num_workers=2)
+try:
+    for batch in loader:
+        pass
+except StreamError as err:
+    print("StreamError:", err)
+    sys.exit(3)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("case", ["all corrupt", "captions only", "wrong image_key"])
+def test_a_stream_with_no_decodable_sample_stops_with_one_line(tmp_path, case):
+    """Two shards, two workers: worker 1's only shard has no sample that decodes (every image corrupt, captions
+    only, or ``image_key`` naming a suffix the shards lack). The stream stops within a bounded time (it looped
+    forever before) with one line naming the shard and the reason."""
+    good = write_shards(tmp_path / "good", 1, 4).replace("{00000..00000}", "00000")
+    bad = tmp_path / "bad.tar"
+    with wds.TarWriter(str(bad)) as sink:
+        for i in range(4):
+            sample = {"__key__": f"b{i:04d}", "txt": "a caption"}
+            if case == "all corrupt":
+                sample["png"] = b"not an image"
+            sink.write(sample)
+    image_key = "jpg" if case == "wrong image_key" else ""
+    if case == "wrong image_key":  # PNG shards read with image_key jpg: each worker's one shard
+        bad = Path(good)
+    urls = [good, str(bad)]
+    done = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, ",".join(urls), image_key], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 3, done.stdout + done.stderr
+    line = done.stdout.strip()
+    assert "\n" not in line and str(bad) in line and "no usable sample in a whole pass" in line
+    assert f"members found: {'txt' if case == 'captions only' else 'png, txt'};" in line
+    reason = {"all corrupt": "4 errors, first: ", "captions only": "no image member (jpg, jpeg",
+              "wrong image_key": "no image member (jpg) among ['png', 'txt']"}[case]
+    assert reason in line
+
+
+def test_a_stream_of_good_and_bad_shards_goes_on(tmp_path):
+    """A pass with one sample that decodes is not stopped: corrupt samples beside good ones stay data noise."""
+    urls = write_shards(tmp_path / "s", 1, 4, corrupt={(0, 0), (0, 1), (0, 2)})
+    ds = WebDatasetInpainting(urls, epoch_size=5, size=32, shuffle_buffer=0, shuffle_shards=False)
+    names = _names(StreamLoader(ds, batch_size=1))
+    assert names == ["00000.tar#000000003.png"] * 5 and ds.corrupt == 15
+
+
+def test_an_empty_or_mistyped_hf_dataset_is_named_before_the_first_batch(tmp_path):
+    """An empty dataset (saved, or parquet) is named as empty, not datasets' IndexError; an image column of
+    strings is refused when the dataset is built, not at the first batch."""
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()}))
+    empty.save_to_disk(str(tmp_path / "empty"))
+    empty.to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(ValueError, match=r"empty dataset \(saved with 0 rows\)"):
+        HFDatasetInpainting(path=tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"empty.parquet hold an empty dataset \(0 rows\)"):
+        HFDatasetInpainting(data_files=str(tmp_path / "empty.parquet"))
+    datasets.Dataset.from_dict({"image": ["a.png", "b.png"]}).save_to_disk(str(tmp_path / "strings"))
+    with pytest.raises(ValueError, match=r"image_column: 'image' of .*strings holds .*string.*not images"):
+        HFDatasetInpainting(path=tmp_path / "strings")
+    datasets.Dataset.from_dict({"image": [{"bytes": _png(np.zeros((4, 4, 3), np.uint8)), "path": "x.png"}]}
+                               ).save_to_disk(str(tmp_path / "struct"))
+    assert HFDatasetInpainting(path=tmp_path / "struct", **VALIDATION)[0]["image"].shape == (3, 32, 32)
