@@ -59,11 +59,11 @@ from ldm import metrics
 from ldm.cli.common import pick_device
 from ldm.fast import FastDecode, FastSettings, apply_settings, cpu_has_native_bf16, fast_settings, fast_training
 from ldm.image_io import to_uint8
-from ldm.models.autoencoder import FUSED_ADAM_DEVICES
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.losses.reference import ldm_generator_loss
 from ldm.project import REPO_ROOT as REPO
+from ldm.training.recipe import FUSED_ADAM_DEVICES
 from ldm.util import instantiate_from_config, write_atomically
 
 CONFIGS = {

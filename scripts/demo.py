@@ -44,8 +44,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm import metrics  # noqa: E402
-from ldm.checkpoints.loading import load_model  # noqa: E402
 from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 
 log = logging.getLogger("demo")

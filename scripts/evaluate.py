@@ -55,7 +55,6 @@ from tqdm import tqdm
 
 from ldm import metrics
 from ldm.checkpoints.files import CheckpointError
-from ldm.checkpoints.loading import load_model
 from ldm.cli.common import pick_device, precision_scope, prepare_outdir, refuse_overlap, seed_everything
 from ldm.data.inpainting import find_images
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
@@ -76,6 +75,7 @@ from ldm.image_io import (
     write_png,
 )
 from ldm.latent_spaces import latent_space_of
+from ldm.loading import load_model
 from ldm.modules.mask_edges import coarsen_mask
 from ldm.project import FAST_HELP
 from ldm.util import WriteError, write_atomically

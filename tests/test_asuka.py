@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 from tests.conftest import TINY_DDCONFIG
 
 # three levels (f = 4) so that the area resize acts at two scales; branch widths [32, 64, 64, 64]

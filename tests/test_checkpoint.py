@@ -11,7 +11,7 @@ import torch
 
 from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.checkpoints.keys import read_state_dict
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors, make_autoencoder
 
 
@@ -341,7 +341,7 @@ def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias
 
 _PEAK_CHILD = """
 import json, re, sys, torch
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 config = json.loads(sys.argv[2])
 
 def peak_since_reset():  # the kernel's resident high-water mark (VmHWM), reset by writing 5 to clear_refs

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from ldm.checkpoints.architecture import autoencoder_config
 from ldm.checkpoints.diffusers import write_diffusers_folder
 from ldm.checkpoints.files import CheckpointError, save_state_dict
-from ldm.checkpoints.loading import load_autoencoder
 from ldm.integrations import comfyui as integration
+from ldm.loading import load_autoencoder
 from ldm.util import instantiate_from_config
 from tests.conftest import REPO, make_autoencoder
 

@@ -8,7 +8,7 @@ from typing import Any, Dict
 import pytest
 from omegaconf import OmegaConf
 
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ldm.util import check_params, get_obj_from_str

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ldm.checkpoints.files import CheckpointError, save_state_dict
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 from ldm.util import instantiate_from_config
 
 from .conftest import REPO

@@ -319,7 +319,7 @@ def test_evaluate_tiling_and_benchmark_in_the_flux2_space(tmp_path):
     from PIL import Image
 
     from ldm.checkpoints.files import save_state_dict
-    from ldm.checkpoints.loading import load_model
+    from ldm.loading import load_model
     from scripts import benchmark, evaluate
 
     model = set_statistics_(randomize_(load_model(TINY_FLUX2), 0))

@@ -431,7 +431,7 @@ def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_pat
     from PIL import Image
 
     from ldm.checkpoints.files import save_state_dict
-    from ldm.checkpoints.loading import load_model
+    from ldm.loading import load_model
     from scripts import evaluate
 
     torch.manual_seed(3)
@@ -458,7 +458,7 @@ def math_finite(x) -> bool:
 
 def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
     """One tile covering everything = the untiled decode, exactly; several tiles keep the image size."""
-    from ldm.checkpoints.loading import load_model
+    from ldm.loading import load_model
 
     torch.manual_seed(4)
     model = randomize_(load_model(TINY_FLUX), 0)

@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main
+from ldm.training import config as training_config
+from ldm.training import trainer as trainer_setup
 from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.util import instantiate_from_config
 
@@ -187,17 +189,17 @@ def test_bad_command_lines(tmp_path, config_file, monkeypatch):
 
 
 def test_device_flags():
-    assert main.parse_devices(None) == ("cpu", 1, 1)
-    assert main.parse_devices("0,1") == ("gpu", [0, 1], 2)
-    assert main.parse_devices("0,") == ("gpu", [0], 1)
-    assert main.parse_devices("3") == ("gpu", 3, 3)
+    assert trainer_setup.parse_devices(None) == ("cpu", 1, 1)
+    assert trainer_setup.parse_devices("0,1") == ("gpu", [0, 1], 2)
+    assert trainer_setup.parse_devices("0,") == ("gpu", [0], 1)
+    assert trainer_setup.parse_devices("3") == ("gpu", 3, 3)
     opt = main.get_parser().parse_args(["--gpus", "0,1", "--num_nodes", "2", "--precision", "16"])
-    kwargs, world = main.build_trainer_kwargs(opt, OmegaConf.create({"max_epochs": 12}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(opt, OmegaConf.create({"max_epochs": 12}))
     assert world == 4 and kwargs["strategy"] == "ddp_find_unused_parameters_true"
     assert kwargs["precision"] == "16-mixed" and kwargs["devices"] == [0, 1] and kwargs["max_epochs"] == 12
     # PL 1.x config keys of the original
     opt = main.get_parser().parse_args(["--max_steps", "5"])
-    kwargs, world = main.build_trainer_kwargs(opt, OmegaConf.create({"gpus": "0,", "accelerator": "ddp",
+    kwargs, world = trainer_setup.build_trainer_kwargs(opt, OmegaConf.create({"gpus": "0,", "accelerator": "ddp",
                                                                       "max_epochs": 12}))
     assert kwargs["accelerator"] == "gpu" and kwargs["strategy"] == "ddp" and "max_epochs" not in kwargs
     assert world == 1 and kwargs["max_steps"] == 5
@@ -300,23 +302,24 @@ def test_resume_keeps_the_csv_metrics_from_before_the_kill(tmp_path, config_file
 
 def test_config_devices_kept_without_gpus_flag():
     no_flag = main.get_parser().parse_args([])
-    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": 2}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": 2}))
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("cpu", 2, 2)  # two CPU processes
     assert kwargs["strategy"] == "ddp_find_unused_parameters_true"
-    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"accelerator": "gpu", "devices": "0,1"}))
+    gpu = {"accelerator": "gpu"}
+    kwargs, world = trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({**gpu, "devices": "0,1"}))
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0, 1], 2)
-    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"accelerator": "gpu", "devices": "3"}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({**gpu, "devices": "3"}))
     assert (kwargs["devices"], world) == (3, 3)
     flag = main.get_parser().parse_args(["--gpus", "0,"])
-    kwargs, world = main.build_trainer_kwargs(flag, OmegaConf.create({"accelerator": "cpu", "devices": 4}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(flag, OmegaConf.create({"accelerator": "cpu", "devices": 4}))
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0], 1)  # --gpus wins
     with pytest.raises(ValueError, match="lightning.trainer.devices"):
-        main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": "two"}))
+        trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": "two"}))
 
 
 def test_clear_errors_name_the_argument(tmp_path, config_file, monkeypatch):
     with pytest.raises(ValueError, match="--gpus 'abc'"):
-        main.parse_devices("abc")
+        trainer_setup.parse_devices("abc")
     with pytest.raises(ValueError, match="lightning.callbacks.mine"):
         _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "lightning.callbacks.mine.params.x=1")
 
@@ -371,7 +374,7 @@ def test_accumulate_grad_batches_in_the_config_trains(tmp_path, config_file, mon
 
 def test_project_configs_are_found_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = main.load_config(["configs/tiny/autoencoder_kl_tiny.yaml"], ["model.params.embed_dim=4"])
+    config = training_config.load_config(["configs/tiny/autoencoder_kl_tiny.yaml"], ["model.params.embed_dim=4"])
     assert config.model.params.embed_dim == 4
     with pytest.raises(FileNotFoundError, match="--base configs/nope.yaml"):
-        main.load_config(["configs/nope.yaml"], [])
+        training_config.load_config(["configs/nope.yaml"], [])

@@ -8,12 +8,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ..checkpoints.architecture import autoencoder_config
-from ..checkpoints.files import CheckpointError, PathLike
-from ..checkpoints.keys import load_into, read_state_dict
-from ..models.autoencoder import AutoencoderKL
-from ..project import resolve_config_path
-from ..util import instantiate_from_config
+from .checkpoints.architecture import autoencoder_config
+from .checkpoints.files import CheckpointError, PathLike
+from .checkpoints.keys import load_into, read_state_dict
+from .models.autoencoder import AutoencoderKL
+from .project import resolve_config_path
+from .util import instantiate_from_config
 
 
 def load_model(config: Any, ckpt_path: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
