@@ -251,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = check_output(opt.output, inputs=inputs, overwrite=opt.overwrite, folder=opt.command == "to-diffusers",
                            replaceable=is_model_export)
         if out.parent.is_dir():  # what a killed conversion left there
-            for stale in remove_stale_temporaries(out.parent, recursive=False, shared=True):
+            for stale in remove_stale_temporaries(out.parent, recursive=False):
                 print(f"removed {stale}, left by an interrupted write")
         COMMANDS[opt.command][0](opt)
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, WriteError) as e:

@@ -351,3 +351,107 @@ def test_a_link_loop_in_a_data_folder_counts_each_image_once(tmp_path):
     found = find_images(root)
     assert sorted(os.path.realpath(p) for p in found) == [str((root / "a.png").resolve()),
                                                           str((root / "cats" / "b.png").resolve())]
+
+
+# ------------------------------------------------------------------ issue 27: the output rule, by any path
+def test_no_output_inside_an_input_folder_by_any_path(convert, tiny_ckpt, tmp_path, capsys):
+    """``from-diffusers D D/diffusion_pytorch_model.safetensors --overwrite`` replaced the input folder's own
+    weights (rc 0); now refused, through a link to D and through ``..`` too, and D is unchanged."""
+    export = tmp_path / "D"
+    assert convert.main(["to-diffusers", str(tiny_ckpt), str(export)]) == 0
+    (tmp_path / "link").symlink_to(export)
+    before = snapshot(export)
+    weights = "diffusion_pytorch_model.safetensors"
+    for out in (export / weights, tmp_path / "link" / weights, export / ".." / "D" / "model.safetensors",
+                tmp_path / "link" / "new.ckpt"):
+        assert convert.main(["from-diffusers", str(export), str(out), "--overwrite"]) == 2
+        assert f"output {out} lies inside the input {export}: inputs are never replaced" in capsys.readouterr().err
+        assert snapshot(export) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "link"]
+
+
+def test_overwrite_through_a_link_to_an_export_is_refused_whole(convert, tiny_ckpt, tmp_path, capsys):
+    """``to-diffusers CKPT LINK --overwrite`` with LINK -> an earlier export wrote the export, then failed on
+    rmtree of the link and left ``.LINK.old-PID``; now refused before any work: link, export and folder as before."""
+    export = tmp_path / "vae-v1"
+    assert convert.main(["to-diffusers", str(tiny_ckpt), str(export)]) == 0
+    link = tmp_path / "vae"
+    link.symlink_to(export)
+    before = snapshot(export)
+    assert convert.main(["to-diffusers", str(tiny_ckpt), str(link), "--overwrite"]) == 2
+    assert f"output {link} is a symbolic link (to {export}): a folder is not replaced through a link" in \
+        capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == str(export) and snapshot(export) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae", "vae-v1"]
+    # a file output through a link: the link is replaced by the new file whole, its target is left alone
+    target = tmp_path / "elsewhere.ckpt"
+    target.write_bytes(b"someone's file")
+    (tmp_path / "out.ckpt").symlink_to(target)
+    assert convert.main(["reformat", str(tiny_ckpt), str(tmp_path / "out.ckpt"), "--overwrite"]) == 0
+    assert not (tmp_path / "out.ckpt").is_symlink() and target.read_bytes() == b"someone's file"
+    assert not list(tmp_path.glob(".*"))
+
+
+def _pairs_run(tmp_path, outdir, inpaint_one, capsys):
+    import argparse
+
+    from ldm.cli.pairs import add_pair_arguments, run_pairs
+    from tests.test_sd_scripts import write_png
+
+    indir = tmp_path / "in"
+    indir.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        write_png(indir / f"{name}.png", (64, 64))
+        write_png(indir / f"{name}_mask.png", (64, 64), "L")
+    p = argparse.ArgumentParser()
+    add_pair_arguments(p, outdir=str(outdir))
+    opt = p.parse_args(["--indir", str(indir), "--device", "cpu"])
+    rc = run_pairs(opt, lambda o: None, lambda device: inpaint_one)
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_inpaint_outdir_removes_only_its_own_dead_temporaries_and_says_so(tmp_path, capsys, caplog):
+    """``inpaint_st.py --outdir DIR`` deleted every ``.X.<8 chars>.tmp`` in DIR, silently, also another tool's
+    write in progress; now only a temporary named with a pid whose process is gone, with a line naming it."""
+    import logging
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    others = [outdir / ".photo.jpg.abcd1234.tmp", outdir / f".b.png.{os.getppid()}.w0rk1ng0.tmp"]
+    for p in others:
+        p.write_bytes(b"another tool's write in progress")
+    killed = outdir / f".a.png.{dead}.k1ll3d00.tmp"
+    killed.write_bytes(b"half a png")
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.common"):
+        rc, err = _pairs_run(tmp_path, outdir, lambda image, mask: np.zeros((1, 64, 64, 3), np.uint8), capsys)
+    assert rc == 0 and "2 written" in err
+    assert f"removed {killed}, left by a killed write" in caplog.text
+    assert sorted(p.name for p in outdir.iterdir()) == sorted(["a.png", "b.png"] + [p.name for p in others])
+
+
+def test_a_concurrent_inpaint_run_does_not_count_the_other_runs_files(tmp_path, capsys):
+    """Another run writes b.png while this one computes it: this run keeps theirs and says so, not "2 written"."""
+    import numpy as np
+
+    from ldm.image_io import write_png
+
+    outdir = tmp_path / "out"
+    calls = []
+
+    def inpaint_one(image, mask):
+        calls.append(1)
+        if len(calls) == 2:  # the other run finishes b.png meanwhile
+            write_png(np.full((64, 64, 3), 7, np.uint8), outdir / "b.png")
+        return np.zeros((1, 64, 64, 3), np.uint8)
+
+    rc, err = _pairs_run(tmp_path, outdir, inpaint_one, capsys)
+    assert rc == 0
+    assert "1 written, 1 already there (1 written by another run meanwhile)" in err
+    assert np.asarray(__import__("PIL.Image").Image.open(outdir / "b.png")).max() == 7
