@@ -455,3 +455,23 @@ def test_a_concurrent_inpaint_run_does_not_count_the_other_runs_files(tmp_path, 
     assert rc == 0
     assert "1 written, 1 already there (1 written by another run meanwhile)" in err
     assert np.asarray(__import__("PIL.Image").Image.open(outdir / "b.png")).max() == 7
+
+
+def test_to_diffusers_of_a_flux2_decoder_without_its_statistics_is_refused(convert, tmp_path, capsys):
+    """A FLUX.2 decoder checkpoint without bn.* was written with scaling_factor 1.0 without a word; now refused
+    before anything is written, saying what is missing and how to write a plain scale on purpose."""
+    import json
+
+    from tests.test_flux2 import make_flux2
+
+    sd = {k: v for k, v in make_flux2(condition=True).state_dict().items() if not k.startswith("bn.")}
+    src = save_state_dict(sd, tmp_path / "flux2_decoder.ckpt")
+    assert convert.main(["to-diffusers", str(src), str(tmp_path / "vae")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: FLUX.2's layout (32 latent channels with quant convs) without its latent BatchNorm statistics" \
+        in err and "--scaling_factor and --shift_factor" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux2_decoder.ckpt"]
+    assert convert.main(["to-diffusers", str(src), str(tmp_path / "vae"), "--scaling_factor", "0.5",
+                         "--shift_factor", "0.1"]) == 0  # said on purpose
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"]) == (0.5, 0.1)
