@@ -2,6 +2,7 @@
 (docs/reliability.md), each tested the way a user meets it: the command, the files before and after."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -475,3 +476,110 @@ def test_to_diffusers_of_a_flux2_decoder_without_its_statistics_is_refused(conve
                          "--shift_factor", "0.1"]) == 0  # said on purpose
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert (config["scaling_factor"], config["shift_factor"]) == (0.5, 0.1)
+
+
+# ------------------------------------------------------------------ issue 27: run folders are never ruined
+def _trained_run(tmp_path, config: Path, name: str, steps: int = 2) -> Path:
+    assert train(tmp_path, "--base", str(config), "-t", "-n", name, "--max_steps", str(steps), *QUIET,
+                 "lightning.trainer.log_every_n_steps=1") == 0
+    (run,) = (tmp_path / "logs").glob(f"*_{name}")
+    return run
+
+
+def test_a_failed_resume_with_another_architecture_leaves_the_run_as_it_was(tmp_path, config_file,  # noqa: F811
+                                                                            capsys):
+    """``--resume RUN --base <another architecture>`` saved that config into RUN/configs before failing with a
+    124-line traceback, and every later plain ``--resume RUN`` failed too; now one line, RUN unchanged, and the
+    plain resume continues."""
+    from omegaconf import OmegaConf
+
+    import main
+
+    run = _trained_run(tmp_path, config_file, "arch")
+    other = OmegaConf.load(config_file)
+    other.model.params.ddconfig.ch = 64
+    OmegaConf.save(other, tmp_path / "other.yaml")
+    before = snapshot(run)
+    assert main.cli(["--resume", str(run), "--base", str(tmp_path / "other.yaml"), "--wandb", "off", *QUIET]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {run / 'checkpoints' / 'last.ckpt'}: its weights "
+                                               "do not fit the model of the configs") and "size mismatch" in err[0]
+    assert snapshot(run) == before
+    assert train(tmp_path, "--resume", str(run), "--max_steps", "3", *QUIET) == 0
+    assert run_folder.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3
+
+
+def test_one_training_at_a_time_in_a_run_folder(tmp_path, config_file, capsys, caplog):  # noqa: F811
+    """Two ``--resume RUN`` at once both trained into RUN; now the second is refused while the first's process
+    lives (its pid and host in RUN/training.lock), and a lock whose holder is gone is taken over, saying so."""
+    import socket
+    import subprocess
+    import sys
+
+    import main
+
+    run = _trained_run(tmp_path, config_file, "lock")
+    assert not (run / "training.lock").exists()  # released at the end
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (run / "training.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                        "slurm_job": None}))
+        before = snapshot(run)
+        assert main.cli(["--resume", str(run), "--max_steps", "3", "--wandb", "off", *QUIET]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {run} is in use: another training holds {run / 'training.lock'} (pid {holder.pid} on host " \
+               f"{socket.gethostname()})" in err
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with caplog.at_level("WARNING"):
+        assert train(tmp_path, "--resume", str(run), "--max_steps", "3", *QUIET) == 0
+    assert f"taking over {run / 'training.lock'}: its holder (pid {holder.pid} on host {socket.gethostname()}) is " \
+           "no longer running" in caplog.text
+    assert run_folder.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3
+    assert not (run / "training.lock").exists()
+
+
+def test_full_disk_while_writing_metrics_is_one_line_and_keeps_what_was_there(tmp_path, config_file,  # noqa: F811
+                                                                              monkeypatch, caplog):
+    """The disk fills while csv/metrics.csv is written: raw tracebacks, no last.ckpt and a 0-byte metrics.csv
+    before; now one line naming the file, last.ckpt and the earlier metrics as they were, no file half-written."""
+    import csv
+    import errno
+
+    run = _trained_run(tmp_path, config_file, "disk")
+    before = {name: (run / name).read_bytes() for name in ("csv/metrics.csv", "checkpoints/last.ckpt")}
+    writerows = csv.DictWriter.writerows
+    saves = []
+
+    def filling_disk(self, rows):
+        saves.append(1)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return writerows(self, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", filling_disk)
+    with caplog.at_level("ERROR", logger="main"):
+        assert train(tmp_path, "--resume", str(run), "--max_steps", "5", *QUIET,
+                     "lightning.trainer.log_every_n_steps=1") == 1
+    (resumed,) = (run / "csv").glob("resumed-*/metrics.csv")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{resumed}: could not be written (the disk is full); nothing was left half-written (the "
+                      "previous file is unchanged)"]
+    assert {name: (run / name).read_bytes() for name in before} == before
+    monkeypatch.setattr(csv.DictWriter, "writerows", writerows)
+    rows = list(csv.DictReader(resumed.open()))
+    assert [int(r["step"]) for r in rows] == [2]  # the one save that went through, whole
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_every_resume_appends_its_own_metrics(tmp_path, config_file):  # noqa: F811
+    """Each resume writes a csv folder of its own; none replaces an earlier one's rows (a requeued Slurm job resumes
+    with the same timestamp every time: ``-1``, ``-2`` are added)."""
+    from ldm.training.trainer import csv_version
+
+    run = _trained_run(tmp_path, config_file, "csv")
+    assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7")
+    (run / "csv" / "resumed-slurm-7").mkdir()
+    assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7-1")
