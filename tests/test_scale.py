@@ -390,3 +390,115 @@ def test_an_empty_or_mistyped_hf_dataset_is_named_before_the_first_batch(tmp_pat
     datasets.Dataset.from_dict({"image": [{"bytes": _png(np.zeros((4, 4, 3), np.uint8)), "path": "x.png"}]}
                                ).save_to_disk(str(tmp_path / "struct"))
     assert HFDatasetInpainting(path=tmp_path / "struct", **VALIDATION)[0]["image"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("node_rank, missing", [("1", "MASTER_ADDR and MASTER_PORT not set"),
+                                                ("2", "NODE_RANK=2 is outside the world of --num_nodes 2")])
+def test_a_node_started_wrong_is_refused_at_once(tmp_path, config_file, node_rank, missing):  # noqa: F811
+    """``NODE_RANK=1 --num_nodes 2`` without MASTER_ADDR waited 30 minutes at "Initializing distributed";
+    ``NODE_RANK=2`` of 2 nodes was not refused. Now one line naming what is wrong, before any folder is made."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE",
+                                                                    "LOCAL_RANK", "LDM_"))}
+    env.update(NODE_RANK=node_rank, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "--base", str(config_file), "-t", "--num_nodes",
+                           "2", "--logdir", str(tmp_path / "logs"), "--wandb", "off"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and missing in last
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_bounded_wait_for_nodes_that_never_arrive(monkeypatch):
+    """The process group of a run across nodes waits LDM_DIST_TIMEOUT seconds (default 600), not torch's 30
+    minutes; a bad value is named."""
+    from ldm.training import cluster
+    from ldm.training.trainer import build_trainer_kwargs
+
+    opt = main.get_parser().parse_args(["--num_nodes", "2"])
+    for key in ("SLURM_NTASKS", "SLURM_JOB_ID", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("NODE_RANK", "1")
+    kwargs, world = build_trainer_kwargs(opt, OmegaConf.create())
+    strategy = cluster.with_timeout(kwargs["strategy"])  # what the Trainer gets
+    assert world == 2 and strategy._timeout.total_seconds() == cluster.DEFAULT_DIST_TIMEOUT
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+    monkeypatch.setenv(cluster.DIST_TIMEOUT_ENV, "45")
+    assert cluster.with_timeout("ddp")._timeout.total_seconds() == 45
+    monkeypatch.setenv(cluster.DIST_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="LDM_DIST_TIMEOUT='soon': expected a positive number of seconds"):
+        build_trainer_kwargs(opt, OmegaConf.create())
+
+
+def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_metrics(
+        tmp_path, config_file, monkeypatch):  # noqa: F811
+    """Three incarnations of Slurm job 4242, one command line:
+    1. SIGUSR1 during setup (it killed the job with nothing saved): last.ckpt after the first batch, requeued, 138;
+    2. after a hard kill that left only a periodic checkpoint (it started slurm-4242-1_job from step 0): the same
+       folder continues from it, and SIGUSR1 at step 2 requeues again;
+    3. the last requeue finishes. One run folder, every step once, and the metrics of all three kept (the second
+       requeue deleted the first one's rows)."""
+    from ldm.training.callbacks import SetupCallback
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1",
+                       "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost", "SLURM_CPUS_ON_NODE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(main.RUN_TIMESTAMP_ENV, raising=False)
+    urls = write_shards(tmp_path / "shards", 2, 4)
+    cfg = _data_config(config_file, _shards_train(urls, 8), tmp_path / "slurm.yaml")
+    record = tmp_path / "slurm.jsonl"
+    command = ["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(cfg), "-n", "job", "-t",
+               "--max_steps", "5", "lightning.callbacks.image_logger.params.disabled=true",
+               "lightning.trainer.log_every_n_steps=1",
+               "lightning.callbacks.recorder.target=tests.test_scale.SignalRecorder",
+               f"lightning.callbacks.recorder.params.path={record}",
+               "lightning.callbacks.recorder.params.kill_at=2", f"lightning.callbacks.recorder.params.signum="
+               f"{int(signal.SIGUSR1)}"]
+    setup, sent = SetupCallback.setup, []
+
+    def signal_during_setup(self, trainer, pl_module, stage):
+        setup(self, trainer, pl_module, stage)
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(SetupCallback, "setup", signal_during_setup)
+    swallowed = []  # without the run's handler SIGUSR1 would end pytest itself; this one only notes it
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: swallowed.append(signum))
+    try:
+        assert main.main(command) == 128 + signal.SIGUSR1
+        assert swallowed == [] and calls.read_text().split() == ["requeue", "4242"]
+        (run,) = (tmp_path / "logs").iterdir()
+        ckpts = run / "checkpoints"
+        assert run.name == "slurm-4242_job" and run_folder_step(ckpts / "last.ckpt") == 1
+        (ckpts / "last.ckpt").rename(ckpts / "periodic-e000000-s000000001.ckpt")  # a hard kill: no last.ckpt
+        assert main.main(command) == 128 + signal.SIGUSR1
+        assert [p.name for p in (tmp_path / "logs").iterdir()] == ["slurm-4242_job"]
+        assert run_folder_step(ckpts / "last.ckpt") == 3
+        assert main.main(command) == 0
+        assert signal.getsignal(signal.SIGUSR1) is not None and swallowed == []
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["slurm-4242_job"]
+    assert [r["step"] for r in _steps(Path(f"{record}.rank0"))] == list(range(5))
+    assert run_folder_step(ckpts / "last.ckpt") == 5
+    import csv
+
+    metrics = {str(p.relative_to(run)): sorted({int(row["step"]) for row in csv.DictReader(p.open())})
+               for p in sorted(run.glob("csv/**/metrics.csv"))}
+    # every incarnation's rows, each in a folder of its own: step 0 (the first batch), 1..2, 3..4
+    assert metrics == {"csv/metrics.csv": [0], "csv/resumed-slurm-4242/metrics.csv": [1, 2],
+                       "csv/resumed-slurm-4242-1/metrics.csv": [3, 4]}
+
+
+def run_folder_step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]

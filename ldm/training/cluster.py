@@ -18,6 +18,7 @@ distributed", a rank outside the world would never be refused), and the process 
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -80,6 +81,22 @@ def dist_timeout(env: Optional[Mapping[str, str]] = None) -> int:
     if seconds < 1:
         raise ValueError(f"{DIST_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
     return seconds
+
+
+# Lightning's names of plain DDP -> find_unused_parameters
+_DDP_STRATEGIES = {"ddp": False, "ddp_find_unused_parameters_false": False, "ddp_find_unused_parameters_true": True}
+
+
+def with_timeout(strategy: Any) -> Any:
+    """A DDP strategy named by Lightning's string as the strategy object with :func:`dist_timeout`: nodes that
+    never arrive end the start after a bounded wait, not torch's 30 minutes. Any other strategy is returned as it
+    is (a config that names its own strategy object sets its own timeout)."""
+    if not isinstance(strategy, str) or strategy not in _DDP_STRATEGIES:
+        return strategy
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(find_unused_parameters=_DDP_STRATEGIES[strategy],
+                       timeout=datetime.timedelta(seconds=dist_timeout()))
 
 
 def check_distributed_environment(num_nodes: int, devices: int, env: Optional[Mapping[str, str]] = None) -> None:

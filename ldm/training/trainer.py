@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import logging
 import os
 from pathlib import Path
@@ -198,12 +197,9 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
     num_nodes = int(kwargs.get("num_nodes", 1))
     cluster.check_distributed_environment(num_nodes, ndev)
     if (ndev > 1 or num_nodes > 1) and "strategy" not in kwargs:
-        from pytorch_lightning.strategies import DDPStrategy
-
-        # the generator and discriminator backward passes each leave the other's parameters without gradients;
-        # nodes that never arrive end the start after a bounded wait, not torch's 30 minutes
-        kwargs["strategy"] = DDPStrategy(find_unused_parameters=True,
-                                         timeout=datetime.timedelta(seconds=cluster.dist_timeout()))
+        # the generator and discriminator backward passes each leave the other's parameters without gradients
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    cluster.dist_timeout()  # a bad LDM_DIST_TIMEOUT is an error now, not at the start of training
     kwargs.setdefault("num_sanity_val_steps", 0)  # as the original
     return kwargs, ndev * num_nodes
 
@@ -316,6 +312,9 @@ def _build_trainer(opt: argparse.Namespace, folder: RunFolder, config: DictConfi
     callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
     callbacks += [EpochLastCheckpoint(**checkpoint_params), stop]
     callbacks += periodic_checkpoints(ckptdir, lightning_config.get("periodic_checkpoints", OmegaConf.create()))
-    return pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, logdir.name, now, config),
+    kwargs = dict(trainer_kwargs)
+    if "strategy" in kwargs:
+        kwargs["strategy"] = cluster.with_timeout(kwargs["strategy"])
+    return pl.Trainer(**kwargs, logger=make_loggers(wandb_mode, logdir, logdir.name, now, config),
                       callbacks=callbacks, plugins=[AtomicCheckpointIO(), *cluster.plugins()],
                       default_root_dir=str(logdir))
