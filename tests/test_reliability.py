@@ -583,3 +583,18 @@ def test_every_resume_appends_its_own_metrics(tmp_path, config_file):  # noqa: F
     assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7")
     (run / "csv" / "resumed-slurm-7").mkdir()
     assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7-1")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lightning.periodic_checkpoints.evry=3", "lightning.periodic_checkpoints: unknown keys ['evry']"),
+    ("lightning.wandb=maybe", "lightning.wandb must be off, offline or online, got 'maybe'"),
+    ("lightning.callbacks.extra=3", "lightning.callbacks.extra: needs a target")])
+def test_a_late_config_error_leaves_no_empty_run_folder(tmp_path, config_file, capsys, override,  # noqa: F811
+                                                        message):
+    """Errors found while the Trainer is built (after the run folder was claimed) left an empty folder behind."""
+    import main
+
+    rc = main.cli(["--logdir", str(tmp_path / "logs"), "--base", str(config_file), "-t", "--max_steps", "1", *QUIET,
+                   override])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert list((tmp_path / "logs").iterdir()) == []

@@ -41,6 +41,7 @@ class RunFolder:
     configs: List[str]
     new: bool
     lock: Optional["RunLock"] = None  # held by the process that trains here (rank 0), from take_run_folder on
+    claimed: bool = False  # this process made the folder (take_run_folder): removed again if the run never starts
 
 
 def resolve_run(opt: argparse.Namespace, now: str) -> RunFolder:
@@ -199,7 +200,7 @@ def take_run_folder(folder: RunFolder) -> RunFolder:
     if folder.new:
         path, now = claim_run_folder(folder.path, folder.now)
         log.info("run folder %s", path)
-        folder = dataclasses.replace(folder, path=path, now=now, new=False)
+        folder = dataclasses.replace(folder, path=path, now=now, new=False, claimed=True)
     elif _external_rank() > 0:
         return folder  # rank 0 of this run holds the lock
     return dataclasses.replace(folder, lock=RunLock.acquire(folder.path))

@@ -265,6 +265,11 @@ def build_trainer(opt: argparse.Namespace, folder: RunFolder, config: DictConfig
         return _build_trainer(opt, folder, config, lightning_config, trainer_kwargs, model, stop)
     except BaseException:
         release_run(folder, stop)
+        if folder.claimed:  # a config error found this late leaves no empty run folder behind
+            try:
+                folder.path.rmdir()
+            except OSError:
+                pass  # something was written there after all: kept
         raise
 
 
