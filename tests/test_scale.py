@@ -502,3 +502,24 @@ def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_m
 
 def run_folder_step(path: Path) -> int:
     return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_main_on_shards_without_images_stops_with_one_line(tmp_path, config_file):  # noqa: F811
+    """Through main.py: caption-only shards never produced a batch and the run waited forever (SIGTERM then waited
+    for that batch too); now exit status 2 with one line naming the shard, within a bounded time."""
+    shard = tmp_path / "captions.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"c{i:04d}", "txt": "a caption"})
+    train = _shards_train(str(shard), 4)
+    train["params"]["shuffle_buffer"] = 0
+    cfg = _data_config(config_file, train, tmp_path / "captions.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LDM_"))}
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "--base", str(cfg), "-t", "--max_steps", "2",
+                           "--logdir", str(tmp_path / "logs"), "--wandb", "off",
+                           "lightning.callbacks.image_logger.params.disabled=true"], cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: WebDatasetInpainting rank 0 worker 0: no usable sample in a whole pass over 1 "
+                           f"shard(s) ({shard}): 4 samples read, none decoded; members found: txt;"), last
