@@ -413,7 +413,7 @@ def test_a_bounded_wait_for_nodes_that_never_arrive(monkeypatch):
     """The process group of a run across nodes waits LDM_DIST_TIMEOUT seconds (default 600), not torch's 30
     minutes; a bad value is named."""
     from ldm.training import cluster
-    from ldm.training.trainer import build_trainer_kwargs
+    from ldm.training.trainer import build_trainer_kwargs, check_devices
 
     opt = main.get_parser().parse_args(["--num_nodes", "2"])
     for key in ("SLURM_NTASKS", "SLURM_JOB_ID", "RANK", "WORLD_SIZE"):
@@ -429,7 +429,7 @@ def test_a_bounded_wait_for_nodes_that_never_arrive(monkeypatch):
     assert cluster.with_timeout("ddp")._timeout.total_seconds() == 45
     monkeypatch.setenv(cluster.DIST_TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="LDM_DIST_TIMEOUT='soon': expected a positive number of seconds"):
-        build_trainer_kwargs(opt, OmegaConf.create())
+        check_devices(opt, kwargs)
 
 
 def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_metrics(

@@ -99,7 +99,7 @@ def with_timeout(strategy: Any) -> Any:
                        timeout=datetime.timedelta(seconds=dist_timeout()))
 
 
-def check_distributed_environment(num_nodes: int, devices: int, env: Optional[Mapping[str, str]] = None) -> None:
+def check_distributed_environment(num_nodes: int, env: Optional[Mapping[str, str]] = None) -> None:
     """The variables a run across processes needs, checked before anything is built: a ``ValueError`` naming
     what is missing or wrong. Slurm gives them itself; torchrun gives ``RANK`` / ``WORLD_SIZE`` /
     ``MASTER_ADDR``; nodes started by hand need ``MASTER_ADDR``, ``MASTER_PORT`` and a ``NODE_RANK`` in

@@ -68,7 +68,11 @@ def config_devices(accelerator: str, devices: Any) -> Tuple[Any, int]:
 
 
 def check_devices(opt: argparse.Namespace, trainer_kwargs: Mapping[str, Any]) -> None:
-    """GPUs asked for on a machine without CUDA: a ``ValueError`` naming the flag (or config key) that asked."""
+    """GPUs asked for on a machine without CUDA: a ``ValueError`` naming the flag (or config key) that asked. A run
+    across nodes without the variables that join them (:func:`cluster.check_distributed_environment`), or a bad
+    ``LDM_DIST_TIMEOUT``: a ``ValueError`` naming the variable."""
+    cluster.check_distributed_environment(int(trainer_kwargs.get("num_nodes", 1)))
+    cluster.dist_timeout()
     if trainer_kwargs.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         asked = f"--gpus {opt.gpus}" if opt.gpus is not None else (
             f"lightning.trainer.accelerator={trainer_kwargs['accelerator']}")
@@ -195,11 +199,9 @@ def build_trainer_kwargs(opt: argparse.Namespace, trainer_config: DictConfig) ->
     elif "precision" in kwargs:
         kwargs["precision"] = PRECISIONS.get(str(kwargs["precision"]), kwargs["precision"])
     num_nodes = int(kwargs.get("num_nodes", 1))
-    cluster.check_distributed_environment(num_nodes, ndev)
     if (ndev > 1 or num_nodes > 1) and "strategy" not in kwargs:
         # the generator and discriminator backward passes each leave the other's parameters without gradients
         kwargs["strategy"] = "ddp_find_unused_parameters_true"
-    cluster.dist_timeout()  # a bad LDM_DIST_TIMEOUT is an error now, not at the start of training
     kwargs.setdefault("num_sanity_val_steps", 0)  # as the original
     return kwargs, ndev * num_nodes
 
