@@ -56,6 +56,8 @@ from ldm.training.trainer import (
     build_trainer_kwargs,
     check_devices,
     fast_path,
+    release_run,
+    stop_callback_of,
 )
 from ldm.util import WriteError
 
@@ -245,8 +247,8 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Run:
     if not train and not is_overridden("test_step", model):
         raise ValueError(f"nothing to do: add -t to train (without -t only the test stage runs, and "
                          f"{type(model).__name__} has no test_step)")
-    folder = take_run_folder(folder)
-    trainer = build_trainer(opt, folder, config, lightning_config, trainer_kwargs, model)
+    folder = take_run_folder(folder)  # from here on the run folder is this process's (its lock)
+    trainer = build_trainer(opt, folder, config, lightning_config, trainer_kwargs, model)  # releases it on failure
     return Run(opt, folder, start_step, config, model, data, trainer, train)
 
 
@@ -263,6 +265,13 @@ def fit(run: Run) -> int:
         if run.train:
             try:
                 trainer.fit(model, data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+            except RuntimeError as e:
+                if ckpt is None or "Error(s) in loading state_dict" not in str(e):
+                    raise
+                first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+                raise ValueError(f"--resume {ckpt}: its weights do not fit the model of the configs "
+                                 f"{' '.join(run.folder.configs)} ({first} ...); nothing in {run.folder.path} was "
+                                 "changed") from None
             except TrainingStopped as stopped:
                 log.warning("%s", stopped)
                 return 128 + int(stopped.signum)  # the shell's exit status for death by that signal
@@ -289,6 +298,7 @@ def fit(run: Run) -> int:
             os.environ.pop(RUN_FOLDER_ENV, None)
         else:
             os.environ[RUN_FOLDER_ENV] = previous
+        release_run(run.folder, stop_callback_of(trainer))
     return 0
 
 

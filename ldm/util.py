@@ -98,20 +98,23 @@ def check_output(path: Union[str, os.PathLike], *, inputs: Iterable[Union[str, o
                  replaceable: Optional[Callable[[Path], bool]] = None, flag: str = "output") -> Path:
     """The rule of every writer, checked before any work starts; -> the absolute output path.
 
-    * An input is never replaced: ``path`` may not be an input, nor a folder that contains one (paths resolved,
-      links followed, ``.`` and ``../here`` included): ``ValueError``.
+    * An input is never replaced: ``path`` may not be an input, nor a folder that contains one, nor lie inside an
+      input that is a folder (``from-diffusers D D/diffusion_pytorch_model.safetensors``); paths resolved, links
+      followed, ``.`` and ``../here`` included: ``ValueError``.
     * An existing ``path`` is kept unless ``overwrite`` (``FileExistsError``), and even then only what this tool
-      wrote, recognisably, is replaced: a file where a file is written (a folder there is a ``ValueError``); a folder
-      (``folder=True``) only when ``replaceable(path)`` says it holds nothing but what the tool writes (a model
-      export: ``ldm.checkpoints.files.is_model_export``); anything else is a ``ValueError``.
+      wrote, recognisably, is replaced: a file where a file is written (a folder there is a ``ValueError``; a
+      symbolic link there is replaced by the new file, its target is left alone); a folder (``folder=True``) only
+      when ``replaceable(path)`` says it holds nothing but what the tool writes (a model export:
+      ``ldm.checkpoints.files.is_model_export``), and never through a symbolic link (``ValueError`` naming the
+      link's target); anything else is a ``ValueError``.
     """
     given = Path(path)
     out = Path(os.path.abspath(given))
     resolved = out.resolve()
     for item in inputs:
         src = Path(item).resolve()
-        if resolved == src or resolved in src.parents:
-            where = "is" if resolved == src else "contains"
+        if resolved == src or resolved in src.parents or (src.is_dir() and src in resolved.parents):
+            where = "is" if resolved == src else "contains" if resolved in src.parents else "lies inside"
             raise ValueError(f"{flag} {given} {where} the input {item}: inputs are never replaced; choose an output "
                              "outside the inputs")
     if not os.path.lexists(out):
@@ -119,6 +122,9 @@ def check_output(path: Union[str, os.PathLike], *, inputs: Iterable[Union[str, o
     if not overwrite:
         raise FileExistsError(f"{flag} {given} already exists (use --overwrite to replace it)")
     if folder:
+        if out.is_symlink():
+            raise ValueError(f"{flag} {given} is a symbolic link (to {os.readlink(out)}): a folder is not replaced "
+                             "through a link, even with --overwrite; name the folder itself, or remove the link")
         if not out.is_dir():
             raise ValueError(f"{flag} {given} is a file, not a folder this tool wrote: not replaced, even with "
                              "--overwrite")
@@ -156,9 +162,9 @@ def write_failed(path: Path, err: BaseException) -> WriteError:
                       f"({'the previous file is unchanged' if path.exists() else 'no file was created'})")
 
 
-# write_atomically's temporary files: ".<name>.<writer's pid>.<8 random characters>.tmp" next to the target
-# (earlier versions wrote ".<name>.<8 random characters>.tmp")
-_TEMP_NAME = re.compile(r"\..+?(?:\.(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp")
+# write_atomically's temporary files: ".<name>.<writer's pid>.<8 random characters>.tmp" next to the target; only
+# this form is ever removed by remove_stale_temporaries (a name without the pid may be another tool's)
+_TEMP_NAME = re.compile(r"\..+?\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 
 
 def write_atomically(path: PathLike, write: Callable[[str], None], overwrite: bool = True) -> Path:
@@ -228,18 +234,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: PathLike, recursive: bool = True, shared: bool = False) -> List[Path]:
+def remove_stale_temporaries(folder: PathLike, recursive: bool = True) -> List[Path]:
     """Delete the temporary files :func:`write_atomically` left in ``folder`` (recursively, unless not
-    ``recursive``) when its process was killed mid-write; returns them. ``shared``: other processes on this machine
-    may be writing into ``folder`` now (the scripts' output folders): the temporaries of live processes are kept."""
+    ``recursive``) when its process was killed mid-write; returns them. Only what this project provably wrote goes:
+    a name of :func:`write_atomically`'s form, with the writer's pid, whose process is gone (or is this one). The
+    temporaries of live processes (another run writing into the same ``--outdir`` now) and names without a pid
+    (another tool's, or an old version's) are kept. The pid is this machine's: on a folder shared between hosts
+    a dead local pid can be a live remote writer, so only one host should write into such a folder at a time."""
     found = Path(folder).rglob(".*.tmp") if recursive else Path(folder).glob(".*.tmp")
     stale = []
     for p in found:
         match = _TEMP_NAME.fullmatch(p.name)
-        if not match or not (p.is_file() or p.is_dir()):
+        if not match or not (p.is_file() or p.is_dir()) or p.is_symlink():
             continue
-        pid = match.group("pid")
-        if shared and pid is not None and int(pid) != os.getpid() and _alive(int(pid)):
+        pid = int(match.group("pid"))
+        if pid != os.getpid() and _alive(pid):
             continue
         stale.append(p)
     for p in stale:

@@ -117,6 +117,15 @@ def latent_scaling(opt: argparse.Namespace, params: Dict[str, Any], layout: Auto
         if space is None and (opt.scaling_factor is None or opt.shift_factor is None):
             raise ValueError(f"the checkpoint has {describe_latent_layout(layout.latent_channels, layout.quant_conv)}: "
                              "pass --config or --latent_space (or --scaling_factor and --shift_factor) to say which")
+        if (space is not None and space.normalization == "batch_norm" and not layout.batch_norm
+                and (opt.scaling_factor is None or opt.shift_factor is None)):
+            # FLUX.2's scale 1 / shift 0 stand for "normalised by bn.*": without the statistics the export would
+            # tell a pipeline to use the raw latents
+            raise ValueError(f"{opt.input}: {space.models}'s layout ({layout.latent_channels} latent channels with "
+                             f"quant convs) without its latent BatchNorm statistics (bn.*), which {space.models}'s "
+                             "pipelines normalise the latents with; config.json would say scaling_factor 1.0 and no "
+                             "normalisation. Convert the checkpoint that holds bn.* (the VAE's), or pass "
+                             "--scaling_factor and --shift_factor to write a plain scale and shift on purpose")
         default = (space.scaling_factor, space.shift_factor) if space else (None, None)
     scale = default[0] if opt.scaling_factor is None else opt.scaling_factor
     shift = default[1] if opt.shift_factor is None else opt.shift_factor
@@ -252,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = check_output(opt.output, inputs=inputs, overwrite=opt.overwrite, folder=opt.command == "to-diffusers",
                            replaceable=is_model_export)
         if out.parent.is_dir():  # what a killed conversion left there
-            for stale in remove_stale_temporaries(out.parent, recursive=False, shared=True):
+            for stale in remove_stale_temporaries(out.parent, recursive=False):
                 print(f"removed {stale}, left by an interrupted write")
         COMMANDS[opt.command][0](opt)
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, WriteError) as e:

@@ -97,10 +97,13 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         write_atomically(tmp_path / "sub" / "last.ckpt", killed)
-    (tmp_path / "sub" / ".last.ckpt.abcd1234.tmp").write_text("left by a SIGKILL")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "sub" / f".last.ckpt.{dead}.abcd1234.tmp").write_text("left by a SIGKILL")
     (tmp_path / "keep.tmp").write_text("not ours")
-    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".last.ckpt.abcd1234.tmp"]
-    assert (tmp_path / "keep.tmp").exists()
+    (tmp_path / ".last.ckpt.abcd1234.tmp").write_text("no pid: not provably ours")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [f".last.ckpt.{dead}.abcd1234.tmp"]
+    assert (tmp_path / "keep.tmp").exists() and (tmp_path / ".last.ckpt.abcd1234.tmp").exists()
 
 
 def test_scripts_import_no_torch_before_parsing_flags():

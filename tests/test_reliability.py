@@ -2,6 +2,7 @@
 (docs/reliability.md), each tested the way a user meets it: the command, the files before and after."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -351,3 +352,249 @@ def test_a_link_loop_in_a_data_folder_counts_each_image_once(tmp_path):
     found = find_images(root)
     assert sorted(os.path.realpath(p) for p in found) == [str((root / "a.png").resolve()),
                                                           str((root / "cats" / "b.png").resolve())]
+
+
+# ------------------------------------------------------------------ issue 27: the output rule, by any path
+def test_no_output_inside_an_input_folder_by_any_path(convert, tiny_ckpt, tmp_path, capsys):
+    """``from-diffusers D D/diffusion_pytorch_model.safetensors --overwrite`` replaced the input folder's own
+    weights (rc 0); now refused, through a link to D and through ``..`` too, and D is unchanged."""
+    export = tmp_path / "D"
+    assert convert.main(["to-diffusers", str(tiny_ckpt), str(export)]) == 0
+    (tmp_path / "link").symlink_to(export)
+    before = snapshot(export)
+    weights = "diffusion_pytorch_model.safetensors"
+    for out in (export / weights, tmp_path / "link" / weights, export / ".." / "D" / "model.safetensors",
+                tmp_path / "link" / "new.ckpt"):
+        assert convert.main(["from-diffusers", str(export), str(out), "--overwrite"]) == 2
+        assert f"output {out} lies inside the input {export}: inputs are never replaced" in capsys.readouterr().err
+        assert snapshot(export) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["D", "link"]
+
+
+def test_overwrite_through_a_link_to_an_export_is_refused_whole(convert, tiny_ckpt, tmp_path, capsys):
+    """``to-diffusers CKPT LINK --overwrite`` with LINK -> an earlier export wrote the export, then failed on
+    rmtree of the link and left ``.LINK.old-PID``; now refused before any work: link, export and folder as before."""
+    export = tmp_path / "vae-v1"
+    assert convert.main(["to-diffusers", str(tiny_ckpt), str(export)]) == 0
+    link = tmp_path / "vae"
+    link.symlink_to(export)
+    before = snapshot(export)
+    assert convert.main(["to-diffusers", str(tiny_ckpt), str(link), "--overwrite"]) == 2
+    assert f"output {link} is a symbolic link (to {export}): a folder is not replaced through a link" in \
+        capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == str(export) and snapshot(export) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae", "vae-v1"]
+    # a file output through a link: the link is replaced by the new file whole, its target is left alone
+    target = tmp_path / "elsewhere.ckpt"
+    target.write_bytes(b"someone's file")
+    (tmp_path / "out.ckpt").symlink_to(target)
+    assert convert.main(["reformat", str(tiny_ckpt), str(tmp_path / "out.ckpt"), "--overwrite"]) == 0
+    assert not (tmp_path / "out.ckpt").is_symlink() and target.read_bytes() == b"someone's file"
+    assert not list(tmp_path.glob(".*"))
+
+
+def _pairs_run(tmp_path, outdir, inpaint_one, capsys):
+    import argparse
+
+    from ldm.cli.pairs import add_pair_arguments, run_pairs
+    from tests.test_sd_scripts import write_png
+
+    indir = tmp_path / "in"
+    indir.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        write_png(indir / f"{name}.png", (64, 64))
+        write_png(indir / f"{name}_mask.png", (64, 64), "L")
+    p = argparse.ArgumentParser()
+    add_pair_arguments(p, outdir=str(outdir))
+    opt = p.parse_args(["--indir", str(indir), "--device", "cpu"])
+    rc = run_pairs(opt, lambda o: None, lambda device: inpaint_one)
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_inpaint_outdir_removes_only_its_own_dead_temporaries_and_says_so(tmp_path, capsys, caplog):
+    """``inpaint_st.py --outdir DIR`` deleted every ``.X.<8 chars>.tmp`` in DIR, silently, also another tool's
+    write in progress; now only a temporary named with a pid whose process is gone, with a line naming it."""
+    import logging
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    others = [outdir / ".photo.jpg.abcd1234.tmp", outdir / f".b.png.{os.getppid()}.w0rk1ng0.tmp"]
+    for p in others:
+        p.write_bytes(b"another tool's write in progress")
+    killed = outdir / f".a.png.{dead}.k1ll3d00.tmp"
+    killed.write_bytes(b"half a png")
+    with caplog.at_level(logging.WARNING, logger="ldm.cli.common"):
+        rc, err = _pairs_run(tmp_path, outdir, lambda image, mask: np.zeros((1, 64, 64, 3), np.uint8), capsys)
+    assert rc == 0 and "2 written" in err
+    assert f"removed {killed}, left by a killed write" in caplog.text
+    assert sorted(p.name for p in outdir.iterdir()) == sorted(["a.png", "b.png"] + [p.name for p in others])
+
+
+def test_a_concurrent_inpaint_run_does_not_count_the_other_runs_files(tmp_path, capsys):
+    """Another run writes b.png while this one computes it: this run keeps theirs and says so, not "2 written"."""
+    import numpy as np
+
+    from ldm.image_io import write_png
+
+    outdir = tmp_path / "out"
+    calls = []
+
+    def inpaint_one(image, mask):
+        calls.append(1)
+        if len(calls) == 2:  # the other run finishes b.png meanwhile
+            write_png(np.full((64, 64, 3), 7, np.uint8), outdir / "b.png")
+        return np.zeros((1, 64, 64, 3), np.uint8)
+
+    rc, err = _pairs_run(tmp_path, outdir, inpaint_one, capsys)
+    assert rc == 0
+    assert "1 written, 1 already there (1 written by another run meanwhile)" in err
+    assert np.asarray(__import__("PIL.Image").Image.open(outdir / "b.png")).max() == 7
+
+
+def test_to_diffusers_of_a_flux2_decoder_without_its_statistics_is_refused(convert, tmp_path, capsys):
+    """A FLUX.2 decoder checkpoint without bn.* was written with scaling_factor 1.0 without a word; now refused
+    before anything is written, saying what is missing and how to write a plain scale on purpose."""
+    import json
+
+    from tests.test_flux2 import make_flux2
+
+    sd = {k: v for k, v in make_flux2(condition=True).state_dict().items() if not k.startswith("bn.")}
+    src = save_state_dict(sd, tmp_path / "flux2_decoder.ckpt")
+    assert convert.main(["to-diffusers", str(src), str(tmp_path / "vae")]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: FLUX.2's layout (32 latent channels with quant convs) without its latent BatchNorm statistics" \
+        in err and "--scaling_factor and --shift_factor" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux2_decoder.ckpt"]
+    assert convert.main(["to-diffusers", str(src), str(tmp_path / "vae"), "--scaling_factor", "0.5",
+                         "--shift_factor", "0.1"]) == 0  # said on purpose
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"]) == (0.5, 0.1)
+
+
+# ------------------------------------------------------------------ issue 27: run folders are never ruined
+def _trained_run(tmp_path, config: Path, name: str, steps: int = 2) -> Path:
+    assert train(tmp_path, "--base", str(config), "-t", "-n", name, "--max_steps", str(steps), *QUIET,
+                 "lightning.trainer.log_every_n_steps=1") == 0
+    (run,) = (tmp_path / "logs").glob(f"*_{name}")
+    return run
+
+
+def test_a_failed_resume_with_another_architecture_leaves_the_run_as_it_was(tmp_path, config_file,  # noqa: F811
+                                                                            capsys):
+    """``--resume RUN --base <another architecture>`` saved that config into RUN/configs before failing with a
+    124-line traceback, and every later plain ``--resume RUN`` failed too; now one line, RUN unchanged, and the
+    plain resume continues."""
+    from omegaconf import OmegaConf
+
+    import main
+
+    run = _trained_run(tmp_path, config_file, "arch")
+    other = OmegaConf.load(config_file)
+    other.model.params.ddconfig.ch = 64
+    OmegaConf.save(other, tmp_path / "other.yaml")
+    before = snapshot(run)
+    assert main.cli(["--resume", str(run), "--base", str(tmp_path / "other.yaml"), "--wandb", "off", *QUIET]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --resume {run / 'checkpoints' / 'last.ckpt'}: its weights "
+                                               "do not fit the model of the configs") and "size mismatch" in err[0]
+    assert snapshot(run) == before
+    assert train(tmp_path, "--resume", str(run), "--max_steps", "3", *QUIET) == 0
+    assert run_folder.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3
+
+
+def test_one_training_at_a_time_in_a_run_folder(tmp_path, config_file, capsys, caplog):  # noqa: F811
+    """Two ``--resume RUN`` at once both trained into RUN; now the second is refused while the first's process
+    lives (its pid and host in RUN/training.lock), and a lock whose holder is gone is taken over, saying so."""
+    import socket
+    import subprocess
+    import sys
+
+    import main
+
+    run = _trained_run(tmp_path, config_file, "lock")
+    assert not (run / "training.lock").exists()  # released at the end
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (run / "training.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                        "slurm_job": None}))
+        before = snapshot(run)
+        assert main.cli(["--resume", str(run), "--max_steps", "3", "--wandb", "off", *QUIET]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {run} is in use: another training holds {run / 'training.lock'} (pid {holder.pid} on host " \
+               f"{socket.gethostname()})" in err
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with caplog.at_level("WARNING"):
+        assert train(tmp_path, "--resume", str(run), "--max_steps", "3", *QUIET) == 0
+    assert f"taking over {run / 'training.lock'}: its holder (pid {holder.pid} on host {socket.gethostname()}) is " \
+           "no longer running" in caplog.text
+    assert run_folder.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3
+    assert not (run / "training.lock").exists()
+
+
+def test_full_disk_while_writing_metrics_is_one_line_and_keeps_what_was_there(tmp_path, config_file,  # noqa: F811
+                                                                              monkeypatch, caplog):
+    """The disk fills while csv/metrics.csv is written: raw tracebacks, no last.ckpt and a 0-byte metrics.csv
+    before; now one line naming the file, last.ckpt and the earlier metrics as they were, no file half-written."""
+    import csv
+    import errno
+
+    run = _trained_run(tmp_path, config_file, "disk")
+    before = {name: (run / name).read_bytes() for name in ("csv/metrics.csv", "checkpoints/last.ckpt")}
+    writerows = csv.DictWriter.writerows
+    saves = []
+
+    def filling_disk(self, rows):
+        saves.append(1)
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return writerows(self, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", filling_disk)
+    with caplog.at_level("ERROR", logger="main"):
+        assert train(tmp_path, "--resume", str(run), "--max_steps", "5", *QUIET,
+                     "lightning.trainer.log_every_n_steps=1") == 1
+    (resumed,) = (run / "csv").glob("resumed-*/metrics.csv")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{resumed}: could not be written (the disk is full); nothing was left half-written (the "
+                      "previous file is unchanged)"]
+    assert {name: (run / name).read_bytes() for name in before} == before
+    monkeypatch.setattr(csv.DictWriter, "writerows", writerows)
+    rows = list(csv.DictReader(resumed.open()))
+    assert [int(r["step"]) for r in rows] == [2]  # the one save that went through, whole
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_every_resume_appends_its_own_metrics(tmp_path, config_file):  # noqa: F811
+    """Each resume writes a csv folder of its own; none replaces an earlier one's rows (a requeued Slurm job resumes
+    with the same timestamp every time: ``-1``, ``-2`` are added)."""
+    from ldm.training.trainer import csv_version
+
+    run = _trained_run(tmp_path, config_file, "csv")
+    assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7")
+    (run / "csv" / "resumed-slurm-7").mkdir()
+    assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7-1")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lightning.periodic_checkpoints.evry=3", "lightning.periodic_checkpoints: unknown keys ['evry']"),
+    ("lightning.wandb=maybe", "lightning.wandb must be off, offline or online, got 'maybe'"),
+    ("lightning.callbacks.extra=3", "lightning.callbacks.extra: needs a target")])
+def test_a_late_config_error_leaves_no_empty_run_folder(tmp_path, config_file, capsys, override,  # noqa: F811
+                                                        message):
+    """Errors found while the Trainer is built (after the run folder was claimed) left an empty folder behind."""
+    import main
+
+    rc = main.cli(["--logdir", str(tmp_path / "logs"), "--base", str(config_file), "-t", "--max_steps", "1", *QUIET,
+                   override])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert list((tmp_path / "logs").iterdir()) == []

@@ -319,3 +319,208 @@ def test_two_localhost_nodes_train_in_step_on_disjoint_shards(tmp_path, config_f
     assert len(digests) == 1, "ranks hold different weights"
     (run,) = (tmp_path / "logs").glob("*_ddp")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+_STREAM_SCRIPT = """
+import sys
+from ldm.data.shards import StreamError, StreamLoader, WebDatasetInpainting
+urls, image_key = sys.argv[1].split(","), sys.argv[2] or None
+loader = StreamLoader(WebDatasetInpainting(urls, epoch_size=8, size=32, shuffle_buffer=0, shuffle_shards=False,
+                                           image_key=image_key), batch_size=2, num_workers=2)
+try:
+    for batch in loader:
+        pass
+except StreamError as err:
+    print("StreamError:", err)
+    sys.exit(3)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("case", ["all corrupt", "captions only", "wrong image_key"])
+def test_a_stream_with_no_decodable_sample_stops_with_one_line(tmp_path, case):
+    """Two shards, two workers: worker 1's only shard has no sample that decodes (every image corrupt, captions
+    only, or ``image_key`` naming a suffix the shards lack). The stream stops within a bounded time (it looped
+    forever before) with one line naming the shard and the reason."""
+    good = write_shards(tmp_path / "good", 1, 4).replace("{00000..00000}", "00000")
+    bad = tmp_path / "bad.tar"
+    with wds.TarWriter(str(bad)) as sink:
+        for i in range(4):
+            sample = {"__key__": f"b{i:04d}", "txt": "a caption"}
+            if case == "all corrupt":
+                sample["png"] = b"not an image"
+            sink.write(sample)
+    image_key = "jpg" if case == "wrong image_key" else ""
+    if case == "wrong image_key":  # PNG shards read with image_key jpg: each worker's one shard
+        bad = Path(good)
+    urls = [good, str(bad)]
+    done = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, ",".join(urls), image_key], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 3, done.stdout + done.stderr
+    line = done.stdout.strip()
+    assert "\n" not in line and str(bad) in line and "no usable sample in a whole pass" in line
+    assert f"members found: {'txt' if case == 'captions only' else 'png, txt'};" in line
+    reason = {"all corrupt": "4 errors, first: ", "captions only": "no image member (jpg, jpeg",
+              "wrong image_key": "no image member (jpg) among ['png', 'txt']"}[case]
+    assert reason in line
+
+
+def test_a_stream_of_good_and_bad_shards_goes_on(tmp_path):
+    """A pass with one sample that decodes is not stopped: corrupt samples beside good ones stay data noise."""
+    urls = write_shards(tmp_path / "s", 1, 4, corrupt={(0, 0), (0, 1), (0, 2)})
+    ds = WebDatasetInpainting(urls, epoch_size=5, size=32, shuffle_buffer=0, shuffle_shards=False)
+    names = _names(StreamLoader(ds, batch_size=1))
+    assert names == ["00000.tar#000000003.png"] * 5 and ds.corrupt == 15
+
+
+def test_an_empty_or_mistyped_hf_dataset_is_named_before_the_first_batch(tmp_path):
+    """An empty dataset (saved, or parquet) is named as empty, not datasets' IndexError; an image column of
+    strings is refused when the dataset is built, not at the first batch."""
+    import datasets
+
+    empty = datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()}))
+    empty.save_to_disk(str(tmp_path / "empty"))
+    empty.to_parquet(str(tmp_path / "empty.parquet"))
+    with pytest.raises(ValueError, match=r"empty dataset \(saved with 0 rows\)"):
+        HFDatasetInpainting(path=tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"empty.parquet hold an empty dataset \(0 rows\)"):
+        HFDatasetInpainting(data_files=str(tmp_path / "empty.parquet"))
+    datasets.Dataset.from_dict({"image": ["a.png", "b.png"]}).save_to_disk(str(tmp_path / "strings"))
+    with pytest.raises(ValueError, match=r"image_column: 'image' of .*strings holds .*string.*not images"):
+        HFDatasetInpainting(path=tmp_path / "strings")
+    datasets.Dataset.from_dict({"image": [{"bytes": _png(np.zeros((4, 4, 3), np.uint8)), "path": "x.png"}]}
+                               ).save_to_disk(str(tmp_path / "struct"))
+    assert HFDatasetInpainting(path=tmp_path / "struct", **VALIDATION)[0]["image"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("node_rank, missing", [("1", "MASTER_ADDR and MASTER_PORT not set"),
+                                                ("2", "NODE_RANK=2 is outside the world of --num_nodes 2")])
+def test_a_node_started_wrong_is_refused_at_once(tmp_path, config_file, node_rank, missing):  # noqa: F811
+    """``NODE_RANK=1 --num_nodes 2`` without MASTER_ADDR waited 30 minutes at "Initializing distributed";
+    ``NODE_RANK=2`` of 2 nodes was not refused. Now one line naming what is wrong, before any folder is made."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE",
+                                                                    "LOCAL_RANK", "LDM_"))}
+    env.update(NODE_RANK=node_rank, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "--base", str(config_file), "-t", "--num_nodes",
+                           "2", "--logdir", str(tmp_path / "logs"), "--wandb", "off"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and missing in last
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_bounded_wait_for_nodes_that_never_arrive(monkeypatch):
+    """The process group of a run across nodes waits LDM_DIST_TIMEOUT seconds (default 600), not torch's 30
+    minutes; a bad value is named."""
+    from ldm.training import cluster
+    from ldm.training.trainer import build_trainer_kwargs, check_devices
+
+    opt = main.get_parser().parse_args(["--num_nodes", "2"])
+    for key in ("SLURM_NTASKS", "SLURM_JOB_ID", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("NODE_RANK", "1")
+    kwargs, world = build_trainer_kwargs(opt, OmegaConf.create())
+    strategy = cluster.with_timeout(kwargs["strategy"])  # what the Trainer gets
+    assert world == 2 and strategy._timeout.total_seconds() == cluster.DEFAULT_DIST_TIMEOUT
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+    monkeypatch.setenv(cluster.DIST_TIMEOUT_ENV, "45")
+    assert cluster.with_timeout("ddp")._timeout.total_seconds() == 45
+    monkeypatch.setenv(cluster.DIST_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="LDM_DIST_TIMEOUT='soon': expected a positive number of seconds"):
+        check_devices(opt, kwargs)
+
+
+def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_metrics(
+        tmp_path, config_file, monkeypatch):  # noqa: F811
+    """Three incarnations of Slurm job 4242, one command line:
+    1. SIGUSR1 during setup (it killed the job with nothing saved): last.ckpt after the first batch, requeued, 138;
+    2. after a hard kill that left only a periodic checkpoint (it started slurm-4242-1_job from step 0): the same
+       folder continues from it, and SIGUSR1 at step 2 requeues again;
+    3. the last requeue finishes. One run folder, every step once, and the metrics of all three kept (the second
+       requeue deleted the first one's rows)."""
+    from ldm.training.callbacks import SetupCallback
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1",
+                       "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost", "SLURM_CPUS_ON_NODE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(main.RUN_TIMESTAMP_ENV, raising=False)
+    urls = write_shards(tmp_path / "shards", 2, 4)
+    cfg = _data_config(config_file, _shards_train(urls, 8), tmp_path / "slurm.yaml")
+    record = tmp_path / "slurm.jsonl"
+    command = ["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(cfg), "-n", "job", "-t",
+               "--max_steps", "5", "lightning.callbacks.image_logger.params.disabled=true",
+               "lightning.trainer.log_every_n_steps=1",
+               "lightning.callbacks.recorder.target=tests.test_scale.SignalRecorder",
+               f"lightning.callbacks.recorder.params.path={record}",
+               "lightning.callbacks.recorder.params.kill_at=2", f"lightning.callbacks.recorder.params.signum="
+               f"{int(signal.SIGUSR1)}"]
+    setup, sent = SetupCallback.setup, []
+
+    def signal_during_setup(self, trainer, pl_module, stage):
+        setup(self, trainer, pl_module, stage)
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(SetupCallback, "setup", signal_during_setup)
+    swallowed = []  # without the run's handler SIGUSR1 would end pytest itself; this one only notes it
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: swallowed.append(signum))
+    try:
+        assert main.main(command) == 128 + signal.SIGUSR1
+        assert swallowed == [] and calls.read_text().split() == ["requeue", "4242"]
+        (run,) = (tmp_path / "logs").iterdir()
+        ckpts = run / "checkpoints"
+        assert run.name == "slurm-4242_job" and run_folder_step(ckpts / "last.ckpt") == 1
+        (ckpts / "last.ckpt").rename(ckpts / "periodic-e000000-s000000001.ckpt")  # a hard kill: no last.ckpt
+        assert main.main(command) == 128 + signal.SIGUSR1
+        assert [p.name for p in (tmp_path / "logs").iterdir()] == ["slurm-4242_job"]
+        assert run_folder_step(ckpts / "last.ckpt") == 3
+        assert main.main(command) == 0
+        assert signal.getsignal(signal.SIGUSR1) is not None and swallowed == []
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["slurm-4242_job"]
+    assert [r["step"] for r in _steps(Path(f"{record}.rank0"))] == list(range(5))
+    assert run_folder_step(ckpts / "last.ckpt") == 5
+    import csv
+
+    metrics = {str(p.relative_to(run)): sorted({int(row["step"]) for row in csv.DictReader(p.open())})
+               for p in sorted(run.glob("csv/**/metrics.csv"))}
+    # every incarnation's rows, each in a folder of its own: step 0 (the first batch), 1..2, 3..4
+    assert metrics == {"csv/metrics.csv": [0], "csv/resumed-slurm-4242/metrics.csv": [1, 2],
+                       "csv/resumed-slurm-4242-1/metrics.csv": [3, 4]}
+
+
+def run_folder_step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_main_on_shards_without_images_stops_with_one_line(tmp_path, config_file):  # noqa: F811
+    """Through main.py: caption-only shards never produced a batch and the run waited forever (SIGTERM then waited
+    for that batch too); now exit status 2 with one line naming the shard, within a bounded time."""
+    shard = tmp_path / "captions.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"c{i:04d}", "txt": "a caption"})
+    train = _shards_train(str(shard), 4)
+    train["params"]["shuffle_buffer"] = 0
+    cfg = _data_config(config_file, train, tmp_path / "captions.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LDM_"))}
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "--base", str(cfg), "-t", "--max_steps", "2",
+                           "--logdir", str(tmp_path / "logs"), "--wandb", "off",
+                           "lightning.callbacks.image_logger.params.disabled=true"], cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: WebDatasetInpainting rank 0 worker 0: no usable sample in a whole pass over 1 "
+                           f"shard(s) ({shard}): 4 samples read, none decoded; members found: txt;"), last

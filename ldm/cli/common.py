@@ -66,8 +66,8 @@ def prepare_outdir(path: PathLike, flag: str = "--outdir", create: bool = True) 
             raise InputError(f"{flag} {path}: cannot write there{where}: {e.strerror or e}; nothing was "
                              "computed") from None
         if existing == path:
-            for stale in remove_stale_temporaries(path, recursive=False, shared=True):
-                log.info("removed %s, left by a killed write", stale)
+            for stale in remove_stale_temporaries(path, recursive=False):
+                log.warning("removed %s, left by a killed write", stale)
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -131,6 +131,7 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
     failed = len(problems)  # bad input
     errors = 0  # a good pair whose sampling or writing failed; the others still run
     written = 0
+    kept_theirs = 0  # pairs whose outputs another run wrote while this one computed them
     if todo:
         try:
             inpaint_one = setup(device)
@@ -147,6 +148,7 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
                 continue
             try:
                 # all n_samples are drawn even when some are kept: sample k depends on the whole batch and the seed
+                theirs = 0
                 for array, path in zip(inpaint_one(image, mask), paths):
                     if path in keep:
                         continue
@@ -154,6 +156,7 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
                         write_png(array, path, overwrite=opt.overwrite)
                     except FileExistsError:  # another run wrote it meanwhile: theirs is kept
                         tqdm.write(f"kept: {path}, written by another run meanwhile", file=sys.stderr)
+                        theirs += 1
             except NonFiniteError as e:  # a damaged checkpoint or float16 overflow: every pair would fail alike
                 print(f"error: {pair.image} with {model_flags(opt)}: {e}; stopped", file=sys.stderr)
                 return 1
@@ -164,7 +167,11 @@ def run_pairs(opt: argparse.Namespace, check: Check, setup: Setup) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            written += 1
-    print(f"{written} written, {len(pairs) - len(todo)} already there, {failed} skipped for bad input, {errors} "
-          f"failed; outputs in {opt.outdir}")
+            if theirs == len(paths) - len(keep):
+                kept_theirs += 1
+            else:
+                written += 1
+    print(f"{written} written, {len(pairs) - len(todo) + kept_theirs} already there"
+          f"{f' ({kept_theirs} written by another run meanwhile)' if kept_theirs else ''}, {failed} skipped for bad "
+          f"input, {errors} failed; outputs in {opt.outdir}")
     return 1 if failed or errors else 0

@@ -5,10 +5,18 @@ A map-style dataset, so the DataModule's sampler shards it between DDP ranks and
 an image folder. The image column is read undecoded (``Image(decode=False)``: the encoded bytes) and decoded by the
 project's one image rule (:func:`ldm.image_io.open_image`: EXIF orientation, size limit, modes), then goes through
 :class:`~ldm.data.inpainting.InpaintingTransform`, the per-sample recipe of every data source.
+
+Checked when the dataset is built, before any batch: a dataset of no rows is named as empty, and the image column
+must hold encoded images (an ``Image`` feature, binary values, or a struct of ``bytes`` / ``path``).
+
+Parquet and arrow files are read through ``datasets.load_dataset``, which converts them once into Arrow files of its
+cache (``HF_DATASETS_CACHE``, by default ``~/.cache/huggingface/datasets``) and reuses them later; the log names
+that folder. A ``save_to_disk`` folder is read where it is, without a copy.
 """
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from pathlib import Path
@@ -47,6 +55,10 @@ def load_hf_dataset(path: Optional[PathLike] = None, data_files: Union[None, str
             ds = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"path: {path} is not a save_to_disk folder ({err})") from None
+        except IndexError:  # datasets' own error for a saved dataset without data files
+            if not _saved_without_rows(path):
+                raise
+            raise ValueError(f"path: {path} is an empty dataset (saved with 0 rows)") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"split: {split!r} not in {path} (splits: {sorted(ds)})")
@@ -59,7 +71,44 @@ def load_hf_dataset(path: Optional[PathLike] = None, data_files: Union[None, str
     kinds = {FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
         raise ValueError(f"data_files: expected only .parquet or only .arrow files, got {files[:3]}")
-    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    log.info("reading %d %s file(s) through the datasets cache (%s): converted to Arrow there once", len(files),
+             next(iter(kinds)), datasets.config.HF_DATASETS_CACHE)
+    try:
+        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        raise ValueError(f"data_files: {files[0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''} "
+                         "hold an empty dataset (0 rows)") from None
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """A ``save_to_disk`` folder (or one of its splits) that lists no data files: a dataset of 0 rows."""
+    for state in [path / "state.json", *path.glob("*/state.json")]:
+        try:
+            if not json.loads(state.read_text()).get("_data_files"):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _check_image_column(features: Any, column: str, where: str) -> None:
+    """``ValueError`` unless ``features[column]`` can hold encoded images: an ``Image`` feature, binary values, or
+    a struct with ``bytes`` and / or ``path`` (binary / string)."""
+    import datasets
+
+    feature = features[column]
+    if isinstance(feature, datasets.Image):
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"):
+        return
+    if isinstance(feature, dict) and feature and set(feature) <= {"bytes", "path"}:
+        kinds = {"bytes": ("binary", "large_binary"), "path": ("string", "large_string")}
+        if all(isinstance(f, datasets.Value) and f.dtype in kinds[k] for k, f in feature.items()):
+            return
+    raise ValueError(f"image_column: {column!r} of {where} holds {feature}, not images (an Image feature, binary "
+                     "values, or a struct of bytes / path)")
 
 
 class HFDatasetInpainting(Dataset):
@@ -86,13 +135,17 @@ class HFDatasetInpainting(Dataset):
         self.transform = InpaintingTransform(size, mask_config, no_mask_prob, random_crop, min_crop_frac)
         self.seed = check_seed(seed)
         ds = load_hf_dataset(path, data_files, split)
+        source = str(path if path is not None else data_files)
         if image_column not in ds.column_names:
             raise ValueError(f"image_column: no column {image_column!r} (columns: {ds.column_names})")
+        if len(ds) == 0:
+            raise ValueError(f"{source} is an empty dataset (0 rows)")
+        _check_image_column(ds.features, image_column, source)
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.data = ds.select_columns([image_column])
         self.image_column = image_column
-        self.source = str(path if path is not None else data_files)
+        self.source = source
         self.fixed_masks = bool(fixed_masks)
         self.max_pixels = max_pixels
         self._warned: set = set()

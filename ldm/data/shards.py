@@ -24,7 +24,10 @@ The stream of one epoch is a pure function of ``(seed, epoch, rank, worker)``:
 Corrupt samples (an unreadable tar member or an image that does not decode) are skipped, the first 20 of a
 process logged with their shard and key, and all counted: every worker logs its count at the end of its epoch, and
 ``corrupt`` on the dataset holds it in the process that read it. They never stop training; a full pass over a
-process's shards without a single good sample does (a wrong URL pattern, not data noise).
+process's shards without a single sample that decodes does (a wrong URL pattern or ``image_key``, caption-only
+shards, shards of nothing but corrupt images: not data noise). That is a :class:`StreamError`, one line naming the
+process's shards and the reason (the members found, the decode errors), raised in the worker that met it; the
+loader re-raises it in the main process as the same one line.
 
 Resume (:class:`StreamLoader`): a checkpoint records the epoch and the batches this rank consumed; the resumed
 loader rebuilds the same streams and each worker skips the samples it had delivered (read, not decoded). That is
@@ -83,6 +86,50 @@ def open_url(url: str) -> Any:
     return fsspec.open(url, "rb").open()
 
 
+class StreamError(ValueError):
+    """A stream that can never deliver a sample (a whole pass over a process's shards without one that decodes).
+
+    Raised in a DataLoader worker, it comes back to the main process through torch's re-raise, which builds the
+    exception anew from the worker's whole traceback text; the message is cut back to its own last line here, so
+    the user sees one line wherever it was raised."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if "\nOriginal Traceback" in message and marker in message:  # torch's ExceptionWrapper.reraise
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class _Pass:
+    """What one pass over a process's shards found: samples read and decoded, member suffixes, errors."""
+
+    def __init__(self, urls: Sequence[str]):
+        self.urls = list(urls)
+        self.read = self.good = self.errors = 0
+        self.members: set = set()
+        self.first_error: Optional[str] = None
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = what
+
+    def error(self, where: str) -> StreamError:
+        shards = ", ".join(self.urls[:3]) + (f" and {len(self.urls) - 3} more" if len(self.urls) > 3 else "")
+        if self.read == 0:
+            why = "no sample could be read" + (f" ({self.errors} read errors, first: {self.first_error})"
+                                               if self.errors else "")
+        else:
+            members = ", ".join(sorted(self.members)) or "none"
+            why = (f"{self.read} samples read, none decoded; members found: {members}; {self.errors} errors, "
+                   f"first: {self.first_error}")
+        return StreamError(f"{where}: no usable sample in a whole pass over {len(self.urls)} shard(s) ({shards}): "
+                           f"{why}; check urls and image_key")
+
+
+_END_OF_PASS = object()  # yielded by WebDatasetInpainting._raw_samples after each pass
+
+
 class _CorruptCounter:
     """webdataset's error handler: log (the first few), count, continue."""
 
@@ -137,6 +184,7 @@ class WebDatasetInpainting(IterableDataset):
         self.epoch, self.rank, self.world_size, self.num_workers = 0, 0, 1, 0
         self.skip: List[int] = []  # samples each worker skips at the start of this epoch (resume)
         self.corrupt = 0
+        self._pass: Optional[_Pass] = None  # the pass over the shards now read (in the process that reads)
         log.info("%s: %d shards from %s, %d samples per epoch", type(self).__name__, len(self.urls),
                  self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} .. {self.urls[-1]}", epoch_size)
 
@@ -163,6 +211,8 @@ class WebDatasetInpainting(IterableDataset):
 
     def note_corrupt(self, what: str) -> None:
         self.corrupt += 1
+        if self._pass is not None:
+            self._pass.failed(what)
         if self.corrupt <= _MAX_CORRUPT_WARNINGS:
             suffix = " (further corrupt-sample warnings suppressed; the count goes on)" \
                 if self.corrupt == _MAX_CORRUPT_WARNINGS else ""
@@ -174,9 +224,10 @@ class WebDatasetInpainting(IterableDataset):
             random.Random(f"{self.seed}-{self.epoch}").shuffle(urls)
         return urls
 
-    def _raw_samples(self, worker: int) -> Iterator[Dict[str, Any]]:
-        """This process's undecoded samples, pass after pass over its shards without end. Each pass goes through
-        the shuffle buffer on its own, so an epoch that fits in one pass sees no sample twice."""
+    def _raw_samples(self, worker: int) -> Iterator[Any]:
+        """This process's undecoded samples, pass after pass over its shards without end; after each pass its
+        :class:`_Pass` (the read errors counted in it). Each pass goes through the shuffle buffer on its own, so an
+        epoch that fits in one pass sees no sample twice."""
         urls = self._shard_order()
         slot = self.rank * max(self.num_workers, 1) + worker
         split_samples = len(urls) < self.slots
@@ -184,20 +235,20 @@ class WebDatasetInpainting(IterableDataset):
             # webdataset's split_by_node with the rank given by the loader (in a worker process neither the
             # environment nor torch.distributed need say it), then its split_by_worker
             urls = list(split_by_worker(itertools.islice(urls, self.rank, None, self.world_size)))
-        handler = _CorruptCounter(self)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         while True:
-            found = False
+            self._pass = _Pass(urls)
+            handler = _CorruptCounter(self)
             samples = group_by_keys(tar_file_expander(_opened(urls, handler), handler=handler), handler=handler)
             if split_samples:
                 samples = itertools.islice(samples, slot, None, self.slots)
             if self.shuffle_buffer > 1:
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
             for sample in samples:
-                found = True
+                self._pass.read += 1
+                self._pass.members.update(k for k in sample if not k.startswith("__"))
                 yield sample
-            if not found:
-                raise RuntimeError(f"no readable sample in {len(urls)} shard(s) from {urls[0]}: check urls")
+            yield _END_OF_PASS
 
     def _image_bytes(self, sample: Dict[str, Any]) -> Tuple[str, bytes]:
         keys = (self.image_key,) if self.image_key else IMAGE_KEYS
@@ -229,14 +280,27 @@ class WebDatasetInpainting(IterableDataset):
         n = self.samples_per_worker
         skip = min(self.skip[worker] if worker < len(self.skip) else 0, n)
         raw = self._raw_samples(worker)
+        where = f"{type(self).__name__} rank {self.rank} worker {worker}"
         corrupt_before = self.corrupt
+
+        def next_sample() -> Dict[str, Any]:
+            """The next raw sample; a pass that ended without one that decoded stops the stream."""
+            while True:
+                sample = next(raw)
+                if sample is not _END_OF_PASS:
+                    return sample
+                if self._pass.good == 0:
+                    raise self._pass.error(where)
+
         for _ in range(skip):  # a resumed epoch: the samples delivered before the stop, read and not decoded
-            next(raw)
+            next_sample()
+            self._pass.good += 1  # delivered before the stop: decoded then
         delivered, position = skip, skip
         while delivered < n:
-            example = self._decode(next(raw), position, worker)
+            example = self._decode(next_sample(), position, worker)
             position += 1
             if example is not None:
+                self._pass.good += 1
                 delivered += 1
                 yield example
         if self.corrupt > corrupt_before:

@@ -39,8 +39,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SetupCallback(Callback):
-    """Creates the run directory and writes the merged configs (``configs/<now>-project.yaml``,
-    ``configs/<now>-lightning.yaml``) before training starts, on rank 0."""
+    """Creates the run directory (at setup) and writes the merged configs (``configs/<now>-project.yaml``,
+    ``configs/<now>-lightning.yaml``) when training starts, after the model and its checkpoint loaded; rank 0."""
 
     def __init__(self, resume: Any, now: str, logdir: PathLike, ckptdir: PathLike, cfgdir: PathLike,
                  config: Union[DictConfig, Mapping], lightning_config: Union[DictConfig, Mapping]):
@@ -56,9 +56,16 @@ class SetupCallback(Callback):
             return
         for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
             d.mkdir(parents=True, exist_ok=True)
-        # a run killed while writing (e.g. a 5 GB checkpoint) leaves its temporary file; nobody else writes here
+        # a run killed while writing (e.g. a 5 GB checkpoint) leaves its temporary file; the run folder's lock
+        # keeps other trainings out
         for path in remove_stale_temporaries(self.logdir):
             log.info("removed %s, left by an interrupted write", path)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The configs are written only now, when the model and the checkpoint it resumes from have loaded: a
+        ``--resume RUN --base other.yaml`` that does not fit the run leaves ``RUN/configs`` as it was."""
+        if trainer.global_rank != 0:
+            return
         project = OmegaConf.create(self.config)
         lightning = OmegaConf.create({"lightning": self.lightning_config})
         for name, cfg in (("project", project), ("lightning", lightning)):
@@ -103,27 +110,48 @@ class StopOnSignal(Callback):
     between processes so that all of them stop at the same batch.
     """
 
+    signals = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, ckpt_path: PathLike):
         super().__init__()
         self.ckpt_path = Path(ckpt_path)
         self.received: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
+        self._previous: Dict[int, Any] = {}  # Lightning's handlers, replaced during training
+        self._original: Dict[int, Any] = {}  # the process's own, before install()
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("received %s: saving %s after this batch and stopping (Ctrl-C again to abort)",
-                    signal.Signals(signum).name, self.ckpt_path)
+        log.warning("received %s: saving %s after the %s batch and stopping (Ctrl-C again to abort)",
+                    signal.Signals(signum).name, self.ckpt_path,
+                    "current" if self._previous else "first")
+
+    def _install(self, store: Dict[int, Any]) -> None:
+        for signum in self.signals:
+            try:
+                store[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+                log.info("%s: cannot install signal handlers outside the main thread", type(self).__name__)
+                return
+
+    def install(self) -> None:
+        """Answer the signals from now on, before training starts (main.py: as soon as the run folder exists). A
+        signal that comes during setup is kept, and the run stops after its first batch with ``last.ckpt``;
+        :meth:`release` puts the process's handlers back."""
+        if not self._original:
+            self._install(self._original)
+
+    def release(self) -> None:
+        """The handlers from before :meth:`install` (main.py, when the run is over)."""
+        self._restore_handlers()
+        for signum, handler in self._original.items():
+            signal.signal(signum, handler)
+        self._original.clear()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # installed after Lightning's own SIGTERM handler, which would only stop the run without saving
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handler)
-            except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
-                log.info("StopOnSignal: cannot install signal handlers outside the main thread")
-                return
+        self._install(self._previous)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -137,6 +165,10 @@ class StopOnSignal(Callback):
                 if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None \
                         and Path(callback.dirpath).resolve() == self.ckpt_path.parent.resolve():
                     callback.last_model_path = str(self.ckpt_path)
+            # this batch's metrics row, which the loop would log after this hook (the resumed run does not redo
+            # the batch): Lightning's own two calls that follow on_train_batch_end
+            trainer._logger_connector.on_batch_end()
+            trainer._logger_connector.update_train_step_metrics()
             trainer.save_checkpoint(self.ckpt_path)
             log.warning("saved %s at global step %d; stopping", self.ckpt_path, trainer.global_step)
             if self.received is None:

@@ -11,10 +11,14 @@ line finds its run folder (``<logdir>/slurm-<job id>[_<name>]``) and continues f
 
 Without Slurm, several machines are started by hand, one ``main.py`` per node with the same command line and
 ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` (and the same ``LDM_RUN_TIMESTAMP``, so that all name one run
-folder) in the environment: Lightning's default environment reads them.
+folder) in the environment: Lightning's default environment reads them. :func:`check_distributed_environment`
+checks them before anything is built (a missing ``MASTER_ADDR`` would otherwise wait 30 minutes at "Initializing
+distributed", a rank outside the world would never be refused), and the process group gets a bounded timeout
+(:data:`DIST_TIMEOUT_ENV`, default :data:`DEFAULT_DIST_TIMEOUT` seconds) for nodes that never arrive.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -27,6 +31,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from ..training.callbacks import StopOnSignal, TrainingStopped
+from ..training.run_folder import run_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,79 @@ def run_timestamp(default: str) -> str:
 
 
 def requeued_run(logdir: Path) -> bool:
-    """Whether a new Slurm run's folder already holds ``checkpoints/last.ckpt``: the job was requeued and continues
-    there (main.py then resumes that folder)."""
-    return slurm_job_id() is not None and (Path(logdir) / "checkpoints" / "last.ckpt").is_file()
+    """Whether a new Slurm run's folder already holds a complete checkpoint of any kind (``last.ckpt``,
+    ``periodic-*.ckpt``, a best one: a hard kill may have left only a periodic one): the job was requeued and
+    continues there, main.py then resumes that folder from its newest checkpoint by the step stored inside."""
+    return slurm_job_id() is not None and bool(run_checkpoints(Path(logdir) / "checkpoints"))
+
+
+# seconds a node waits for the others at the start (and torch.distributed's collective timeout); torch's default
+# is 30 minutes, spent with no word when a node was started wrong
+DIST_TIMEOUT_ENV = "LDM_DIST_TIMEOUT"
+DEFAULT_DIST_TIMEOUT = 600
+
+
+def dist_timeout(env: Optional[Mapping[str, str]] = None) -> int:
+    env = os.environ if env is None else env
+    text = env.get(DIST_TIMEOUT_ENV, "") or str(DEFAULT_DIST_TIMEOUT)
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return seconds
+
+
+# Lightning's names of plain DDP -> find_unused_parameters
+_DDP_STRATEGIES = {"ddp": False, "ddp_find_unused_parameters_false": False, "ddp_find_unused_parameters_true": True}
+
+
+def with_timeout(strategy: Any) -> Any:
+    """A DDP strategy named by Lightning's string as the strategy object with :func:`dist_timeout`: nodes that
+    never arrive end the start after a bounded wait, not torch's 30 minutes. Any other strategy is returned as it
+    is (a config that names its own strategy object sets its own timeout)."""
+    if not isinstance(strategy, str) or strategy not in _DDP_STRATEGIES:
+        return strategy
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(find_unused_parameters=_DDP_STRATEGIES[strategy],
+                       timeout=datetime.timedelta(seconds=dist_timeout()))
+
+
+def check_distributed_environment(num_nodes: int, env: Optional[Mapping[str, str]] = None) -> None:
+    """The variables a run across processes needs, checked before anything is built: a ``ValueError`` naming
+    what is missing or wrong. Slurm gives them itself; torchrun gives ``RANK`` / ``WORLD_SIZE`` /
+    ``MASTER_ADDR``; nodes started by hand need ``MASTER_ADDR``, ``MASTER_PORT`` and a ``NODE_RANK`` in
+    ``0 .. num_nodes - 1``."""
+    env = os.environ if env is None else env
+    if slurm_job_id(env) is not None:
+        return
+    if env.get("RANK") and env.get("WORLD_SIZE"):  # torchrun / torch.distributed.launch
+        rank, world = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
+        if not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} is outside the world of WORLD_SIZE={world} processes (0 .. {world - 1})")
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing and world > 1:
+            raise ValueError(f"RANK={rank} of WORLD_SIZE={world}: {' and '.join(missing)} not set; every process "
+                             "needs the address and port of rank 0")
+        return
+    node_rank = _int_var(env, "NODE_RANK") if env.get("NODE_RANK") else 0
+    if not 0 <= node_rank < num_nodes:
+        raise ValueError(f"NODE_RANK={node_rank} is outside the world of --num_nodes {num_nodes} (node ranks 0 .. "
+                         f"{num_nodes - 1})")
+    if num_nodes > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise ValueError(f"--num_nodes {num_nodes} (NODE_RANK={node_rank}): {' and '.join(missing)} not set; "
+                             "every node needs the address and a free port of node 0 in MASTER_ADDR and MASTER_PORT")
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r}: expected an integer") from None
 
 
 def plugins() -> List[Any]:
@@ -90,12 +165,7 @@ class RequeueOnSignal(StopOnSignal):
     """:class:`StopOnSignal` that also answers Slurm's warning signal (SIGUSR1): after the current batch every rank
     saves ``last.ckpt``, rank 0 requeues the job, and the run stops (exit status 128 + 10)."""
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        try:
-            self._previous[REQUEUE_SIGNAL] = signal.signal(REQUEUE_SIGNAL, self._handler)
-        except ValueError:  # not the main thread
-            pass
+    signals = (signal.SIGINT, signal.SIGTERM, REQUEUE_SIGNAL)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

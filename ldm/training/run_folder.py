@@ -9,8 +9,9 @@ import itertools
 import json
 import logging
 import os
+import socket
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +40,8 @@ class RunFolder:
     resume: Optional[Path]
     configs: List[str]
     new: bool
+    lock: Optional["RunLock"] = None  # held by the process that trains here (rank 0), from take_run_folder on
+    claimed: bool = False  # this process made the folder (take_run_folder): removed again if the run never starts
 
 
 def resolve_run(opt: argparse.Namespace, now: str) -> RunFolder:
@@ -197,5 +200,87 @@ def take_run_folder(folder: RunFolder) -> RunFolder:
     if folder.new:
         path, now = claim_run_folder(folder.path, folder.now)
         log.info("run folder %s", path)
-        return dataclasses.replace(folder, path=path, now=now, new=False)
-    return folder
+        folder = dataclasses.replace(folder, path=path, now=now, new=False, claimed=True)
+    elif _external_rank() > 0:
+        return folder  # rank 0 of this run holds the lock
+    return dataclasses.replace(folder, lock=RunLock.acquire(folder.path))
+
+
+LOCK_NAME = "training.lock"
+
+
+class RunLock:
+    """One process at a time trains in a run folder: ``<run>/training.lock`` names its holder (pid, host and
+    Slurm job). A lock whose holder is gone (its pid no longer runs on this host, or an earlier run of the same
+    Slurm job, which Slurm never runs twice at once) is taken over, with a line saying so; a live holder, or one
+    on another host that cannot be checked, is a ``ValueError`` naming it."""
+
+    def __init__(self, path: Path, holder: Dict[str, Any]):
+        self.path, self.holder = path, holder
+
+    @staticmethod
+    def me() -> Dict[str, Any]:
+        from .cluster import slurm_job_id
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job_id()}
+
+    @classmethod
+    def acquire(cls, run: Path) -> "RunLock":
+        path = Path(run) / LOCK_NAME
+        me = cls.me()
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                why = _gone(holder, me)
+                if why is None:
+                    raise ValueError(f"{run} is in use: another training holds {path} (pid {holder.get('pid')} on "
+                                     f"host {holder.get('host')}{_job(holder)}); wait for it to finish, or delete "
+                                     f"{path} if that process is gone") from None
+                log.warning("taking over %s: its holder (pid %s on host %s%s) %s", path, holder.get("pid"),
+                            holder.get("host"), _job(holder), why)
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return cls(path, me)
+        raise ValueError(f"{run}: could not take {path} (other processes keep taking it)")
+
+    def release(self) -> None:
+        """Remove the lock, if it is still this process's."""
+        if _read_lock(self.path).get("pid") == self.holder["pid"] and \
+                _read_lock(self.path).get("host") == self.holder["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> Dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}  # vanished, or a torn write of a killed process
+
+
+def _job(holder: Dict[str, Any]) -> str:
+    return f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+
+
+def _gone(holder: Dict[str, Any], me: Dict[str, Any]) -> Optional[str]:
+    """Why the lock's holder is known to be gone, or None when it may still run."""
+    if not holder:
+        return "left an unreadable lock file"
+    if me["slurm_job"] is not None and holder.get("slurm_job") == me["slurm_job"]:
+        return "was an earlier run of this Slurm job (requeued)"
+    if holder.get("host") != me["host"]:
+        return None
+    pid = holder.get("pid")
+    if pid == me["pid"]:
+        return "was this process (an earlier run that ended without releasing it)"
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return "is no longer running"
+    except (OSError, TypeError, ValueError):
+        return None
+    return None

@@ -3,6 +3,7 @@ data, checkpoints, loggers and callbacks."""
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 from pathlib import Path
@@ -13,10 +14,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter as _CSVExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from ..util import instantiate_from_config
+from ..util import instantiate_from_config, write_atomically
 from . import cluster
-from .callbacks import AtomicCheckpointIO, EpochLastCheckpoint
+from .callbacks import AtomicCheckpointIO, EpochLastCheckpoint, StopOnSignal
 from .run_folder import RunFolder
 
 log = logging.getLogger("main")
@@ -65,7 +68,11 @@ def config_devices(accelerator: str, devices: Any) -> Tuple[Any, int]:
 
 
 def check_devices(opt: argparse.Namespace, trainer_kwargs: Mapping[str, Any]) -> None:
-    """GPUs asked for on a machine without CUDA: a ``ValueError`` naming the flag (or config key) that asked."""
+    """GPUs asked for on a machine without CUDA: a ``ValueError`` naming the flag (or config key) that asked. A run
+    across nodes without the variables that join them (:func:`cluster.check_distributed_environment`), or a bad
+    ``LDM_DIST_TIMEOUT``: a ``ValueError`` naming the variable."""
+    cluster.check_distributed_environment(int(trainer_kwargs.get("num_nodes", 1)))
+    cluster.dist_timeout()
     if trainer_kwargs.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         asked = f"--gpus {opt.gpus}" if opt.gpus is not None else (
             f"lightning.trainer.accelerator={trainer_kwargs['accelerator']}")
@@ -93,14 +100,67 @@ def periodic_checkpoints(ckptdir: Path, config: DictConfig) -> List[ModelCheckpo
                             save_last=False, enable_version_counter=False, **when)]
 
 
+class _AtomicCSVWriter(_CSVExperimentWriter):
+    """Lightning's CSV writer, changed in two ways: an existing ``metrics.csv`` is never deleted, and each save
+    rewrites the whole file atomically (``ldm.util.write_atomically``), so a full disk leaves the previous file
+    and raises a one-line :class:`~ldm.util.WriteError` instead of a truncated file."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # Lightning deletes metrics.csv of a folder it reuses
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        path = Path(self.metrics_file_path)
+        rows: List[Dict[str, Any]] = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self.metrics_keys.extend(sorted({k for row in rows for k in row} - set(self.metrics_keys)))
+        rows += self.metrics
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        write_atomically(path, write)
+        self.metrics = []
+
+
+class AppendingCSVLogger(CSVLogger):
+    """:class:`CSVLogger` with :class:`_AtomicCSVWriter`: metrics history is appended, never replaced."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AtomicCSVWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def csv_version(logdir: Path, now: str) -> str:
+    """``csv`` for a run's first training; a resumed or requeued one writes ``csv/resumed-<now>`` (a requeued Slurm
+    job's ``now`` is the same every time: ``-1``, ``-2`` ... are added), a folder of its own."""
+    if not (logdir / "csv" / "metrics.csv").exists():
+        return "csv"
+    for n in range(10_000):
+        name = f"resumed-{now}" + (f"-{n}" if n else "")
+        if not (logdir / "csv" / name).exists():
+            return os.path.join("csv", name)
+    raise ValueError(f"{logdir / 'csv'}: 10000 resumed-{now}* folders already")
+
+
 def make_loggers(mode: str, logdir: Path, nowname: str, now: str, config: DictConfig) -> List[Any]:
     """CSV always; wandb unless ``mode == "off"``, and only if it starts (it is never required).
 
-    CSV rows go to ``csv/metrics.csv``; a resumed run writes ``csv/resumed-<now>/metrics.csv`` instead, since
-    Lightning's CSV writer deletes the metrics file of a folder it reuses.
+    CSV rows go to ``csv/metrics.csv``; a resumed run writes ``csv/resumed-<now>[-N]/metrics.csv`` instead
+    (:func:`csv_version`), so no earlier row is ever lost.
     """
-    csv_version = "csv" if not (logdir / "csv" / "metrics.csv").exists() else os.path.join("csv", f"resumed-{now}")
-    loggers: List[Any] = [CSVLogger(save_dir=str(logdir), name="", version=csv_version)]
+    loggers: List[Any] = [AppendingCSVLogger(save_dir=str(logdir), name="", version=csv_version(logdir, now))]
     if mode == "off":
         return loggers
     try:
@@ -199,7 +259,36 @@ def build_model_and_data(opt: argparse.Namespace, config: DictConfig, trainer_kw
 
 def build_trainer(opt: argparse.Namespace, folder: RunFolder, config: DictConfig, lightning_config: DictConfig,
                   trainer_kwargs: Dict[str, Any], model: pl.LightningModule) -> pl.Trainer:
-    """Step 5: callbacks (setup, images, last / periodic / best checkpoints, signals), loggers and the Trainer."""
+    """Step 5: callbacks (setup, images, last / periodic / best checkpoints, signals), loggers and the Trainer.
+    The signal handlers are in place from here on (:meth:`StopOnSignal.install`); :func:`release_run` ends them."""
+    stop = cluster.stop_callback(folder.path / "checkpoints" / "last.ckpt")
+    stop.install()  # the run folder exists: a signal from now on saves last.ckpt (after the first batch)
+    try:
+        return _build_trainer(opt, folder, config, lightning_config, trainer_kwargs, model, stop)
+    except BaseException:
+        release_run(folder, stop)
+        if folder.claimed:  # a config error found this late leaves no empty run folder behind
+            try:
+                folder.path.rmdir()
+            except OSError:
+                pass  # something was written there after all: kept
+        raise
+
+
+def release_run(folder: RunFolder, stop: Optional[StopOnSignal]) -> None:
+    """The end of a run in this process: the signal handlers from before, the run folder's lock released."""
+    if stop is not None:
+        stop.release()
+    if folder.lock is not None:
+        folder.lock.release()
+
+
+def stop_callback_of(trainer: pl.Trainer) -> Optional[StopOnSignal]:
+    return next((c for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
+
+
+def _build_trainer(opt: argparse.Namespace, folder: RunFolder, config: DictConfig, lightning_config: DictConfig,
+                   trainer_kwargs: Dict[str, Any], model: pl.LightningModule, stop: StopOnSignal) -> pl.Trainer:
     logdir, now = folder.path, folder.now
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
     wandb_mode = "online" if opt.wandb_online else opt.wandb or lightning_config.get("wandb", "offline")
@@ -228,8 +317,11 @@ def build_trainer(opt: argparse.Namespace, folder: RunFolder, config: DictConfig
     checkpoint_params = OmegaConf.merge(checkpoint_params,
                                         lightning_config.get("modelcheckpoint", {}).get("params", {}))
     callbacks = [instantiate_from_config(callbacks_config[k]) for k in callbacks_config]
-    callbacks += [EpochLastCheckpoint(**checkpoint_params), cluster.stop_callback(ckptdir / "last.ckpt")]
+    callbacks += [EpochLastCheckpoint(**checkpoint_params), stop]
     callbacks += periodic_checkpoints(ckptdir, lightning_config.get("periodic_checkpoints", OmegaConf.create()))
-    return pl.Trainer(**trainer_kwargs, logger=make_loggers(wandb_mode, logdir, logdir.name, now, config),
+    kwargs = dict(trainer_kwargs)
+    if "strategy" in kwargs:
+        kwargs["strategy"] = cluster.with_timeout(kwargs["strategy"])
+    return pl.Trainer(**kwargs, logger=make_loggers(wandb_mode, logdir, logdir.name, now, config),
                       callbacks=callbacks, plugins=[AtomicCheckpointIO(), *cluster.plugins()],
                       default_root_dir=str(logdir))
