@@ -2,8 +2,8 @@
 CPU in minutes, with no downloads.
 
 1. data: crops of the photographs bundled with scikit-image; two photos (chelsea, coffee) are held out whole.
-2. stage 1: a small KL autoencoder (encoder + vanilla decoder, 16-channel latent) trained from scratch through
-   main.py (configs/demo/autoencoder_vanilla.yaml).
+2. stage 1: a small KL autoencoder (encoder + vanilla decoder, factor-4 latent of 4 channels) trained from scratch
+   through main.py (configs/demo/autoencoder_vanilla.yaml).
 3. stage 2: the asymmetric decoder (condition branch reading the masked image) trained on the frozen stage-1
    encoder, starting from the stage-1 decoder, through main.py (configs/demo/autoencoder_asymmetric.yaml).
 4. evaluation on the held-out photos decoded whole (128 x 192; the models train on 32 px crops, and are
@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python scripts/demo.py`: scripts/evaluate.py is imported as scripts.evaluate
+    sys.path.insert(0, str(REPO))
 
 from ldm import metrics  # noqa: E402
 from ldm.fast import cpu_has_native_bf16  # noqa: E402
@@ -50,6 +52,7 @@ from ldm.loading import load_model  # noqa: E402
 from ldm.modules.mask_edges import edge_pixels  # noqa: E402
 from ldm.project import load_yaml  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
+from scripts import evaluate as evaluation  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -65,7 +68,7 @@ MASKS_PER_PHOTO = 4  # fixed masks per held-out photo: 8 images in the table
 MASK_COVER = (0.1, 0.6)  # held-out masks cover this fraction of the photo
 BLUR_PX = 4.0  # paste_blur: sigma of the Gaussian mask blur, pixels (scripts/evaluate.py's default)
 BAND_PX = 8  # boundary bands: pixels within this chessboard distance of the other region
-STAGE1_STEPS = 300
+STAGE1_STEPS = 250
 STAGE2_STEPS = 200
 
 
@@ -199,7 +202,12 @@ def load_heldout(heldout_dir: Path) -> List[Tuple[str, np.ndarray]]:
     return photos
 
 
-ROWS = ("vanilla", "vanilla+paste", "vanilla+paste_blur", "asymmetric", "asymmetric, no mask")
+# The blends users apply to a vanilla decoder's output, each a row vanilla+<recipe>: scripts/evaluate.py's
+# --baselines recipes, composited by its with_baselines (one home for every recipe). evaluation.BASELINES is all of
+# them.
+BASELINES = ("paste", "paste_blur")
+# asymmetric+paste: the asymmetric output with the input pasted back where mask = 0 (what a user would save)
+ROWS = ("vanilla", *(f"vanilla+{b}" for b in BASELINES), "asymmetric", "asymmetric+paste", "asymmetric, no mask")
 
 
 @torch.no_grad()
@@ -224,22 +232,35 @@ def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Ten
              ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
     """Every row of ``rows`` (of ``ROWS``) on the held-out images, each decoded whole (the autoencoder is
     convolutional). ``unmasked``: :func:`decode_unmasked` of these images, when another mask set already made it.
-    Paste-back composites the input over the vanilla output where mask = 0 (diffusers' ``apply_overlay``), with the
-    mask blurred by a Gaussian of sigma ``BLUR_PX`` first for ``paste_blur`` (AUTOMATIC1111's mask blur). Every row
-    is scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
+    The ``vanilla+<recipe>`` rows are scripts/evaluate.py's ``--baselines`` composites of the vanilla output
+    (:func:`scripts.evaluate.with_baselines`; ``paste``: the input over the output where mask = 0, diffusers'
+    ``apply_overlay``; ``paste_blur``: through the mask blurred by a Gaussian of sigma ``BLUR_PX``, AUTOMATIC1111's
+    mask blur); ``asymmetric+paste`` is ``paste`` over the asymmetric output. Every row is scored as the 8-bit image
+    a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"rows {sorted(unknown)}: not among {ROWS}")
     if unmasked is None:
         unmasked = decode_unmasked(vanilla, asymmetric, x, control="asymmetric, no mask" in rows)
-    outputs: Dict[str, List[torch.Tensor]] = {"vanilla": unmasked["vanilla"],
-                                              "asymmetric, no mask": unmasked["asymmetric, no mask"],
-                                              "vanilla+paste": [], "vanilla+paste_blur": [], "asymmetric": []}
+    # only the recipes of the rows asked for (scripts/evaluate.py's options: --baselines, --blur_px)
+    recipes = {"vanilla": argparse.Namespace(baselines=tuple(b for b in BASELINES if f"vanilla+{b}" in rows),
+                                             blur_px=BLUR_PX),
+               "asymmetric": argparse.Namespace(baselines=("paste",) if "asymmetric+paste" in rows else (),
+                                                blur_px=BLUR_PX)}
+    outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in ROWS}
+    outputs["vanilla"], outputs["asymmetric, no mask"] = unmasked["vanilla"], unmasked["asymmetric, no mask"]
     for i in range(len(x)):
-        xi, mi, van = x[i:i + 1], mask[i:i + 1], unmasked["vanilla"][i]
-        for name, blur in (("vanilla+paste", 0.0), ("vanilla+paste_blur", BLUR_PX)):  # in [0, 1], as users paste
-            outputs[name].append(metrics.paste_back(metrics.to_unit(van), metrics.to_unit(xi), mi, blur) * 2 - 1)
-        outputs["asymmetric"].append(asymmetric.decode(unmasked["z"][i], xi, mi))
+        xi, mi = x[i:i + 1], mask[i:i + 1]
+        decoded = {"vanilla": unmasked["vanilla"][i]}
+        if {"asymmetric", "asymmetric+paste"} & set(rows):
+            decoded["asymmetric"] = asymmetric.decode(unmasked["z"][i], xi, mi)
+        for source, out in decoded.items():  # composited in [0, 1], as users paste
+            composites = evaluation.with_baselines(metrics.to_unit(out), metrics.to_unit(xi), mi, recipes[source])
+            for suffix, composite in composites.items():
+                if suffix:
+                    outputs[source + suffix].append(composite * 2 - 1)
+                elif source == "asymmetric":
+                    outputs[source].append(out)
     target = quantize(metrics.to_unit(x))
     table, tensors = {}, {"image": x, "mask": mask}
     for name in rows:
@@ -290,10 +311,16 @@ def verdict(table: Dict[str, Dict[str, float]]) -> List[str]:
              and (asym[k] < paste[k] if higher else asym[k] > paste[k])]
     lines.append("asymmetric against vanilla+paste: better in " + ("; ".join(better) or "nothing")
                  + "; worse in " + ("; ".join(worse) or "nothing"))
+    seam = table["asymmetric+paste"]["seam_error"]
+    blends = {name: table[name]["seam_error"] for name in table if name.startswith("vanilla+")}
+    above = [f"{name} {v:.4f}" for name, v in blends.items() if v <= seam]
+    lines.append(f"asymmetric+paste at the seam ({seam:.4f}): "
+                 + (f"below every vanilla+<recipe> row ({len(blends)})" if not above
+                    else "not below " + ", ".join(above)))
     return lines
 
 
-FIGURE_ROWS = ("vanilla", "vanilla+paste", "vanilla+paste_blur", "asymmetric", "asymmetric, no mask")
+FIGURE_ROWS = ("vanilla", *ROWS[1:3], "asymmetric", "asymmetric+paste", "asymmetric, no mask")
 ERROR_SCALE = 0.25  # error maps: mean |error| over channels (images in [0, 1]) from 0 to >= ERROR_SCALE, all maps
 ZOOM = 4  # zoom factor of the boundary crops (nearest neighbours)
 GAP = 6
@@ -378,7 +405,7 @@ def side_by_side(tensors: Dict[str, torch.Tensor], names: Sequence[str], path: P
 
 # Robustness conditions, as ASUKA's users meet them: (label, short side of the photos, mask coarsening factor)
 ROBUSTNESS = (("masks drawn 8x coarser", PHOTO_SIDE, 8), ("photos at 192 px, 1.5x", 192, 1))
-ROBUST_ROWS = ("vanilla+paste", "vanilla+paste_blur", "asymmetric")
+ROBUST_ROWS = ("vanilla+paste", "asymmetric", "asymmetric+paste")
 ROBUST_COLUMNS = ("psnr_kept", "psnr_generated", "seam_error")
 
 

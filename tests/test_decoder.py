@@ -275,3 +275,142 @@ def test_attention_matches_a_plain_softmax_reference():
         torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
         cl = x.contiguous(memory_format=torch.channels_last)
         assert block(cl).is_contiguous(memory_format=torch.channels_last) and block(x).is_contiguous()
+
+
+# ---------------------------------------------------------------------- the last blend (decoder option last_blend)
+SEAM_FREE = ("none", "feather")
+
+
+def test_explicit_hard_last_blend_is_the_papers_decoder_against_diffusers(tmp_path):
+    """``last_blend: hard`` (the default) computes what diffusers' AsymmetricAutoencoderKL computes on the same
+    weights: the released decoders decode as before the option existed."""
+    pytest.importorskip("diffusers")
+    import diffusers
+
+    from ldm.checkpoints.diffusers import write_diffusers_folder
+    from tests.conftest import TINY_DDCONFIG
+    from tests.test_interop import assert_same_model, randomize_
+
+    overrides = {"num_res_blocks": 2, "condition": True, "last_blend": "hard"}
+    torch.manual_seed(0)
+    from ldm.models.autoencoder import AutoencoderKL
+    ours = randomize_(AutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
+                                    decoder_overrides=overrides), 0)
+    default = AutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4,
+                            decoder_overrides={"num_res_blocks": 2, "condition": True}).eval()
+    default.load_state_dict(ours.state_dict())
+    folder = write_diffusers_folder(ours.state_dict(), TINY_DDCONFIG, overrides, tmp_path / "vae")
+    assert_same_model(ours, diffusers.AsymmetricAutoencoderKL.from_pretrained(folder).eval(), 32, condition=True)
+    z, x, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, x, mask), default.decode(z, x, mask))
+
+
+def _with_last_blend(last_blend: str, base=None):
+    """The tiny autoencoder with ``last_blend``, holding ``base``'s weights (the option adds none)."""
+    model = make_autoencoder(last_blend=last_blend)
+    if base is not None:
+        model.load_state_dict(base.state_dict())
+    return model
+
+
+def test_last_blend_options_load_the_same_weights_and_change_only_the_last_level(tiny_autoencoder):
+    z, x, mask = _inputs()
+    with torch.no_grad():
+        hard = tiny_autoencoder.decode(z, x, mask)
+        outs = {lb: _with_last_blend(lb, tiny_autoencoder).decode(z, x, mask) for lb in SEAM_FREE}
+    assert (outs["none"] - hard).abs().max() > 1e-3 and (outs["feather"] - outs["none"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("last_blend", SEAM_FREE)
+def test_seam_free_all_ones_mask_equals_no_prior(last_blend):
+    model = _with_last_blend(last_blend)
+    z, x, _ = _inputs()
+    ones = torch.ones(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.decode(z, x, ones), model.decode(z))
+
+
+@pytest.mark.parametrize("last_blend", SEAM_FREE)
+def test_seam_free_never_reads_the_hole_and_is_deterministic(last_blend):
+    model = _with_last_blend(last_blend)
+    again = _with_last_blend(last_blend)  # the same seed: the same weights
+    z, x, mask = _inputs()
+    x2 = torch.where(mask.bool(), torch.rand_like(x), x)  # change only pixels under the hole
+    with torch.no_grad():
+        out = model.decode(z, x, mask)
+        assert torch.equal(out, model.decode(z, x2, mask))
+        assert torch.equal(out, again.decode(z, x, mask))
+
+
+def test_feather_kept_region_invariant(tiny_autoencoder):
+    """``feather``: a kept pixel farther than ``feather_px`` from the hole is the branch's alone (it does not depend
+    on the latent); the hole and the kept pixels next to it are the decoder's own output (``last_blend: none``)
+    exactly; in between, a blend of the two."""
+    from ldm.modules.diffusionmodules.condition import feather_mask
+
+    feather = _with_last_blend("feather", tiny_autoencoder)
+    none = _with_last_blend("none", tiny_autoencoder)
+    z, x, mask = _inputs()
+    px = feather.decoder.feather_px
+    w = feather_mask(mask, px).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        out = feather.decode(z, x, mask)
+        other_z = feather.decode(torch.randn_like(z), x, mask)
+        own = none.decode(z, x, mask)
+    far = w == 0
+    assert far.any() and torch.equal(out[far], other_z[far])
+    assert (out[~far] - other_z[~far]).abs().max() > 1e-3
+    near = w == 1  # the hole and its 1 px kept rim
+    assert near.sum() > mask.sum() * 3 and torch.equal(out[near], own[near])
+    ramp = (w > 0) & (w < 1)
+    assert ramp.any() and (out[ramp] - own[ramp]).abs().max() > 1e-4
+
+
+def test_feather_mask_ramp_against_a_distance_transform():
+    """The ramp (px - d + 1) / px over the chessboard distance d to the hole, against OpenCV's distance
+    transform."""
+    import cv2
+    import numpy as np
+
+    from ldm.modules.diffusionmodules.condition import feather_mask
+
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(1, 1, 40, 48, generator=g) > 0.97).float()
+    mask[..., 10:20, 5:30] = 1
+    d = cv2.distanceTransform((1 - mask[0, 0].numpy()).astype(np.uint8), cv2.DIST_C, 3)
+    for px in (1, 3, 6):
+        expected = np.clip((px - d + 1) / px, 0, 1)
+        expected[mask[0, 0].numpy() == 1] = 1
+        np.testing.assert_allclose(feather_mask(mask, px)[0, 0].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_blend", SEAM_FREE)
+def test_seam_free_gradients_reach_every_decoder_weight(last_blend):
+    model = _with_last_blend(last_blend)
+    model.train()
+    z, x, mask = _inputs()
+    model.decode(z, x, mask).square().mean().backward()
+    missing = [n for n, p in model.decoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("overrides, message", [({"last_blend": "soft"}, "last_blend must be one of"),
+                                                ({"last_blend": "feather", "feather_px": 0}, "feather_px")])
+def test_bad_last_blend_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_autoencoder(**overrides)
+
+
+def test_a_seam_free_decoder_is_not_converted_to_diffusers(tmp_path):
+    """diffusers' MaskConditionDecoder has only the paper's last level: a converted ``feather`` decoder would decode
+    otherwise there, so the conversion is refused, naming the option."""
+    from ldm.checkpoints.diffusers import write_diffusers_folder
+    from ldm.checkpoints.files import CheckpointError
+    from tests.conftest import TINY_DDCONFIG
+
+    model = _with_last_blend("feather")
+    with pytest.raises(CheckpointError, match="last_blend"):
+        write_diffusers_folder(model.state_dict(), TINY_DDCONFIG, {"condition": True, "last_blend": "feather"},
+                               tmp_path / "vae")
+    assert not (tmp_path / "vae").exists()

@@ -30,14 +30,16 @@ def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys, mo
     for name, row in report["rows"].items():
         assert row["n_images"] == len(heldout) * demo.MASKS_PER_PHOTO, name
         for key in columns:
-            if name == "vanilla+paste" and key in ("psnr_kept", "psnr_band_outer"):
+            if name in ("vanilla+paste", "asymmetric+paste") and key in ("psnr_kept", "psnr_band_outer"):
                 assert row[key] == "inf", (name, key, row[key])  # the input pasted back: exact after 8 bits
             else:
                 assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row[key])
     assert report["rows"]["vanilla+paste"]["pre_error"] == 0
     # paste-back leaves the generated region of the vanilla output alone (the blur reaches past the edge)
-    assert report["rows"]["vanilla+paste"]["psnr_generated"] == report["rows"]["vanilla"]["psnr_generated"]
-    assert len(report["verdict"]) == len(demo.WHERE) + 1
+    for model in ("vanilla", "asymmetric"):
+        assert report["rows"][f"{model}+paste"]["psnr_generated"] == report["rows"][model]["psnr_generated"]
+    assert report["rows"]["asymmetric+paste"]["pre_error"] == 0
+    assert len(report["verdict"]) == len(demo.WHERE) + 2 and report["verdict"][-1].startswith("asymmetric+paste")
     # the robustness rows: the same photos and mask draws, coarsened or at another size; paste-back stays exact
     assert list(report["robustness"]) == [label for label, _, _ in demo.ROBUSTNESS]
     for label, rows in report["robustness"].items():

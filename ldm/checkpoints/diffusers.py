@@ -229,6 +229,8 @@ class AutoencoderLayout:
             options = {k: dec[k] for k in ("concat_mask", "gate_conv") if dec.get(k)}
             if dec.get("mask_resize", "nearest") != "nearest":
                 options["mask_resize"] = dec["mask_resize"]
+            if dec.get("last_blend", "hard") != "hard":  # not the paper's last level: diffusers has only that one
+                options["last_blend"] = dec["last_blend"]
             if options:
                 raise CheckpointError(f"{_NO_ASUKA_BRANCH} (the config sets {options})")
             cond = tuple(dec.get("condition_widths") or default_condition_widths(dec["ch"], dec["ch_mult"]))

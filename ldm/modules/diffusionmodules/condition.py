@@ -25,6 +25,9 @@ def default_condition_widths(ch: int, ch_mult: Sequence[int]) -> List[int]:
 
 
 MASK_RESIZE_MODES = ("nearest", "area")
+# How the last level meets the condition branch (Decoder ``last_blend``): the paper's hard blend of features before
+# ``norm_out``; none; or two heads blended in image space through a mask feathered into the kept region.
+LAST_BLEND_MODES = ("hard", "none", "feather")
 
 
 class ConditionEncoder(nn.Module):
@@ -109,3 +112,23 @@ def keep_known(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch
     # binary mask the result is bit-identical: h where m == 1, feat where m == 0.
     # (in h's memory format whatever the others': the decoder's layers after the blend keep theirs)
     return torch.lerp(feat.to(h.dtype), h, mask.to(h.dtype)).contiguous(memory_format=memory_format_of(h))
+
+
+def feather_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """The blend weight of the decoder's own output for ``last_blend: feather``: the mask (1 = generate) spread
+    ``px`` pixels into the kept region as a linear ramp. A kept pixel at chessboard distance ``d`` from the
+    generated region gets ``max(0, (px - d + 1) / px)``: 1 next to the hole, 0 from ``px + 1`` pixels on; the
+    generated region stays 1 (a soft mask: the mean of its dilations by 0..``px`` - 1 pixels, then its max with the
+    mask).
+
+    >>> m = torch.zeros(1, 1, 1, 6); m[..., 0] = 1
+    >>> feather_mask(m, 2)[0, 0, 0].tolist()
+    [1.0, 1.0, 0.5, 0.0, 0.0, 0.0]
+    """
+    if px < 1:
+        raise ValueError(f"feather_px must be >= 1, got {px}")
+    grown, total = mask, torch.zeros_like(mask)
+    for _ in range(px):
+        grown = F.max_pool2d(grown, kernel_size=3, stride=1, padding=1)
+        total = total + grown
+    return torch.maximum(mask, total / px)

@@ -24,9 +24,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ...modules.diffusionmodules.condition import (
+    LAST_BLEND_MODES,
     MASK_RESIZE_MODES,
     ConditionEncoder,
     default_condition_widths,
+    feather_mask,
     keep_known,
     memory_format_of,
     resize_mask,
@@ -229,6 +231,15 @@ class Decoder(nn.Module):
     paper's, or "area") is how the mask reaches each level's blend (:func:`resize_mask`). The last blend, at full
     resolution before ``norm_out``, uses the mask as given in both.
 
+    ``last_blend`` (not in the paper; docs/decoders.md, "The last blend"): how the full-resolution level meets the
+    branch. ``hard`` (default, the paper's and every released decoder's): ``keep_known(h, feats[0], mask)`` before
+    ``norm_out``. ``none``: no blend there; the kept region reaches the output through the lower levels' blends
+    (``feats[1]`` enters ``up[0]`` at full resolution). ``feather``: the decoder's own output ``head(h)`` and the
+    branch's ``head(feats[0])`` (the same ``norm_out``/``conv_out``, each normalised over its own features) blended
+    in image space by :func:`feather_mask` (``feather_px`` pixels into the kept region): the edge pair is the
+    decoder's alone, and a kept pixel farther than ``feather_px`` from the hole is the branch's alone. Neither adds
+    weights: a decoder trained with one layout loads into the others.
+
     ``gradient_checkpointing`` (off by default; ``decoder_overrides: {gradient_checkpointing: true}``): in training,
     each ResnetBlock, AttnBlock and Upsample keeps only its input and recomputes its activations in the backward pass
     (``torch.utils.checkpoint``, non-reentrant), so the decoder holds one tensor per block instead of all its
@@ -241,7 +252,8 @@ class Decoder(nn.Module):
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
                  tanh_out: bool = False, attn_type: str = "vanilla", condition: bool = False,
                  condition_widths: Optional[Sequence[int]] = None, concat_mask: bool = False,
-                 gate_conv: bool = False, mask_resize: str = "nearest", gradient_checkpointing: bool = False):
+                 gate_conv: bool = False, mask_resize: str = "nearest", gradient_checkpointing: bool = False,
+                 last_blend: str = "hard", feather_px: int = 4):
         super().__init__()
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.ch = ch
@@ -255,6 +267,12 @@ class Decoder(nn.Module):
         if mask_resize not in MASK_RESIZE_MODES:
             raise ValueError(f"mask_resize must be one of {MASK_RESIZE_MODES}, got {mask_resize!r}")
         self.mask_resize = mask_resize
+        if last_blend not in LAST_BLEND_MODES:
+            raise ValueError(f"last_blend must be one of {LAST_BLEND_MODES}, got {last_blend!r}")
+        if last_blend == "feather" and int(feather_px) < 1:
+            raise ValueError(f"feather_px must be >= 1, got {feather_px}")
+        self.last_blend = last_blend
+        self.feather_px = int(feather_px)
 
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
@@ -318,12 +336,15 @@ class Decoder(nn.Module):
                     h = run(up.attn[i_block], h)
             if i_level != 0:
                 h = run(up.upsample, h)
-        if feats is not None:
+        if feats is not None and self.last_blend == "hard":
             h = keep_known(h, feats[0], mask)
 
         if self.give_pre_end:
             return h
-        return self.head(h).contiguous(memory_format=out_format)
+        out = self.head(h)
+        if feats is not None and self.last_blend == "feather":
+            out = torch.lerp(self.head(feats[0]), out, feather_mask(mask, self.feather_px).to(out.dtype))
+        return out.contiguous(memory_format=out_format)
 
     @staticmethod
     def _checkpointed(block: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
