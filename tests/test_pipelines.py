@@ -39,7 +39,6 @@ H, W = 32, 48  # not the pipelines' default square: the output size must come fr
 TEXT_LEN, TEXT_DIM = 8, 32
 
 
-FLUX2_BN = {"patch_size": 2, "batch_norm_eps": 1e-4}
 
 
 def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> AutoencoderKL:
@@ -47,11 +46,9 @@ def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> Autoenco
     BatchNorm statistics random, as far from 0 / 1 as the released ones)."""
     torch.manual_seed(seed)
     ddconfig = {**TINY_DDCONFIG, "z_channels": space.channels}
-    normalisation = ({"latent_batch_norm": FLUX2_BN} if space.normalization == "batch_norm" else
-                     {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor})
     model = AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=space.channels,
                           decoder_overrides={"condition": condition}, use_quant_conv=space.quant_conv,
-                          **normalisation).eval()
+                          **space.normalization.to_params()).eval()
     if model.bn is not None:
         g = torch.Generator().manual_seed(seed)
         model.bn.running_mean.copy_(torch.randn(model.bn.num_features, generator=g))
@@ -62,10 +59,7 @@ def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> Autoenco
 def export_vae(model: AutoencoderKL) -> Any:
     """diffusers ``AutoencoderKL`` (``AutoencoderKLFlux2`` for FLUX.2) with our model's weights and latent
     normalisation."""
-    normalisation = {"normalization": {"batch_norm_eps": FLUX2_BN["batch_norm_eps"], "patch_size": [2, 2]}} \
-        if model.bn is not None else {}
-    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
-                                          shift_factor=model.shift_factor, **normalisation)
+    state_dict, config = ldm_to_diffusers(model.state_dict(), normalization=model.latent_norm)
     vae = getattr(diffusers, config["_class_name"])(**{k: v for k, v in config.items() if not k.startswith("_")})
     vae.load_state_dict(state_dict)
     return vae.eval()

@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from ..checkpoints.diffusers import FLUX2_DEFAULTS, AutoencoderLayout
+from ..checkpoints.diffusers import AutoencoderLayout
 from ..checkpoints.files import CheckpointError
 from ..checkpoints.tensors import BRANCH, autoencoder_state_dict, condition_branch, drop_unused_keys
 from ..latent_spaces import LATENT_SPACES, SD, LatentSpace, describe_latent_layout, matching_spaces
@@ -38,15 +38,6 @@ def default_latent_space(channels: int, quant_conv: bool, concat_mask: bool = Fa
         return FLUX
     spaces = matching_spaces(channels, quant_conv)
     return spaces[0] if len(spaces) == 1 else None
-
-
-def latent_normalization(space: LatentSpace) -> Dict[str, Any]:
-    """``AutoencoderKL``'s params for the latent normalisation of ``space``: its scale and shift, or for FLUX.2 the
-    BatchNorm over 2x2 patches whose statistics (``bn.*``) come with the checkpoint."""
-    if space.normalization == "batch_norm":
-        return {"latent_batch_norm": {"patch_size": int(FLUX2_DEFAULTS["patch_size"][0]),
-                                      "batch_norm_eps": float(FLUX2_DEFAULTS["batch_norm_eps"])}}
-    return {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
 
 
 def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Optional[str] = None,
@@ -95,7 +86,7 @@ def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Opt
             overrides["gate_conv"] = True
     return {"target": "ldm.models.autoencoder.AutoencoderKL",
             "params": {"embed_dim": layout.latent_channels, "use_quant_conv": layout.quant_conv,
-                       **latent_normalization(space),
+                       **space.normalization.to_params(),
                        "lossconfig": {"target": "torch.nn.Identity"}, "ddconfig": ddconfig,
                        "decoder_overrides": overrides}}
 

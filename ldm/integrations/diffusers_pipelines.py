@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Opti
 if TYPE_CHECKING:  # torch is imported where it runs, so that scripts list PIPELINES in --help without loading it
     import torch
 
+    from ..latent_spaces import Normalization
+
 SizeRule = Callable[[Any, Any, Mapping[str, Any]], Tuple[Any, int, int]]
 
 
@@ -174,60 +176,41 @@ def family_of(pipe: Any) -> Family:
     return FAMILIES[supported(pipe)[1].family]
 
 
-LatentSpaceKey = Tuple[int, int, Dict[str, Any]]  # (channels, downsampling factor, normalisation params)
+LatentSpaceKey = Tuple[int, int, "Normalization"]  # (channels, downsampling factor, latent normalisation)
 
 
 def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
     """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (a ``vae/config.json``, or
-    ``pipe.vae.config`` with ``_class_name`` added); the normalisation as our config params
-    (``ldm.checkpoints.diffusers.ldm_normalization``: scale and shift, or FLUX.2's ``latent_batch_norm``)."""
-    from ..checkpoints.diffusers import ldm_normalization
+    ``pipe.vae.config`` with ``_class_name`` added); the normalisation as
+    :func:`ldm.latent_spaces.normalization_from_diffusers` reads it."""
+    from ..latent_spaces import normalization_from_diffusers
 
-    return (int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1),
-            ldm_normalization(vae_config))
+    if "z_dim" in vae_config:  # AutoencoderKLQwenImage: z_dim, one 2x downsampling per temperal_downsample entry
+        channels, factor = int(vae_config["z_dim"]), 2 ** len(vae_config["temperal_downsample"])
+    else:
+        channels, factor = int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return channels, factor, normalization_from_diffusers(vae_config)
 
 
 def decoder_latent_space(decoder: Any) -> LatentSpaceKey:
-    """The same for our ``AutoencoderKL``: its normalisation as the config params ``ldm_normalization`` reads from
-    a VAE config of the same space."""
-    if getattr(decoder, "bn", None) is not None:
-        params: Dict[str, Any] = {"latent_batch_norm": {"patch_size": decoder.latent_patch_size,
-                                                        "batch_norm_eps": decoder.bn.eps}}
-    elif getattr(decoder, "latents_mean", None) is not None:
-        params = {"scaling_factor": decoder.scaling_factor, "latents_mean": list(decoder.latents_mean),
-                  "latents_std": list(decoder.latents_std)}
-    else:
-        params = {"scaling_factor": decoder.scaling_factor, "shift_factor": decoder.shift_factor}
-    return int(decoder.embed_dim), int(decoder.downsample_factor), params
+    """The same for our ``AutoencoderKL`` (its ``latent_norm``)."""
+    return int(decoder.embed_dim), int(decoder.downsample_factor), decoder.latent_norm
 
 
 def describe_latent_space(space: LatentSpaceKey) -> str:
-    channels, f, params = space
-    if "latent_batch_norm" in params:
-        how = "BatchNorm statistics over 2x2 patches (FLUX.2)"
-    elif "latents_mean" in params:
-        how = f"scaling_factor {params['scaling_factor']:g}, per-channel latents_mean / latents_std"
-    else:
-        how = f"scaling_factor {params['scaling_factor']:g}, shift_factor {params['shift_factor']:g}"
-    return f"{channels} channels, {how}, {f}x downsampling"
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
+    channels, f, norm = space
+    return f"{channels} channels, {norm.describe()}, {f}x downsampling"
 
 
 def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
-                       decoder_name: str = "the decoder") -> None:
+                       decoder_name: str = "the decoder", normalization: Optional["Normalization"] = None) -> None:
     """Refuse a decoder whose latent space (channels, normalisation, downsampling) is not that of the pipeline's
-    VAE (see :func:`vae_latent_space`); the message names both."""
+    VAE (see :func:`vae_latent_space`); the message names both. ``normalization``: the pipeline's own where it
+    does not read its VAE config's (Ernie-Image's BatchNorm eps)."""
     ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
-    if not _same(ours, theirs):
+    if normalization is not None:
+        theirs = (theirs[0], theirs[1], normalization)
+    if ours != theirs:
         raise PipelineError(f"{decoder_name} decodes another latent space than {pipe_name}'s VAE: "
                             f"{decoder_name}: {describe_latent_space(ours)}; {pipe_name}'s VAE: "
                             f"{describe_latent_space(theirs)}")

@@ -1,0 +1,225 @@
+"""The Qwen-Image latent space: our 2-D network against diffusers' causal 3-D ``AutoencoderKLQwenImage`` at T = 1
+(random perturbed weights), its files (diffusers folder, Wan-2.1 single file) through the one loader, the export
+back, and the condition branch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import assert_same_tensors
+
+TINY_QWEN = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
+
+
+def perturbed_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter moved off its initialisation (gains included), so that a swapped or dropped tensor shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
+    return module.eval()
+
+
+def diffusers_qwen(seed: int = 0, **config):
+    import diffusers
+
+    torch.manual_seed(seed)
+    return perturbed_(diffusers.AutoencoderKLQwenImage(**{**TINY_QWEN, **config}), seed)
+
+
+def ours_of(vae, condition: bool = False, seed: int = 0):
+    """Our AutoencoderKL (architecture qwenimage) holding ``vae``'s weights (through the loader's conversion)."""
+    from ldm.checkpoints.qwenimage import ddconfig_of_diffusers, diffusers_qwenimage_to_ours
+    from ldm.latent_spaces import normalization_from_diffusers
+    from ldm.models.autoencoder import AutoencoderKL
+
+    sd, overrides = diffusers_qwenimage_to_ours(vae.state_dict(), dict(vae.config))
+    torch.manual_seed(seed)
+    model = AutoencoderKL(ddconfig=ddconfig_of_diffusers(vae.config), lossconfig={"target": "torch.nn.Identity"},
+                          embed_dim=vae.config.z_dim, architecture="qwenimage",
+                          decoder_overrides={**overrides, "condition": condition},
+                          **normalization_from_diffusers(dict(vae.config)).to_params()).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("decoder.encoder.") for k in missing)
+    return model
+
+
+def image(seed: int = 1, size=(32, 48)) -> torch.Tensor:
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_each_causal_conv_at_one_frame_is_a_2d_conv_with_the_last_temporal_slice():
+    """Hooks on every QwenImageCausalConv3d of diffusers' encode + decode of one image (its own cached path):
+    each output equals conv2d(x[:, :, 0], w[:, :, -1]) within 2.3e-6 (float32); the temporal resamplers'
+    time_conv never runs."""
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    vae = diffusers_qwen()
+    checked, temporal = [], []
+
+    def hook(name):
+        def check(module, args, output):
+            if name.endswith("time_conv"):
+                temporal.append(name)
+                return
+            x = args[0]
+            assert x.shape[2] == 1 and output.shape[2] == 1, name
+            pad = module.kernel_size[-1] // 2
+            ref = F.conv2d(x[:, :, 0], module.weight[:, :, -1], module.bias, stride=module.stride[1:], padding=pad)
+            torch.testing.assert_close(output[:, :, 0], ref, rtol=0, atol=2.3e-6)
+            checked.append(name)
+        return check
+
+    convs = {n: m for n, m in vae.named_modules() if isinstance(m, QwenImageCausalConv3d)}
+    for name, module in convs.items():
+        module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        z = vae.encode(image()[:, :, None]).latent_dist.mode()
+        vae.decode(z)
+    assert not temporal
+    assert sorted(set(checked)) == sorted(n for n in convs if not n.endswith("time_conv"))
+    assert len(checked) == len(set(checked))  # each ran once
+
+
+def test_encode_decode_and_normalisation_equal_diffusers_at_one_frame():
+    """Posterior moments, decode (diffusers clamps its output to [-1, 1]) and the latent normalisation of the
+    Qwen-Image pipelines, within 1e-4."""
+    from ldm.latent_spaces import LATENT_SPACES, latent_space_of
+
+    vae = diffusers_qwen()
+    ours = ours_of(vae)
+    assert latent_space_of(ours) is LATENT_SPACES["qwenimage"]
+    x = image()
+    with torch.no_grad():
+        theirs = vae.encode(x[:, :, None]).latent_dist
+        posterior = ours.encode(x)
+        torch.testing.assert_close(posterior.mean, theirs.mean[:, :, 0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(posterior.logvar, theirs.logvar[:, :, 0], rtol=0, atol=1e-4)
+        z = theirs.mode()
+        torch.testing.assert_close(ours.decode(z[:, :, 0]).clamp(-1, 1), vae.decode(z).sample[:, :, 0],
+                                   rtol=0, atol=1e-4)
+    # QwenImagePipeline._encode_vae_image / __call__'s decode, with its 1 / latents_std
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(ours.scale_latents(z[:, :, 0]), ((z - mean) * inv_std)[:, :, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.unscale_latents(z[:, :, 0]), (z / inv_std + mean)[:, :, 0], rtol=0, atol=1e-5)
+
+
+def test_our_keys_are_wan_21_names_as_diffusers_converter_reads_them():
+    """diffusers' own Wan-2.1 converter (convert_wan_vae_to_diffusers, written for 2 blocks per level) maps the
+    full-size vanilla model's keys, in the single file's names (top-level conv1 / conv2), exactly as ours does,
+    onto the keys of AutoencoderKLQwenImage() (time_conv aside)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from ldm.checkpoints.qwenimage import ours_to_diffusers_keys
+    from ldm.util import instantiate_from_config
+    from tests.test_latent_spaces import load_params
+
+    params = load_params("configs/autoencoder/qwenimage/vanilla.yaml")
+    with torch.device("meta"):
+        ours = instantiate_from_config({"target": "ldm.models.autoencoder.AutoencoderKL",
+                                        "params": {**params, "ckpt_path": None}})
+        theirs = diffusers.AutoencoderKLQwenImage()
+    keys = list(ours.state_dict())
+    wan = dict(zip(read_wan_keys(ours), keys))
+    assert len(convert_wan_vae_to_diffusers({w: torch.zeros(1) for w in wan})) == len(wan)
+    expected = {k: next(iter(convert_wan_vae_to_diffusers({w: torch.zeros(1)}))) for w, k in wan.items()}
+    assert {k: ours_to_diffusers_keys(k, 2) for k in keys} == expected
+    assert set(expected.values()) == {k for k in theirs.state_dict() if ".time_conv." not in k}
+
+
+def test_diffusers_folder_and_wan_single_file_load_through_the_one_loader(tmp_path):
+    """An AutoencoderKLQwenImage folder (save_pretrained) and the same weights in the Wan-2.1 single-file layout
+    (3-D tensors, made from the diffusers ones with the inverse of diffusers' converter) load into the vanilla
+    config by ckpt_path / init_from_ckpt, giving the tensors of the conversion; a KL config is refused naming
+    the architecture."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from safetensors.torch import save_file
+
+    from ldm.checkpoints.files import CheckpointError
+    from ldm.checkpoints.keys import read_state_dict
+    from ldm.checkpoints.qwenimage import ddconfig_of_diffusers
+    from ldm.models.autoencoder import AutoencoderKL
+    from tests.test_latent_spaces import make_16ch
+
+    vae = diffusers_qwen(num_res_blocks=2)
+    ours = ours_of(vae)
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    assert_same_tensors(read_state_dict(tmp_path / "pipe" / "vae"), ours.state_dict())
+
+    diffusers_sd = vae.state_dict()
+    inverse = {next(iter(convert_wan_vae_to_diffusers({w: torch.zeros(1)}))): w for w in read_wan_keys(ours)}
+    wan = {inverse[k]: v.clone() for k, v in diffusers_sd.items() if k in inverse}
+    assert len(wan) == len(diffusers_sd) - sum(".time_conv." in k for k in diffusers_sd)
+    save_file(wan, tmp_path / "qwen_image_vae.safetensors")
+    fresh = AutoencoderKL(ddconfig=ddconfig_of_diffusers(vae.config), embed_dim=16, architecture="qwenimage",
+                          lossconfig={"target": "torch.nn.Identity"}, **ours.latent_norm.to_params())
+    for source in (tmp_path / "qwen_image_vae.safetensors", tmp_path / "pipe"):
+        fresh.init_from_ckpt(source, fresh_condition=False)
+        assert_same_tensors(fresh.state_dict(), ours.state_dict())
+    with pytest.raises(CheckpointError, match="qwenimage"):
+        make_16ch(condition=False).init_from_ckpt(tmp_path / "qwen_image_vae.safetensors")
+
+
+def read_wan_keys(model) -> list:
+    """Our keys in the single file's names (top-level conv1 / conv2) plus the time_conv keys diffusers has."""
+    from ldm.checkpoints.qwenimage import WAN_QUANT_CONVS
+
+    renames = {new: old for old, new in WAN_QUANT_CONVS}
+    return [next((renames[p] + k[len(p):] for p in renames if k.startswith(p)), k) for k in model.state_dict()]
+
+
+def test_vanilla_export_round_trips_through_an_autoencoderklqwenimage_folder(tmp_path):
+    """Ours -> AutoencoderKLQwenImage folder -> from_pretrained decodes as ours at T = 1 -> back: the same
+    tensors; a decoder with condition branch is refused naming why."""
+    import diffusers
+
+    from ldm.checkpoints.diffusers import write_diffusers_folder
+    from ldm.checkpoints.files import CheckpointError
+    from ldm.checkpoints.keys import read_state_dict
+    from ldm.checkpoints.qwenimage import ddconfig_of_diffusers
+
+    vae = diffusers_qwen(seed=3)
+    ours, ddconfig = ours_of(vae), ddconfig_of_diffusers(vae.config)
+    folder = write_diffusers_folder(ours.state_dict(), ddconfig, None,
+                                    tmp_path / "vae", normalization=ours.latent_norm, architecture="qwenimage")
+    theirs = diffusers.AutoencoderKLQwenImage.from_pretrained(folder).eval()
+    assert list(theirs.config.latents_mean) == list(ours.latent_norm.mean)
+    z = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.decode(z[:, :, None]).sample[:, :, 0], ours.decode(z).clamp(-1, 1),
+                                   rtol=0, atol=1e-4)
+    assert_same_tensors(read_state_dict(folder), ours.state_dict())
+    conditioned = ours_of(vae, condition=True)
+    with pytest.raises(CheckpointError, match="no condition branch"):
+        write_diffusers_folder(conditioned.state_dict(), ddconfig, {"condition": True},
+                               tmp_path / "asym", architecture="qwenimage")
+
+
+def test_condition_branch_keeps_the_known_region_and_reads_the_widths_at_each_blend():
+    """With the branch, a binary mask's kept pixels come from the masked image's features blended before the head
+    (the decoder's features replaced where mask = 0; the head's 3x3 conv reads one pixel across the edge); an
+    all-ones mask is the plain decoder; widths are the decoder's at each blend (the upsamplers halve the width)."""
+    import torch.nn.functional as F
+
+    from ldm.modules.diffusionmodules.qwenimage import qwenimage_condition_widths
+
+    assert qwenimage_condition_widths(96, (1, 2, 4, 4)) == [96, 96, 192, 192, 384]
+    vae = diffusers_qwen()
+    plain, ours = ours_of(vae), ours_of(vae, condition=True)
+    assert [layer.out_channels for layer in ours.decoder.encoder.layers] == qwenimage_condition_widths(8, [1, 2, 4, 4])
+    z = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    x = image(size=(32, 48))
+    mask = torch.zeros(1, 1, 32, 48)
+    mask[..., 8:24, 16:40] = 1
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, x, torch.ones_like(mask)), plain.decode(z))
+        out = ours.decode(z, x, mask)
+        assert not torch.allclose(out, plain.decode(z))
+        # the kept region (one pixel in from its edge) does not depend on z: every feature there is the branch's
+        far = 1 - F.max_pool2d(mask, 3, stride=1, padding=1)
+        assert far.sum() > 0
+        torch.testing.assert_close(out[0] * far[0], out[1] * far[0], rtol=0, atol=1e-5)
+        assert not torch.allclose(out[0] * mask[0], out[1] * mask[0])
