@@ -9,8 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ldm.checkpoints.loading import load_model
-from ldm.models.autoencoder import AutoencoderKL
-from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
+from ldm.models.autoencoder import NETWORKS, AutoencoderKL
+from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS
 from ldm.util import check_params, get_obj_from_str
 
 from .conftest import REPO, TINY_DDCONFIG
@@ -64,9 +64,10 @@ def _check_tree(node: Any, where: str) -> int:
             check_params(target, params, f"{where}: {node['target']}")
             checked += 1
             if target is AutoencoderKL:
-                check_params(Encoder, params["ddconfig"], f"{where}: ddconfig")
+                encoder_cls, decoder_cls = NETWORKS[params.get("architecture", "kl")]
+                check_params(encoder_cls, params["ddconfig"], f"{where}: ddconfig")
                 decoder = {**params["ddconfig"], **dict(params.get("decoder_overrides") or {})}
-                check_params(Decoder, {k: v for k, v in decoder.items() if k not in ENCODER_ONLY_KEYS},
+                check_params(decoder_cls, {k: v for k, v in decoder.items() if k not in ENCODER_ONLY_KEYS},
                              f"{where}: decoder_overrides")
         for key, value in node.items():
             checked += _check_tree(value, f"{where}.{key}")

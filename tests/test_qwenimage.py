@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_same_tensors
+from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY_QWEN = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
 
@@ -132,12 +133,9 @@ def test_our_keys_are_wan_21_names_as_diffusers_converter_reads_them():
 
 def test_diffusers_folder_and_wan_single_file_load_through_the_one_loader(tmp_path):
     """An AutoencoderKLQwenImage folder (save_pretrained) and the same weights in the Wan-2.1 single-file layout
-    (3-D tensors, made from the diffusers ones with the inverse of diffusers' converter) load into the vanilla
+    (3-D tensors, named as diffusers' converter reads them) load into the vanilla
     config by ckpt_path / init_from_ckpt, giving the tensors of the conversion; a KL config is refused naming
     the architecture."""
-    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-    from safetensors.torch import save_file
-
     from ldm.checkpoints.files import CheckpointError
     from ldm.checkpoints.keys import read_state_dict
     from ldm.checkpoints.qwenimage import ddconfig_of_diffusers
@@ -149,11 +147,8 @@ def test_diffusers_folder_and_wan_single_file_load_through_the_one_loader(tmp_pa
     vae.save_pretrained(tmp_path / "pipe" / "vae")
     assert_same_tensors(read_state_dict(tmp_path / "pipe" / "vae"), ours.state_dict())
 
-    diffusers_sd = vae.state_dict()
-    inverse = {next(iter(convert_wan_vae_to_diffusers({w: torch.zeros(1)}))): w for w in read_wan_keys(ours)}
-    wan = {inverse[k]: v.clone() for k, v in diffusers_sd.items() if k in inverse}
-    assert len(wan) == len(diffusers_sd) - sum(".time_conv." in k for k in diffusers_sd)
-    save_file(wan, tmp_path / "qwen_image_vae.safetensors")
+    wan = wan_file(vae, tmp_path / "qwen_image_vae.safetensors")
+    assert sum(".time_conv." in k for k in wan) == 8 and wan["decoder.conv1.weight"].ndim == 5
     fresh = AutoencoderKL(ddconfig=ddconfig_of_diffusers(vae.config), embed_dim=16, architecture="qwenimage",
                           lossconfig={"target": "torch.nn.Identity"}, **ours.latent_norm.to_params())
     for source in (tmp_path / "qwen_image_vae.safetensors", tmp_path / "pipe"):
@@ -223,3 +218,85 @@ def test_condition_branch_keeps_the_known_region_and_reads_the_widths_at_each_bl
         assert far.sum() > 0
         torch.testing.assert_close(out[0] * far[0], out[1] * far[0], rtol=0, atol=1e-5)
         assert not torch.allclose(out[0] * mask[0], out[1] * mask[0])
+
+
+def wan_file(vae, path) -> dict:
+    """``vae``'s tensors (3-D, time_conv included) saved in the Wan-2.1 single-file layout: each key's Wan name is
+    the one diffusers' own converter (convert_wan_vae_to_diffusers) maps onto it; returns them."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from safetensors.torch import save_file
+
+    from ldm.checkpoints.qwenimage import WAN_QUANT_CONVS, diffusers_to_ours_keys
+
+    renames = {ours: wan for wan, ours in WAN_QUANT_CONVS}
+    out = {}
+    for key, tensor in vae.state_dict().items():
+        ours = diffusers_to_ours_keys(key, vae.config.num_res_blocks)
+        wan = next((renames[p] + ours[len(p):] for p in renames if ours.startswith(p)), ours)
+        assert list(convert_wan_vae_to_diffusers({wan: torch.zeros(1)})) == [key], (key, wan)
+        out[wan] = tensor.clone().contiguous()
+    save_file(out, str(path))
+    return out
+
+
+def test_main_trains_a_tiny_qwenimage_asymmetric_decoder_on_the_frozen_encoder(tmp_path, request, monkeypatch):
+    """main.py end to end in Qwen-Image's latent space: starts from a Wan-2.1-layout single file, encoder and quant
+    convs frozen (as loaded), the decoder and a fresh condition branch trained, a few steps."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoints.keys import read_state_dict
+    from ldm.checkpoints.tensors import autoencoder_state_dict
+    from tests.test_latent_spaces import train_with_main
+
+    images = request.getfixturevalue("image_folder")
+    wan_file(diffusers_qwen(seed=4, num_res_blocks=2), tmp_path / "qwen_image_vae.safetensors")
+    loaded = autoencoder_state_dict(read_state_dict(tmp_path / "qwen_image_vae.safetensors"))
+    config = OmegaConf.load("configs/tiny/autoencoder_kl_qwenimage_tiny.yaml")
+    params = config.model.params
+    params.ckpt_path = str(tmp_path / "qwen_image_vae.safetensors")
+    params.pretrained_lr_factor = 0.1
+    params.lossconfig = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                         "params": {"disc_start": 1, "perceptual_weight": 0, "kl_weight": 1e-6}}
+    config.model.base_learning_rate = 1e-5
+    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
+               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml",
+                          "root": str(images / "train")}}
+    config.data = {"target": "main.DataModuleFromConfig",
+                   "params": {"batch_size": 2, "num_workers": 0, "train": dataset}}
+    config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},
+                        "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
+                                    "enable_progress_bar": False, "limit_val_batches": 0}}
+    sd = train_with_main(tmp_path, monkeypatch, config, "qwenimage", steps=2)
+    frozen = [k for k in loaded if k.startswith(("encoder.", "quant_conv.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(sd[k], loaded[k]) for k in frozen)
+    assert not torch.equal(sd["decoder.head.2.weight"], loaded["decoder.head.2.weight"])
+    assert "decoder.encoder.layers.0.weight" in sd
+
+
+def test_full_size_configs_have_diffusers_parameter_counts():
+    """The vanilla config's encoder, quant convs and decoder have AutoencoderKLQwenImage()'s parameters with each
+    causal kernel at one temporal tap and no time_conv (meta device); the variants' decoders grow as stated."""
+    import diffusers
+
+    from tests.test_latent_spaces import build_meta
+
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKLQwenImage()
+    one_frame = {}
+    for part in ("encoder", "decoder"):
+        one_frame[part] = sum(p.numel() // (p.shape[2] if p.ndim == 5 else 1)
+                              for n, p in getattr(vae, part).named_parameters() if ".time_conv." not in n)
+
+    def numel(module):
+        return sum(p.numel() for p in module.parameters())
+
+    counts = {}
+    for name in ("vanilla", "asymmetric_base", "asymmetric_large", "asymmetric_large2"):
+        model = build_meta(f"configs/autoencoder/qwenimage/{name}.yaml")
+        branch = numel(model.decoder.encoder) if model.decoder.has_condition else 0
+        counts[name] = (numel(model.decoder) - branch, branch)
+        assert numel(model.encoder) == one_frame["encoder"] == 19_306_592
+        assert numel(model.quant_conv) + numel(model.post_quant_conv) == 1_328
+    assert counts["vanilla"] == (one_frame["decoder"], 0) == (25_291_683, 0)
+    assert counts == {"vanilla": (25_291_683, 0), "asymmetric_base": (25_291_683, 2_150_880),
+                      "asymmetric_large": (70_665_267, 4_836_816), "asymmetric_large2": (174_692_931, 8_596_416)}
