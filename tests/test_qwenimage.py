@@ -300,3 +300,36 @@ def test_full_size_configs_have_diffusers_parameter_counts():
     assert counts["vanilla"] == (one_frame["decoder"], 0) == (25_291_683, 0)
     assert counts == {"vanilla": (25_291_683, 0), "asymmetric_base": (25_291_683, 2_150_880),
                       "asymmetric_large": (70_665_267, 4_836_816), "asymmetric_large2": (174_692_931, 8_596_416)}
+
+
+def test_a_qwenimage_file_tells_its_config_to_the_loader_without_one(tmp_path):
+    """load_autoencoder (the ComfyUI loader's and convert_checkpoint's path) reads a Qwen-Image file's config off
+    its tensors: the released VAE (Wan-2.1 single file, 3-D) and an asymmetric decoder of ours with its own width,
+    depth and condition branch, each in the Qwen-Image latent space; another latent space is refused."""
+    from safetensors.torch import save_file
+
+    from ldm.checkpoints.architecture import autoencoder_config
+    from ldm.checkpoints.files import CheckpointError
+    from ldm.checkpoints.keys import read_state_dict
+    from ldm.checkpoints.loading import load_autoencoder
+    from ldm.checkpoints.qwenimage import ddconfig_of_diffusers
+    from ldm.latent_spaces import LATENT_SPACES, latent_space_of
+    from ldm.models.autoencoder import AutoencoderKL
+
+    vae = diffusers_qwen(seed=5, num_res_blocks=2)
+    wan_file(vae, tmp_path / "qwen_image_vae.safetensors")
+    model = load_autoencoder(tmp_path / "qwen_image_vae.safetensors")
+    assert latent_space_of(model) is LATENT_SPACES["qwenimage"] and not model.decoder.has_condition
+    assert_same_tensors(model.state_dict(), ours_of(vae).state_dict())
+
+    torch.manual_seed(0)
+    wide = AutoencoderKL(ddconfig=ddconfig_of_diffusers(vae.config), embed_dim=16, architecture="qwenimage",
+                         lossconfig={"target": "torch.nn.Identity"},
+                         decoder_overrides={"ch": 12, "num_res_blocks": 3, "condition": True},
+                         **LATENT_SPACES["qwenimage"].normalization.to_params())
+    save_file(wide.state_dict(), str(tmp_path / "large.safetensors"))
+    params = autoencoder_config(read_state_dict(tmp_path / "large.safetensors"))["params"]
+    assert params["decoder_overrides"] == {"ch": 12, "num_res_blocks": 3, "condition": True}
+    assert_same_tensors(load_autoencoder(tmp_path / "large.safetensors").state_dict(), wide.state_dict())
+    with pytest.raises(CheckpointError, match="not latent space flux"):
+        load_autoencoder(tmp_path / "large.safetensors", latent_space="flux")

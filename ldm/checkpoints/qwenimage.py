@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -207,3 +207,41 @@ def ours_to_diffusers_qwenimage(state_dict: Mapping[str, torch.Tensor], ddconfig
               "temperal_downsample": temporal, "dropout": 0.0,
               "input_channels": int(ddconfig.get("in_channels", 3)), **norm.to_diffusers()}
     return out, config
+
+
+def _flat_widths(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Tuple[Dict[int, int], List[int]]:
+    """``{flat index: output width}`` of the ResidualBlocks under ``prefix`` and the flat indices of its
+    resamplers."""
+    blocks, resamplers = {}, []
+    for key, tensor in state_dict.items():
+        m = re.match(re.escape(prefix) + r"(\d+)\.(residual\.2|resample\.1)\.weight$", key)
+        if m and m.group(2) == "residual.2":
+            blocks[int(m.group(1))] = int(tensor.shape[0])
+        elif m:
+            resamplers.append(int(m.group(1)))
+    return blocks, sorted(resamplers)
+
+
+def config_of_state_dict(state_dict: Mapping[str, torch.Tensor], source: object = "<state dict>"
+                         ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(ddconfig, decoder_overrides)`` of a Qwen-Image VAE in our keys (after :func:`from_wan_layout`), read off
+    its tensors: widths, blocks per level, the decoder's own width and depth where they differ from the encoder's
+    (the asymmetric variants), and the condition branch (``decoder.encoder.layers.*``). ``temporal_downsample`` is
+    Qwen-Image's (its ``time_conv`` is not in our tensors)."""
+    try:
+        ch = int(state_dict["encoder.conv1.weight"].shape[0])
+        enc_blocks, enc_down = _flat_widths(state_dict, "encoder.downsamples.")
+        dec_blocks, _ = _flat_widths(state_dict, "decoder.upsamples.")
+        levels = len(enc_down) + 1
+        n_enc = len(enc_blocks) // levels  # per level: n_enc ResidualBlocks, then a downsampler
+        ch_mult = [enc_blocks[level * (n_enc + 1)] // ch for level in range(levels)]
+        n_dec = len(dec_blocks) // levels - 1  # per level: n_dec + 1 ResidualBlocks, then an upsampler
+        dec_ch = int(state_dict["decoder.head.2.weight"].shape[1]) // ch_mult[0]
+        z = int(state_dict["post_quant_conv.weight"].shape[0])
+    except (KeyError, ZeroDivisionError, IndexError) as e:
+        raise CheckpointError(f"{source}: not a Qwen-Image VAE in Wan-2.1's names ({e!r} unreadable)") from None
+    ddconfig = {"double_z": True, "z_channels": z, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": ch,
+                "ch_mult": ch_mult, "num_res_blocks": n_enc, "attn_resolutions": [], "dropout": 0.0,
+                "temporal_downsample": list(QWENIMAGE_TEMPORAL_DOWNSAMPLE)}
+    overrides: Dict[str, Any] = {k: v for k, v in (("ch", dec_ch), ("num_res_blocks", n_dec)) if v != ddconfig[k]}
+    return ddconfig, overrides

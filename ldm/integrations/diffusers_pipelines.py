@@ -113,6 +113,10 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("Z-Image", size=_size_of_image),
     Family("Z-Image ControlNet", as_control=("image",), requires=("control_image",)),
     Family("FLUX.2", normalised=False, size=_size_of_flux2),
+    # Qwen-Image: 2x2 patches packed into tokens, _unpack_latents gives (B, C, 1, h, w); latents normalised per channel
+    Family("Qwen-Image", packed=True),
+    Family("Qwen-Image ControlNet", image="control_image", mask="control_mask", packed=True,
+           as_control=("image", "mask")),
 )}
 
 
@@ -144,6 +148,9 @@ PIPELINES: Dict[str, Supported] = {
     "ZImageInpaintPipeline": Supported("Z-Image (Turbo)", "flux", "Z-Image"),
     "ZImageControlNetInpaintPipeline": Supported("Z-Image + ControlNet (Union)", "flux", "Z-Image ControlNet"),
     "Flux2KleinInpaintPipeline": Supported("FLUX.2 [klein]", "flux2", "FLUX.2"),
+    "QwenImageInpaintPipeline": Supported("Qwen-Image", "qwenimage", "Qwen-Image"),
+    "QwenImageControlNetInpaintPipeline": Supported("Qwen-Image + inpainting ControlNet", "qwenimage",
+                                                    "Qwen-Image ControlNet"),
 }
 
 # arguments that would make the pipeline's output something other than the decoded final latents at the output size
@@ -165,7 +172,7 @@ def supported(pipe: Any) -> Tuple[str, Supported]:
     name = next((cls.__name__ for cls in type(pipe).__mro__ if cls.__name__ in PIPELINES), None)
     if name is None:
         raise PipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {', '.join(PIPELINES)}")
-    if getattr(pipe.vae.config, "latents_mean", None) is not None:
+    if getattr(pipe.vae.config, "latents_mean", None) is not None and PIPELINES[name].space != "qwenimage":
         raise PipelineError(f"{type(pipe).__name__}: its VAE normalises latents per channel (latents_mean / "
                             "latents_std), which diffusers' inpainting pipelines apply when decoding (SDXL) but not "
                             "when encoding the image: no consistent latent space to decode")
@@ -255,14 +262,16 @@ def native_size(pipe: Any) -> int:
 def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Final latents as the pipeline returns them with ``output_type="latent"`` -> (B,C,h,w). Most return
     (B,C,h,w) already; FLUX-style pipelines return 2x2 patches packed into tokens (B, h*w/4, 4*C), restored by the
-    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes)."""
+    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes);
+    Qwen-Image's gives one frame (B, C, 1, h, w), taken as the image's latents."""
     if latents.ndim == 4:
         return latents
     unpack = getattr(type(pipe), "_unpack_latents", None)
     if latents.ndim != 3 or unpack is None:
         raise PipelineError(f"{type(pipe).__name__} returned latents of shape {tuple(latents.shape)}: expected "
                             "(B,C,h,w), or packed (B,tokens,channels) with the pipeline's _unpack_latents (FLUX)")
-    return unpack(latents, height, width, pipe.vae_scale_factor)
+    latents = unpack(latents, height, width, pipe.vae_scale_factor)
+    return latents[:, :, 0] if latents.ndim == 5 else latents
 
 
 def decoder_condition(pipe: Any, image: Any, mask_image: Any, height: int, width: int
