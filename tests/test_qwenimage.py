@@ -311,9 +311,9 @@ def test_a_qwenimage_file_tells_its_config_to_the_loader_without_one(tmp_path):
     from ldm.checkpoints.architecture import autoencoder_config
     from ldm.checkpoints.files import CheckpointError
     from ldm.checkpoints.keys import read_state_dict
-    from ldm.checkpoints.loading import load_autoencoder
     from ldm.checkpoints.qwenimage import ddconfig_of_diffusers
     from ldm.latent_spaces import LATENT_SPACES, latent_space_of
+    from ldm.loading import load_autoencoder
     from ldm.models.autoencoder import AutoencoderKL
 
     vae = diffusers_qwen(seed=5, num_res_blocks=2)
