@@ -333,3 +333,30 @@ def test_a_qwenimage_file_tells_its_config_to_the_loader_without_one(tmp_path):
     assert_same_tensors(load_autoencoder(tmp_path / "large.safetensors").state_dict(), wide.state_dict())
     with pytest.raises(CheckpointError, match="not latent space flux"):
         load_autoencoder(tmp_path / "large.safetensors", latent_space="flux")
+
+
+def test_comfyui_first_stage_reads_and_writes_qwen_image_latents_as_one_frame(tmp_path):
+    """ComfyUI hands a Qwen-Image (Wan) VAE one frame per image: (B, 3, 1, H, W) in, (B, 16, 1, h, w) latents out,
+    as diffusers' encode of one frame; decoding such a latent (plain, or with the prior through the decode node's
+    path) equals the 4-D decode; a video latent is refused."""
+    from ldm.integrations import comfyui as integration
+    from ldm.loading import load_autoencoder
+
+    vae = diffusers_qwen(seed=6, num_res_blocks=2)
+    wan_file(vae, tmp_path / "qwen_image_vae.safetensors")
+    model = load_autoencoder(tmp_path / "qwen_image_vae.safetensors")
+    stage = integration.ComfyFirstStage(model)
+    x = image(size=(32, 48))
+    with torch.no_grad():
+        z = stage.encode(x[:, :, None])
+        assert z.shape == (1, 16, 1, 4, 6)
+        torch.testing.assert_close(z, vae.encode(x[:, :, None]).latent_dist.mode(), rtol=0, atol=1e-4)
+        out = stage.decode(z)
+        assert out.shape == (1, 3, 1, 32, 48)
+        assert torch.equal(out[:, :, 0], model.decode(z[:, :, 0]))
+    pixels = (x.permute(0, 2, 3, 1) + 1) / 2
+    mask = torch.zeros(1, 32, 48)
+    torch.testing.assert_close(integration.decode_with_prior(model, z, pixels, mask),
+                               integration.decode_with_prior(model, z[:, :, 0], pixels, mask), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="video latents are not supported"):
+        stage.decode(z.expand(-1, -1, 2, -1, -1))
