@@ -360,3 +360,17 @@ def test_comfyui_first_stage_reads_and_writes_qwen_image_latents_as_one_frame(tm
                                integration.decode_with_prior(model, z[:, :, 0], pixels, mask), rtol=0, atol=0)
     with pytest.raises(ValueError, match="video latents are not supported"):
         stage.decode(z.expand(-1, -1, 2, -1, -1))
+
+
+def test_benchmark_script_decodes_both_and_measures_a_training_step(capsys):
+    """scripts/benchmark_qwenimage.py (the lead's full-size CPU timing) on a narrow network: both decoders agree;
+    the training-step measurement runs on a config of the family. No timing is checked."""
+    import re
+
+    from scripts import benchmark_qwenimage
+
+    assert benchmark_qwenimage.main(["--size", "32", "--base_dim", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"max \|difference\|: (\S+)", out).group(1)) < 1e-4
+    assert benchmark_qwenimage.main(["--train_step", "asymmetric_base", "--size", "32", "--base_dim", "8"]) == 0
+    assert "one training step of asymmetric_base at 32x32" in capsys.readouterr().out
