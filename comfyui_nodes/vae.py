@@ -30,7 +30,8 @@ class AsymmetricVAE(comfy.sd.VAE):
             shape, model_management.dtype_size(dtype))
         self.downscale_ratio = self.upscale_ratio = model.downsample_factor
         self.latent_channels = model.embed_dim
-        self.latent_dim = 2
+        # Qwen-Image's VAE is a video VAE in ComfyUI (latents (B, 16, 1, h, w), Wan21 format): one frame per image
+        self.latent_dim = 3 if getattr(model, "architecture", "kl") == "qwenimage" else 2
         self.output_channels = 3
         self.process_input = lambda image: image * 2.0 - 1.0
         self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
@@ -40,7 +41,7 @@ class AsymmetricVAE(comfy.sd.VAE):
         if space is not None and space.fp16_safe:
             self.working_dtypes = [torch.bfloat16, torch.float16, torch.float32]
         self.disable_offload = False
-        self.not_video = False
+        self.not_video = self.latent_dim == 3  # an image batch is B images of one frame, not a B-frame video
         self.downscale_index_formula = self.upscale_index_formula = None
         self.extra_1d_channel = None
         self.crop_input = True
@@ -72,6 +73,7 @@ class AsymmetricVAE(comfy.sd.VAE):
         """Raw latents, IMAGE, MASK -> IMAGE, decoded with the condition branch reading image and mask; models
         loaded and batches split as ``VAE.decode`` does (by ComfyUI's memory estimate)."""
         self.throw_exception_if_invalid()
+        samples = integration.one_frame(samples)
         shape = samples.shape
         if tile_size is not None:
             f = self.downscale_ratio

@@ -105,8 +105,7 @@ def to_diffusers(model):
 
     from ldm.checkpoints.diffusers import ldm_to_diffusers
 
-    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
-                                          shift_factor=model.shift_factor)
+    state_dict, config = ldm_to_diffusers(model.state_dict(), normalization=model.latent_norm)
     cls = getattr(diffusers, config.pop("_class_name"))
     vae = cls.from_config(config)
     vae.load_state_dict(state_dict)

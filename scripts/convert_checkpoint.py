@@ -31,18 +31,17 @@ Exit status: 0 done, 2 bad input or a failed write (message on stderr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 from ldm.checkpoints.architecture import default_latent_space
 from ldm.checkpoints.diffusers import (
     AutoencoderLayout,
     check_layout_matches_config,
     diffusers_config_to_ldm,
-    ldm_normalization,
-    normalization_config,
     read_diffusers_folder,
     write_diffusers_folder,
 )
@@ -65,7 +64,15 @@ from ldm.checkpoints.tensors import (
     strip_prefix,
     to_bfl_flux2_layout,
 )
-from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout
+from ldm.latent_spaces import (
+    LATENT_SPACES,
+    Normalization,
+    PatchBatchNorm,
+    ScaleShift,
+    describe_latent_layout,
+    normalization_from_diffusers,
+    normalization_from_params,
+)
 from ldm.project import load_yaml
 from ldm.util import WriteError, check_output, remove_stale_temporaries
 
@@ -97,44 +104,50 @@ def describe(sd: StateDict) -> str:
     return f"{AutoencoderLayout.from_state_dict(sd).describe()}\n  {describe_decoder_checkpoint(sd)}"
 
 
-def latent_scaling(opt: argparse.Namespace, params: Dict[str, Any], layout: AutoencoderLayout) -> Tuple[float, float]:
-    """``(scaling_factor, shift_factor)`` for config.json: the flags, else --config, else --latent_space, else the
-    only known latent space with the tensors' layout (SD 1.x for 4 channels with quant convs, as before)."""
+def latent_normalization(opt: argparse.Namespace, params: Dict[str, Any], layout: AutoencoderLayout) -> Normalization:
+    """The latent normalisation for config.json: --config's, else --latent_space's, else that of the only known
+    latent space with the tensors' layout (SD 1.x for 4 channels with quant convs, as before);
+    ``--scaling_factor`` / ``--shift_factor`` replace its scale and shift."""
     if opt.latent_space is not None:
         space = LATENT_SPACES[opt.latent_space]
-        if ((space.channels, space.quant_conv, space.normalization == "batch_norm")
+        if ((space.channels, space.quant_conv, isinstance(space.normalization, PatchBatchNorm))
                 != (layout.latent_channels, layout.quant_conv, layout.batch_norm)):
             raise ValueError(f"--latent_space {opt.latent_space}: {space.models} has {space.channels} latent channels "
                              f"{'with' if space.quant_conv else 'without'} quant convs, the checkpoint "
                              f"{describe_latent_layout(layout.latent_channels, layout.quant_conv)}"
                              + (" and latent BatchNorm statistics" if layout.batch_norm else ""))
-        default = (space.scaling_factor, space.shift_factor)
-    elif "scaling_factor" in params or "shift_factor" in params or opt.config is not None:
-        default = (params.get("scaling_factor", SD.scaling_factor), params.get("shift_factor", SD.shift_factor))
+        norm = space.normalization
+    elif opt.config is not None or any(k in params for k in ("scaling_factor", "shift_factor", "latents_mean",
+                                                              "latent_batch_norm")):
+        norm = normalization_from_params(params)
     else:
         # SD 1.x for 4 channels with quant convs (SDXL's VAE needs --latent_space sdxl)
         space = default_latent_space(layout.latent_channels, layout.quant_conv)
         if space is None and (opt.scaling_factor is None or opt.shift_factor is None):
             raise ValueError(f"the checkpoint has {describe_latent_layout(layout.latent_channels, layout.quant_conv)}: "
                              "pass --config or --latent_space (or --scaling_factor and --shift_factor) to say which")
-        if (space is not None and space.normalization == "batch_norm" and not layout.batch_norm
-                and (opt.scaling_factor is None or opt.shift_factor is None)):
-            # FLUX.2's scale 1 / shift 0 stand for "normalised by bn.*": without the statistics the export would
-            # tell a pipeline to use the raw latents
+        without_bn = (space is not None and isinstance(space.normalization, PatchBatchNorm)
+                      and not layout.batch_norm)
+        if without_bn and (opt.scaling_factor is None or opt.shift_factor is None):
+            # FLUX.2's latents are normalised by the bn.* statistics: without them the export would tell a
+            # pipeline to use the raw latents
             raise ValueError(f"{opt.input}: {space.models}'s layout ({layout.latent_channels} latent channels with "
                              f"quant convs) without its latent BatchNorm statistics (bn.*), which {space.models}'s "
-                             "pipelines normalise the latents with; config.json would say scaling_factor 1.0 and no "
-                             "normalisation. Convert the checkpoint that holds bn.* (the VAE's), or pass "
-                             "--scaling_factor and --shift_factor to write a plain scale and shift on purpose")
-        default = (space.scaling_factor, space.shift_factor) if space else (None, None)
-    scale = default[0] if opt.scaling_factor is None else opt.scaling_factor
-    shift = default[1] if opt.shift_factor is None else opt.shift_factor
-    return float(scale), float(shift)
+                             "pipelines normalise the latents with; config.json would say no normalisation. "
+                             "Convert the checkpoint that holds bn.* (the VAE's), or pass --scaling_factor and "
+                             "--shift_factor to write a plain scale and shift on purpose")
+        norm = space.normalization if space and not without_bn else ScaleShift(opt.scaling_factor, opt.shift_factor)
+    for flag, field in ((opt.scaling_factor, "scale"), (opt.shift_factor, "shift")):
+        if flag is not None:
+            if field not in {f.name for f in dataclasses.fields(norm)}:
+                raise ValueError(f"--{field}_factor: the latent normalisation ({norm.describe()}) has no {field}")
+            norm = dataclasses.replace(norm, **{field: float(flag)})
+    return norm
 
 
 def describe_normalization(diffusers_config: Dict[str, Any]) -> str:
     """The latent normalisation of a diffusers VAE config as our model params ('scaling_factor 0.3611, ...')."""
-    return ", ".join(f"{k} {v}" for k, v in ldm_normalization(diffusers_config).items())
+    return ", ".join(f"{k} {v}" for k, v in normalization_from_diffusers(diffusers_config).to_params().items())
 
 
 def to_diffusers(opt: argparse.Namespace) -> None:
@@ -155,9 +168,8 @@ def to_diffusers(opt: argparse.Namespace) -> None:
             check_layout_matches_config(layout, ddconfig, overrides, use_quant_conv)
         except CheckpointError as e:
             raise CheckpointError(f"{opt.input} vs --config {opt.config}: {e}") from None
-    scale, shift = latent_scaling(opt, params, layout)
-    write_diffusers_folder(sd, ddconfig, overrides, opt.output, overwrite=opt.overwrite, scaling_factor=scale,
-                           shift_factor=shift, normalization=normalization_config(params))
+    write_diffusers_folder(sd, ddconfig, overrides, opt.output, overwrite=opt.overwrite,
+                           normalization=latent_normalization(opt, params, layout))
     config = read_diffusers_config(opt.output)
     cls = config["_class_name"]
     print(f"wrote {opt.output} (diffusers {cls}; load with {cls}.from_pretrained); {describe_normalization(config)}")

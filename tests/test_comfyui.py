@@ -74,7 +74,7 @@ def test_node_contracts(folder_paths):
         assert callable(getattr(cls(), cls.FUNCTION)) and cls.CATEGORY == "latent/asymmetric vae"
     loader = nodes.AsymmetricVAELoader.INPUT_TYPES()
     assert loader["required"]["vae_name"][0] == ["asym-x-1-5/", "base.ckpt"]  # a diffusers folder by its name
-    assert loader["required"]["latent_space"][0] == ["auto", "sd", "sdxl", "sd3", "flux", "flux2"]
+    assert loader["required"]["latent_space"][0] == ["auto", "sd", "sdxl", "sd3", "flux", "flux2", "qwenimage"]
     assert loader["optional"]["config"][0] == "STRING"
     assert nodes.AsymmetricVAELoader.RETURN_TYPES == ("VAE",)
     decode = nodes.AsymmetricVAEDecode.INPUT_TYPES()["required"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.latent_spaces import PatchBatchNorm, PerChannel
 from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.test_interop import randomize_
@@ -125,7 +126,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path):
 
     ours = make_flux2(decoder_ch=decoder_ch).eval()
     folder = write_diffusers_folder(ours.state_dict(), TINY32, {"condition": False, "ch": decoder_ch},
-                                    tmp_path / "vae", normalization={"batch_norm_eps": 1e-4, "patch_size": [2, 2]})
+                                    tmp_path / "vae", normalization=PatchBatchNorm(1e-4, 2))
     theirs = diffusers.AutoencoderKLFlux2.from_pretrained(folder).eval()
     assert theirs.config.batch_norm_eps == 1e-4 and list(theirs.config.patch_size) == [2, 2]
     assert list(theirs.config.decoder_block_out_channels) == [64, 128]
@@ -215,7 +216,7 @@ def test_flux2_configs_are_the_latent_space_row_and_the_paper_variants():
 
     row = LATENT_SPACES["flux2"]
     assert (row.channels, row.quant_conv, row.normalization, row.config_dir) == (
-        32, True, "batch_norm", "configs/autoencoder/flux2/")
+        32, True, PatchBatchNorm(eps=1e-4, patch_size=2), "configs/autoencoder/flux2/")
     sd1 = load_params("configs/autoencoder/autoencoder_kl_32x32x4.yaml")
     for name in FLUX2_CONFIGS:
         params = load_params(f"configs/autoencoder/flux2/{name}.yaml")
@@ -386,25 +387,25 @@ def test_convert_checkpoint_cli_in_the_flux2_space(tmp_path, capsys):
 
 
 def test_diffusers_vae_configs_read_as_our_normalisation_params():
-    """ldm_normalization(vae.config) (a saved config.json or a model's config, which has no _class_name) gives the
-    constructor params of the same normalisation: FLUX.2's BatchNorm, per-channel, scale and shift."""
+    """normalization_from_diffusers(vae.config) (a saved config.json or a model's config, which has no _class_name)
+    gives the constructor params of the same normalisation: FLUX.2's BatchNorm, per-channel, scale and shift."""
     import diffusers
 
-    from ldm.checkpoints.diffusers import ldm_normalization
+    from ldm.latent_spaces import normalization_from_diffusers
     from ldm.models.autoencoder import AutoencoderKL
 
     def ours(channels, config, **kwargs):
         return AutoencoderKL(ddconfig=dict(TINY_DDCONFIG, z_channels=channels), embed_dim=channels,
-                             lossconfig={"target": "torch.nn.Identity"}, **kwargs, **ldm_normalization(dict(config)))
+                             lossconfig={"target": "torch.nn.Identity"}, **kwargs,
+                             **normalization_from_diffusers(dict(config)).to_params())
 
     flux2 = ours(32, diffusers_flux2().config)
-    assert flux2.latent_normalization == "batch_norm" and flux2.bn.eps == 1e-4 and flux2.latent_patch_size == 2
+    assert flux2.latent_norm == PatchBatchNorm(eps=1e-4, patch_size=2) and flux2.bn.eps == 1e-4
     mean, std = [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0]
     with torch.device("meta"):
         playground = diffusers.AutoencoderKL(latents_mean=mean, latents_std=std, scaling_factor=0.5).config
         flux1 = diffusers.AutoencoderKL(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159).config
     model = ours(4, playground)
-    assert (model.latent_normalization, model.scaling_factor, model.latents_mean, model.latents_std) == (
-        "per_channel", 0.5, mean, std)
+    assert model.latent_norm == PerChannel(mean, std, 0.5) and model.latent_normalization == "per_channel"
     model = ours(16, flux1, use_quant_conv=False)
     assert (model.latent_normalization, model.scaling_factor, model.shift_factor) == ("scale_shift", 0.3611, 0.1159)

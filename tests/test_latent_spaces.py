@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.latent_spaces import ScaleShift
 from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.test_interop import randomize_
@@ -219,8 +220,7 @@ def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
     from ldm.checkpoints.diffusers import ldm_to_diffusers
 
     ours = randomize_(make_16ch(condition=False), 0)
-    sd, config = ldm_to_diffusers(ours.state_dict(), scaling_factor=ours.scaling_factor,
-                                  shift_factor=ours.shift_factor)
+    sd, config = ldm_to_diffusers(ours.state_dict(), normalization=ours.latent_norm)
     assert config["_class_name"] == "AutoencoderKL"
     assert (config["latent_channels"], config["use_quant_conv"], config["use_post_quant_conv"]) == (16, False, False)
     theirs = diffusers.AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=16,
@@ -242,8 +242,7 @@ def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_t
 
     ours = randomize_(make_16ch(condition=True), 0)
     folder = write_diffusers_folder(ours.state_dict(), TINY16, {"condition": True}, tmp_path / "asym",
-                                    scaling_factor=ours.scaling_factor, shift_factor=ours.shift_factor,
-                                    use_quant_conv=False)
+                                    normalization=ours.latent_norm, use_quant_conv=False)
     theirs = diffusers.AsymmetricAutoencoderKL.from_pretrained(folder).eval()
     assert torch.equal(theirs.post_quant_conv.weight[:, :, 0, 0], torch.eye(16))
     assert torch.equal(theirs.quant_conv.weight[:, :, 0, 0], torch.eye(32))
@@ -357,7 +356,7 @@ def test_diffusers_vae_folder_of_a_16_channel_space_loads_as_starting_weights(tm
     from ldm.checkpoints.diffusers import write_diffusers_folder
 
     vae = released_vae("sd3")
-    write_diffusers_folder(vae, None, None, tmp_path / "pipe" / "vae", scaling_factor=1.5305, shift_factor=0.0609)
+    write_diffusers_folder(vae, None, None, tmp_path / "pipe" / "vae", normalization=ScaleShift(1.5305, 0.0609))
     model = train_model("sd3")
     model.init_from_ckpt(tmp_path / "pipe")
     assert_loaded(model, vae)
@@ -522,3 +521,34 @@ def test_convert_checkpoint_cli_for_16_channel_spaces(tmp_path, capsys):
     assert cli.main(["to-diffusers", str(src), str(tmp_path / "sd3"), "--config", str(params)]) == 0
     config = json.loads((tmp_path / "sd3" / "config.json").read_text())
     assert (config["scaling_factor"], config["shift_factor"]) == (1.5305, 0.0609)
+
+
+def test_normalisation_objects_round_trip_through_configs_and_compare_by_one_rule():
+    """Each kind's to_params / to_diffusers reads back as an equal object; equality is one rule (same kind,
+    numbers within a relative 1e-6); PerChannel works on 4-D and 5-D latents, as Qwen-Image's pipelines compute
+    ``(z - mean) * (1 / std)`` and ``z / (1 / std) + mean`` over (B, C, T, h, w)."""
+    from ldm.latent_spaces import (
+        LATENT_SPACES,
+        PatchBatchNorm,
+        PerChannel,
+        normalization_from_diffusers,
+        normalization_from_params,
+    )
+
+    for space in LATENT_SPACES.values():
+        norm = space.normalization
+        assert normalization_from_params(norm.to_params()) == norm
+        assert normalization_from_diffusers(norm.to_diffusers()) == norm
+    qwen = LATENT_SPACES["qwenimage"].normalization
+    assert qwen != LATENT_SPACES["flux"].normalization
+    assert qwen == PerChannel([m * (1 + 1e-8) for m in qwen.mean], qwen.std)
+    assert qwen != PerChannel([m + 1e-3 for m in qwen.mean], qwen.std)
+    assert PatchBatchNorm(eps=1e-5) != PatchBatchNorm(eps=1e-4)
+    z5 = torch.randn(2, 16, 1, 3, 5)
+    mean = torch.tensor(qwen.mean).view(1, 16, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(qwen.std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(qwen.normalize(z5), (z5 - mean) * inv_std, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qwen.denormalize(z5), z5 / inv_std + mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qwen.normalize(z5[:, :, 0]), qwen.normalize(z5)[:, :, 0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        PerChannel([0.0], [0.0])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ldm.checkpoints.diffusers import ldm_to_diffusers
+from ldm.checkpoints.qwenimage import ours_to_diffusers_qwenimage
 from ldm.integrations.diffusers_pipelines import (
     PIPELINES,
     PipelineError,
@@ -36,22 +37,22 @@ from .conftest import TINY_DDCONFIG
 diffusers = pytest.importorskip("diffusers")
 
 H, W = 32, 48  # not the pipelines' default square: the output size must come from the image
+# Qwen-Image's VAE at tiny widths (f = 8: its latents are 4 x 6 here)
+TINY_QWEN = dict(double_z=True, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2, 4, 4],
+                 num_res_blocks=1, attn_resolutions=[], dropout=0.0, temporal_downsample=[False, True, True])
 TEXT_LEN, TEXT_DIM = 8, 32
 
 
-FLUX2_BN = {"patch_size": 2, "batch_norm_eps": 1e-4}
 
 
 def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> AutoencoderKL:
     """A tiny autoencoder of ours in a latent space (channels, quant convs, normalisation as released; FLUX.2's
     BatchNorm statistics random, as far from 0 / 1 as the released ones)."""
     torch.manual_seed(seed)
-    ddconfig = {**TINY_DDCONFIG, "z_channels": space.channels}
-    normalisation = ({"latent_batch_norm": FLUX2_BN} if space.normalization == "batch_norm" else
-                     {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor})
+    ddconfig = TINY_QWEN if space.architecture == "qwenimage" else {**TINY_DDCONFIG, "z_channels": space.channels}
     model = AutoencoderKL(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, embed_dim=space.channels,
                           decoder_overrides={"condition": condition}, use_quant_conv=space.quant_conv,
-                          **normalisation).eval()
+                          architecture=space.architecture, **space.normalization.to_params()).eval()
     if model.bn is not None:
         g = torch.Generator().manual_seed(seed)
         model.bn.running_mean.copy_(torch.randn(model.bn.num_features, generator=g))
@@ -62,10 +63,10 @@ def make_decoder(space: LatentSpace, condition: bool, seed: int = 0) -> Autoenco
 def export_vae(model: AutoencoderKL) -> Any:
     """diffusers ``AutoencoderKL`` (``AutoencoderKLFlux2`` for FLUX.2) with our model's weights and latent
     normalisation."""
-    normalisation = {"normalization": {"batch_norm_eps": FLUX2_BN["batch_norm_eps"], "patch_size": [2, 2]}} \
-        if model.bn is not None else {}
-    state_dict, config = ldm_to_diffusers(model.state_dict(), scaling_factor=model.scaling_factor,
-                                          shift_factor=model.shift_factor, **normalisation)
+    if model.architecture == "qwenimage":
+        state_dict, config = ours_to_diffusers_qwenimage(model.state_dict(), TINY_QWEN, model.latent_norm)
+    else:
+        state_dict, config = ldm_to_diffusers(model.state_dict(), normalization=model.latent_norm)
     vae = getattr(diffusers, config["_class_name"])(**{k: v for k, v in config.items() if not k.startswith("_")})
     vae.load_state_dict(state_dict)
     return vae.eval()
@@ -236,6 +237,31 @@ def build_flux2_klein(vae: Any) -> Any:
                                                text_encoder=None, tokenizer=None, transformer=transformer)
 
 
+QWEN = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
+
+
+def build_qwen(vae: Any) -> Any:
+    torch.manual_seed(0)
+    return diffusers.QwenImageInpaintPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                              text_encoder=None, tokenizer=None,
+                                              transformer=diffusers.QwenImageTransformer2DModel(**QWEN))
+
+
+def build_qwen_controlnet(vae: Any) -> Any:
+    torch.manual_seed(0)
+    transformer = diffusers.QwenImageTransformer2DModel(**QWEN)
+    # the inpainting ControlNet reads the masked image's latents and the mask, both packed: 64 + 4 channels
+    net = diffusers.QwenImageControlNetModel(extra_condition_channels=4, **QWEN)
+    return diffusers.QwenImageControlNetInpaintPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                                        vae=vae, text_encoder=None, tokenizer=None,
+                                                        transformer=transformer, controlnet=net)
+
+
+def qwen_prompt() -> Dict[str, torch.Tensor]:
+    return dict(prompt_embeds=embeds(1, TEXT_LEN, TEXT_DIM, seed=1), prompt_embeds_mask=torch.ones(1, TEXT_LEN))
+
+
 def blind(pipe: Any) -> None:
     """The pipeline's VAE encoder ignores its input from here on (a constant output): the denoiser, the latent
     blending of the kept region and any control latents no longer see the image, so that a change of the image
@@ -255,6 +281,11 @@ class Case:
     @property
     def channels(self) -> int:
         return self.space.channels
+
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel of the tiny VAE."""
+        return 8 if self.space.architecture == "qwenimage" else 2
 
     @property
     def scale(self) -> float:
@@ -301,7 +332,8 @@ def flux2_prompt() -> Dict[str, torch.Tensor]:
                 negative_prompt_embeds=embeds(1, TEXT_LEN, TEXT_DIM, seed=2))
 
 
-SD, SDXL, SD3_, FLUX_, FLUX2 = (LATENT_SPACES[name] for name in ("sd", "sdxl", "sd3", "flux", "flux2"))
+SD, SDXL, SD3_, FLUX_, FLUX2, QWEN_ = (LATENT_SPACES[name] for name in ("sd", "sdxl", "sd3", "flux", "flux2",
+                                                                         "qwenimage"))
 SDXL_PROMPT, SD3_PROMPT = pooled_prompt(2 * TEXT_DIM, TEXT_DIM), pooled_prompt(TEXT_DIM, 64)
 CONTROL = {"control_image": control_image()}
 CASES = [
@@ -326,6 +358,8 @@ CASES = [
     Case("zimage", FLUX_, build_zimage, zimage_prompt),
     Case("zimage-controlnet", FLUX_, build_zimage_controlnet, zimage_prompt, CONTROL),
     Case("flux2-klein", FLUX2, build_flux2_klein, flux2_prompt, {"strength": 1.0}),
+    Case("qwen", QWEN_, build_qwen, qwen_prompt, {"strength": 1.0}),
+    Case("qwen-controlnet", QWEN_, build_qwen_controlnet, qwen_prompt),
 ]
 
 
@@ -351,6 +385,7 @@ PIPELINE_OF = {
     "flux-controlnet": "FluxControlNetInpaintPipeline", "chroma": "ChromaInpaintPipeline",
     "zimage": "ZImageInpaintPipeline", "zimage-controlnet": "ZImageControlNetInpaintPipeline",
     "flux2-klein": "Flux2KleinInpaintPipeline",
+    "qwen": "QwenImageInpaintPipeline", "qwen-controlnet": "QwenImageControlNetInpaintPipeline",
 }
 
 
@@ -444,7 +479,7 @@ def test_decoder_gets_the_pipelines_image_and_mask_and_the_kept_region_follows_t
     base = run(case, pipe, asymmetric, image, mask, decode=decode)
     (z, got_image, got_mask), = received
     assert base.shape == (1, H, W, 3)
-    assert z.shape == (1, case.channels, H // 2, W // 2)
+    assert z.shape == (1, case.channels, H // case.factor, W // case.factor)
     assert got_image.shape == (1, 3, H, W) and got_mask.shape == (1, 1, H, W)
     # the pipeline's own preprocessing, made while it ran (the last call of each is ours)
     assert any(torch.equal(got_image, made_here) for made_here in made["image"][:-1])

@@ -18,11 +18,13 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from ..checkpoints.diffusers import FLUX2_DEFAULTS, AutoencoderLayout
+from ..checkpoints.diffusers import AutoencoderLayout
 from ..checkpoints.files import CheckpointError
+from ..checkpoints.qwenimage import config_of_state_dict as qwenimage_config_of
 from ..checkpoints.tensors import BRANCH, autoencoder_state_dict, condition_branch, drop_unused_keys
 from ..latent_spaces import LATENT_SPACES, SD, LatentSpace, describe_latent_layout, matching_spaces
 from ..modules.diffusionmodules.condition import default_condition_widths
+from ..modules.diffusionmodules.qwenimage import qwenimage_condition_widths
 
 FLUX = LATENT_SPACES["flux"]
 
@@ -40,13 +42,25 @@ def default_latent_space(channels: int, quant_conv: bool, concat_mask: bool = Fa
     return spaces[0] if len(spaces) == 1 else None
 
 
-def latent_normalization(space: LatentSpace) -> Dict[str, Any]:
-    """``AutoencoderKL``'s params for the latent normalisation of ``space``: its scale and shift, or for FLUX.2 the
-    BatchNorm over 2x2 patches whose statistics (``bn.*``) come with the checkpoint."""
-    if space.normalization == "batch_norm":
-        return {"latent_batch_norm": {"patch_size": int(FLUX2_DEFAULTS["patch_size"][0]),
-                                      "batch_norm_eps": float(FLUX2_DEFAULTS["batch_norm_eps"])}}
-    return {"scaling_factor": space.scaling_factor, "shift_factor": space.shift_factor}
+def qwenimage_autoencoder_config(sd: Mapping[str, torch.Tensor], latent_space: Optional[str],
+                                 source: object) -> Dict[str, Any]:
+    """:func:`autoencoder_config` for a Qwen-Image VAE (Wan-2.1 names, :mod:`ldm.checkpoints.qwenimage`)."""
+    if latent_space not in (None, "qwenimage"):
+        raise CheckpointError(f"{source}: holds Qwen-Image's VAE (Wan-2.1 names), not latent space {latent_space}")
+    ddconfig, overrides = qwenimage_config_of(sd, source)
+    branch = condition_branch(sd, ddconfig["out_ch"])
+    overrides["condition"] = branch is not None
+    if branch is not None:
+        if branch["concat_mask"] or branch["gate_conv"]:
+            raise CheckpointError(f"{source}: ASUKA's condition-branch options are not built for Qwen-Image")
+        if branch["condition_widths"] != qwenimage_condition_widths(overrides.get("ch", ddconfig["ch"]),
+                                                                    ddconfig["ch_mult"]):
+            overrides["condition_widths"] = branch["condition_widths"]
+    space = LATENT_SPACES["qwenimage"]
+    return {"target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {"architecture": "qwenimage", "embed_dim": ddconfig["z_channels"], "use_quant_conv": True,
+                       **space.normalization.to_params(), "lossconfig": {"target": "torch.nn.Identity"},
+                       "ddconfig": ddconfig, "decoder_overrides": overrides}}
 
 
 def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Optional[str] = None,
@@ -57,6 +71,8 @@ def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Opt
     ``None`` = :func:`default_latent_space`. Raises :class:`CheckpointError` naming ``source`` for tensors that are
     no autoencoder of ours, or whose latent space is not known or not the one asked for."""
     sd = drop_unused_keys(autoencoder_state_dict(state_dict, source=source))
+    if "decoder.conv1.weight" in sd:
+        return qwenimage_autoencoder_config(sd, latent_space, source)
     absent = [k for k in ("encoder.conv_in.weight", "decoder.conv_out.weight") if k not in sd]
     if absent:
         raise CheckpointError(f"{source}: not an autoencoder checkpoint this project reads: no {' or '.join(absent)} "
@@ -95,7 +111,7 @@ def autoencoder_config(state_dict: Mapping[str, torch.Tensor], latent_space: Opt
             overrides["gate_conv"] = True
     return {"target": "ldm.models.autoencoder.AutoencoderKL",
             "params": {"embed_dim": layout.latent_channels, "use_quant_conv": layout.quant_conv,
-                       **latent_normalization(space),
+                       **space.normalization.to_params(),
                        "lossconfig": {"target": "torch.nn.Identity"}, "ddconfig": ddconfig,
                        "decoder_overrides": overrides}}
 

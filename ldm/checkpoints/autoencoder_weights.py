@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoints.files import CheckpointError, PathLike
 from ..checkpoints.keys import load_into, read_state_dict
+from ..checkpoints.qwenimage import is_wan_layout
 from ..checkpoints.tensors import (
     BRANCH,
     UNUSED_PREFIXES,
@@ -87,7 +88,15 @@ def decoder_ignore_keys(model: Any, state_dict: Mapping[str, torch.Tensor], igno
 
 
 def check_latent_layout(model: Any, state_dict: Mapping[str, torch.Tensor], path: PathLike) -> None:
-    """Refuse a file of another latent space (channels, quant convs), naming the one its tensors look like."""
+    """Refuse a file of another latent space (architecture, channels, quant convs), naming the one its tensors
+    look like."""
+    theirs_arch = "qwenimage" if is_wan_layout(state_dict) else "kl"
+    ours_arch = getattr(model, "architecture", "kl")
+    if theirs_arch != ours_arch and any(k.startswith(("encoder.", "decoder.")) for k in state_dict):
+        raise CheckpointError(f"{path}: holds a {theirs_arch} network (Qwen-Image's VAE has Wan-2.1 names: "
+                              f"decoder.conv1, decoder.upsamples.N), but this config builds architecture "
+                              f"{ours_arch}: use a config of the file's latent space (configs/autoencoder/"
+                              f"{'qwenimage/' if theirs_arch == 'qwenimage' else ''})")
     theirs = latent_layout(state_dict)
     ours = (model.embed_dim, model.use_quant_conv)
     if theirs is not None and theirs != ours:

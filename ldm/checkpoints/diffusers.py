@@ -26,7 +26,8 @@ are written as identity 1x1 convs (weight = identity matrix, bias 0): exact in f
 Under TF32 convolutions on NVIDIA GPUs (``torch.backends.cudnn.allow_tf32``, on by default) an identity conv
 rounds its input to TF32, a relative error of about 1e-3.
 
-``scaling_factor`` (and ``shift_factor`` where not 0) go to ``config.json``; diffusers' ``AsymmetricAutoencoderKL``
+The latent space's normalisation (:mod:`ldm.latent_spaces`: ``scaling_factor`` and ``shift_factor`` where not 0,
+or ``latents_mean`` / ``latents_std``) goes to ``config.json``; diffusers' ``AsymmetricAutoencoderKL``
 has no ``shift_factor`` argument and logs that it ignores the entry, which is kept for the way back.
 
 diffusers' ``MaskConditionEncoder`` always builds 5 layers (it is written for 4-level decoders). A decoder with
@@ -67,8 +68,9 @@ from ..checkpoints.files import (
     is_model_export,
     read_diffusers_files,
 )
+from ..checkpoints.qwenimage import QWENIMAGE_CLASS, diffusers_qwenimage_to_ours, ours_to_diffusers_qwenimage
 from ..checkpoints.tensors import drop_unused_keys, level_widths
-from ..latent_spaces import SD
+from ..latent_spaces import FLUX2_BATCH_NORM, SD, Normalization, PatchBatchNorm
 from ..modules.diffusionmodules.condition import default_condition_widths
 from ..util import check_output, default_file_mode, write_failed
 
@@ -95,8 +97,8 @@ _RENAMES: Tuple[Tuple[str, str], ...] = (
 # diffusers before 0.14 named the attention projections differently; from_pretrained still accepts them.
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 # AutoencoderKLFlux2's constructor defaults (diffusers 0.42.1): FLUX.2's VAE
-FLUX2_DEFAULTS = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 32,
-                  "patch_size": [2, 2], "batch_norm_eps": 1e-4}
+# (its patch_size / batch_norm_eps: ldm.latent_spaces.FLUX2_BATCH_NORM)
+FLUX2_DEFAULTS = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 32}
 _NO_ASUKA_BRANCH = ("diffusers' MaskConditionDecoder has no counterpart of ASUKA's condition-branch options "
                     "(concat_mask, gate_conv, mask_resize: area): such a decoder cannot be converted")
 _ATTENTION_WEIGHT = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -287,7 +289,7 @@ class AutoencoderLayout:
             enc = config.get("block_out_channels", FLUX2_DEFAULTS["block_out_channels"])
             dec = config.get("decoder_block_out_channels") or enc
             enc_blocks = dec_blocks = config.get("layers_per_block", FLUX2_DEFAULTS["layers_per_block"])
-            patch = list(config.get("patch_size", FLUX2_DEFAULTS["patch_size"]))
+            patch = list(config.get("patch_size") or [FLUX2_BATCH_NORM.patch_size] * 2)
             if len(patch) != 2 or patch[0] != patch[1]:
                 problems.append(f"patch_size {patch} (ours: square patches)")
         else:
@@ -313,19 +315,23 @@ class AutoencoderLayout:
                    encoder_blocks=enc_blocks, decoder_widths=tuple(dec), decoder_blocks=dec_blocks,
                    condition_widths=cond, quant_conv=bool(quant), batch_norm=name == FLUX2_CLASS)
 
-    def to_diffusers_config(self, sample_size: int = 256, scaling_factor: float = SD.scaling_factor,
-                            shift_factor: float = SD.shift_factor) -> Dict[str, Any]:
-        """``config.json`` contents (without ``_class_name``/``_diffusers_version``) of :attr:`diffusers_class`."""
+    def to_diffusers_config(self, sample_size: int = 256,
+                            normalization: Optional[Normalization] = None) -> Dict[str, Any]:
+        """``config.json`` contents (without ``_class_name``/``_diffusers_version``) of :attr:`diffusers_class`;
+        ``normalization``: the latent space's (default SD 1.x's scale, FLUX.2's BatchNorm for its layout)."""
+        flux2 = self.diffusers_class == FLUX2_CLASS
+        norm = normalization if normalization is not None else FLUX2_BATCH_NORM if flux2 else SD.normalization
+        if flux2 != isinstance(norm, PatchBatchNorm):
+            raise CheckpointError(f"diffusers {self.diffusers_class} cannot carry the latent normalisation "
+                                  f"{norm.describe()}" + ("" if flux2 else " (only AutoencoderKLFlux2 holds the "
+                                                              "BatchNorm statistics)"))
         common = dict(in_channels=self.in_channels, out_channels=self.out_channels,
                       down_block_types=["DownEncoderBlock2D"] * len(self.encoder_widths),
                       up_block_types=["UpDecoderBlock2D"] * len(self.decoder_widths), act_fn="silu",
                       latent_channels=self.latent_channels, norm_num_groups=NORM_GROUPS, sample_size=sample_size,
-                      scaling_factor=scaling_factor)
-        if shift_factor:
-            common["shift_factor"] = shift_factor
+                      **{"scaling_factor": norm.scale, **norm.to_diffusers()})
         if self.diffusers_class == FLUX2_CLASS:
             del common["scaling_factor"], common["down_block_types"], common["up_block_types"]
-            common.pop("shift_factor", None)  # FLUX.2 normalises with bn.* (batch_norm_eps, patch_size) instead
             config = dict(common, down_block_types=["DownEncoderBlock2D"] * len(self.encoder_widths),
                           up_block_types=["UpDecoderBlock2D"] * len(self.decoder_widths),
                           block_out_channels=list(self.encoder_widths), layers_per_block=self.encoder_blocks,
@@ -399,20 +405,17 @@ def _diffusers_key_to_ldm(key: str, n_up: int) -> str:
 
 def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]] = None,
                      decoder_overrides: Optional[Mapping[str, Any]] = None, *, sample_size: Optional[int] = None,
-                     scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
                      use_quant_conv: Optional[bool] = None,
-                     normalization: Optional[Mapping[str, Any]] = None) -> Tuple[StateDict, Dict[str, Any]]:
+                     normalization: Optional[Normalization] = None) -> Tuple[StateDict, Dict[str, Any]]:
     """Our (or the original release's) autoencoder state dict -> ``(diffusers state dict, diffusers config)``.
 
     The architecture is read from the tensors; ``ddconfig``/``decoder_overrides`` (as in our configs), when given,
     must describe the same one (a config with ``condition: false`` accepts a checkpoint that carries the branch:
     diffusers keeps it, and decoding without image/mask ignores it; ``use_quant_conv``, when given, too).
     ``config["_class_name"]`` is ``AsymmetricAutoencoderKL`` with a condition branch, ``AutoencoderKL`` for a plain
-    VAE. ``scaling_factor`` / ``shift_factor``: the latent space's (our model's ``scaling_factor`` /
-    ``shift_factor``). A VAE without quant convs gets identity ones in ``AsymmetricAutoencoderKL`` (see the
-    module docstring). ``normalization``: the other ``config.json`` entries of the latent normalisation
-    (:func:`normalization_config`: ``latents_mean`` / ``latents_std``, or FLUX.2's ``batch_norm_eps`` /
-    ``patch_size``).
+    VAE. ``normalization``: the latent space's (our model's ``latent_norm``; default SD 1.x's, or FLUX.2's for its
+    layout), written to ``config.json``. A VAE without quant convs gets identity ones in ``AsymmetricAutoencoderKL``
+    (see the module docstring).
     """
     sd = drop_unused_keys(state_dict)
     layout = AutoencoderLayout.from_state_dict(sd)
@@ -420,18 +423,7 @@ def ldm_to_diffusers(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[
         check_layout_matches_config(layout, ddconfig, decoder_overrides,
                                     layout.quant_conv if use_quant_conv is None else use_quant_conv)
     config = {"_class_name": layout.diffusers_class,
-              **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), scaling_factor,
-                                           shift_factor)}
-    extra = dict(normalization or {})
-    allowed = {"batch_norm_eps", "patch_size"} if layout.diffusers_class == FLUX2_CLASS else {"latents_mean",
-                                                                                             "latents_std"}
-    if set(extra) - allowed:
-        raise CheckpointError(f"diffusers {layout.diffusers_class} has no {sorted(set(extra) - allowed)} (the "
-                              "latent normalisation of the config does not fit these tensors)")
-    if layout.diffusers_class == FLUX2_CLASS:
-        extra = {"batch_norm_eps": FLUX2_DEFAULTS["batch_norm_eps"], "patch_size": FLUX2_DEFAULTS["patch_size"],
-                 **extra}
-    config.update(extra)
+              **layout.to_diffusers_config(sample_size or (ddconfig or {}).get("resolution", 256), normalization)}
 
     n_up = len(layout.decoder_widths)
     out: StateDict = {}
@@ -523,43 +515,13 @@ def check_layout_matches_config(layout: AutoencoderLayout, ddconfig: Mapping[str
         raise CheckpointError("the checkpoint does not match the config: " + "; ".join(diffs))
 
 
-def normalization_config(params: Mapping[str, Any]) -> Dict[str, Any]:
-    """The diffusers ``config.json`` entries of the latent normalisation in our model params (an autoencoder
-    config's ``model.params``), beyond ``scaling_factor`` / ``shift_factor``: ``latents_mean`` / ``latents_std``, or
-    ``batch_norm_eps`` / ``patch_size`` of ``latent_batch_norm`` (FLUX.2)."""
-    if params.get("latent_batch_norm") is not None:
-        bn = dict(params["latent_batch_norm"])
-        p = int(bn.get("patch_size", FLUX2_DEFAULTS["patch_size"][0]))
-        return {"batch_norm_eps": float(bn.get("batch_norm_eps", FLUX2_DEFAULTS["batch_norm_eps"])),
-                "patch_size": [p, p]}
-    if params.get("latents_mean") is not None:
-        return {"latents_mean": list(params["latents_mean"]), "latents_std": list(params["latents_std"])}
-    return {}
-
-
-def ldm_normalization(diffusers_config: Mapping[str, Any]) -> Dict[str, Any]:
-    """Inverse of :func:`normalization_config` (with the scale and shift): our model params for a diffusers VAE
-    config's latent normalisation (``scaling_factor`` and ``shift_factor`` or ``latents_mean`` / ``latents_std``,
-    or FLUX.2's ``latent_batch_norm``). Takes a saved ``config.json`` or a model's ``vae.config`` (which has no
-    ``_class_name``: FLUX.2's is told by its ``batch_norm_eps``)."""
-    if diffusers_config.get("_class_name") == FLUX2_CLASS or "batch_norm_eps" in diffusers_config:
-        patch = list(diffusers_config.get("patch_size", FLUX2_DEFAULTS["patch_size"]))
-        eps = float(diffusers_config.get("batch_norm_eps", FLUX2_DEFAULTS["batch_norm_eps"]))
-        return {"latent_batch_norm": {"patch_size": int(patch[0]), "batch_norm_eps": eps}}
-    params: Dict[str, Any] = {"scaling_factor": float(diffusers_config.get("scaling_factor", SD.scaling_factor))}
-    if diffusers_config.get("latents_mean") is not None:
-        params.update(latents_mean=list(diffusers_config["latents_mean"]),
-                      latents_std=list(diffusers_config["latents_std"]))
-    else:
-        params["shift_factor"] = float(diffusers_config.get("shift_factor") or 0.0)
-    return params
-
-
 def read_diffusers_folder(folder: PathLike) -> Tuple[StateDict, Dict[str, Any]]:
     """A diffusers ``AsymmetricAutoencoderKL``/``AutoencoderKL`` folder (``config.json`` + weights) ->
     ``(state dict in our keys, decoder_overrides)``. Weights: ``.safetensors`` (also sharded) or a ``.bin`` read
     with ``weights_only=True``."""
     folder, state_dict, config = read_diffusers_files(folder)
+    if config.get("_class_name") == QWENIMAGE_CLASS:
+        return diffusers_qwenimage_to_ours(state_dict, config, source=folder)
     log.info("%s: latent scaling_factor %s, shift_factor %s (our configs carry their own)", folder,
              config.get("scaling_factor"), config.get("shift_factor"))
     try:
@@ -592,23 +554,29 @@ def check_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor], config: M
 def write_diffusers_folder(state_dict: Mapping[str, torch.Tensor], ddconfig: Optional[Mapping[str, Any]],
                            decoder_overrides: Optional[Mapping[str, Any]], folder: PathLike, *,
                            overwrite: bool = False, sample_size: Optional[int] = None,
-                           scaling_factor: float = SD.scaling_factor, shift_factor: float = SD.shift_factor,
                            use_quant_conv: Optional[bool] = None,
-                           normalization: Optional[Mapping[str, Any]] = None) -> Path:
+                           normalization: Optional[Normalization] = None, architecture: str = "kl") -> Path:
     """Write our state dict as a folder that ``diffusers.AsymmetricAutoencoderKL.from_pretrained`` (or
     ``AutoencoderKL`` for a VAE without condition branch) loads: ``config.json`` + ``.safetensors``.
 
     ``ddconfig``/``decoder_overrides`` may be ``None`` (architecture read from the tensors). The folder appears
     complete or not at all: it is written next to its destination and renamed into place. An existing folder is
     replaced only with ``overwrite`` and only when it holds a model export alone (``ldm.util.check_output``).
+    ``architecture`` ``qwenimage``: a vanilla Qwen-Image VAE as ``AutoencoderKLQwenImage``
+    (:func:`ldm.checkpoints.qwenimage.ours_to_diffusers_qwenimage`; ``ddconfig`` required).
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     folder = check_output(folder, overwrite=overwrite, folder=True, replaceable=is_model_export)
-    sd, config = ldm_to_diffusers(state_dict, ddconfig, decoder_overrides, sample_size=sample_size,
-                                  scaling_factor=scaling_factor, shift_factor=shift_factor,
-                                  use_quant_conv=use_quant_conv, normalization=normalization)
+    if architecture == "qwenimage":
+        if ddconfig is None:
+            raise CheckpointError("a Qwen-Image export needs the model's ddconfig")
+        sd, config = ours_to_diffusers_qwenimage(state_dict, {**ddconfig, **dict(decoder_overrides or {})},
+                                                 normalization)
+    else:
+        sd, config = ldm_to_diffusers(state_dict, ddconfig, decoder_overrides, sample_size=sample_size,
+                                      use_quant_conv=use_quant_conv, normalization=normalization)
     check_diffusers_state_dict(sd, config)
     try:
         from importlib.metadata import version

@@ -10,6 +10,7 @@ Files users bring, in our key layout after :func:`autoencoder_state_dict`:
   ``quant_conv.*`` / ``post_quant_conv.*``), plus the latent BatchNorm's ``bn.running_mean`` / ``bn.running_var`` /
   ``bn.num_batches_tracked`` (kept: our model has the same ``bn``);
 * single-file SD 1.x/2.x, SDXL and SD 3.x checkpoints: the VAE under ``first_stage_model.`` (some under ``vae.``);
+* Qwen-Image's ``qwen_image_vae.safetensors`` (Wan-2.1 names, causal 3-D tensors): :mod:`ldm.checkpoints.qwenimage`;
 * diffusers ``vae/`` folders, converted by :mod:`ldm.checkpoints.diffusers`.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..checkpoints.files import CheckpointError
+from ..checkpoints.qwenimage import from_wan_layout, is_wan_layout
 from ..latent_spaces import describe_latent_layout
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ def autoencoder_state_dict(state_dict: Mapping[str, torch.Tensor], source: objec
     else:
         log.info("%s: single-file diffusion checkpoint, using its %s* weights", source, prefix)
         state_dict = strip_prefix(state_dict, prefix)
+    if is_wan_layout(state_dict):
+        return from_wan_layout(state_dict, source)
     return from_bfl_flux2_layout(state_dict, source)
 
 

@@ -101,6 +101,12 @@ def describe_latent_channels(channels: int) -> str:
     return f"{channels} channels ({' or '.join(spaces) or 'no known latent space'})"
 
 
+def one_frame(samples: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Qwen-Image / Wan latents (B, C, 1, h, w) -> (B, C, h, w); other shapes unchanged (a video latent,
+    T > 1, is refused by :func:`check_latent`)."""
+    return samples[:, :, 0] if samples.ndim == 5 and samples.shape[2] == 1 else samples
+
+
 def check_latent(samples: torch.Tensor, model: AutoencoderKL) -> None:
     """Refuse latents this decoder cannot read: not (B, C, h, w), or another latent space (naming both)."""
     if samples.ndim != 4:
@@ -124,27 +130,39 @@ class ComfyFirstStage(nn.Module):
         self.model = model
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), or one frame (B, 3, 1, H, W) as ComfyUI hands a Qwen-Image VAE its images (latents then
+        (B, C, 1, h, w), as its Wan VAE gives)."""
+        if x.ndim == 5:
+            if x.shape[2] != 1:
+                raise ValueError(f"images {tuple(x.shape)}: {x.shape[2]} frames; this VAE encodes one image per "
+                                 "frame (video is not supported)")
+            return self.model.encode(x[:, :, 0]).mode()[:, :, None]
         return self.model.encode(x).mode()
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Latents (B, C, h, w), or one frame (B, C, 1, h, w) -> images of the same layout."""
+        if z.ndim == 5:
+            check_latent(one_frame(z), self.model)
+            return self.model.decode(z[:, :, 0], image, mask)[:, :, None]
         return self.model.decode(z, image, mask)
 
     def memory_used_decode(self, shape: Tuple[int, ...], dtype_size: int) -> int:
         """Bytes a decode of latents of ``shape`` needs (ComfyUI's estimate for SD scaled by width, see above)."""
         width = self.model.decoder_config["ch"] * self.model.decoder_config["ch_mult"][0]
         branch = 1.5 if self.model.decoder.has_condition else 1.0
-        return int(COMFY_DECODE_BYTES_PER_LATENT_PIXEL * shape[2] * shape[3] * dtype_size * width / 128 * branch)
+        return int(COMFY_DECODE_BYTES_PER_LATENT_PIXEL * shape[-2] * shape[-1] * dtype_size * width / 128 * branch)
 
     def memory_used_encode(self, shape: Tuple[int, ...], dtype_size: int) -> int:
         """Bytes an encode of images of ``shape`` (B, C, H, W) needs (the encoder is SD's / FLUX.1's)."""
-        return int(COMFY_ENCODE_BYTES_PER_IMAGE_PIXEL * shape[2] * shape[3] * dtype_size)
+        return int(COMFY_ENCODE_BYTES_PER_IMAGE_PIXEL * shape[-2] * shape[-1] * dtype_size)
 
 
 def prepare_prior(samples: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor, model: AutoencoderKL
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's ``samples`` (B, C, h, w), ``pixels`` (IMAGE) and ``mask`` (MASK) -> our image (b, 3, H, W) in [-1, 1]
     and mask (b, 1, H, W), 1 = generate, b = 1 or B, sized for the decoder; every error names the input."""
+    samples = one_frame(samples)
     check_latent(samples, model)
     f = model.downsample_factor
     size = (samples.shape[-2] * f, samples.shape[-1] * f)
@@ -161,6 +179,7 @@ def decode_with_prior(model: AutoencoderKL, samples: torch.Tensor, pixels: torch
     MASK -> IMAGE (B, H, W, 3) in [0, 1], on the CPU. ``tile_size`` / ``overlap`` (image pixels): decode in tiles
     (:meth:`AutoencoderKL.enable_tiling`, which crops the prior with each tile); ``batch_size``: latents decoded
     at a time (default: all)."""
+    samples = one_frame(samples)
     image, ours = prepare_prior(samples, pixels, mask, model)
     weight = model.decoder.conv_in.weight
     batch = samples.shape[0]

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Opti
 if TYPE_CHECKING:  # torch is imported where it runs, so that scripts list PIPELINES in --help without loading it
     import torch
 
+    from ..latent_spaces import Normalization
+
 SizeRule = Callable[[Any, Any, Mapping[str, Any]], Tuple[Any, int, int]]
 
 
@@ -111,6 +113,10 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
     Family("Z-Image", size=_size_of_image),
     Family("Z-Image ControlNet", as_control=("image",), requires=("control_image",)),
     Family("FLUX.2", normalised=False, size=_size_of_flux2),
+    # Qwen-Image: 2x2 patches packed into tokens, _unpack_latents gives (B, C, 1, h, w); latents normalised per channel
+    Family("Qwen-Image", packed=True),
+    Family("Qwen-Image ControlNet", image="control_image", mask="control_mask", packed=True,
+           as_control=("image", "mask")),
 )}
 
 
@@ -142,6 +148,9 @@ PIPELINES: Dict[str, Supported] = {
     "ZImageInpaintPipeline": Supported("Z-Image (Turbo)", "flux", "Z-Image"),
     "ZImageControlNetInpaintPipeline": Supported("Z-Image + ControlNet (Union)", "flux", "Z-Image ControlNet"),
     "Flux2KleinInpaintPipeline": Supported("FLUX.2 [klein]", "flux2", "FLUX.2"),
+    "QwenImageInpaintPipeline": Supported("Qwen-Image", "qwenimage", "Qwen-Image"),
+    "QwenImageControlNetInpaintPipeline": Supported("Qwen-Image + inpainting ControlNet", "qwenimage",
+                                                    "Qwen-Image ControlNet"),
 }
 
 # arguments that would make the pipeline's output something other than the decoded final latents at the output size
@@ -163,7 +172,7 @@ def supported(pipe: Any) -> Tuple[str, Supported]:
     name = next((cls.__name__ for cls in type(pipe).__mro__ if cls.__name__ in PIPELINES), None)
     if name is None:
         raise PipelineError(f"{type(pipe).__name__} is not supported; supported pipelines: {', '.join(PIPELINES)}")
-    if getattr(pipe.vae.config, "latents_mean", None) is not None:
+    if getattr(pipe.vae.config, "latents_mean", None) is not None and PIPELINES[name].space != "qwenimage":
         raise PipelineError(f"{type(pipe).__name__}: its VAE normalises latents per channel (latents_mean / "
                             "latents_std), which diffusers' inpainting pipelines apply when decoding (SDXL) but not "
                             "when encoding the image: no consistent latent space to decode")
@@ -174,60 +183,41 @@ def family_of(pipe: Any) -> Family:
     return FAMILIES[supported(pipe)[1].family]
 
 
-LatentSpaceKey = Tuple[int, int, Dict[str, Any]]  # (channels, downsampling factor, normalisation params)
+LatentSpaceKey = Tuple[int, int, "Normalization"]  # (channels, downsampling factor, latent normalisation)
 
 
 def vae_latent_space(vae_config: Mapping[str, Any]) -> LatentSpaceKey:
     """``(channels, downsampling factor, normalisation)`` of a diffusers VAE config (a ``vae/config.json``, or
-    ``pipe.vae.config`` with ``_class_name`` added); the normalisation as our config params
-    (``ldm.checkpoints.diffusers.ldm_normalization``: scale and shift, or FLUX.2's ``latent_batch_norm``)."""
-    from ..checkpoints.diffusers import ldm_normalization
+    ``pipe.vae.config`` with ``_class_name`` added); the normalisation as
+    :func:`ldm.latent_spaces.normalization_from_diffusers` reads it."""
+    from ..latent_spaces import normalization_from_diffusers
 
-    return (int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1),
-            ldm_normalization(vae_config))
+    if "z_dim" in vae_config:  # AutoencoderKLQwenImage: z_dim, one 2x downsampling per temperal_downsample entry
+        channels, factor = int(vae_config["z_dim"]), 2 ** len(vae_config["temperal_downsample"])
+    else:
+        channels, factor = int(vae_config["latent_channels"]), 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return channels, factor, normalization_from_diffusers(vae_config)
 
 
 def decoder_latent_space(decoder: Any) -> LatentSpaceKey:
-    """The same for our ``AutoencoderKL``: its normalisation as the config params ``ldm_normalization`` reads from
-    a VAE config of the same space."""
-    if getattr(decoder, "bn", None) is not None:
-        params: Dict[str, Any] = {"latent_batch_norm": {"patch_size": decoder.latent_patch_size,
-                                                        "batch_norm_eps": decoder.bn.eps}}
-    elif getattr(decoder, "latents_mean", None) is not None:
-        params = {"scaling_factor": decoder.scaling_factor, "latents_mean": list(decoder.latents_mean),
-                  "latents_std": list(decoder.latents_std)}
-    else:
-        params = {"scaling_factor": decoder.scaling_factor, "shift_factor": decoder.shift_factor}
-    return int(decoder.embed_dim), int(decoder.downsample_factor), params
+    """The same for our ``AutoencoderKL`` (its ``latent_norm``)."""
+    return int(decoder.embed_dim), int(decoder.downsample_factor), decoder.latent_norm
 
 
 def describe_latent_space(space: LatentSpaceKey) -> str:
-    channels, f, params = space
-    if "latent_batch_norm" in params:
-        how = "BatchNorm statistics over 2x2 patches (FLUX.2)"
-    elif "latents_mean" in params:
-        how = f"scaling_factor {params['scaling_factor']:g}, per-channel latents_mean / latents_std"
-    else:
-        how = f"scaling_factor {params['scaling_factor']:g}, shift_factor {params['shift_factor']:g}"
-    return f"{channels} channels, {how}, {f}x downsampling"
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
+    channels, f, norm = space
+    return f"{channels} channels, {norm.describe()}, {f}x downsampling"
 
 
 def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
-                       decoder_name: str = "the decoder") -> None:
+                       decoder_name: str = "the decoder", normalization: Optional["Normalization"] = None) -> None:
     """Refuse a decoder whose latent space (channels, normalisation, downsampling) is not that of the pipeline's
-    VAE (see :func:`vae_latent_space`); the message names both."""
+    VAE (see :func:`vae_latent_space`); the message names both. ``normalization``: the pipeline's own where it
+    does not read its VAE config's (Ernie-Image's BatchNorm eps)."""
     ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
-    if not _same(ours, theirs):
+    if normalization is not None:
+        theirs = (theirs[0], theirs[1], normalization)
+    if ours != theirs:
         raise PipelineError(f"{decoder_name} decodes another latent space than {pipe_name}'s VAE: "
                             f"{decoder_name}: {describe_latent_space(ours)}; {pipe_name}'s VAE: "
                             f"{describe_latent_space(theirs)}")
@@ -272,14 +262,16 @@ def native_size(pipe: Any) -> int:
 def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Final latents as the pipeline returns them with ``output_type="latent"`` -> (B,C,h,w). Most return
     (B,C,h,w) already; FLUX-style pipelines return 2x2 patches packed into tokens (B, h*w/4, 4*C), restored by the
-    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes)."""
+    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes);
+    Qwen-Image's gives one frame (B, C, 1, h, w), taken as the image's latents."""
     if latents.ndim == 4:
         return latents
     unpack = getattr(type(pipe), "_unpack_latents", None)
     if latents.ndim != 3 or unpack is None:
         raise PipelineError(f"{type(pipe).__name__} returned latents of shape {tuple(latents.shape)}: expected "
                             "(B,C,h,w), or packed (B,tokens,channels) with the pipeline's _unpack_latents (FLUX)")
-    return unpack(latents, height, width, pipe.vae_scale_factor)
+    latents = unpack(latents, height, width, pipe.vae_scale_factor)
+    return latents[:, :, 0] if latents.ndim == 5 else latents
 
 
 def decoder_condition(pipe: Any, image: Any, mask_image: Any, height: int, width: int

@@ -6,6 +6,7 @@ decoder, as in Stable Diffusion); ``decoder_overrides`` changes the decoder alon
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -16,14 +17,17 @@ from torch import nn
 from ..checkpoints.autoencoder_weights import load_autoencoder_weights
 from ..checkpoints.files import PathLike
 from ..checkpoints.tensors import UNUSED_PREFIXES
-from ..latent_spaces import SD, patchify_latents, unpatchify_latents
+from ..latent_spaces import PatchBatchNorm, PerChannel, ScaleShift, normalization_from_params
 from ..modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
+from ..modules.diffusionmodules.qwenimage import QwenImageDecoder, QwenImageEncoder
 from ..modules.diffusionmodules.tiling import tiled_decode
 from ..modules.distributions.distributions import DiagonalGaussianDistribution
 from ..training.recipe import TrainingRecipe
 from ..util import check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
+# the networks of ldm.latent_spaces.ARCHITECTURES: (encoder, decoder)
+NETWORKS = {"kl": (Encoder, Decoder), "qwenimage": (QwenImageEncoder, QwenImageDecoder)}
 
 
 class AutoencoderKL(TrainingRecipe, pl.LightningModule):
@@ -54,6 +58,8 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
             FLUX.1 0.3611 / 0.1159.
         latents_mean / latents_std: one mean and std per latent channel (a diffusers VAE config's entries of these
             names, e.g. Playground v2.5): normalisation ``(z - mean) * scaling_factor / std``; ``shift_factor`` 0.
+        architecture: ``kl`` (SD's KL-f8 encoder / decoder, the default) or ``qwenimage`` (Qwen-Image's / Wan-2.1's VAE
+            at T = 1, :mod:`ldm.modules.diffusionmodules.qwenimage`; ``ddconfig`` with the same keys).
         latent_batch_norm: ``{patch_size: 2, batch_norm_eps: 1e-4}`` for FLUX.2: the model holds a ``bn``
             BatchNorm2d over the ``patch_size**2 * embed_dim`` channels of patchified latents whose running
             statistics (``bn.running_mean`` / ``bn.running_var``, from the checkpoint) normalise the latents; no
@@ -70,7 +76,7 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
                  train_encoder: bool = False, use_quant_conv: bool = True,
                  scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None,
                  latents_mean: Optional[Sequence[float]] = None, latents_std: Optional[Sequence[float]] = None,
-                 latent_batch_norm: Optional[Mapping[str, Any]] = None):
+                 latent_batch_norm: Optional[Mapping[str, Any]] = None, architecture: str = "kl"):
         super().__init__()
         # one forward per step feeds both the decoder and the discriminator update (see training_step)
         self.automatic_optimization = False
@@ -85,19 +91,25 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
         self.mask_key = mask_key
         self.input_memory_format = torch.contiguous_format  # ldm.fast.fast_training sets channels_last
         self.embed_dim = embed_dim
-        self._init_latent_normalization(scaling_factor, shift_factor, latents_mean, latents_std, latent_batch_norm)
+        self._init_latent_normalization(dict(scaling_factor=scaling_factor, shift_factor=shift_factor,
+                                             latents_mean=latents_mean, latents_std=latents_std,
+                                             latent_batch_norm=latent_batch_norm))
         self.pretrained_lr_factor = float(pretrained_lr_factor)
         self.scheduler_config = scheduler_config
         self.scheduler_config_d = scheduler_config_d
         if num_gpus is not None or colorize_nlabels is not None:
             log.info("num_gpus / colorize_nlabels are accepted for old configs and ignored")
 
-        check_params(Encoder, ddconfig, "ddconfig")
-        self.encoder = Encoder(**ddconfig)
+        if architecture not in NETWORKS:
+            raise ValueError(f"architecture must be one of {', '.join(NETWORKS)}, got {architecture!r}")
+        self.architecture = architecture
+        encoder_cls, decoder_cls = NETWORKS[architecture]
+        check_params(encoder_cls, ddconfig, "ddconfig")
+        self.encoder = encoder_cls(**ddconfig)
         self.decoder_config = {k: v for k, v in {**ddconfig, **dict(decoder_overrides or {})}.items()
                                if k not in ENCODER_ONLY_KEYS}
-        check_params(Decoder, self.decoder_config, "decoder_overrides over ddconfig")
-        self.decoder = Decoder(**self.decoder_config)
+        check_params(decoder_cls, self.decoder_config, "decoder_overrides over ddconfig")
+        self.decoder = decoder_cls(**self.decoder_config)
         self.loss = instantiate_from_config(lossconfig)
         self.use_quant_conv = bool(use_quant_conv)
         if self.use_quant_conv:
@@ -127,66 +139,41 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
         return [m for m in (self.encoder, self.quant_conv, self.post_quant_conv) if m is not None]
 
     # ------------------------------------------------------------------ latent space
-    def _init_latent_normalization(self, scaling_factor: Optional[float], shift_factor: Optional[float],
-                                   latents_mean: Optional[Sequence[float]], latents_std: Optional[Sequence[float]],
-                                   latent_batch_norm: Optional[Mapping[str, Any]]) -> None:
-        """Check the normalisation arguments (see the class docstring) and set ``latent_normalization`` (one of
-        :data:`ldm.latent_spaces.NORMALIZATIONS`), ``scaling_factor``, ``shift_factor`` and the statistics."""
-        self.latents_mean = self.latents_std = None
+    def _init_latent_normalization(self, params: Mapping[str, Any]) -> None:
+        """``latent_norm``: the one normalisation object the params describe (:mod:`ldm.latent_spaces`), and for
+        FLUX.2's a ``bn`` BatchNorm2d that holds its statistics."""
+        norm = normalization_from_params(params)
+        if isinstance(norm, PerChannel) and len(norm.mean) != self.embed_dim:
+            raise ValueError(f"latents_mean / latents_std need one value per latent channel ({self.embed_dim}), "
+                             f"got {len(norm.mean)} / {len(norm.std)}")
+        self.latent_norm = norm
         self.bn: Optional[nn.BatchNorm2d] = None
-        if (latents_mean is None) != (latents_std is None):
-            raise ValueError("latents_mean and latents_std come together (per-channel normalisation) or not at all")
-        if latent_batch_norm is not None:
-            if latents_mean is not None:
-                raise ValueError("latent_batch_norm and latents_mean / latents_std are two normalisations: set one")
-            if scaling_factor not in (None, 1) or shift_factor not in (None, 0):
-                raise ValueError(f"latent_batch_norm normalises with its statistics alone (FLUX.2 has no scale or "
-                                 f"shift): scaling_factor must be 1 and shift_factor 0, got {scaling_factor} / "
-                                 f"{shift_factor}")
-            options = dict(latent_batch_norm)
-            unknown = sorted(set(options) - {"patch_size", "batch_norm_eps"})
-            if unknown:
-                raise ValueError(f"latent_batch_norm: unknown entries {unknown} (it takes patch_size, batch_norm_eps)")
-            self.latent_patch_size = int(options.get("patch_size", 2))
-            eps = float(options.get("batch_norm_eps", 1e-4))
-            if self.latent_patch_size < 1 or not eps >= 0:
-                raise ValueError(f"latent_batch_norm: patch_size must be >= 1 and batch_norm_eps >= 0, got {options}")
+        if isinstance(norm, PatchBatchNorm):
             # BFL's and diffusers' module and key names (bn.running_mean / running_var / num_batches_tracked); its
             # statistics come from the checkpoint and are only read (scale_latents), never updated by a forward
-            self.bn = nn.BatchNorm2d(self.latent_patch_size ** 2 * self.embed_dim, eps=eps, affine=False,
+            self.bn = nn.BatchNorm2d(norm.patch_size ** 2 * self.embed_dim, eps=norm.eps, affine=False,
                                      track_running_stats=True)
             self.bn.requires_grad_(False)
-            self.latent_normalization = "batch_norm"
-            scaling_factor, shift_factor = 1.0, 0.0
-        elif latents_mean is not None:
-            mean, std = list(map(float, latents_mean)), list(map(float, latents_std))
-            if not len(mean) == len(std) == self.embed_dim:
-                raise ValueError(f"latents_mean / latents_std need one value per latent channel ({self.embed_dim}), "
-                                 f"got {len(mean)} / {len(std)}")
-            if not all(v > 0 for v in std):
-                raise ValueError(f"latents_std must be > 0, got {std}")
-            if shift_factor not in (None, 0):
-                raise ValueError(f"per-channel normalisation (latents_mean) has no shift_factor, got {shift_factor}")
-            self.latents_mean, self.latents_std = mean, std
-            self.latent_normalization = "per_channel"
-        else:
-            self.latent_normalization = "scale_shift"
-        self.scaling_factor = float(SD.scaling_factor if scaling_factor is None else scaling_factor)
-        self.shift_factor = float(0.0 if shift_factor is None else shift_factor)
-        if not self.scaling_factor > 0:
-            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
 
-    def _channel_stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) as (1, C, 1, 1) tensors of ``like``'s device and dtype: per latent channel, or per channel
-        of the patchified latents for ``batch_norm`` (std = ``sqrt(running_var + eps)``, computed in the
-        statistics' dtype and then cast, as diffusers' FLUX.2 pipelines do)."""
-        if self.bn is not None:
-            mean = self.bn.running_mean.view(1, -1, 1, 1)
-            std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps)
-            return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
-        mean = torch.tensor(self.latents_mean).view(1, -1, 1, 1).to(like.device, like.dtype)
-        std = torch.tensor(self.latents_std).view(1, -1, 1, 1).to(like.device, like.dtype)
-        return mean, std
+    @property
+    def latent_normalization(self) -> str:
+        """The kind of :attr:`latent_norm`: one of :data:`ldm.latent_spaces.NORMALIZATIONS`."""
+        return self.latent_norm.kind
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.latent_norm.scale
+
+    @scaling_factor.setter
+    def scaling_factor(self, value: float) -> None:
+        """A diffusion model's ``scale_factor`` overrides the scale (``ldm.models.diffusion.ddpm``)."""
+        if isinstance(self.latent_norm, PatchBatchNorm):
+            raise ValueError("FLUX.2's latent normalisation has no scale to set")
+        self.latent_norm = dataclasses.replace(self.latent_norm, scale=float(value))
+
+    @property
+    def shift_factor(self) -> float:
+        return self.latent_norm.shift
 
     def _check_latents(self, name: str, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.embed_dim:
@@ -196,34 +183,18 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
                                 else ""))
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latents (B, embed_dim, h, w) -> the diffusion model's (normalised) latents, same shape.
-
-        ``scale_shift``: ``(z - shift_factor) * scaling_factor``; ``per_channel``: ``(z - latents_mean) *
-        scaling_factor / latents_std``; ``batch_norm`` (FLUX.2): patchify 2x2, ``(x - running_mean) /
-        sqrt(running_var + eps)`` per patchified channel, unpatchify (``h`` and ``w`` even). The FLUX.2 pipelines'
-        latents are ``ldm.latent_spaces.patchify_latents(scale_latents(z))`` (then packed into tokens)."""
-        if self.latent_normalization == "scale_shift":
-            return (z - self.shift_factor) * self.scaling_factor
-        self._check_latents("z", z)
-        if self.latent_normalization == "per_channel":
-            mean, std = self._channel_stats(z)
-            return (z - mean) * self.scaling_factor / std
-        x = patchify_latents(z, self.latent_patch_size)
-        mean, std = self._channel_stats(x)
-        return unpatchify_latents((x - mean) / std, self.latent_patch_size)
+        """VAE latents (B, embed_dim, h, w) -> the diffusion model's (normalised) latents, same shape:
+        ``latent_norm.normalize`` (:mod:`ldm.latent_spaces`). The FLUX.2 pipelines' latents are
+        ``ldm.latent_spaces.patchify_latents(scale_latents(z))`` (then packed into tokens)."""
+        if not isinstance(self.latent_norm, ScaleShift):
+            self._check_latents("z", z)
+        return self.latent_norm.normalize(z, self.bn)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`scale_latents` (``latents / scaling_factor + shift_factor`` for ``scale_shift``),
-        ready for :meth:`decode`."""
-        if self.latent_normalization == "scale_shift":
-            return latents / self.scaling_factor + self.shift_factor
-        self._check_latents("latents", latents)
-        if self.latent_normalization == "per_channel":
-            mean, std = self._channel_stats(latents)
-            return latents * std / self.scaling_factor + mean
-        x = patchify_latents(latents, self.latent_patch_size)
-        mean, std = self._channel_stats(x)
-        return unpatchify_latents(x * std + mean, self.latent_patch_size)
+        """Inverse of :meth:`scale_latents`, ready for :meth:`decode`."""
+        if not isinstance(self.latent_norm, ScaleShift):
+            self._check_latents("latents", latents)
+        return self.latent_norm.denormalize(latents, self.bn)
 
     # ------------------------------------------------------------------ checkpoints
     def known_unused_keys(self) -> Dict[str, str]:
