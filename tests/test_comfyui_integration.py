@@ -3,7 +3,10 @@ loader loads ``comfyui_nodes/``, its prompt validation accepts the example workf
 LoadImage -> VAEEncode -> AsymmetricVAEDecode -> SaveImage on tiny random-weight checkpoints.
 
 Importing ComfyUI rewrites process state (``sys.argv``, ``sys.path``, modules, logging), so everything runs in one
-subprocess (this file run as a script), which prints a JSON report that the tests read.
+subprocess (this file run as a script, as this interpreter with no ``PYTHONPATH``), which prints a JSON report that
+the tests read. Nothing imports ``ldm`` before ComfyUI does: ``ldm`` is ComfyUI's ``comfy/ldm`` there, and the node
+pack loads ours under its private name, which the subprocess then uses too. tests/test_comfyui_server.py runs
+ComfyUI's server.
 """
 from __future__ import annotations
 
@@ -42,13 +45,16 @@ def _png(path: Path, rgb, alpha) -> None:
 
 def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import asyncio
+    import importlib
+    import importlib.util
     import logging
 
     import numpy as np
     import torch
 
-    # ComfyUI reads its flags from sys.argv; its folder is on PYTHONPATH (set by the fixture below)
+    # ComfyUI reads its flags from sys.argv; its folder goes first on sys.path, as main.py's folder is
     sys.argv = ["main.py", "--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    sys.path.insert(0, str(comfy_dir))
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -58,16 +64,22 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import nodes
     from omegaconf import OmegaConf
 
-    from ldm.checkpoints.files import save_state_dict
-    from ldm.integrations.comfyui import decode_with_prior
-    from ldm.util import instantiate_from_config
-
     report: dict = {}
     logging.getLogger().setLevel(logging.WARNING)
     loop = asyncio.new_event_loop()
 
     # ComfyUI's own loader: our package, and the two extras files the FLUX.1 workflow names
     report["loaded"] = loop.run_until_complete(nodes.load_custom_node(str(REPO / "comfyui_nodes")))
+    # `import ldm` still finds ComfyUI's (the clash the node pack avoids), and ours is not sys.modules["ldm"]; ours
+    # is the node pack's private package, where a config's ldm.* target resolves
+    spec = importlib.util.find_spec("ldm")
+    report["ldm_is_comfyuis"] = ([str(Path(p).resolve()) for p in spec.submodule_search_locations]
+                                 == [str((comfy_dir / "comfy" / "ldm").resolve())] and "ldm" not in sys.modules)
+    ours = sys.modules["asymmetric_vae_ldm"]
+    report["private_package"] = str(Path(ours.__file__).resolve().parent)
+    save_state_dict = importlib.import_module(ours.__name__ + ".checkpoints.files").save_state_dict
+    decode_with_prior = importlib.import_module(ours.__name__ + ".integrations.comfyui").decode_with_prior
+    instantiate_from_config = importlib.import_module(ours.__name__ + ".util").instantiate_from_config
     for extra in ("nodes_flux.py", "nodes_differential_diffusion.py"):
         loop.run_until_complete(nodes.load_custom_node(str(comfy_dir / "comfy_extras" / extra),
                                                        module_parent="comfy_extras"))
@@ -242,7 +254,7 @@ def report(tmp_path_factory):
     if path is None:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfyui_base")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(path), os.environ.get("PYTHONPATH", "")]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run ComfyUI
     proc = subprocess.run([sys.executable, __file__, str(path), str(base)], capture_output=True, text=True,
                           env=env, cwd=base, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT)]
@@ -252,6 +264,8 @@ def report(tmp_path_factory):
 
 def test_comfyui_loader_registers_the_nodes(report):
     assert report["loaded"] is True
+    assert report["ldm_is_comfyuis"] is True
+    assert report["private_package"] == str(REPO / "ldm")
     assert report["registered"] == ["AsymmetricVAEDecode", "AsymmetricVAEDecodeTiled", "AsymmetricVAELoader"]
     assert all(report["display"].values())
 
