@@ -153,6 +153,27 @@ def test_prior_of_another_size_is_cropped_or_resized_as_comfyui_does(caplog):
     assert "the size the latent decodes to" in caplog.text
 
 
+@pytest.mark.parametrize("where", ["pixels under the mask", "pixels kept", "mask", "samples"])
+def test_non_finite_inputs_are_refused_naming_them(where):
+    """A NaN pixel under the mask still reaches the branch as 0 * NaN, and one NaN makes the whole image NaN: refused,
+    one line naming the node's input."""
+    model = make_autoencoder()
+    z, pixels, mask = comfy_inputs()
+    if where == "pixels under the mask":
+        assert mask[0, 8, 10] == 1
+        pixels[0, 8, 10, 1] = float("nan")
+    elif where == "pixels kept":
+        pixels[0, 0, 0, 0] = float("inf")
+    elif where == "mask":
+        mask[0, 1, 1] = float("nan")
+    else:
+        z[0, 0, 0, 0] = -float("inf")
+    name = where.split()[0]
+    with pytest.raises(ValueError, match=rf"^{name}: 1 of \d+ values are NaN or infinite") as error:
+        integration.decode_with_prior(model, z, pixels, mask)
+    assert "\n" not in str(error.value)
+
+
 def test_latent_of_another_space_names_both():
     model = make_autoencoder()
     _, pixels, mask = comfy_inputs()

@@ -232,6 +232,8 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
 
     loader = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAELoader"]()
     decoder = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAEDecode"]()
+    img_nan = img.clone()
+    img_nan[0, 20, 40] = float("nan")  # under the mask (the hole is rows 12:36, columns 24:72)
     flux = loader.load_vae("asuka_decoder.ckpt")[0]
     report["errors"] = {
         "unknown_layout": error(lambda: loader.load_vae("unknown_layout.ckpt")),
@@ -241,6 +243,8 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
                                                    torch.zeros(2, 48, 96))),
         "comfy_vae": error(lambda: decoder.decode({"samples": torch.zeros(1, 4, 24, 48)}, object(), img,
                                                   torch.zeros(1, 48, 96))),
+        "nan_pixel_under_mask": error(lambda: decoder.decode({"samples": ours}, vae, img_nan, mask)),
+        "inf_latent": error(lambda: decoder.decode({"samples": ours * torch.inf}, vae, img, mask)),
     }
     report["flux_latent_channels"] = flux.latent_channels
     loop.close()
@@ -313,6 +317,8 @@ def test_comfyui_errors_are_one_line_and_name_the_problem(report):
     assert "16 channels" in e["other_space"] and "SD 1.x" in e["other_space"] and "FLUX.1" in e["other_space"]
     assert "mask batch 2" in e["mask_batch"] and "latent batch 3" in e["mask_batch"]
     assert "AsymmetricVAELoader" in e["comfy_vae"]
+    assert e["nan_pixel_under_mask"].startswith("NonFiniteError: pixels: 3 of ")
+    assert e["inf_latent"].startswith("NonFiniteError: samples: ")
 
 
 if __name__ == "__main__":
