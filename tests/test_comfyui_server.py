@@ -268,3 +268,77 @@ def test_server_validates_the_flux_workflow(server):
     assert entry["status"]["status_str"] == "error"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors and errors[0]["node_type"] in {"UNETLoader", "DualCLIPLoader", "AsymmetricVAELoader"}, errors
+
+
+# ---------------------------------------------------------------------- the UI-format workflows
+UI_ONLY = {"Note", "MarkdownNote"}  # front-end nodes: not in the prompt
+# the loaders' file inputs and where ComfyUI looks for them
+FILE_INPUTS = {"ckpt_name": "models/checkpoints", "vae_name": "models/vae", "unet_name": "models/diffusion_models",
+               "clip_name1": "models/text_encoders", "clip_name2": "models/text_encoders", "image": "input"}
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """A UI-format workflow (what the canvas saves) -> the API graph, as the front end builds the prompt: links by
+    their ids; widget values in the node's input order (object_info's ``input_order``), an input fed by a link
+    taking no value, and the extra value the front end stores after a seed (``control_after_generate``) or an
+    upload button (``image_upload``) skipped."""
+    links = {link[0]: (str(link[1]), link[2]) for link in ui["links"]}
+    graph = {}
+    for node in ui["nodes"]:
+        if node["type"] in UI_ONLY or node.get("mode", 0) != 0:
+            continue
+        info = object_info[node["type"]]
+        linked = {i["name"]: list(links[i["link"]]) for i in node.get("inputs", []) if i.get("link") is not None}
+        values = iter(node.get("widgets_values", []))
+        inputs = {}
+        for group in ("required", "optional"):
+            for name in info["input_order"].get(group, []):
+                spec = info["input"][group][name]
+                if name in linked:
+                    inputs[name] = linked[name]
+                elif isinstance(spec[0], list) or spec[0] in {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}:
+                    inputs[name] = next(values)
+                    options = spec[1] if len(spec) > 1 else {}
+                    if options.get("control_after_generate") or options.get("image_upload"):
+                        next(values)
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+        if node.get("title"):
+            graph[str(node["id"])]["_meta"] = {"title": node["title"]}
+    return graph
+
+
+def _valid_value(spec: list, value) -> bool:
+    if isinstance(spec[0], list):
+        return value in spec[0]
+    options = spec[1] if len(spec) > 1 else {}
+    if spec[0] in ("INT", "FLOAT"):
+        return options.get("min", -float("inf")) <= value <= options.get("max", float("inf"))
+    return isinstance(value, {"STRING": str, "BOOLEAN": bool}.get(spec[0], object))
+
+
+@pytest.mark.parametrize("name", ["sd15_inpaint_base", "flux_fill_asuka"])
+def test_ui_workflow_converts_to_the_api_graph_and_names_its_files(server, name):
+    """Each UI file (what users drag onto the canvas) is the API file plus a PreviewImage of the decode and a note;
+    its values are valid for the server's nodes, and the note names every file the graph loads and its folder."""
+    object_info = server.get("/object_info")
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    graph = ui_to_api(ui, object_info)
+    previews = {k: v for k, v in graph.items() if v["class_type"] == "PreviewImage"}
+    decode = next(k for k, v in api.items() if v["class_type"] == "AsymmetricVAEDecode")
+    assert [v["inputs"] for v in previews.values()] == [{"images": [decode, 0]}]
+    assert {k: v for k, v in graph.items() if k not in previews} == api
+    for node in graph.values():
+        info = object_info[node["class_type"]]["input"]
+        for key, value in node["inputs"].items():
+            spec = {**info.get("required", {}), **info.get("optional", {})}[key]
+            assert isinstance(value, list) or _valid_value(spec, value), (node["class_type"], key, value)
+    (note,) = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note"]
+    files = [f"ComfyUI/{FILE_INPUTS[k]}/{v}" for node in api.values() for k, v in node["inputs"].items()
+             if k in FILE_INPUTS]
+    assert files and all(f in note for f in files), (files, note)
+    # the canvas's bookkeeping holds together: every link is listed on both of its ends
+    ends = {(n["id"], o["slot_index"], link) for n in ui["nodes"] for o in n["outputs"] for link in o["links"] or []}
+    assert ends == {(link[1], link[2], link[0]) for link in ui["links"]}
+    assert ui["last_link_id"] == max(link[0] for link in ui["links"])
+    assert ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
