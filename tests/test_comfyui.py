@@ -298,3 +298,26 @@ def test_no_project_ldm_is_an_error_saying_how_to_install(monkeypatch, tmp_path)
     with pytest.raises(ImportError, match=r"not found \(tried .*ldm\); install the project .*pip install -e"):
         _project.find_ldm_folder()
     assert _project.LDM is sys.modules["ldm"]  # in a process that imported ours as ldm, the nodes use it
+
+
+# ---------------------------------------------------------------------- the node pack's metadata
+def test_node_pack_requirements_are_ranges_that_hold_the_projects_pins():
+    """comfyui_nodes/pyproject.toml: the registry's required fields, and ranges (not pins) within which every pin
+    of requirements.txt lies, so the tested versions satisfy what ComfyUI's tools install."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((REPO / "comfyui_nodes" / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "asymmetric-vae" and meta["project"]["version"].count(".") == 2
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = Requirement(line)
+            pins[pin.name.lower()] = next(iter(pin.specifier)).version
+    ranges = [Requirement(d) for d in meta["project"]["dependencies"]]
+    assert ranges and all(not any(s.operator == "==" for s in r.specifier) for r in ranges)
+    for r in ranges:
+        assert r.name.lower() in pins, f"{r.name} is not one of the project's requirements"
+        assert r.specifier.contains(pins[r.name.lower()]), f"{r}: the tested pin {pins[r.name.lower()]} is outside"

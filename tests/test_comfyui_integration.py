@@ -84,6 +84,12 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
         loop.run_until_complete(nodes.load_custom_node(str(comfy_dir / "comfy_extras" / extra),
                                                        module_parent="comfy_extras"))
     report["registered"] = sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("Asymmetric"))
+    # the node pack's pyproject.toml as ComfyUI's own parser (comfy_config) reads it
+    from comfy_config import config_parser
+
+    meta = config_parser.extract_node_configuration(str(REPO / "comfyui_nodes"))
+    report["pyproject"] = [meta.project.name, meta.project.version, meta.tool_comfy.display_name,
+                           meta.project.supported_comfyui_version, len(meta.project.dependencies)]
     report["display"] = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in report["registered"]}
 
     # tiny random-weight decoders under the released names, in a vae folder registered the way users add one
@@ -272,6 +278,8 @@ def test_comfyui_loader_registers_the_nodes(report):
     assert report["private_package"] == str(REPO / "ldm")
     assert report["registered"] == ["AsymmetricVAEDecode", "AsymmetricVAEDecodeTiled", "AsymmetricVAELoader"]
     assert all(report["display"].values())
+    assert report["pyproject"] == ["asymmetric-vae", "0.1.0", "Asymmetric VAE (image + mask decoder)", ">=0.3.64",
+                                   13]
 
 
 def test_comfyui_validation_accepts_the_example_workflows(report):
