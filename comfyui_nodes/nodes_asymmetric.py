@@ -1,9 +1,12 @@
 """The nodes. ComfyUI's modules are imported where they are used, so that the classes (their contracts) import
-without ComfyUI; what the nodes compute is in ``ldm.integrations.comfyui``."""
+without ComfyUI; what the nodes compute is in ``ldm.integrations.comfyui`` (the project's ``ldm`` under a
+private name, ``_project.py``)."""
 from __future__ import annotations
 
-from ldm.integrations import comfyui as integration
-from ldm.latent_spaces import LATENT_SPACES
+from ._project import submodule
+
+integration = submodule("integrations.comfyui")
+LATENT_SPACES = submodule("latent_spaces").LATENT_SPACES
 
 CATEGORY = "latent/asymmetric vae"
 AUTO = "auto"

@@ -9,9 +9,11 @@ import comfy.model_patcher
 import comfy.sd
 import torch
 
-from ldm.integrations import comfyui as integration
-from ldm.latent_spaces import latent_space_of
-from ldm.loading import load_autoencoder
+from ._project import submodule
+
+load_autoencoder = submodule("loading").load_autoencoder
+integration = submodule("integrations.comfyui")
+latent_space_of = submodule("latent_spaces").latent_space_of
 
 log = logging.getLogger(__name__)
 

@@ -166,7 +166,7 @@ def load(opt: argparse.Namespace, device: torch.device) -> Callable[[torch.Tenso
         image, mask = (t.permute(0, 2, 3, 1).float().cpu().numpy() for t in ((image + 1) / 2, mask))
         images = inpaint(pipe, decoder, image, mask, decode=decode, prompt=opt.prompt,
                          num_images_per_prompt=opt.n_samples, generator=torch.Generator().manual_seed(opt.seed),
-                         output_type="np", **settings, **controls)
+                         output_type="np", **settings, **controls).images
         check_finite(torch.from_numpy(images), "the pipeline's images")  # NaN would become black pixels
         return np.stack([np.asarray(im.convert("RGB")) for im in pipe.image_processor.numpy_to_pil(images)])
 

@@ -153,6 +153,27 @@ def test_prior_of_another_size_is_cropped_or_resized_as_comfyui_does(caplog):
     assert "the size the latent decodes to" in caplog.text
 
 
+@pytest.mark.parametrize("where", ["pixels under the mask", "pixels kept", "mask", "samples"])
+def test_non_finite_inputs_are_refused_naming_them(where):
+    """A NaN pixel under the mask still reaches the branch as 0 * NaN, and one NaN makes the whole image NaN: refused,
+    one line naming the node's input."""
+    model = make_autoencoder()
+    z, pixels, mask = comfy_inputs()
+    if where == "pixels under the mask":
+        assert mask[0, 8, 10] == 1
+        pixels[0, 8, 10, 1] = float("nan")
+    elif where == "pixels kept":
+        pixels[0, 0, 0, 0] = float("inf")
+    elif where == "mask":
+        mask[0, 1, 1] = float("nan")
+    else:
+        z[0, 0, 0, 0] = -float("inf")
+    name = where.split()[0]
+    with pytest.raises(ValueError, match=rf"^{name}: 1 of \d+ values are NaN or infinite") as error:
+        integration.decode_with_prior(model, z, pixels, mask)
+    assert "\n" not in str(error.value)
+
+
 def test_latent_of_another_space_names_both():
     model = make_autoencoder()
     _, pixels, mask = comfy_inputs()
@@ -222,3 +243,81 @@ def test_bfloat16_weights_as_comfyui_loads_them_on_gpus():
     got = integration.decode_with_prior(model.to(torch.bfloat16), z, pixels, mask)
     assert got.dtype == torch.float32
     assert 0 < (got - ref).abs().mean() < 0.01  # bfloat16 rounding (8 bits of mantissa) in [0, 1] images
+
+
+# ---------------------------------------------------------------------- finding our ldm (comfyui_nodes/_project.py)
+FIND_SCRIPT = """
+import importlib.util, json, sys
+nodes = sys.argv[1]
+spec = importlib.util.spec_from_file_location("copied_nodes", nodes + "/__init__.py",
+                                              submodule_search_locations=[nodes])
+module = importlib.util.module_from_spec(spec); sys.modules["copied_nodes"] = module; spec.loader.exec_module(module)
+ours = sys.modules["copied_nodes._project"].LDM
+model_cls = ours.util.get_obj_from_str("ldm.models.autoencoder.AutoencoderKL")
+print(json.dumps({"name": ours.__name__, "file": ours.__file__, "ldm_imported": "ldm" in sys.modules,
+                  "target_module": model_cls.__module__, "nodes": sorted(module.NODE_CLASS_MAPPINGS)}))
+"""
+
+
+def test_a_copied_node_folder_finds_the_installed_project_and_skips_an_ldm_that_is_not_ours(tmp_path):
+    """docs/comfyui.md's "or copy the folder": no checkout beside it, so the installed distribution names it; an
+    ``ldm`` beside the copy without the marker file (another project's) is passed over. Runs as this interpreter with
+    no PYTHONPATH, so it needs the project installed from this checkout (make venv)."""
+    import importlib.metadata
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from comfyui_nodes import _project
+
+    installed = [p.resolve() for p in _project._installed_folders()]
+    if (REPO / "ldm") not in installed:
+        pytest.skip(f"this interpreter's {_project.DISTRIBUTION} is not installed from {REPO} (make venv does)")
+    assert importlib.metadata.distribution(_project.DISTRIBUTION)
+    shutil.copytree(REPO / "comfyui_nodes", tmp_path / "comfyui_nodes", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "ldm").mkdir()
+    (tmp_path / "ldm" / "__init__.py").write_text("raise ImportError('not this one')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", FIND_SCRIPT, str(tmp_path / "comfyui_nodes")], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["name"] == "asymmetric_vae_ldm" and got["file"] == str(REPO / "ldm" / "__init__.py")
+    assert got["ldm_imported"] is False  # sys.modules["ldm"] is left to whoever owns the name
+    assert got["target_module"] == "asymmetric_vae_ldm.models.autoencoder"  # a config's ldm.* target
+    assert got["nodes"] == ["AsymmetricVAEDecode", "AsymmetricVAEDecodeTiled", "AsymmetricVAELoader"]
+
+
+def test_no_project_ldm_is_an_error_saying_how_to_install(monkeypatch, tmp_path):
+    from comfyui_nodes import _project
+
+    (tmp_path / "ldm").mkdir()
+    (tmp_path / "ldm" / "__init__.py").write_text("")
+    monkeypatch.setattr(_project, "candidate_folders", lambda: iter([tmp_path / "ldm"]))
+    with pytest.raises(ImportError, match=r"not found \(tried .*ldm\); install the project .*pip install -e"):
+        _project.find_ldm_folder()
+    assert _project.LDM is sys.modules["ldm"]  # in a process that imported ours as ldm, the nodes use it
+
+
+# ---------------------------------------------------------------------- the node pack's metadata
+def test_node_pack_requirements_are_ranges_that_hold_the_projects_pins():
+    """comfyui_nodes/pyproject.toml: the registry's required fields, and ranges (not pins) within which every pin
+    of requirements.txt lies, so the tested versions satisfy what ComfyUI's tools install."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((REPO / "comfyui_nodes" / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "asymmetric-vae" and meta["project"]["version"].count(".") == 2
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = Requirement(line)
+            pins[pin.name.lower()] = next(iter(pin.specifier)).version
+    ranges = [Requirement(d) for d in meta["project"]["dependencies"]]
+    assert ranges and all(not any(s.operator == "==" for s in r.specifier) for r in ranges)
+    for r in ranges:
+        assert r.name.lower() in pins, f"{r.name} is not one of the project's requirements"
+        assert r.specifier.contains(pins[r.name.lower()]), f"{r}: the tested pin {pins[r.name.lower()]} is outside"

@@ -3,7 +3,10 @@ loader loads ``comfyui_nodes/``, its prompt validation accepts the example workf
 LoadImage -> VAEEncode -> AsymmetricVAEDecode -> SaveImage on tiny random-weight checkpoints.
 
 Importing ComfyUI rewrites process state (``sys.argv``, ``sys.path``, modules, logging), so everything runs in one
-subprocess (this file run as a script), which prints a JSON report that the tests read.
+subprocess (this file run as a script, as this interpreter with no ``PYTHONPATH``), which prints a JSON report that
+the tests read. Nothing imports ``ldm`` before ComfyUI does: ``ldm`` is ComfyUI's ``comfy/ldm`` there, and the node
+pack loads ours under its private name, which the subprocess then uses too. tests/test_comfyui_server.py runs
+ComfyUI's server.
 """
 from __future__ import annotations
 
@@ -44,13 +47,16 @@ def _png(path: Path, rgb, alpha) -> None:
 
 def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import asyncio
+    import importlib
+    import importlib.util
     import logging
 
     import numpy as np
     import torch
 
-    # ComfyUI reads its flags from sys.argv; its folder is on PYTHONPATH (set by the fixture below)
+    # ComfyUI reads its flags from sys.argv; its folder goes first on sys.path, as main.py's folder is
     sys.argv = ["main.py", "--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    sys.path.insert(0, str(comfy_dir))
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -59,20 +65,32 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import folder_paths
     import nodes
 
-    from ldm.checkpoints.files import save_state_dict
-    from ldm.integrations.comfyui import decode_with_prior
-    from ldm.util import instantiate_from_config
-
     report: dict = {}
     logging.getLogger().setLevel(logging.WARNING)
     loop = asyncio.new_event_loop()
 
     # ComfyUI's own loader: our package, and the two extras files the FLUX.1 workflow names
     report["loaded"] = loop.run_until_complete(nodes.load_custom_node(str(REPO / "comfyui_nodes")))
+    # `import ldm` still finds ComfyUI's (the clash the node pack avoids), and ours is not sys.modules["ldm"]; ours
+    # is the node pack's private package, where a config's ldm.* target resolves
+    spec = importlib.util.find_spec("ldm")
+    report["ldm_is_comfyuis"] = ([str(Path(p).resolve()) for p in spec.submodule_search_locations]
+                                 == [str((comfy_dir / "comfy" / "ldm").resolve())] and "ldm" not in sys.modules)
+    ours = sys.modules["asymmetric_vae_ldm"]
+    report["private_package"] = str(Path(ours.__file__).resolve().parent)
+    save_state_dict = importlib.import_module(ours.__name__ + ".checkpoints.files").save_state_dict
+    decode_with_prior = importlib.import_module(ours.__name__ + ".integrations.comfyui").decode_with_prior
+    instantiate_from_config = importlib.import_module(ours.__name__ + ".util").instantiate_from_config
     for extra in ("nodes_flux.py", "nodes_differential_diffusion.py"):
         loop.run_until_complete(nodes.load_custom_node(str(comfy_dir / "comfy_extras" / extra),
                                                        module_parent="comfy_extras"))
     report["registered"] = sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("Asymmetric"))
+    # the node pack's pyproject.toml as ComfyUI's own parser (comfy_config) reads it
+    from comfy_config import config_parser
+
+    meta = config_parser.extract_node_configuration(str(REPO / "comfyui_nodes"))
+    report["pyproject"] = [meta.project.name, meta.project.version, meta.tool_comfy.display_name,
+                           meta.project.supported_comfyui_version, len(meta.project.dependencies)]
     report["display"] = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in report["registered"]}
 
     # tiny random-weight decoders under the released names, in a vae folder registered the way users add one
@@ -221,6 +239,8 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
 
     loader = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAELoader"]()
     decoder = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAEDecode"]()
+    img_nan = img.clone()
+    img_nan[0, 20, 40] = float("nan")  # under the mask (the hole is rows 12:36, columns 24:72)
     flux = loader.load_vae("asuka_decoder.ckpt")[0]
     report["errors"] = {
         "unknown_layout": error(lambda: loader.load_vae("unknown_layout.ckpt")),
@@ -230,6 +250,8 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
                                                    torch.zeros(2, 48, 96))),
         "comfy_vae": error(lambda: decoder.decode({"samples": torch.zeros(1, 4, 24, 48)}, object(), img,
                                                   torch.zeros(1, 48, 96))),
+        "nan_pixel_under_mask": error(lambda: decoder.decode({"samples": ours}, vae, img_nan, mask)),
+        "inf_latent": error(lambda: decoder.decode({"samples": ours * torch.inf}, vae, img, mask)),
     }
     report["flux_latent_channels"] = flux.latent_channels
     loop.close()
@@ -243,7 +265,7 @@ def report(tmp_path_factory):
     if path is None:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfyui_base")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(path), os.environ.get("PYTHONPATH", "")]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run ComfyUI
     proc = subprocess.run([sys.executable, __file__, str(path), str(base)], capture_output=True, text=True,
                           env=env, cwd=base, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT)]
@@ -253,8 +275,12 @@ def report(tmp_path_factory):
 
 def test_comfyui_loader_registers_the_nodes(report):
     assert report["loaded"] is True
+    assert report["ldm_is_comfyuis"] is True
+    assert report["private_package"] == str(REPO / "ldm")
     assert report["registered"] == ["AsymmetricVAEDecode", "AsymmetricVAEDecodeTiled", "AsymmetricVAELoader"]
     assert all(report["display"].values())
+    assert report["pyproject"] == ["asymmetric-vae", "0.1.0", "Asymmetric VAE (image + mask decoder)", ">=0.3.64",
+                                   13]
 
 
 def test_comfyui_validation_accepts_the_example_workflows(report):
@@ -300,6 +326,8 @@ def test_comfyui_errors_are_one_line_and_name_the_problem(report):
     assert "16 channels" in e["other_space"] and "SD 1.x" in e["other_space"] and "FLUX.1" in e["other_space"]
     assert "mask batch 2" in e["mask_batch"] and "latent batch 3" in e["mask_batch"]
     assert "AsymmetricVAELoader" in e["comfy_vae"]
+    assert e["nan_pixel_under_mask"].startswith("NonFiniteError: pixels: 3 of ")
+    assert e["inf_latent"].startswith("NonFiniteError: samples: ")
 
 
 if __name__ == "__main__":

@@ -428,7 +428,7 @@ FAST = dict(num_inference_steps=1, guidance_scale=1.0)
 
 def run(case: Case, pipe: Any, decoder: Any, image: Any, mask: Any, **kw: Any) -> np.ndarray:
     return inpaint(pipe, decoder, image, mask, output_type="np", generator=torch.Generator().manual_seed(0),
-                   **FAST, **case.prompt(), **case.extra, **kw)
+                   **FAST, **case.prompt(), **case.extra, **kw).images
 
 
 @torch.no_grad()
@@ -579,7 +579,7 @@ def test_several_images_and_samples_pair_as_in_the_pipeline():
     pipe.prepare_mask_latents = lambda *args, **kw: denoiser_input.append(prepare(*args, **kw)) or denoiser_input[-1]
     out = inpaint(pipe, asymmetric, np.concatenate([a, b]), np.concatenate([mask, mask]), num_inference_steps=2,
                   output_type="np", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
-                  decode=lambda z, im, m: received.append(im) or asymmetric.decode(z, im, m), **prompt)
+                  decode=lambda z, im, m: received.append(im) or asymmetric.decode(z, im, m), **prompt).images
     assert out.shape == (4, H, W, 3)
     masked_latents = denoiser_input[0][1]
     torch.testing.assert_close(masked_latents[2], masked_latents[0])  # the pipeline's pairing: image k mod 2

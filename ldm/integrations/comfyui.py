@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.files import CONFIG_NAME
+from ..image_io import check_finite
 from ..latent_spaces import latent_space_of, matching_spaces
 from ..models.autoencoder import AutoencoderKL
 from ..util import PathLike
@@ -161,9 +162,13 @@ class ComfyFirstStage(nn.Module):
 def prepare_prior(samples: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor, model: AutoencoderKL
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's ``samples`` (B, C, h, w), ``pixels`` (IMAGE) and ``mask`` (MASK) -> our image (b, 3, H, W) in [-1, 1]
-    and mask (b, 1, H, W), 1 = generate, b = 1 or B, sized for the decoder; every error names the input."""
+    and mask (b, 1, H, W), 1 = generate, b = 1 or B, sized for the decoder; every error names the input. NaN / inf
+    anywhere is refused, under the mask too: ``(1 - mask) * image`` keeps a NaN (0 * NaN), and one NaN spreads
+    through the decoder's convolutions and norms to the whole image."""
     samples = one_frame(samples)
     check_latent(samples, model)
+    for name, t in (("samples", samples), ("pixels", pixels), ("mask", mask)):
+        check_finite(t, name)
     f = model.downsample_factor
     size = (samples.shape[-2] * f, samples.shape[-1] * f)
     batch = samples.shape[0]

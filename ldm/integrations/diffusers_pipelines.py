@@ -156,7 +156,7 @@ PIPELINES: Dict[str, Supported] = {
 # arguments that would make the pipeline's output something other than the decoded final latents at the output size
 _REFUSED_ARGUMENTS = {
     "padding_mask_crop": "the pipeline would inpaint a crop and paste it back with its own VAE's decode",
-    "return_dict": "inpaint() returns the images",
+    "return_dict": "inpaint() returns the pipeline's own output (its .images)",
     "masked_image_latents": "our decoder reads the image itself, not latents of it",
 }
 
@@ -240,8 +240,9 @@ def output_size(pipe: Any, image: Any, height: Optional[int] = None, width: Opti
 
 def _prepare_size(pipe: Any, family: Family, image: Any, height: Optional[int], width: Optional[int],
                   kwargs: Mapping[str, Any]) -> Tuple[Any, int, int]:
-    if family.size is None:
-        return (image, *pipe.image_processor.get_default_height_width(image, height, width))
+    if family.size is None:  # a list of images (as the pipelines take it) is sized by its first, as they do
+        first = image[0] if isinstance(image, list) and image else image
+        return (image, *pipe.image_processor.get_default_height_width(first, height, width))
     resized, own_height, own_width = family.size(pipe, image, kwargs)
     if (height is not None and height != own_height) or (width is not None and width != own_width):
         raise PipelineError(f"{type(pipe).__name__} sizes its output by the image ({own_width}x{own_height} here): "
@@ -314,14 +315,21 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     with its own VAE (for comparison, at the same size).
 
     ``image`` / ``mask_image`` go to the pipeline's arguments for them (``control_image`` / ``control_mask`` for
-    SD 3 ControlNet inpainting). ``pipe_kwargs`` go to the pipeline unchanged (``prompt``, ``num_inference_steps``,
-    ``guidance_scale``, ``generator``, ``num_images_per_prompt``, ``strength``, ``control_image``, prompt
-    embeddings, ...). Returns what ``pipe(...).images`` would be for ``output_type`` ("pil", "np" or "pt"), at
+    SD 3 ControlNet inpainting), as one image each or lists (a batch), as the pipeline takes them. ``pipe_kwargs``
+    go to the pipeline unchanged (``prompt``, ``num_inference_steps``, ``guidance_scale``, ``generator``,
+    ``num_images_per_prompt``, ``strength``, ``control_image``, prompt embeddings, ...). Returns the pipeline's own
+    output (e.g. ``StableDiffusionPipelineOutput``; ``.images`` for ``output_type`` "pil", "np" or "pt"), at
     :func:`output_size`. The decoder runs on its own device and dtype; the latents are moved there.
     ``decode(z, image, mask)`` replaces ``decoder.decode`` (float32, the exact path) where a faster path of the
-    same decoder is wanted.
+    same decoder is wanted. Non-finite values are refused, naming where they are: ``image`` / ``mask_image``
+    arrays or tensors (before the pipeline runs; a NaN pixel under the mask would still reach the pipeline's
+    encoder, and the mask processor would silently binarise a NaN), the pipeline's final latents (e.g. a float16
+    overflow), the decoded images.
     """
+    import numpy as np
     import torch
+
+    from ..image_io import check_finite
 
     name, entry = supported(pipe)
     family = FAMILIES[entry.family]
@@ -333,15 +341,21 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     missing = [argument for argument in family.requires if pipe_kwargs.get(argument) is None]
     if missing:
         raise PipelineError(f"{name} needs {', '.join(missing)} (pass {missing[0]}=... to inpaint)")
+    for argument, value in ((family.image, image), (family.mask, mask_image)):
+        for k, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, (torch.Tensor, np.ndarray)):  # PIL images are always finite
+                check_finite(torch.as_tensor(item), argument if not isinstance(value, list) else f"{argument}[{k}]")
     resized, height, width = _prepare_size(pipe, family, image, height, width, pipe_kwargs)
     call = {family.image: image, family.mask: mask_image, **pipe_kwargs}
     if family.size is None:
         call.update(height=height, width=width)
     if decoder is None:
-        return pipe(**call, output_type=output_type).images
+        return pipe(**call, output_type=output_type)
     check_decoder_fits(vae_config_of(pipe), decoder, pipe_name=name)
-    latents = unpack_latents(pipe, pipe(**call, output_type="latent").images, height, width)
     cond_image, cond_mask = decoder_condition(pipe, resized, mask_image, height, width)
+    output = pipe(**call, output_type="latent")
+    check_finite(output.images, f"{name}'s final latents")
+    latents = unpack_latents(pipe, output.images, height, width)
     weight = next(decoder.parameters())
     latents = latents.to(device=weight.device, dtype=weight.dtype)
     z = decoder.unscale_latents(latents) if family.normalised else latents
@@ -351,4 +365,6 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
                             "mask" in family.as_control)
     with torch.no_grad():
         decoded = (decode or decoder.decode)(z, cond_image, cond_mask)
-    return pipe.image_processor.postprocess(decoded.float(), output_type=output_type)
+    check_finite(decoded, "the decoded images")
+    images = pipe.image_processor.postprocess(decoded.float(), output_type=output_type)
+    return dataclasses.replace(output, images=images)

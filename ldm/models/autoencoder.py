@@ -28,6 +28,9 @@ from ..util import check_params, instantiate_from_config
 log = logging.getLogger(__name__)
 # the networks of ldm.latent_spaces.ARCHITECTURES: (encoder, decoder)
 NETWORKS = {"kl": (Encoder, Decoder), "qwenimage": (QwenImageEncoder, QwenImageDecoder)}
+NOT_A_DIFFUSERS_VAE = ("this AutoencoderKL is not a diffusers VAE (pipe.vae = decoder): keep the pipeline's own VAE "
+                       "and call ldm.integrations.diffusers_pipelines.inpaint(pipe, decoder, image, mask_image, ...), "
+                       "which decodes the pipeline's latents with the image and mask (docs/pipelines.md)")
 
 
 class AutoencoderKL(TrainingRecipe, pl.LightningModule):
@@ -256,6 +259,13 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
     def disable_tiling(self) -> None:
         """Decode in one piece again (the default)."""
         self._tiling = None
+
+    def __getattr__(self, name: str) -> Any:
+        # diffusers' pipelines read ``pipe.vae.config`` before anything else: ``pipe.vae = model`` fails there with
+        # what to call instead (an AttributeError still, so ``hasattr(model, "config")`` stays False)
+        if name == "config":
+            raise AttributeError(NOT_A_DIFFUSERS_VAE)
+        return super().__getattr__(name)
 
     @property
     def tiling(self) -> Optional[Tuple[int, int]]:
