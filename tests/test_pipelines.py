@@ -16,10 +16,10 @@ import torch
 
 from ldm.checkpoints.diffusers import ldm_to_diffusers
 from ldm.checkpoints.qwenimage import ours_to_diffusers_qwenimage
+from ldm.integrations import pair_batch
 from ldm.integrations.diffusers_pipelines import (
     PIPELINES,
     PipelineError,
-    batch_like,
     check_decoder_fits,
     decoder_condition,
     decoder_latent_space,
@@ -541,7 +541,7 @@ def test_the_controlnet_prepare_image_path_is_followed():
     two = torch.cat([nchw(a), nchw(b)]) * 2 - 1  # tensors in [-1,1], as the pipeline takes them
     got_image, got_mask = decoder_condition(pipe, two, np.concatenate([mask, mask]), H, W)
     theirs = pipe.prepare_image(image=two, batch_size=4, num_images_per_prompt=2, **prepare)
-    torch.testing.assert_close(batch_like(got_image, 4, interleave=True), theirs, rtol=0, atol=0)
+    torch.testing.assert_close(pair_batch(got_image, 4, "image", interleave=True), theirs, rtol=0, atol=0)
     assert got_mask.shape == (2, 1, H, W)
     got_array, _ = decoder_condition(pipe, a, mask, H, W)
     theirs = pipe.prepare_image(image=a, batch_size=1, num_images_per_prompt=1, **prepare)

@@ -33,6 +33,7 @@ from ..image_io import check_finite
 from ..latent_spaces import latent_space_of, matching_spaces
 from ..models.autoencoder import AutoencoderKL
 from ..util import PathLike
+from . import pair_batch
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,6 @@ def mask_to_ours(mask: torch.Tensor) -> torch.Tensor:
     if mask.ndim not in (2, 3):
         raise ValueError(f"mask must be a MASK (batch, height, width), got shape {tuple(mask.shape)}")
     return mask.reshape(-1, 1, *mask.shape[-2:])
-
-
-def pair_batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """``t`` (b, ...) for a latent batch ``batch``: b == batch as is, b == 1 broadcast (by the decoder), b dividing
-    ``batch`` repeated in order (ComfyUI's ``repeat_to_batch_size``); any other b is a ``ValueError``."""
-    b = t.shape[0]
-    if b in (1, batch):
-        return t
-    if batch % b:
-        raise ValueError(f"{name} batch {b} does not pair with the latent batch {batch}: give a {name} of batch 1 "
-                         f"(shared by all), {batch}, or a divisor of {batch}")
-    return t.repeat(batch // b, *([1] * (t.ndim - 1)))
 
 
 def fit_prior(image: torch.Tensor, mask: torch.Tensor, size: Tuple[int, int], factor: int

@@ -295,18 +295,6 @@ def decoder_condition(pipe: Any, image: Any, mask_image: Any, height: int, width
     return prepared[0], prepared[1]
 
 
-def batch_like(t: torch.Tensor, batch: int, interleave: bool = False) -> torch.Tensor:
-    """Image/mask batch -> the latent batch: batch 1 is shared; B prompts x n images per prompt repeat the whole
-    batch n times, as the pipelines repeat their mask and masked image for the denoiser (ControlNet
-    ``prepare_image`` paths: each image n times, ``interleave``)."""
-    if t.shape[0] in (1, batch):
-        return t
-    if batch % t.shape[0]:
-        raise PipelineError(f"{t.shape[0]} images for {batch} latents: cannot pair them")
-    n = batch // t.shape[0]
-    return t.repeat_interleave(n, dim=0) if interleave else t.repeat(n, 1, 1, 1)
-
-
 def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, height: Optional[int] = None,
             width: Optional[int] = None, output_type: str = "pil",
             decode: Optional[Callable[..., "torch.Tensor"]] = None, **pipe_kwargs: Any) -> Any:
@@ -330,6 +318,7 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     import torch
 
     from ..image_io import check_finite
+    from . import pair_batch
 
     name, entry = supported(pipe)
     family = FAMILIES[entry.family]
@@ -359,10 +348,10 @@ def inpaint(pipe: Any, decoder: Optional[Any], image: Any, mask_image: Any, *, h
     weight = next(decoder.parameters())
     latents = latents.to(device=weight.device, dtype=weight.dtype)
     z = decoder.unscale_latents(latents) if family.normalised else latents
-    cond_image = batch_like(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0],
-                             "image" in family.as_control)
-    cond_mask = batch_like(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0],
-                            "mask" in family.as_control)
+    cond_image = pair_batch(cond_image.to(device=weight.device, dtype=weight.dtype), z.shape[0], "image",
+                            interleave="image" in family.as_control)
+    cond_mask = pair_batch(cond_mask.to(device=weight.device, dtype=weight.dtype), z.shape[0], "mask",
+                           interleave="mask" in family.as_control)
     with torch.no_grad():
         decoded = (decode or decoder.decode)(z, cond_image, cond_mask)
     check_finite(decoded, "the decoded images")
