@@ -8,9 +8,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Scripts run as child processes (as users run them) import this checkout whether or not it is installed
-# (`pip install -e .`); pytest itself finds it through `pythonpath` in pyproject.toml.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+# Scripts run as child processes as users run them: with the project installed (`make venv` does `pip install -e
+# .`), nothing added to their import path; pytest itself finds the checkout through `pythonpath` in pyproject.toml.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
