@@ -114,6 +114,7 @@ def inputs(seed: int = 0, size: int = 24):
     return z, image, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate_conv", [False, True])
 def test_asuka_checkpoint_loads_and_decodes_as_their_code(tmp_path, gate_conv, caplog):
     sd = asuka_layout_checkpoint(gate_conv)

@@ -12,6 +12,7 @@ import torch
 from scripts import benchmark
 
 
+@pytest.mark.slow
 def test_quick_mode_writes_a_complete_report(tmp_path):
     out = tmp_path / "bench_v1.5"  # a dot in the name is kept (with_suffix would write bench_v1.json)
     assert benchmark.main(["--quick", "--in_process", "--out", str(out)]) == 0
@@ -76,6 +77,7 @@ def test_cpu_suite_covers_the_issue_comparisons():
                                                                     ("ours", "fast"))}
 
 
+@pytest.mark.slow
 def test_cpu_case_in_a_subprocess_reports_peak_memory():
     case = dict(variant="tiny", impl="ours", path="eager", condition=True, size=64, tiled=False, kind="decode")
     opt = dict(device="cpu", batch=1, dtype="fp32", channels_last=True, compile=False, warmup=0, repeats=1,
@@ -127,6 +129,7 @@ def test_tiling_overhead_outside_attention_by_hand():
     assert benchmark.tiling_overhead(untiled, tiled)[1:] == (None, None)
 
 
+@pytest.mark.slow
 def test_scale_quick_reports_training_memory_batches_and_loader_rates(tmp_path):
     """--suite scale_quick: the training step's peak with and without gradient checkpointing at two batches, the
     batch estimates, and images/s of the folder, shard and datasets loaders over the same images."""

@@ -225,6 +225,7 @@ def test_legacy_format_pickle_with_code_is_refused_with_the_same_message_and_no_
     assert read_state_dict(tmp_path / "plain_old.pt").keys() == tiny_autoencoder.state_dict().keys()
 
 
+@pytest.mark.slow
 def test_a_global_is_refused_whatever_package_it_lives_in(tmp_path, tiny_autoencoder):
     """Only Lightning's metadata, by exact name, is tolerated: a class of this project (or of Lightning) that no
     Lightning checkpoint carries is refused, never neutralised, and convert_checkpoint.py writes nothing."""
@@ -309,6 +310,7 @@ def test_a_checkpoint_written_by_lightning_2_loads(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias(tmp_path):
     """The release was saved with taming's LPIPS (lin0..lin4 only); the lpips package also registers them as
     lins.0..4. Fine-tuning from it must not fail on the alias, and the calibration weights must come across."""
@@ -362,6 +364,7 @@ for what in ("built", "loaded"):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_loading_weights_peaks_near_the_model_size(tmp_path, suffix):
     """Peak resident memory (the kernel's high-water mark, reset before each step) of building a ~100 MB

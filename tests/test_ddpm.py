@@ -236,6 +236,7 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Passing `image` as torch tensor:FutureWarning")
 @torch.no_grad()
 def test_inpainting_chain_matches_diffusers_inpaint_pipeline(inpaint_model):
@@ -270,6 +271,7 @@ def test_inpainting_chain_matches_diffusers_inpaint_pipeline(inpaint_model):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_txt2img_chain_matches_diffusers_pipeline_with_pndm():
     """txt2img.py --plms: PLMS with CFG equals StableDiffusionPipeline with PNDMScheduler(skip_prk_steps=True).

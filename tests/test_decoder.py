@@ -210,6 +210,7 @@ def test_inputs_of_another_float_dtype_are_named(tiny_autoencoder, which):
         tiny_autoencoder.encode(x.double())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["autoencoder_kl_32x32x4", "autoencoder_kl_woc_32x32x4"])
 def test_real_base_configs_build_and_decode(name):
     """The shipped inference configs themselves (not tiny stand-ins), at 64 px: full-size random weights."""

@@ -6,12 +6,14 @@ import json
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ldm.checkpoints.keys import read_state_dict
 from scripts import demo
 
 
+@pytest.mark.slow
 def test_demo_runs_both_stages_and_writes_report_and_figure(tmp_path, capsys, monkeypatch):
     # one mask per held-out photo, not four: the evaluation of every row and condition at a quarter of the cost
     monkeypatch.setattr(demo, "MASKS_PER_PHOTO", 1)

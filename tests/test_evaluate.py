@@ -106,6 +106,7 @@ def test_reconstruction_matches_a_direct_computation(rec_report, image_dir, ckpt
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(samples, evaluate.reconstruction_samples(opt)))
 
 
+@pytest.mark.slow
 def test_reconstruction_with_mask_folder_and_tiling(image_dir, ckpts, tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -185,6 +186,7 @@ def test_reconstruction_bad_inputs(image_dir, ckpts, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_lpips_with_a_weights_file(tmp_path):
     """LPIPS is computed when the VGG16 file exists (random weights here: only identity and symmetry are known)."""
     import torchvision
@@ -220,6 +222,7 @@ def test_ssim_known_values():
     assert (acc.update(a, 1 - a, mask)["ssim"] < 0.5).all()
 
 
+@pytest.mark.slow
 def test_corrupt_weight_files_make_that_metric_na_and_keep_the_others(image_dir, ckpts, tmp_path, capsys):
     """A garbage --lpips_vgg file (UnpicklingError inside torch.load) and an Inception file with foreign keys
     (RuntimeError inside torch-fidelity) are reported as n/a naming the file; the run and other metrics go on."""
@@ -361,6 +364,7 @@ def test_coarsen_mask_is_the_block_majority_upsampled():
     assert torch.equal(coarsen_mask(mask, 1), mask)
 
 
+@pytest.mark.slow
 def test_reconstruction_baselines_and_robustness_rows(image_dir, ckpts, tmp_path):
     """--baselines, --mask_coarsen and --extra_size rows, end to end: X+paste keeps the kept region exactly and
     leaves the generated one as X made it; X[mask/4] is X evaluated with the coarsened masks; NAME_mask files of any

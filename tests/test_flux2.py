@@ -282,6 +282,7 @@ def bfl_file(path, seed: int = 21):
     return vae
 
 
+@pytest.mark.slow
 def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensors(tmp_path, request,
                                                                                   monkeypatch):
     """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
@@ -313,6 +314,7 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
     assert "decoder.encoder.layers.0.weight" in sd
 
 
+@pytest.mark.slow
 def test_evaluate_tiling_and_benchmark_in_the_flux2_space(tmp_path):
     import json
 

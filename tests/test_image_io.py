@@ -112,6 +112,7 @@ def test_scripts_import_no_torch_before_parsing_flags():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
+@pytest.mark.slow
 def test_evaluate_does_not_import_the_inpaint_script():
     code = ("import runpy, sys; sys.argv = ['evaluate.py', '--help']\n"
             "try:\n    runpy.run_path('scripts/evaluate.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"

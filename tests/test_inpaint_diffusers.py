@@ -56,6 +56,7 @@ def skipped_lines(err: str):
     return sorted(line for line in err.splitlines() if line.startswith("skipped:"))
 
 
+@pytest.mark.slow
 def test_inpaint_diffusers_end_to_end_as_inpaint_st(files, pipeline_dir, tmp_path, capsys):  # noqa: F811
     """Same pairs, same messages for bad ones, same keep / overwrite rules as inpaint_st.py."""
     out = tmp_path / "out"

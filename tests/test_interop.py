@@ -96,6 +96,7 @@ def diffusers_class(name: str):
 
 
 # ---------------------------------------------------------------------- parity, ours -> diffusers
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny_wide", "four_levels", "plain_vae"])
 def test_ours_to_diffusers_folder_same_outputs(name, tmp_path):
     ours = build_ours(name)
@@ -108,6 +109,7 @@ def test_ours_to_diffusers_folder_same_outputs(name, tmp_path):
 
 
 # ---------------------------------------------------------------------- parity, diffusers -> ours
+@pytest.mark.slow
 @pytest.mark.parametrize("levels", [2, 4])
 def test_diffusers_folder_to_ours_same_outputs(levels, tmp_path):
     widths = (32, 64, 128, 128)[:levels]
@@ -400,6 +402,7 @@ def test_cli_to_diffusers_folder_names_may_contain_dots(cli, tmp_path, capsys):
         assert "must be a folder name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_runs_as_a_script(tmp_path):
     src = save_state_dict(build_ours("tiny").state_dict(), tmp_path / "a.safetensors")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), "reformat", str(src),

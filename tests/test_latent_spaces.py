@@ -232,6 +232,7 @@ def test_16_channel_vae_without_quant_convs_equals_diffusers_autoencoderkl():
     assert_same_vae(ours, theirs, image)
 
 
+@pytest.mark.slow
 def test_16_channel_asymmetric_decoder_equals_diffusers_after_export_and_round_trips(tmp_path):
     """AsymmetricAutoencoderKL always has quant convs: a VAE without them is exported with identity 1x1 convs,
     which change nothing (float32), and the way back drops them: the round trip is tensor-identical."""
@@ -381,6 +382,7 @@ def train_with_main(tmp_path: Path, monkeypatch, config, name: str, steps: int):
     return ckpt["state_dict"]
 
 
+@pytest.mark.slow
 def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, request,
                                                                                  monkeypatch):
     """main.py end to end in FLUX.1's latent space: starts from a BFL-layout ae.safetensors, frozen 16-channel

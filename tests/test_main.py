@@ -89,6 +89,7 @@ def _run(tmp_path, monkeypatch, name, *args):
     return main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", *args])
 
 
+@pytest.mark.slow
 def test_main_trains_and_writes_the_run_folder(tmp_path, config_file, monkeypatch):
     rc = _run(tmp_path, monkeypatch, "e2e", "--base", str(config_file), "-t", "-n", "e2e", "--max_steps", "6")
     assert rc == 0
@@ -146,6 +147,7 @@ def test_fast_training_runs_the_device_fast_path_and_saves_ordinary_weights(tmp_
         _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "--fast", "--precision", "32")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_file, monkeypatch):
     common = ["--base", str(config_file), "-t", "--max_steps", "9",
               "lightning.callbacks.image_logger.params.disabled=true",
@@ -236,6 +238,7 @@ def _kill_and_resume(tmp_path, config_file, monkeypatch, name, kill_at, steps, *
     return run
 
 
+@pytest.mark.slow
 def test_resume_without_monitor_keeps_writing_last_ckpt(tmp_path, config_file, monkeypatch):
     """Killed in epoch 0 before any checkpoint, resumed: the newest state goes to last.ckpt, not last-v1.ckpt."""
     run = _kill_and_resume(tmp_path, config_file, monkeypatch, "nomon", 2, 4, "model.params.monitor=null")
@@ -244,6 +247,7 @@ def test_resume_without_monitor_keeps_writing_last_ckpt(tmp_path, config_file, m
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_last_ckpt_written_at_every_epoch_end_without_monitor(tmp_path, config_file, monkeypatch):
     """5 batches per epoch; a crash in epoch 1 (no save on the way out) still leaves epoch 0's last.ckpt."""
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -256,6 +260,7 @@ def test_last_ckpt_written_at_every_epoch_end_without_monitor(tmp_path, config_f
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_saves_last_ckpt(tmp_path, config_file):
     """Slurm's scancel signals every process of the job, DataLoader workers included."""
     records = tmp_path / "group.jsonl"
@@ -285,6 +290,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_last_ckpt(tmp_pa
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= 1
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_csv_metrics_from_before_the_kill(tmp_path, config_file, monkeypatch):
     run = _kill_and_resume(tmp_path, config_file, monkeypatch, "csv", 2, 4)
 
@@ -325,6 +331,7 @@ def test_clear_errors_name_the_argument(tmp_path, config_file, monkeypatch):
         _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "lightning.callbacks.mine.params.x=1")
 
 
+@pytest.mark.slow
 def test_resume_a_checkpoint_outside_a_run_folder(tmp_path, config_file, monkeypatch):
     """A loose checkpoint and the configs given with --base: its training state continues in a new run folder."""
     assert _run(tmp_path, monkeypatch, "first", "--base", str(config_file), "-t", "-n", "first",
@@ -340,6 +347,7 @@ def test_resume_a_checkpoint_outside_a_run_folder(tmp_path, config_file, monkeyp
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_readme_resume_command_trains_and_periodic_checkpoints_are_kept(tmp_path, config_file, monkeypatch):
     """`python main.py --resume logs/<run>` as README writes it: training continues (no -t needed); 5 batches per
     epoch, a periodic checkpoint every 2 steps, the newest 2 kept; a stale temporary file of a killed write goes."""
@@ -365,6 +373,7 @@ def test_resume_of_weights_only_names_ckpt_path(tmp_path, config_file, monkeypat
         _run(tmp_path, monkeypatch, "x", "--resume", str(weights), "--base", str(config_file))
 
 
+@pytest.mark.slow
 def test_accumulate_grad_batches_in_the_config_trains(tmp_path, config_file, monkeypatch):
     assert _run(tmp_path, monkeypatch, "acc", "--base", str(config_file), "-t", "-n", "acc", "--max_steps", "2",
                 "lightning.trainer.accumulate_grad_batches=2",

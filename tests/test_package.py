@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -49,6 +51,7 @@ def test_project_configs_name_classes_of_the_package():
     assert targets and all(t.startswith(("ldm.", "torch.", "pytorch_lightning.")) for t in targets), sorted(targets)
 
 
+@pytest.mark.slow
 def test_editable_install_serves_scripts_from_any_folder(tmp_path):
     """``pip install -e .`` (into a throwaway folder, no network, no dependencies) makes ``ldm`` and the scripts'
     imports work from another working directory, with this checkout not on the path."""
@@ -74,6 +77,7 @@ def _named_once(name: str, texts) -> bool:
     return sum(len(re.findall(rf"\b{name}\b", text)) for text in texts.values()) <= 1
 
 
+@pytest.mark.slow
 def test_every_top_level_definition_in_ldm_is_used_by_the_project():
     """Nothing that no path uses: each module-level class or function of ``ldm`` is named by other code, a script
     or a config (tests alone do not count)."""
@@ -86,6 +90,7 @@ def test_every_top_level_definition_in_ldm_is_used_by_the_project():
     assert unused == []
 
 
+@pytest.mark.slow
 def test_every_method_in_ldm_is_used_or_a_framework_hook():
     """The same for the methods of each class of ``ldm``: named elsewhere in the project, or overriding a method of
     a base class (``forward``, Lightning's ``training_step`` / ``on_*`` hooks, ...), which the framework calls."""

@@ -441,6 +441,7 @@ def own_decode(pipe: Any, case: Case, image: Any, mask: Any) -> np.ndarray:
     return pipe.image_processor.postprocess(decoded, output_type="np")
 
 
+@pytest.mark.slow
 def test_vanilla_decoder_gives_the_pipelines_own_output(setup):
     case, pipe, vanilla, _ = setup
     image, mask = inputs()
@@ -457,6 +458,7 @@ def test_vanilla_decoder_gives_the_pipelines_own_output(setup):
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_decoder_gets_the_pipelines_image_and_mask_and_the_kept_region_follows_the_image(setup, monkeypatch):
     """The decoder receives the image and mask the pipeline preprocessed for itself, at the output size; with the
     pipeline's VAE encoder blind (only our decoder reads the image), the kept region of the output follows the

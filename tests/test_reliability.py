@@ -225,6 +225,7 @@ def test_same_name_in_the_same_second_gets_its_own_folder(tmp_path, config_file,
     assert run_folder.claim_run_folder(taken, "2020-01-01T00-00-00")[0].name == "2020-01-01T00-00-00-2_twin"
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, config_file, caplog):  # noqa: F811
     import main
     from tests.test_main import Recorder  # noqa: F401  (the callback the run names)
@@ -253,6 +254,7 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, config_file, capl
         "last.ckpt": 10, "periodic-e000001-s000000008.ckpt": 8, "periodic-e000001-s000000010.ckpt": 10}
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, config_file, monkeypatch, caplog):  # noqa: F811
     import errno
 

@@ -58,6 +58,7 @@ def _names(loader) -> list:
     return [Path(p).name for batch in loader for p in batch["path"]]
 
 
+@pytest.mark.slow
 def test_shard_stream_splits_between_ranks_and_workers_and_resumes_exactly(tmp_path, caplog):
     urls = write_shards(tmp_path / "shards", 4, 6, corrupt={(1, 2)})
     # two ranks x two workers: four processes with shards of their own, the same number of batches each
@@ -139,6 +140,7 @@ def test_shards_and_hf_datasets_give_the_folder_transform(tmp_path):
         WebDatasetInpainting(str(tmp_path / "one.tar"), epoch_size=0)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     config = {k: v for k, v in TINY_DDCONFIG.items() if k != "double_z"}
@@ -210,6 +212,7 @@ def _steps(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_from_shards_and_hf_folder_sigterm_resume_within_bound(tmp_path, config_file, monkeypatch):  # noqa: F811
     """main.py from shards: killed by SIGTERM at step 2, --resume runs steps 3..5 on exactly the samples an
     uninterrupted stream gives (5 batches per epoch, into epoch 1); then a few steps from a datasets folder."""
@@ -289,6 +292,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_localhost_nodes_train_in_step_on_disjoint_shards(tmp_path, config_file):  # noqa: F811
     """Two main.py processes as two nodes (gloo, NODE_RANK 0 / 1, one CPU process each) from 4 shards: both finish,
     hold identical weights after the same 3 steps, and saw disjoint samples."""

@@ -95,6 +95,7 @@ def inpaint_ref(files, tmp_path_factory):
     return inpaint_st.main(inpaint_args(files, out)), out
 
 
+@pytest.mark.slow
 def test_inpaint_st_end_to_end(inpaint_ref):
     status, out = inpaint_ref
     assert status == 1  # some inputs are bad; the good pairs are written
@@ -102,6 +103,7 @@ def test_inpaint_st_end_to_end(inpaint_ref):
     assert read(out / "a.png").shape == (64, 64, 3) and read(out / "c.png").shape == (64, 128, 3)
 
 
+@pytest.mark.slow
 def test_inpaint_st_reports_bad_pairs_keeps_outputs_and_repeats(files, inpaint_ref, tmp_path, capsys):
     _, ref = inpaint_ref
     out = tmp_path / "out"
@@ -124,6 +126,7 @@ def test_inpaint_st_reports_bad_pairs_keeps_outputs_and_repeats(files, inpaint_r
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+@pytest.mark.slow
 def test_inpaint_st_decoder_formats_and_vanilla(files, inpaint_ref, tmp_path):
     root, indir, ckpts = files
     _, ref = inpaint_ref
@@ -135,6 +138,7 @@ def test_inpaint_st_decoder_formats_and_vanilla(files, inpaint_ref, tmp_path):
     assert not np.array_equal(read(tmp_path / "vanilla" / "a.png"), read(ref / "a.png"))
 
 
+@pytest.mark.slow
 def test_decoder_as_diffusers_folder(files, inpaint_ref, tmp_path):
     """A diffusers AsymmetricAutoencoderKL folder works as --ckpt / --ckpt_c, with the same result as its weights
     saved in our key layout."""
@@ -174,6 +178,7 @@ def t2i_args(files, outdir, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_txt2img_end_to_end(files, tmp_path):
     out = tmp_path / "t2i"
     assert txt2img.main(t2i_args(files, out)) == 0
@@ -194,6 +199,7 @@ def test_txt2img_end_to_end(files, tmp_path):
     np.testing.assert_array_equal(read(woc / "samples" / "00000.png"), read(out / "samples" / "00000.png"))
 
 
+@pytest.mark.slow
 def test_txt2img_from_file_ddim_and_flags(files, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\na bird\n")
@@ -273,6 +279,7 @@ def one_pair(tmp_path):
     return indir
 
 
+@pytest.mark.slow
 def test_inpaint_st_decoder_gets_latents_image_and_mask(files, one_pair, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
     real_load = inpaint_st.load_models
@@ -298,6 +305,7 @@ def test_inpaint_st_decoder_gets_latents_image_and_mask(files, one_pair, tmp_pat
     torch.testing.assert_close(call["mask"].float(), mask[None, None].expand(2, -1, -1, -1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale, factor", [(None, 2), ("1.0", 1)])
 def test_inpaint_st_classifier_free_guidance(files, one_pair, tmp_path, monkeypatch, scale, factor):
     """The default scale 7.5 runs the unconditional and conditional halves in one UNet batch (2n); scale 1 needs
@@ -332,6 +340,7 @@ def test_txt2img_defaults_are_the_original():
     assert opt.from_file is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale, factor", [(None, 2), ("1.0", 1)])
 def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, factor):
     unet = UNetBatches(monkeypatch)
@@ -339,6 +348,7 @@ def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, f
     assert unet.sizes and set(unet.sizes) == {2 * factor}  # --n_samples 2
 
 
+@pytest.mark.slow
 def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
     import ldm.loading
@@ -367,6 +377,7 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
         assert not np.array_equal(read(out / "samples" / name), read(vanilla / "samples" / name))
 
 
+@pytest.mark.slow
 def test_inpaint_st_never_replaces_some_of_n_samples_without_overwrite(files, one_pair, tmp_path, capsys):
     out = tmp_path / "out"
     args = inpaint_args(files, out, "--n_samples", "2")

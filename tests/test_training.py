@@ -107,6 +107,7 @@ def test_generator_loss_with_gan_and_adaptive_weight():
     assert total.item() == pytest.approx((nll + 1e-6 * kl + d_weight * g).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_generator_loss_gradients_equal_ldm_with_one_lpips_and_discriminator_backward():
     """Every trained parameter (decoder layers, last layer, a trained encoder through the KL term, the log-variance)
     gets the gradient of LDM's way of computing the loss (restated in the benchmark, which times it), while LPIPS
@@ -184,6 +185,7 @@ def test_lpips_missing_vgg_weights_is_a_clear_error(tmp_path):
     assert LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0).perceptual_loss is None
 
 
+@pytest.mark.slow
 def test_lpips_reads_torchvision_vgg_layout(tmp_path):
     """A torchvision-layout VGG16 file (random here) lands in lpips' slices; LPIPS stays frozen, in eval mode."""
     import torchvision
@@ -241,6 +243,7 @@ def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{"condition": False}, {"condition": True}, {"condition": True, "ch": 64}],
                          ids=["vanilla", "condition", "wider"])
 def test_two_steps_train_decoder_and_discriminator_only(overrides):
@@ -322,6 +325,7 @@ def _fit_recording(steps, ckpt=None, save_to=None):
     return recorder
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_stretches_the_schedule(tmp_path):
     """A run of 3 steps resumed with max_steps 8 follows the 8-step schedule from its next step on, as if it had
     been planned for 8. (Same max_steps -> same next lr: tests/test_main.py, the SIGTERM resume test.)"""
@@ -411,6 +415,7 @@ def test_accumulated_micro_batches_give_the_update_of_one_large_batch(monkeypatc
     assert results["large"][1] == results["accumulated"][1] == 1
 
 
+@pytest.mark.slow
 def test_accumulation_steps_the_discriminator_once_per_window():
     model = _model(disc_start=0, condition=True)
     model.accumulate_grad_batches = 2

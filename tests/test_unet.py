@@ -61,6 +61,7 @@ def to_diffusers(params: dict, state_dict: dict, device: str = "cpu", extract_em
     return ref, converted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [TINY_V1, TINY_V2], ids=["v1-inpainting", "v2-linear"])
 def test_unet_matches_diffusers(params):
     model = randomize_(UNetModel(**params)).eval()
@@ -106,6 +107,7 @@ def test_full_size_sd_v1_keys(in_channels, n_params):
     assert all(converted[k].shape == theirs[k].shape for k in theirs)
 
 
+@pytest.mark.slow
 def test_unet_rejects_bad_input():
     model = UNetModel(**TINY_V1).eval()
     context = torch.zeros(1, 3, 24)
@@ -133,6 +135,7 @@ def test_unet_rejects_bad_input():
         assert torch.equal(model(x, torch.tensor(7), c), model(x, torch.tensor([7, 7]), c))
 
 
+@pytest.mark.slow
 def test_use_checkpoint_gives_the_same_gradients():
     plain = randomize_(UNetModel(**TINY_V1)).train()
     ckpt = UNetModel(**dict(TINY_V1, use_checkpoint=True)).train()
