@@ -16,9 +16,18 @@ Boundary metrics (:func:`boundary_metrics`, docs/evaluation.md): the band PSNRs 
 ``band_px`` of a generated pixel (``psnr_band_outer``), and ``seam_error``: the mean, over every pair of 4-adjacent
 pixels on the two sides of the mask edge, of the step the prediction adds beyond the target's own step there.
 
-:func:`paste_back` is the baseline users apply today: the original pasted over a decoder's output wherever the
-mask keeps (diffusers' ``VaeImageProcessor.apply_overlay``), optionally with the mask blurred first
-(AUTOMATIC1111's "mask blur").
+**The information rule.** A composite row ``X+<recipe>`` may use the decoder's output, the kept pixels
+``(1 - mask) * image`` and the mask, never the reference under the mask (in use those pixels are the content being
+replaced; in reconstruction they are also the answer). :func:`composite` is the one function every recipe of
+:data:`RECIPES` goes through, and it hands the recipe only :func:`visible` pixels; the symmetric recipes
+(:data:`SYMMETRIC_RECIPES`, whose blend reaches into the hole) get other content there (:func:`other_content`).
+:func:`paste_back` is the bare blending primitive with no such rule.
+
+Gradient metrics (:func:`gradient_error`): the Sobel-gradient difference to the reference on the mask's edge pixels
+(``boundary_gradient_error``, MISATO's boundary metric) and over the band of ``blend_px`` either side of the edge
+(``band_gradient_error``), with the kept part of that band's PSNR (``psnr_blend_outer``). :func:`paired_bootstrap`
+gives the per-image paired differences between two rows a 95 % interval; :func:`verdict` names a winner only where
+it excludes zero.
 
 :class:`ImageMetrics` adds the whole-image metrics of the paper's evaluation (SSIM, LPIPS, FID); LPIPS and FID need
 weight files on disk and, when they are missing, say which file and where instead.
