@@ -580,7 +580,8 @@ RECIPE_LINES = {
     "a1111": "AUTOMATIC1111's mask blur, a Gaussian of sigma {blur_px:g} px, symmetric: other content in the hole",
     "fooocus": "Fooocus' 32 px linear ramp outward",
     "invokeai": "InvokeAI's 16 px cubic distance fade outward",
-    "cropandstitch": "Inpaint-CropAndStitch's blend 32: dilate 13 px, sigma 4 twice",
+    "cropandstitch": "Inpaint-CropAndStitch's blend 32: dilate 13 px, sigma 4 twice, symmetric: other content in "
+                     "the hole",
     "brushnet": "BrushNet's 1 - (1 - m)(1 - G21(m)), outward",
     "colormatch": "Lab mean/std of X matched to the original over the kept pixels, then pasted",
     "poisson": "Poisson blending: X's gradients in the hole, the kept pixels as boundary",
@@ -858,8 +859,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="a1111's mask blur: a Gaussian of sigma R px, kernel 2*int(2.5R+0.5)+1 taps, "
                        "borders reflected (cv2.GaussianBlur as AUTOMATIC1111 calls it)")
         q.add_argument("--other_seed", type=int, default=0,
-                       help="the symmetric recipes (a1111) blend into the hole's rim other content, never the "
-                       "original: another image of the set, the shift drawn from this seed")
+                       help="the symmetric recipes (a1111, cropandstitch) blend into the hole's rim other "
+                       "content, never the original: another image of the set, the shift drawn from this seed")
         q.add_argument("--ci_seed", type=int, default=0, help="seed of the bootstrap intervals")
         q.add_argument("--band_px", type=int, default=metrics.DEFAULT_BAND_PX, metavar="K",
                        help="width of the bands either side of the mask edge (chessboard distance) for the band PSNRs")
