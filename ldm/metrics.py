@@ -16,9 +16,18 @@ Boundary metrics (:func:`boundary_metrics`, docs/evaluation.md): the band PSNRs 
 ``band_px`` of a generated pixel (``psnr_band_outer``), and ``seam_error``: the mean, over every pair of 4-adjacent
 pixels on the two sides of the mask edge, of the step the prediction adds beyond the target's own step there.
 
-:func:`paste_back` is the baseline users apply today: the original pasted over a decoder's output wherever the
-mask keeps (diffusers' ``VaeImageProcessor.apply_overlay``), optionally with the mask blurred first
-(AUTOMATIC1111's "mask blur").
+**The information rule.** A composite row ``X+<recipe>`` may use the decoder's output, the kept pixels
+``(1 - mask) * image`` and the mask, never the reference under the mask (in use those pixels are the content being
+replaced; in reconstruction they are also the answer). :func:`composite` is the one function every recipe of
+:data:`RECIPES` goes through, and it hands the recipe only :func:`visible` pixels; the symmetric recipes
+(:data:`SYMMETRIC_RECIPES`, whose blend reaches into the hole) get other content there (:func:`other_content`).
+:func:`paste_back` is the bare blending primitive with no such rule.
+
+Gradient metrics (:func:`gradient_error`): the Sobel-gradient difference to the reference on the mask's edge pixels
+(``boundary_gradient_error``, MISATO's boundary metric) and over the band of ``blend_px`` either side of the edge
+(``band_gradient_error``), with the kept part of that band's PSNR (``psnr_blend_outer``). :func:`paired_bootstrap`
+gives the per-image paired differences between two rows a 95 % interval; :func:`verdict` names a winner only where
+it excludes zero.
 
 :class:`ImageMetrics` adds the whole-image metrics of the paper's evaluation (SSIM, LPIPS, FID); LPIPS and FID need
 weight files on disk and, when they are missing, say which file and where instead.
@@ -222,8 +231,9 @@ def paste_back(output: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, b
 # A composite row X+<recipe> may read the decoder's output, the kept pixels (1 - mask) * image and the mask, never the
 # reference under the mask: in use those pixels are the content being replaced. composite() is the one door.
 RECIPES = ("paste", "a1111", "fooocus", "invokeai", "cropandstitch", "brushnet", "colormatch", "poisson", "laplacian")
-# recipes whose blend also reaches into the hole and so shows what was there: given other content (other_content())
-SYMMETRIC_RECIPES = ("a1111",)
+# recipes whose blend also reaches into the hole and so shows what was there: given other content (other_content()).
+# CropAndStitch's blurs reach about 2 px further than its dilation: its alpha is about 0.77 on the hole's first ring.
+SYMMETRIC_RECIPES = ("a1111", "cropandstitch")
 A1111_BLUR_PX = 4.0          # AUTOMATIC1111's default mask blur
 FOOOCUS_RAMP_STEPS = 32      # Fooocus morphological_open: 32 iterations of a 3x3 max filter minus 8 levels
 INVOKEAI_FADE_PX = 16        # InvokeAI canvas default maskBlur, passed as expand_mask_with_fade's fade_size_px
@@ -333,7 +343,9 @@ def cropandstitch_alpha(m: torch.Tensor, blend_px: int = CROPANDSTITCH_BLEND_PX,
     """ComfyUI-Inpaint-CropAndStitch's stitch mask for ``mask_blend_pixels`` B (CPU logic of InpaintCropImproved
     and InpaintStitchImproved, crop at full resolution): grey dilation by a square of ``ceil(1.5 B/4 + 1)`` px
     (13 for B = 32), a Gaussian of sigma ``B/2/4`` (4 px; scipy's gaussian_filter: radius ``int(4 sigma + 0.5)``,
-    border 'reflect'), values below ``mask_hipass_filter`` set to 0, then at stitch the same Gaussian again."""
+    border 'reflect'), values below ``mask_hipass_filter`` set to 0, then at stitch the same Gaussian again. The blurs
+    reach back into the hole (alpha about 0.77 on its first ring), so the recipe is symmetric: the original's hole
+    shows through there."""
     sigma = blend_px * 0.5 / 4
     size = math.ceil(blend_px / 4 * 1.5 + 1)
     # a centred footprint of even size reaches one pixel further up/left, as scipy's

@@ -580,7 +580,8 @@ RECIPE_LINES = {
     "a1111": "AUTOMATIC1111's mask blur, a Gaussian of sigma {blur_px:g} px, symmetric: other content in the hole",
     "fooocus": "Fooocus' 32 px linear ramp outward",
     "invokeai": "InvokeAI's 16 px cubic distance fade outward",
-    "cropandstitch": "Inpaint-CropAndStitch's blend 32: dilate 13 px, sigma 4 twice",
+    "cropandstitch": "Inpaint-CropAndStitch's blend 32: dilate 13 px, sigma 4 twice, symmetric: other content in "
+                     "the hole",
     "brushnet": "BrushNet's 1 - (1 - m)(1 - G21(m)), outward",
     "colormatch": "Lab mean/std of X matched to the original over the kept pixels, then pasted",
     "poisson": "Poisson blending: X's gradients in the hole, the kept pixels as boundary",
@@ -617,13 +618,14 @@ def markdown_table(results: Dict[str, Dict], band_px: int = metrics.DEFAULT_BAND
             which += [f"masks coarsened {coarsen}x"] if coarsen > 1 else []
             lines.append(f"Best per column{' (' + ', '.join(which) + ')' if which else ''}: " + "; ".join(best) + ".")
             lines.append("")
-    lines += interval_table(results)
+    lines += interval_table(results, mode)
     lines += hole_size_table(results, mode)
     recipes = [r.get("baseline") for r in results.values() if r.get("baseline")]
     described = "; ".join(f"X+{name}: " + RECIPE_LINES[name].format(blur_px=blur_px or metrics.A1111_BLUR_PX)
                           for name in dict.fromkeys(recipes))
-    generated = ("PSNR generated / band in: in results mode the distance from the content that was replaced, no "
-                 "quality; " if mode == "results" else "")
+    generated = ("PSNR vs replaced content / band in vs replaced content: the generated region and its rim "
+                 "against the content that was replaced there, a distance, not a quality; " if mode == "results"
+                 else "")
     lines.append("pre_error: squared error in the kept region (mask 0) per element, images in [0, 1] "
                  "(= pre_error_sum / (3*H*W), the magnitude of the paper's table); pre_error_sum: the original "
                  "code's per-image sum. PSNR from the mean region MSE. Band in / out: the generated pixels within "
@@ -664,7 +666,7 @@ def hole_size_table(results: Dict[str, Dict], mode: str) -> List[str]:
     return lines + [""]
 
 
-def interval_table(results: Dict[str, Dict]) -> List[str]:
+def interval_table(results: Dict[str, Dict], mode: str = "reconstruction") -> List[str]:
     """The ``*_ci`` entries as a table: per row, against the row it is compared with, the mean per-image
     difference, its 95 % bootstrap interval and the verdict ("wins" / "loses" only where the interval excludes 0)."""
     rows = [(name, r) for name, r in results.items() if any(f"{k}_ci" in r for k, _, _ in CI_COLUMNS)]
@@ -681,7 +683,9 @@ def interval_table(results: Dict[str, Dict]) -> List[str]:
     lines = [f"Paired differences, row minus the row it is compared with: mean over {n} images, 95 % bootstrap "
              f"interval ({metrics.CI_RESAMPLES} resamples of the images), and a verdict only where the interval "
              "excludes 0:", "",
-             "| row | vs | " + " | ".join(h for _, h, _ in CI_COLUMNS) + " |", "|---" * (len(CI_COLUMNS) + 2) + "|"]
+             "| row | vs | " + " | ".join(RESULTS_HEADERS.get(k, h) if mode == "results" else h
+                                          for k, h, _ in CI_COLUMNS) + " |",
+             "|---" * (len(CI_COLUMNS) + 2) + "|"]
     for name, r in rows:
         vs = next(r[f"{k}_ci"]["vs"] for k, _, _ in CI_COLUMNS if f"{k}_ci" in r)
         lines.append(f"| {name} | {vs} | " + " | ".join(cell(r.get(f"{k}_ci"), s) for k, _, s in CI_COLUMNS) + " |")
@@ -855,8 +859,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="a1111's mask blur: a Gaussian of sigma R px, kernel 2*int(2.5R+0.5)+1 taps, "
                        "borders reflected (cv2.GaussianBlur as AUTOMATIC1111 calls it)")
         q.add_argument("--other_seed", type=int, default=0,
-                       help="the symmetric recipes (a1111) blend into the hole's rim other content, never the "
-                       "original: another image of the set, the shift drawn from this seed")
+                       help="the symmetric recipes (a1111, cropandstitch) blend into the hole's rim other "
+                       "content, never the original: another image of the set, the shift drawn from this seed")
         q.add_argument("--ci_seed", type=int, default=0, help="seed of the bootstrap intervals")
         q.add_argument("--band_px", type=int, default=metrics.DEFAULT_BAND_PX, metavar="K",
                        help="width of the bands either side of the mask edge (chessboard distance) for the band PSNRs")

@@ -94,7 +94,15 @@ def test_evaluate_splits_rows_by_hole_size(tmp_path):
     for b, i in (("small", 0), ("medium", 1), ("large", 2)):
         assert bins[b]["mse_kept"] == pytest.approx(errors[i], rel=1e-5)
     assert rows["x+paste"]["by_hole_size"]["large"]["psnr_kept"] == "inf"
-    assert "By hole size" in (out / "metrics.md").read_text()
+    table = (out / "metrics.md").read_text()
+    assert "By hole size" in table
+    # results mode: the generated region's reference is the replaced content; no quality, no verdict, no ranking
+    assert "PSNR vs replaced content (dB)" in table and "PSNR generated (dB)" not in table
+    assert "PSNR band in vs replaced content (dB)" in table and "PSNR band in (dB)" not in table
+    assert rows["x+paste"]["psnr_generated_ci"]["verdict"] == "agreement with the replaced content, not a quality"
+    assert rows["x+paste"]["seam_error_ci"]["verdict"] in ("wins", "loses", "no difference measured")
+    best = next(line for line in table.splitlines() if line.startswith("Best per column"))
+    assert "replaced" not in best and "MSE generated" not in best
 
 
 def test_mask_config_names_a_lama_set_in_reconstruction():

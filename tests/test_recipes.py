@@ -3,6 +3,7 @@ its tool's code (numpy / scipy / cv2 / skimage written here) on 8-bit PNG files 
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -95,10 +96,24 @@ def test_no_recipe_reads_the_reference_under_the_mask(recipe, tmp_path):
     assert a.shape == t["image"].shape and 0 <= a.min() and a.max() <= 1
 
 
+@pytest.mark.parametrize("recipe", [r for r in metrics.RECIPES if r not in metrics.SYMMETRIC_RECIPES])
+def test_the_other_recipes_never_show_the_source_in_the_hole(recipe, tmp_path):
+    """Only the symmetric recipes blend the source into the hole: for every other one the hole is a function of
+    the output and the kept pixels, and the alpha recipes leave it the output's exactly."""
+    _, t = _files(tmp_path)
+    a = metrics.composite(recipe, t["output"], t["image"], t["mask"], torch.zeros_like(t["image"]))
+    b = metrics.composite(recipe, t["output"], t["image"], t["mask"], torch.ones_like(t["image"]))
+    assert torch.equal(a, b)
+    if recipe in ("paste", "fooocus", "invokeai", "brushnet"):
+        hole = t["mask"].expand_as(a) > 0.5
+        assert torch.allclose(a[hole], t["output"][hole], atol=1e-6)
+
+
 def test_symmetric_recipes_need_other_content_and_unknown_recipes_are_refused():
     x, m = torch.rand(1, 3, 8, 8), torch.zeros(1, 1, 8, 8)
-    with pytest.raises(ValueError, match="other content"):
-        metrics.composite("a1111", x, x, m)
+    for recipe in metrics.SYMMETRIC_RECIPES:
+        with pytest.raises(ValueError, match="other content"):
+            metrics.composite(recipe, x, x, m)
     with pytest.raises(ValueError, match="not one of paste, a1111"):
         metrics.composite("paste_blur", x, x, m)
 
@@ -175,7 +190,8 @@ def test_cropandstitch_is_its_dilate_blur_hipass_blur(tmp_path):
     from scipy.ndimage import gaussian_filter, grey_dilation
 
     a, t = _files(tmp_path)
-    got = _np(metrics.composite("cropandstitch", t["output"], t["image"], t["mask"]))
+    other = torch.stack(metrics.other_content(list(t["image"])))
+    got = _np(metrics.composite("cropandstitch", t["output"], t["image"], t["mask"], other))
     alphas = []
     for m in a["mask"]:  # InpaintCropImproved / InpaintStitchImproved, CPU logic, mask_blend_pixels 32
         x = grey_dilation(m, footprint=np.ones((13, 13)))
@@ -183,7 +199,9 @@ def test_cropandstitch_is_its_dilate_blur_hipass_blur(tmp_path):
         x[x < 0.1] = 0
         alphas.append(np.clip(gaussian_filter(x, sigma=4.0), 0, 1))
     alpha = np.stack(alphas)
-    np.testing.assert_allclose(got, _blend(a["output"], a["image"] * (1 - a["mask"][..., None]), alpha), atol=1e-5)
+    assert alpha[a["mask"] > 0.5].min() < 0.8  # it reaches into the hole: other content shows there
+    source = a["image"] * (1 - a["mask"][..., None]) + a["image"][::-1] * a["mask"][..., None]
+    np.testing.assert_allclose(got, _blend(a["output"], source, alpha), atol=1e-5)
 
 
 def test_brushnet_is_its_union_with_the_blurred_mask(tmp_path):
@@ -370,3 +388,32 @@ def test_composites_of_a_whole_batch_take_their_other_content_from_it(tmp_path):
     other = torch.stack(metrics.other_content(list(t["image"]), 4))
     assert torch.equal(rows["a1111"], metrics.composite("a1111", t["output"], t["image"], t["mask"], other))
     assert tuple(metrics.composites(["poisson", "paste"], t["output"], t["image"], t["mask"])) == ("poisson", "paste")
+
+
+def test_every_recipe_end_to_end_keeps_the_rule(tmp_path):
+    """results mode with --baselines all on files: a flat grey prediction (unrelated to the images), originals whose
+    holes hold random content; every X+<recipe> row exists with its intervals, and none beats X in the generated
+    band (the interval's upper end included)."""
+    indir, preds = tmp_path / "in", tmp_path / "grey"
+    indir.mkdir(), preds.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        _, image, mask = _unrelated_case()
+        hole = np.where(rng.random((64, 64, 3)) < 0.5, 0.9, 0.1)
+        x = image[0].permute(1, 2, 0).numpy()
+        x = np.where(mask[0, 0, ..., None].numpy() > 0, hole, x)
+        Image.fromarray(np.round(x * 255).astype(np.uint8)).save(indir / f"p{i}.png")
+        Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8)).save(indir / f"p{i}_mask.png")
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(preds / f"p{i}.png")
+    out = tmp_path / "out"
+    assert evaluate.main(["results", "--indir", str(indir), "--predictions", f"grey={preds}", "--outdir", str(out),
+                          "--quiet", "--no_lpips", "--no_fid", "--baselines", "all", "--n_examples", "0"]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["decoders"]
+    assert list(rows) == ["grey"] + [f"grey+{r}" for r in metrics.RECIPES]
+    for recipe in metrics.RECIPES:
+        row = rows[f"grey+{recipe}"]
+        assert row["baseline"] == recipe and row["psnr_band_inner"] <= rows["grey"]["psnr_band_inner"] + 0.05
+        ci = row["psnr_band_inner_ci"]
+        assert ci["vs"] == "grey" and ci["low"] <= ci["high"] <= 0.05
+    assert rows["grey+a1111"]["other_seed"] == 0 and "other_content" in rows["grey+cropandstitch"]
+    assert "other_content" not in rows["grey+fooocus"]
