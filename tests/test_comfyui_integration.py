@@ -211,6 +211,19 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
         ours = models["base.ckpt"].encode(img.movedim(-1, 1) * 2 - 1).mode()
     report["inpaint_conditioning_latent_diff"] = float((latent["samples"] - ours).abs().max())
 
+    # the attributes our VAE sets are the ones ComfyUI's own VAE sets for an SD VAE (vae.py's list, one place)
+    import comfy.sd
+
+    vanilla = instantiate_from_config(OmegaConf.load(REPO / "configs" / "autoencoder" /
+                                                     "autoencoder_kl_woc_32x32x4.yaml").model)
+    theirs = comfy.sd.VAE(sd=vanilla.state_dict())
+    vae_module = sys.modules[[k for k in sys.modules if k.endswith("comfyui_nodes.vae")][0]]
+    report["vae_attributes"] = [sorted(set(vars(theirs)) - set(vae_module.VAE_ATTRIBUTES)),
+                                sorted(set(vae_module.VAE_ATTRIBUTES) - set(vars(theirs))),
+                                sorted(set(vae_module.VAE_ATTRIBUTES) - set(vars(vae))),
+                                vae_module.CHECKED_AGAINST == importlib.import_module("comfyui_version").__version__]
+    report["model_management"] = all(hasattr(comfy.model_management, n) for n in vae_module.MODEL_MANAGEMENT)
+
     # what ComfyUI's VAESave writes (vae.get_sd()) loads back
     import comfy.utils
 
@@ -310,6 +323,12 @@ def test_comfyui_inpaint_conditioning_takes_our_vae_and_vae_save_round_trips(rep
     assert report["inpaint_conditioning_latent_diff"] < 1e-5
     assert report["saved_equal"] is True
     assert report["flux_latent_channels"] == 16
+
+
+def test_comfyui_internals_we_set_are_the_ones_its_vae_sets(report):
+    theirs_only, ours_only, unset, version = report["vae_attributes"]
+    assert theirs_only == [] and ours_only == [] and unset == [], report["vae_attributes"]
+    assert version is True and report["model_management"] is True
 
 
 def test_comfyui_bfloat16_vae_decodes_close_to_float32(report):
