@@ -11,7 +11,7 @@ import torch
 
 from ._project import submodule
 
-load_autoencoder = submodule("checkpoints.loading").load_autoencoder
+load_autoencoder = submodule("loading").load_autoencoder
 integration = submodule("integrations.comfyui")
 latent_space_of = submodule("latent_spaces").latent_space_of
 
@@ -27,8 +27,9 @@ VAE_ATTRIBUTES = (
     "latent_channels", "latent_dim", "output_channels", "process_input", "process_output", "working_dtypes",
     "disable_offload", "not_video", "downscale_index_formula", "upscale_index_formula", "extra_1d_channel",
     "crop_input", "device", "vae_dtype", "output_device")
+# comfy.model_management's functions it calls (and comfy.model_patcher.ModelPatcher, comfy.sd.VAE's methods)
 MODEL_MANAGEMENT = ("dtype_size", "vae_device", "vae_dtype", "vae_offload_device", "intermediate_device",
-                    "load_models_gpu", "get_free_memory")  # comfy.model_management; also comfy.model_patcher.ModelPatcher
+                    "load_models_gpu", "get_free_memory")
 
 
 class AsymmetricVAE(comfy.sd.VAE):

@@ -70,11 +70,10 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def build(name: str, device: str):
-    from omegaconf import OmegaConf
-
+    from ldm.project import load_yaml
     from ldm.util import instantiate_from_config
 
-    config = OmegaConf.load(REPO / CONFIGS[name]).model
+    config = load_yaml(REPO / CONFIGS[name]).model
     with torch.device(device):
         return instantiate_from_config(config).eval()
 

@@ -33,16 +33,16 @@ def time_decode(opt) -> None:
     import folder_paths
     import nodes
     import torch
-    from omegaconf import OmegaConf
 
     loop = asyncio.new_event_loop()
     assert loop.run_until_complete(nodes.load_custom_node(str(REPO / "comfyui_nodes")))
     ours = sys.modules["asymmetric_vae_ldm"]  # the node pack's private copy of this project's ldm
     instantiate = importlib.import_module(ours.__name__ + ".util").instantiate_from_config
+    load_yaml = importlib.import_module(ours.__name__ + ".project").load_yaml
     save = importlib.import_module(ours.__name__ + ".checkpoints.files").save_state_dict
 
     torch.manual_seed(0)
-    model = instantiate(OmegaConf.load(REPO / VANILLA).model).eval()
+    model = instantiate(load_yaml(REPO / VANILLA).model).eval()
     vae_dir = Path(folder_paths.get_folder_paths("vae")[0])
     vae_dir.mkdir(parents=True, exist_ok=True)
     save(model.state_dict(), vae_dir / "vanilla_sd_vae.safetensors")

@@ -62,7 +62,6 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import execution
     import folder_paths
     import nodes
-    from omegaconf import OmegaConf
 
     report: dict = {}
     logging.getLogger().setLevel(logging.WARNING)
@@ -80,6 +79,7 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     save_state_dict = importlib.import_module(ours.__name__ + ".checkpoints.files").save_state_dict
     decode_with_prior = importlib.import_module(ours.__name__ + ".integrations.comfyui").decode_with_prior
     instantiate_from_config = importlib.import_module(ours.__name__ + ".util").instantiate_from_config
+    load_yaml = importlib.import_module(ours.__name__ + ".project").load_yaml
     for extra in ("nodes_flux.py", "nodes_differential_diffusion.py"):
         loop.run_until_complete(nodes.load_custom_node(str(comfy_dir / "comfy_extras" / extra),
                                                        module_parent="comfy_extras"))
@@ -100,7 +100,7 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     models = {}
     tiny = {"base.ckpt": "autoencoder_kl_tiny.yaml", "asuka_decoder.ckpt": "autoencoder_kl_flux_tiny.yaml"}
     for name, config in tiny.items():
-        model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "tiny" / config).model).eval()
+        model = instantiate_from_config(load_yaml(REPO / "configs" / "tiny" / config).model).eval()
         with torch.no_grad():  # random norms and biases too, so the condition branch matters
             for p in model.parameters():
                 if p.ndim == 1:
@@ -214,8 +214,8 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     # the attributes our VAE sets are the ones ComfyUI's own VAE sets for an SD VAE (vae.py's list, one place)
     import comfy.sd
 
-    vanilla = instantiate_from_config(OmegaConf.load(REPO / "configs" / "autoencoder" /
-                                                     "autoencoder_kl_woc_32x32x4.yaml").model)
+    vanilla = instantiate_from_config(load_yaml(REPO / "configs" / "autoencoder" /
+                                                "autoencoder_kl_woc_32x32x4.yaml").model)
     theirs = comfy.sd.VAE(sd=vanilla.state_dict())
     vae_module = sys.modules[[k for k in sys.modules if k.endswith("comfyui_nodes.vae")][0]]
     report["vae_attributes"] = [sorted(set(vars(theirs)) - set(vae_module.VAE_ATTRIBUTES)),

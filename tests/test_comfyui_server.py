@@ -69,11 +69,10 @@ NODE_CLASS_MAPPINGS = {"OtherLdmProbe": OtherLdmProbe}
 def sd15_inpainting_checkpoint(path: Path) -> None:
     """Random weights of SD 1.5 inpainting's full layout (UNet of 9 input channels, CLIP ViT-L/14 text tower, the KL
     VAE, the schedule buffers), from the project's runwayml config, in float16 as the released .ckpt holds them."""
-    from omegaconf import OmegaConf
-
+    from ldm.project import load_yaml
     from ldm.util import instantiate_from_config
 
-    config = OmegaConf.load(REPO / "configs" / "autoencoder" / "v1-inpainting-inference.yaml").model
+    config = load_yaml(REPO / "configs" / "autoencoder" / "v1-inpainting-inference.yaml").model
     with torch.device("meta"):
         model = instantiate_from_config(config)
     model.register_schedule(linear_start=config.params.linear_start, linear_end=config.params.linear_end)
@@ -89,13 +88,12 @@ def sd15_inpainting_checkpoint(path: Path) -> None:
 def paper_base_decoder(path: Path):
     """The paper's base decoder (configs/autoencoder/autoencoder_kl_32x32x4.yaml), random, its norms and biases
     perturbed so that the condition branch matters; saved as the release's .ckpt."""
-    from omegaconf import OmegaConf
-
     from ldm.checkpoints.files import save_state_dict
+    from ldm.project import load_yaml
     from ldm.util import instantiate_from_config
 
     torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "autoencoder" / "autoencoder_kl_32x32x4.yaml")
+    model = instantiate_from_config(load_yaml(REPO / "configs" / "autoencoder" / "autoencoder_kl_32x32x4.yaml")
                                     .model).eval()
     with torch.no_grad():
         for p in model.parameters():
