@@ -10,31 +10,37 @@ cuDNN workspaces) is not seen, nor allocator rounding; attention is counted as t
 floats, N = latent pixels: 16 GiB at 2048^2). ``--check-real SIZE`` also decodes once for real on the
 CPU and reports the process's peak resident memory growth, as a cross-check of the count.
 
-``time-decode`` (needs ``--comfyui DIR``, a ComfyUI checkout; run it on an idle machine): our decode node
-against ComfyUI's own ``VAEDecode`` on the same latent with the same vanilla SD weights, side by side in one process
-(scripts/comfyui_timing.py). The wall time of one workflow through ComfyUI's server is printed by
-tests/test_comfyui_server.py (``-s``; ``ASYMMETRIC_VAE_WORKFLOW_SIZE`` / ``_STEPS`` set the image side and the
-sampling steps of its SD 1.5 run, default 64 and 1).
+``time-decode`` (imports ComfyUI: its folder on ``PYTHONPATH``; run it on an idle machine): our decode node against
+ComfyUI's own ``VAEDecode`` on the same latent with the same vanilla SD VAE weights (random, SD's full layout), side
+by side in one process: each repeat runs both, alternating; the medians are printed with the largest pixel
+difference between the two outputs (the same weights and no condition branch: float rounding). The wall time of
+one workflow through ComfyUI's server is printed by tests/test_comfyui_server.py (``-s``;
+``ASYMMETRIC_VAE_WORKFLOW_SIZE`` / ``_STEPS`` set the image side and sampling steps of its SD 1.5 run, default 64
+and 1).
 
-    python scripts/comfyui_measure.py memory
-    python scripts/comfyui_measure.py time-decode --comfyui ~/ComfyUI --size 512 --repeats 3
+    python scripts/comfyui_measure.py memory --decoders base larger2
+    PYTHONPATH=~/ComfyUI python scripts/comfyui_measure.py time-decode --size 512 --repeats 3
     ASYMMETRIC_VAE_WORKFLOW_SIZE=512 ASYMMETRIC_VAE_WORKFLOW_STEPS=20 COMFYUI_DIR=~/ComfyUI \
         python -m pytest -s -q tests/test_comfyui_server.py -k sd15_workflow
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
 import json
+import statistics
 import sys
+import tempfile
+import time
 import weakref
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout, installed or not
-    sys.path.insert(0, str(REPO))
 
+VANILLA = "configs/autoencoder/autoencoder_kl_woc_32x32x4.yaml"  # SD's KL-f8 VAE, no condition branch
 CONFIGS = {"base": "configs/autoencoder/autoencoder_kl_32x32x4.yaml",
            "larger2": "configs/autoencoder/autoencoder_kl_32x32x4_large2.yaml"}
 GIB = 2 ** 30
@@ -140,6 +146,69 @@ def memory(opt) -> None:
         Path(opt.json).write_text(json.dumps(rows, indent=1))
 
 
+def time_decode(opt) -> None:
+    base = Path(tempfile.mkdtemp(prefix="comfyui_timing_"))
+    sys.argv = ["main.py", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    if not getattr(opt, "gpu", False):
+        sys.argv.insert(1, "--cpu")
+    try:
+        import comfy.options
+    except ImportError:
+        sys.exit("time-decode imports ComfyUI: put its folder on the path, e.g. PYTHONPATH=~/ComfyUI python ...")
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_management
+    import folder_paths
+    import nodes
+    import torch
+
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(nodes.load_custom_node(str(REPO / "comfyui_nodes")))
+    ours = sys.modules["asymmetric_vae_ldm"]  # the node pack's private copy of this project's ldm
+    instantiate = importlib.import_module(ours.__name__ + ".util").instantiate_from_config
+    load_yaml = importlib.import_module(ours.__name__ + ".project").load_yaml
+    save = importlib.import_module(ours.__name__ + ".checkpoints.files").save_state_dict
+
+    torch.manual_seed(0)
+    model = instantiate(load_yaml(REPO / VANILLA).model).eval()
+    vae_dir = Path(folder_paths.get_folder_paths("vae")[0])
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    save(model.state_dict(), vae_dir / "vanilla_sd_vae.safetensors")
+    theirs = nodes.VAELoader().load_vae("vanilla_sd_vae.safetensors")[0]
+    mine = nodes.NODE_CLASS_MAPPINGS["AsymmetricVAELoader"]().load_vae("vanilla_sd_vae.safetensors")[0]
+    f = 8
+    z = torch.randn(1, 4, opt.size // f, opt.size // f, generator=torch.Generator().manual_seed(1))
+    pixels = torch.rand(1, opt.size, opt.size, 3, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, opt.size, opt.size)
+    decode_theirs = lambda: nodes.VAEDecode().decode(theirs, {"samples": z})[0]  # noqa: E731
+    decode_mine = lambda: nodes.NODE_CLASS_MAPPINGS["AsymmetricVAEDecode"]().decode(  # noqa: E731
+        {"samples": z}, mine, pixels, mask)[0]
+
+    def timed(fn):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    timed(decode_theirs), timed(decode_mine)  # warm-up: weights to the device, kernels chosen
+    times = {"ComfyUI VAEDecode": [], "AsymmetricVAEDecode": []}
+    for _ in range(opt.repeats):
+        t, a = timed(decode_theirs)
+        times["ComfyUI VAEDecode"].append(t)
+        t, b = timed(decode_mine)
+        times["AsymmetricVAEDecode"].append(t)
+    device = comfy.model_management.get_torch_device()
+    print(f"{opt.size}x{opt.size}, vanilla SD VAE weights, device {device}, dtypes {theirs.vae_dtype} / "
+          f"{mine.vae_dtype}, {opt.repeats} repeats (median, all):")
+    for name, ts in times.items():
+        print(f"  {name:22s} {statistics.median(ts):8.3f} s   {' '.join(f'{t:.3f}' for t in ts)}")
+    print(f"  largest pixel difference between the two outputs: {float((a - b).detach().abs().max()):.2e}")
+    loop.close()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,7 +219,6 @@ def main(argv=None) -> None:
                    help="also decode once for real on the CPU at SIZE^2 and report the peak resident growth")
     m.add_argument("--json", default=None, help="write the rows here")
     t = sub.add_parser("time-decode", help="our decode node against ComfyUI's VAEDecode, same latent and weights")
-    t.add_argument("--comfyui", required=True, type=Path, help="a ComfyUI checkout (v0.3.64 tested)")
     t.add_argument("--size", type=int, default=512, help="image side in pixels")
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--gpu", action="store_true", help="let ComfyUI use its GPU (default: --cpu)")
@@ -158,8 +226,6 @@ def main(argv=None) -> None:
     if opt.command == "memory":
         memory(opt)
     else:
-        from scripts.comfyui_timing import time_decode
-
         time_decode(opt)
 
 

@@ -52,9 +52,9 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import numpy as np
     import torch
 
-    # ComfyUI reads its flags from sys.argv; its folder goes first on sys.path, as main.py's folder is
+    # ComfyUI reads its flags from sys.argv; its folder is this process's working folder, first on sys.path (the
+    # fixture runs this file with -c there), as main.py's folder is for ComfyUI
     sys.argv = ["main.py", "--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    sys.path.insert(0, str(comfy_dir))
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -278,8 +278,10 @@ def report(tmp_path_factory):
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfyui_base")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run ComfyUI
-    proc = subprocess.run([sys.executable, __file__, str(path), str(base)], capture_output=True, text=True,
-                          env=env, cwd=base, timeout=600)
+    run = f"import runpy, sys; sys.argv = [{__file__!r}, {str(path)!r}, {str(base)!r}]; " \
+          f"runpy.run_path({__file__!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, env=env, cwd=path,
+                          timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT)]
     assert proc.returncode == 0 and lines, f"ComfyUI run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len(REPORT):])

@@ -44,12 +44,18 @@ START_TIMEOUT_S, PROMPT_TIMEOUT_S = 300, 420
 # the test's copy of the SD 1.5 workflow: image side and sampling steps (a timing run sets them larger; see
 # scripts/comfyui_measure.py)
 SIZE = int(os.environ.get("ASYMMETRIC_VAE_WORKFLOW_SIZE", 64))
+POOL = 1_000_003  # the random values the SD 1.5 checkpoint's tensors are cut from (seeded, at random offsets)
 STEPS = int(os.environ.get("ASYMMETRIC_VAE_WORKFLOW_STEPS", 1))
 
 OTHER_NODE = '''
-import os, sys
-sys.path.insert(0, os.path.dirname(__file__))
-import ldm.util  # this node's own package (a regular one: it wins over ComfyUI's namespace comfy/ldm)
+import importlib.util, os, sys
+# this node's own package, made the top-level ldm (as node packs that vendor SD's code do)
+here = os.path.join(os.path.dirname(__file__), "ldm")
+spec = importlib.util.spec_from_file_location("ldm", os.path.join(here, "__init__.py"),
+                                              submodule_search_locations=[here])
+sys.modules["ldm"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["ldm"])
+import ldm.util
 
 class OtherLdmProbe:
     """Which ldm this node sees when the server lists nodes (after every custom node has loaded)."""
@@ -68,7 +74,8 @@ NODE_CLASS_MAPPINGS = {"OtherLdmProbe": OtherLdmProbe}
 # ---------------------------------------------------------------------- the files the workflows name
 def sd15_inpainting_checkpoint(path: Path) -> None:
     """Random weights of SD 1.5 inpainting's full layout (UNet of 9 input channels, CLIP ViT-L/14 text tower, the KL
-    VAE, the schedule buffers), from the project's runwayml config, in float16 as the released .ckpt holds them."""
+    VAE, the schedule buffers), from the project's runwayml config, in float16 as the released .ckpt holds them;
+    the values are cut at random offsets from a seeded pool of normal draws (std 0.02)."""
     from ldm.project import load_yaml
     from ldm.util import instantiate_from_config
 
@@ -77,10 +84,12 @@ def sd15_inpainting_checkpoint(path: Path) -> None:
         model = instantiate_from_config(config)
     model.register_schedule(linear_start=config.params.linear_start, linear_end=config.params.linear_end)
     g = torch.Generator().manual_seed(0)
+    pool = (torch.randn(POOL, generator=g) * 0.02).half()  # drawing 1.07 B values would take longer than the rest
     state = {}
     for key, value in model.state_dict().items():
         if value.is_meta:
-            value = (torch.randn(value.shape, generator=g) * 0.02).half()
+            start = int(torch.randint(POOL, (), generator=g))
+            value = pool.repeat(value.numel() // POOL + 2)[start:start + value.numel()].view(value.shape).clone()
         state[key] = value
     torch.save({"state_dict": state}, path)
 
@@ -180,13 +189,6 @@ def server(tmp_path_factory):
                                            '    raise NotImplementedError\n')
     (root / "extra_model_paths.yaml").write_text(f"first:\n  is_default: true\n  custom_nodes: {other.parent}\n")
 
-    models = root / "models"
-    sd15_inpainting_checkpoint(models / "checkpoints" / "sd-v1-5-inpainting.ckpt")
-    decoder = paper_base_decoder(models / "vae" / "base.ckpt")
-    for folder, name in FLUX_FILES:
-        (models / folder / name).write_bytes(b"")
-    rgb, hole = example_image(root / "input" / "example.png")
-
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run it: the install, nothing else
     log = tmp / "server.log"
@@ -195,8 +197,14 @@ def server(tmp_path_factory):
                                  "--database-url", "sqlite:///:memory:"], cwd=root, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     srv = Server(root, port, proc, log)
-    srv.decoder, srv.rgb, srv.hole = decoder, rgb, hole
     try:
+        # the files, while the server starts (ComfyUI lists a model folder when a node asks)
+        models = root / "models"
+        sd15_inpainting_checkpoint(models / "checkpoints" / "sd-v1-5-inpainting.ckpt")
+        srv.decoder = paper_base_decoder(models / "vae" / "base.ckpt")
+        for folder, name in FLUX_FILES:
+            (models / folder / name).write_bytes(b"")
+        srv.rgb, srv.hole = example_image(root / "input" / "example.png")
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{srv.log_tail()}"
