@@ -17,6 +17,20 @@ latent_space_of = submodule("latent_spaces").latent_space_of
 
 log = logging.getLogger(__name__)
 
+# ComfyUI has no public way to wrap a model of another architecture as its VAE (comfy.sd.VAE(sd=...) picks one of
+# its own from a state dict's keys), so AsymmetricVAE sets the attributes VAE's methods read. Every internal of
+# ComfyUI it touches, in one place, checked against this ComfyUI version (tests/test_comfyui_integration.py compares
+# them with what comfy.sd.VAE sets itself, so a ComfyUI update that adds or drops one fails there):
+CHECKED_AGAINST = "0.3.64"
+VAE_ATTRIBUTES = (
+    "first_stage_model", "patcher", "memory_used_encode", "memory_used_decode", "downscale_ratio", "upscale_ratio",
+    "latent_channels", "latent_dim", "output_channels", "process_input", "process_output", "working_dtypes",
+    "disable_offload", "not_video", "downscale_index_formula", "upscale_index_formula", "extra_1d_channel",
+    "crop_input", "device", "vae_dtype", "output_device")
+# comfy.model_management's functions it calls (and comfy.model_patcher.ModelPatcher, comfy.sd.VAE's methods)
+MODEL_MANAGEMENT = ("dtype_size", "vae_device", "vae_dtype", "vae_offload_device", "intermediate_device",
+                    "load_models_gpu", "get_free_memory")
+
 
 class AsymmetricVAE(comfy.sd.VAE):
     """``comfy.sd.VAE`` around :class:`ldm.integrations.comfyui.ComfyFirstStage`. ``VAE.__init__`` is not called:
@@ -53,6 +67,7 @@ class AsymmetricVAE(comfy.sd.VAE):
         self.output_device = model_management.intermediate_device()
         self.patcher = comfy.model_patcher.ModelPatcher(first_stage, load_device=self.device,
                                                         offload_device=model_management.vae_offload_device())
+        _warn_if_untested_comfyui()
         log.info("asymmetric VAE: %s latent space, decoder ch %d, condition branch %s; device %s, dtype %s",
                  space.name if space else f"{model.embed_dim}-channel", model.decoder_config["ch"],
                  "yes" if model.decoder.has_condition else "no", self.device, self.vae_dtype)
@@ -86,3 +101,13 @@ class AsymmetricVAE(comfy.sd.VAE):
         images = integration.decode_with_prior(self.model, samples, pixels, mask, tile_size=tile_size,
                                                overlap=overlap, batch_size=batch)
         return images.to(self.output_device)
+
+
+def _warn_if_untested_comfyui() -> None:
+    try:
+        from comfyui_version import __version__
+    except ImportError:
+        return
+    if __version__ != CHECKED_AGAINST:
+        log.warning("asymmetric VAE: written against ComfyUI %s, running in %s: if VAE nodes fail, compare "
+                    "comfyui_nodes/vae.py's VAE_ATTRIBUTES with comfy.sd.VAE", CHECKED_AGAINST, __version__)

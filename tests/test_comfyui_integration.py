@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from ldm.project import load_yaml
-
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "comfyui_nodes" / "workflows"
 # files the example workflows name, substituted by tiny stand-ins: (ComfyUI model folder, file name)
@@ -54,9 +52,9 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import numpy as np
     import torch
 
-    # ComfyUI reads its flags from sys.argv; its folder goes first on sys.path, as main.py's folder is
+    # ComfyUI reads its flags from sys.argv; its folder is this process's working folder, first on sys.path (the
+    # fixture runs this file with -c there), as main.py's folder is for ComfyUI
     sys.argv = ["main.py", "--cpu", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    sys.path.insert(0, str(comfy_dir))
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -81,6 +79,7 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     save_state_dict = importlib.import_module(ours.__name__ + ".checkpoints.files").save_state_dict
     decode_with_prior = importlib.import_module(ours.__name__ + ".integrations.comfyui").decode_with_prior
     instantiate_from_config = importlib.import_module(ours.__name__ + ".util").instantiate_from_config
+    load_yaml = importlib.import_module(ours.__name__ + ".project").load_yaml
     for extra in ("nodes_flux.py", "nodes_differential_diffusion.py"):
         loop.run_until_complete(nodes.load_custom_node(str(comfy_dir / "comfy_extras" / extra),
                                                        module_parent="comfy_extras"))
@@ -212,6 +211,19 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
         ours = models["base.ckpt"].encode(img.movedim(-1, 1) * 2 - 1).mode()
     report["inpaint_conditioning_latent_diff"] = float((latent["samples"] - ours).abs().max())
 
+    # the attributes our VAE sets are the ones ComfyUI's own VAE sets for an SD VAE (vae.py's list, one place)
+    import comfy.sd
+
+    vanilla = instantiate_from_config(load_yaml(REPO / "configs" / "autoencoder" /
+                                                "autoencoder_kl_woc_32x32x4.yaml").model)
+    theirs = comfy.sd.VAE(sd=vanilla.state_dict())
+    vae_module = sys.modules[[k for k in sys.modules if k.endswith("comfyui_nodes.vae")][0]]
+    report["vae_attributes"] = [sorted(set(vars(theirs)) - set(vae_module.VAE_ATTRIBUTES)),
+                                sorted(set(vae_module.VAE_ATTRIBUTES) - set(vars(theirs))),
+                                sorted(set(vae_module.VAE_ATTRIBUTES) - set(vars(vae))),
+                                vae_module.CHECKED_AGAINST == importlib.import_module("comfyui_version").__version__]
+    report["model_management"] = all(hasattr(comfy.model_management, n) for n in vae_module.MODEL_MANAGEMENT)
+
     # what ComfyUI's VAESave writes (vae.get_sd()) loads back
     import comfy.utils
 
@@ -266,8 +278,10 @@ def report(tmp_path_factory):
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfyui_base")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run ComfyUI
-    proc = subprocess.run([sys.executable, __file__, str(path), str(base)], capture_output=True, text=True,
-                          env=env, cwd=base, timeout=600)
+    run = f"import runpy, sys; sys.argv = [{__file__!r}, {str(path)!r}, {str(base)!r}]; " \
+          f"runpy.run_path({__file__!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, env=env, cwd=path,
+                          timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(REPORT)]
     assert proc.returncode == 0 and lines, f"ComfyUI run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len(REPORT):])
@@ -311,6 +325,12 @@ def test_comfyui_inpaint_conditioning_takes_our_vae_and_vae_save_round_trips(rep
     assert report["inpaint_conditioning_latent_diff"] < 1e-5
     assert report["saved_equal"] is True
     assert report["flux_latent_channels"] == 16
+
+
+def test_comfyui_internals_we_set_are_the_ones_its_vae_sets(report):
+    theirs_only, ours_only, unset, version = report["vae_attributes"]
+    assert theirs_only == [] and ours_only == [] and unset == [], report["vae_attributes"]
+    assert version is True and report["model_management"] is True
 
 
 def test_comfyui_bfloat16_vae_decodes_close_to_float32(report):
