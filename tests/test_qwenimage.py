@@ -53,10 +53,9 @@ def test_each_causal_conv_at_one_frame_is_a_2d_conv_with_the_last_temporal_slice
     """Hooks on every QwenImageCausalConv3d of the full-size AutoencoderKLQwenImage() (random perturbed weights)
     during its encode + decode of one image (its own cached path): each output equals conv2d(x[:, :, 0],
     w[:, :, -1]) within 2.3e-6 (float32); the decoder has 31 of them besides its 2 time_conv, which never run."""
+    import diffusers
     import torch.nn.functional as F
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
-
-    import diffusers
 
     torch.manual_seed(0)
     vae = perturbed_(diffusers.AutoencoderKLQwenImage(), 0)
