@@ -20,17 +20,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.checkpoints.qwenimage import ddconfig_of_diffusers, diffusers_qwenimage_to_ours  # noqa: E402
-from ldm.latent_spaces import normalization_from_diffusers  # noqa: E402
-from ldm.measure import PeakMemory, sync  # noqa: E402
-from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+from ldm.checkpoints.qwenimage import ddconfig_of_diffusers, diffusers_qwenimage_to_ours
+from ldm.latent_spaces import normalization_from_diffusers
+from ldm.measure import PeakMemory, sync
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.project import REPO_ROOT
 
 
 def perturbed_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -83,8 +81,7 @@ def train_step_memory(opt: argparse.Namespace, device: torch.device) -> None:
     from ldm.project import load_yaml
     from ldm.util import instantiate_from_config
 
-    config = load_yaml(Path(__file__).resolve().parents[1] / "configs/autoencoder/qwenimage" /
-                       f"{opt.train_step}.yaml")
+    config = load_yaml(REPO_ROOT / "configs/autoencoder/qwenimage" / f"{opt.train_step}.yaml")
     params = config.model.params
     params.lossconfig = {"target": "torch.nn.Identity"}
     params.pop("ckpt_path", None)

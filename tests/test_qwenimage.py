@@ -50,13 +50,15 @@ def image(seed: int = 1, size=(32, 48)) -> torch.Tensor:
 
 
 def test_each_causal_conv_at_one_frame_is_a_2d_conv_with_the_last_temporal_slice():
-    """Hooks on every QwenImageCausalConv3d of diffusers' encode + decode of one image (its own cached path):
-    each output equals conv2d(x[:, :, 0], w[:, :, -1]) within 2.3e-6 (float32); the temporal resamplers'
-    time_conv never runs."""
+    """Hooks on every QwenImageCausalConv3d of the full-size AutoencoderKLQwenImage() (random perturbed weights)
+    during its encode + decode of one image (its own cached path): each output equals conv2d(x[:, :, 0],
+    w[:, :, -1]) within 2.3e-6 (float32); the decoder has 31 of them besides its 2 time_conv, which never run."""
+    import diffusers
     import torch.nn.functional as F
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
-    vae = diffusers_qwen()
+    torch.manual_seed(0)
+    vae = perturbed_(diffusers.AutoencoderKLQwenImage(), 0)
     checked, temporal = [], []
 
     def hook(name):
@@ -76,9 +78,10 @@ def test_each_causal_conv_at_one_frame_is_a_2d_conv_with_the_last_temporal_slice
     for name, module in convs.items():
         module.register_forward_hook(hook(name))
     with torch.no_grad():
-        z = vae.encode(image()[:, :, None]).latent_dist.mode()
+        z = vae.encode(image(size=(16, 32))[:, :, None]).latent_dist.mode()
         vae.decode(z)
     assert not temporal
+    assert sum(n.startswith("decoder.") for n in checked) == 31
     assert sorted(set(checked)) == sorted(n for n in convs if not n.endswith("time_conv"))
     assert len(checked) == len(set(checked))  # each ran once
 
@@ -374,3 +377,48 @@ def test_benchmark_script_decodes_both_and_measures_a_training_step(capsys):
     assert float(re.search(r"max \|difference\|: (\S+)", out).group(1)) < 1e-4
     assert benchmark_qwenimage.main(["--train_step", "asymmetric_base", "--size", "32", "--base_dim", "8"]) == 0
     assert "one training step of asymmetric_base at 32x32" in capsys.readouterr().out
+
+
+def test_modular_inpaint_decode_block_replaces_the_pipelines_decoder_step():
+    """AsymmetricQwenImageDecoderStep on the modular pipeline's state: with the VAE's own decoder it gives what
+    QwenImageDecoderStep gives (diffusers clamps to [-1, 1]); with the branch it decodes with the processed image
+    and mask (the kept region follows the image); it sits at the inpaint branch's decoder path of
+    QwenImageAutoBlocks; another latent space is refused naming both."""
+    from types import SimpleNamespace
+
+    from diffusers import QwenImageAutoBlocks
+    from diffusers.modular_pipelines.modular_pipeline import PipelineState
+    from diffusers.modular_pipelines.qwenimage.decoders import QwenImageDecoderStep
+
+    from ldm.integrations.diffusers_modular import AsymmetricQwenImageDecoderStep
+    from ldm.integrations.diffusers_pipelines import PipelineError
+    from tests.test_latent_spaces import make_16ch
+
+    vae = diffusers_qwen(seed=7)
+    components = SimpleNamespace(vae=vae)
+    latents = torch.randn(1, 16, 1, 4, 6, generator=torch.Generator().manual_seed(0))
+    x = image(size=(32, 48))
+    mask = torch.zeros(1, 1, 32, 48)
+    mask[..., :, :24] = 1
+
+    def decode(step, picture=x):
+        state = PipelineState()
+        for key, value in (("latents", latents), ("processed_image", picture), ("processed_mask_image", mask)):
+            state.set(key, value)
+        return step(components, state)[1].get("images")
+
+    theirs = decode(QwenImageDecoderStep())
+    vanilla = AsymmetricQwenImageDecoderStep(ours_of(vae))
+    torch.testing.assert_close(decode(vanilla).clamp(-1, 1), theirs, rtol=0, atol=1e-4)
+    asymmetric = AsymmetricQwenImageDecoderStep(ours_of(vae, condition=True))
+    other = x.clone()
+    other[..., 40:] = -other[..., 40:]  # inside the kept half
+    assert torch.equal(decode(vanilla, other), decode(vanilla))  # the pipeline's own path never reads the image
+    changed = (decode(asymmetric, other) - decode(asymmetric)).abs().amax(1)[0]
+    assert changed[:, 42:].max() > 0.1  # the kept region follows the image given
+
+    blocks = QwenImageAutoBlocks()
+    blocks.sub_blocks["decode"].sub_blocks["inpaint_decode"].sub_blocks["decode"] = asymmetric
+    assert blocks.sub_blocks["decode"].sub_blocks["inpaint_decode"].sub_blocks["decode"] is asymmetric
+    with pytest.raises(PipelineError, match="the decoder: 16 channels, scaling_factor 0.3611"):
+        decode(AsymmetricQwenImageDecoderStep(make_16ch()))

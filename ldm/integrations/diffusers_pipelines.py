@@ -210,13 +210,10 @@ def describe_latent_space(space: LatentSpaceKey) -> str:
 
 
 def check_decoder_fits(vae_config: Mapping[str, Any], decoder: Any, pipe_name: str = "the pipeline",
-                       decoder_name: str = "the decoder", normalization: Optional["Normalization"] = None) -> None:
+                       decoder_name: str = "the decoder") -> None:
     """Refuse a decoder whose latent space (channels, normalisation, downsampling) is not that of the pipeline's
-    VAE (see :func:`vae_latent_space`); the message names both. ``normalization``: the pipeline's own where it
-    does not read its VAE config's (Ernie-Image's BatchNorm eps)."""
+    VAE (see :func:`vae_latent_space`); the message names both."""
     ours, theirs = decoder_latent_space(decoder), vae_latent_space(vae_config)
-    if normalization is not None:
-        theirs = (theirs[0], theirs[1], normalization)
     if ours != theirs:
         raise PipelineError(f"{decoder_name} decodes another latent space than {pipe_name}'s VAE: "
                             f"{decoder_name}: {describe_latent_space(ours)}; {pipe_name}'s VAE: "
