@@ -598,3 +598,23 @@ def test_a_late_config_error_leaves_no_empty_run_folder(tmp_path, config_file, c
                    override])
     assert rc == 2 and message in capsys.readouterr().err
     assert list((tmp_path / "logs").iterdir()) == []
+
+
+def test_the_decoder_refuses_a_non_finite_image_naming_it(tiny_autoencoder):
+    """One NaN or inf pixel, even under the mask, made every output pixel NaN without a word ((1 - mask) * image
+    keeps 0 * NaN); now the decoder's own argument check names the image."""
+    from ldm.image_io import NonFiniteError
+
+    model = tiny_autoencoder
+    f = model.downsample_factor
+    z = torch.zeros(1, model.embed_dim, 32 // f, 32 // f)
+    image = torch.zeros(1, 3, 32, 32)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16, :] = 1
+    for bad in (float("nan"), float("inf")):
+        image[0, 0, 3, 3] = bad  # under the mask: a pixel to be generated
+        with pytest.raises(NonFiniteError, match=r"^image: 1 of 3072 values are NaN or infinite"):
+            model.decode(z, image, mask)
+    image[0, 0, 3, 3] = 0
+    with torch.no_grad():
+        assert torch.isfinite(model.decode(z, image, mask)).all()
