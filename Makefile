@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo lint test venv clean-venv
+.PHONY: demo lint test test-fast venv clean-venv
 
 venv: $(VENV_STAMP)
 
@@ -24,6 +24,10 @@ lint: $(VENV_STAMP)
 # the linter first (seconds), then the suite
 test: lint
 	$(PY) -m pytest -q tests
+
+# the edit-test loop: every test not marked slow (pyproject.toml's markers)
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf .venv

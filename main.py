@@ -99,7 +99,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="train on the fast path of the device (ldm/fast.py): bf16 mixed precision + channels_last on "
                         "CPUs with native bf16 and on GPUs (GPUs also compile the decoder's blocks), float32 + "
                         "channels_last on other CPUs; chooses the precision, so it does not go with --precision")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (batches)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="stop after this many optimizer steps (the global step; N batches each with "
+                        "accumulate_grad_batches N)")
     p.add_argument("--max_epochs", "--epoch", dest="max_epochs", type=int, default=None,
                    help="stop after this many epochs (--epoch is the original's name)")
     p.add_argument("--wandb", choices=("off", "offline", "online"), default=None,

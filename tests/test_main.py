@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main
+from ldm.project import load_yaml
 from ldm.training import config as training_config
 from ldm.training import trainer as trainer_setup
 from ldm.training.callbacks import AtomicCheckpointIO
@@ -93,7 +94,7 @@ def test_main_trains_and_writes_the_run_folder(tmp_path, config_file, monkeypatc
     assert rc == 0
     (run,) = (tmp_path / "logs").glob("*_e2e")
     assert len(list((run / "configs").glob("*-project.yaml"))) == 1
-    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml")))
+    lightning = load_yaml(next((run / "configs").glob("*-lightning.yaml")))
     assert lightning.lightning.trainer.max_steps == 6 and lightning.lightning.trainer.accelerator == "cpu"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
@@ -130,13 +131,13 @@ def test_fast_training_runs_the_device_fast_path_and_saves_ordinary_weights(tmp_
                 "--fast") == 0
     expected = fast_settings(torch.device("cpu"))
     (run,) = (tmp_path / "logs").glob("*_fast")
-    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml")))
+    lightning = load_yaml(next((run / "configs").glob("*-lightning.yaml")))
     assert lightning.lightning.trainer.precision == TRAINING_PRECISION[expected.dtype]
     # every batch channels_last, weights kept float32; the training steps autocast (the image logger's calls do not)
     assert seen and all(s[:2] == (True, torch.float32) for s in seen)
     assert any(s[2] for s in seen) == (expected.dtype == torch.bfloat16)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    config = OmegaConf.load(config_file).model
+    config = load_yaml(config_file).model
     config.params.lossconfig = {"target": "torch.nn.Identity"}
     # mixed precision keeps float32 master weights, and compiled blocks would show as renamed keys (strict load)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
@@ -352,7 +353,7 @@ def test_readme_resume_command_trains_and_periodic_checkpoints_are_kept(tmp_path
                           text=True).stdout.strip()  # a killed writer's pid, in the name as write_atomically puts it
     (run / "checkpoints" / f".last.ckpt.{dead}.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
     cfg = next((run / "configs").glob("*-lightning.yaml"))
-    OmegaConf.save(OmegaConf.merge(OmegaConf.load(cfg), {"lightning": {"trainer": {"max_steps": 8}}}), cfg)
+    OmegaConf.save(OmegaConf.merge(load_yaml(cfg), {"lightning": {"trainer": {"max_steps": 8}}}), cfg)
     assert main.main(["--resume", str(run)]) == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     names = sorted(p.name for p in (run / "checkpoints").iterdir())

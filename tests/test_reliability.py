@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldm.checkpoints.files import save_state_dict
+from ldm.project import load_yaml
 from tests.conftest import REPO, make_autoencoder
 
 
@@ -170,14 +171,13 @@ def test_misspelt_config_keys_are_errors_naming_the_closest_key(tmp_path, config
 def test_every_project_training_config_passes_the_key_check():
     import glob
 
-    from omegaconf import OmegaConf
 
 
     configs = [f for f in glob.glob(str(REPO / "configs/**/*.yaml"), recursive=True)
-               if "lightning" in OmegaConf.load(f)]
+               if "lightning" in load_yaml(f)]
     assert configs
     for f in configs:
-        training_config.check_config_keys(OmegaConf.load(f))
+        training_config.check_config_keys(load_yaml(f))
 
 
 def test_missing_inputs_are_named_all_at_once_before_anything_is_built(tmp_path, config_file):  # noqa: F811

@@ -235,10 +235,13 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
             unused["decoder.encoder."] = "condition branch; this decoder is configured with condition: false"
         return unused
 
-    def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = (), fresh_condition: bool = True) -> None:
-        """Load weights from any supported checkpoint (configs pass ``ckpt_path``). The rules (latent space,
-        condition branch, ``ignore_keys: [decoder]``): :mod:`ldm.checkpoints.autoencoder_weights`."""
-        load_autoencoder_weights(self, path, ignore_keys=ignore_keys, fresh_condition=fresh_condition)
+    def init_from_ckpt(self, path: PathLike, ignore_keys: Sequence[str] = (), fresh_condition: bool = True,
+                       state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """Load weights from any supported checkpoint (configs pass ``ckpt_path``; ``state_dict``: its tensors
+        when already read). The rules (latent space, condition branch, ``ignore_keys: [decoder]``):
+        :mod:`ldm.checkpoints.autoencoder_weights`."""
+        load_autoencoder_weights(self, path, ignore_keys=ignore_keys, fresh_condition=fresh_condition,
+                                 state_dict=state_dict)
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:

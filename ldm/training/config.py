@@ -12,20 +12,21 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from ..project import resolve_config_path
+from ..project import load_yaml, merge_configs, resolve_config_path
 
 log = logging.getLogger("main")
 
 
 def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     """Merge YAML files left to right (a relative path not found in the working folder is looked up in the
-    project), then dot-list overrides (``key.sub=value``); every section is checked by :func:`check_config_keys`."""
+    project; a section whose ``target`` a later file changes is replaced whole: :func:`ldm.project.merge_configs`),
+    then dot-list overrides (``key.sub=value``); every section is checked by :func:`check_config_keys`."""
     files = [resolve_config_path(f, "--base") for f in files]  # the project's configs work from any folder
     bad = [o for o in overrides if o.startswith("-") or "=" not in o]
     if bad:
         raise ValueError(f"unrecognised arguments {bad}: use the flags of `python main.py --help` or "
                          "key.sub=value config overrides")
-    config = OmegaConf.merge(*[OmegaConf.load(f) for f in files], OmegaConf.from_dotlist(list(overrides)))
+    config = merge_configs(*[load_yaml(f) for f in files], OmegaConf.from_dotlist(list(overrides)))
     check_config_keys(config)
     return config
 

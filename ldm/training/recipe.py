@@ -257,9 +257,10 @@ class TrainingRecipe:
         return images
 
     def _loss_mask(self, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``{"mask": mask}`` for a loss that reads it (``LPIPSWithDiscriminator(boundary_weight > 0)``), else
-        nothing, so that losses of the original signature keep working."""
-        return {"mask": mask} if getattr(self.loss, "boundary_weight", 0) > 0 else {}
+        """The loss's extra inputs, as it declares them (``forward_keys``; a loss without the attribute, such as
+        the original's, takes none)."""
+        extra = {"mask": mask}
+        return {key: extra[key] for key in getattr(self.loss, "forward_keys", ())}
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
