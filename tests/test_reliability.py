@@ -488,6 +488,7 @@ def _trained_run(tmp_path, config: Path, name: str, steps: int = 2) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_a_failed_resume_with_another_architecture_leaves_the_run_as_it_was(tmp_path, config_file,  # noqa: F811
                                                                             capsys):
     """``--resume RUN --base <another architecture>`` saved that config into RUN/configs before failing with a
@@ -511,6 +512,7 @@ def test_a_failed_resume_with_another_architecture_leaves_the_run_as_it_was(tmp_
     assert run_folder.checkpoint_step(run / "checkpoints" / "last.ckpt") == 3
 
 
+@pytest.mark.slow
 def test_one_training_at_a_time_in_a_run_folder(tmp_path, config_file, capsys, caplog):  # noqa: F811
     """Two ``--resume RUN`` at once both trained into RUN; now the second is refused while the first's process
     lives (its pid and host in RUN/training.lock), and a lock whose holder is gone is taken over, saying so."""
@@ -543,6 +545,7 @@ def test_one_training_at_a_time_in_a_run_folder(tmp_path, config_file, capsys, c
     assert not (run / "training.lock").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_metrics_is_one_line_and_keeps_what_was_there(tmp_path, config_file,  # noqa: F811
                                                                               monkeypatch, caplog):
     """The disk fills while csv/metrics.csv is written: raw tracebacks, no last.ckpt and a 0-byte metrics.csv
@@ -576,6 +579,7 @@ def test_full_disk_while_writing_metrics_is_one_line_and_keeps_what_was_there(tm
     assert not list(run.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_every_resume_appends_its_own_metrics(tmp_path, config_file):  # noqa: F811
     """Each resume writes a csv folder of its own; none replaces an earlier one's rows (a requeued Slurm job resumes
     with the same timestamp every time: ``-1``, ``-2`` are added)."""
@@ -587,6 +591,7 @@ def test_every_resume_appends_its_own_metrics(tmp_path, config_file):  # noqa: F
     assert csv_version(run, "slurm-7") == os.path.join("csv", "resumed-slurm-7-1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("lightning.periodic_checkpoints.evry=3", "lightning.periodic_checkpoints: unknown keys ['evry']"),
     ("lightning.wandb=maybe", "lightning.wandb must be off, offline or online, got 'maybe'"),
@@ -600,3 +605,23 @@ def test_a_late_config_error_leaves_no_empty_run_folder(tmp_path, config_file, c
                    override])
     assert rc == 2 and message in capsys.readouterr().err
     assert list((tmp_path / "logs").iterdir()) == []
+
+
+def test_the_decoder_refuses_a_non_finite_image_naming_it(tiny_autoencoder):
+    """One NaN or inf pixel, even under the mask, made every output pixel NaN without a word ((1 - mask) * image
+    keeps 0 * NaN); now the decoder's own argument check names the image."""
+    from ldm.image_io import NonFiniteError
+
+    model = tiny_autoencoder
+    f = model.downsample_factor
+    z = torch.zeros(1, model.embed_dim, 32 // f, 32 // f)
+    image = torch.zeros(1, 3, 32, 32)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16, :] = 1
+    for bad in (float("nan"), float("inf")):
+        image[0, 0, 3, 3] = bad  # under the mask: a pixel to be generated
+        with pytest.raises(NonFiniteError, match=r"^image: 1 of 3072 values are NaN or infinite"):
+            model.decode(z, image, mask)
+    image[0, 0, 3, 3] = 0
+    with torch.no_grad():
+        assert torch.isfinite(model.decode(z, image, mask)).all()

@@ -341,6 +341,7 @@ print("finished")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["all corrupt", "captions only", "wrong image_key"])
 def test_a_stream_with_no_decodable_sample_stops_with_one_line(tmp_path, case):
     """Two shards, two workers: worker 1's only shard has no sample that decodes (every image corrupt, captions
@@ -397,6 +398,7 @@ def test_an_empty_or_mistyped_hf_dataset_is_named_before_the_first_batch(tmp_pat
     assert HFDatasetInpainting(path=tmp_path / "struct", **VALIDATION)[0]["image"].shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("node_rank, missing", [("1", "MASTER_ADDR and MASTER_PORT not set"),
                                                 ("2", "NODE_RANK=2 is outside the world of --num_nodes 2")])
 def test_a_node_started_wrong_is_refused_at_once(tmp_path, config_file, node_rank, missing):  # noqa: F811
@@ -437,6 +439,7 @@ def test_a_bounded_wait_for_nodes_that_never_arrive(monkeypatch):
         check_devices(opt, kwargs)
 
 
+@pytest.mark.slow
 def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_metrics(
         tmp_path, config_file, monkeypatch):  # noqa: F811
     """Three incarnations of Slurm job 4242, one command line:
@@ -509,6 +512,7 @@ def run_folder_step(path: Path) -> int:
     return torch.load(path, weights_only=True)["global_step"]
 
 
+@pytest.mark.slow
 def test_main_on_shards_without_images_stops_with_one_line(tmp_path, config_file):  # noqa: F811
     """Through main.py: caption-only shards never produced a batch and the run waited forever (SIGTERM then waited
     for that batch too); now exit status 2 with one line naming the shard, within a bounded time."""

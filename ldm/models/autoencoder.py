@@ -17,6 +17,7 @@ from torch import nn
 from ..checkpoints.autoencoder_weights import load_autoencoder_weights
 from ..checkpoints.files import PathLike
 from ..checkpoints.tensors import UNUSED_PREFIXES
+from ..image_io import check_finite
 from ..latent_spaces import PatchBatchNorm, PerChannel, ScaleShift, normalization_from_params
 from ..modules.diffusionmodules.model import ENCODER_ONLY_KEYS, Decoder, Encoder
 from ..modules.diffusionmodules.qwenimage import QwenImageDecoder, QwenImageEncoder
@@ -310,6 +311,8 @@ class AutoencoderKL(TrainingRecipe, pl.LightningModule):
         lo, hi = torch.aminmax(mask.detach())
         if not (lo >= 0 and hi <= 1):  # written so that NaN fails too
             raise ValueError(f"mask values must lie in [0, 1] (1 = generate, 0 = keep), got [{lo:.3g}, {hi:.3g}]")
+        # one NaN pixel, even under the mask, would make every output pixel NaN: (1 - mask) * image keeps 0 * NaN
+        check_finite(image, "image")
         if not self.decoder.has_condition:
             return None, None
         b = z.shape[0]
