@@ -9,9 +9,9 @@ import comfy.model_patcher
 import comfy.sd
 import torch
 
-from ldm.checkpoints.loading import load_autoencoder
 from ldm.integrations import comfyui as integration
 from ldm.latent_spaces import latent_space_of
+from ldm.loading import load_autoencoder
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Where the project's own files are: the repository root, and paths the project names relative to it.
 
-Standard library only, so that a script can resolve its defaults before torch is imported (``--help`` stays fast).
+Standard library only at import, so that a script can resolve its defaults before torch is imported (``--help``
+stays fast); :func:`load_yaml` imports OmegaConf when called.
 """
 from __future__ import annotations
 
@@ -41,3 +42,60 @@ def check_run_files(opt: Any, configs: Sequence[str], files: Mapping[str, str]) 
                if not Path(getattr(opt, flag[2:])).exists()]
     if missing:
         raise FileNotFoundError("\n".join(missing))
+
+
+# A config's top-level list of the configs it extends (merged first, left to right, then the config over them).
+DEFAULTS_KEY = "defaults"
+
+
+def load_yaml(path: Union[str, os.PathLike], _seen: Sequence[Path] = ()) -> Any:
+    """A config file as an OmegaConf ``DictConfig``, with the configs its ``defaults:`` list names merged under
+    it (each path relative to the naming file's folder, else as :func:`resolve_config_path` finds it), so that
+    the ``_train`` configs share one recipe (``configs/autoencoder/recipe/``). Every config of the project is
+    read through here; one without ``defaults`` is ``OmegaConf.load`` of it."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    path = Path(path)
+    config = OmegaConf.load(path)
+    if not isinstance(config, DictConfig) or DEFAULTS_KEY not in config:
+        return config
+    names = config.pop(DEFAULTS_KEY)
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, ListConfig)):
+        raise ValueError(f"{path}: {DEFAULTS_KEY} must be a list of config files, got {names!r}")
+    seen = (*_seen, path.resolve())
+    bases = []
+    for name in names:
+        beside = path.parent / str(name)
+        base = beside if beside.is_file() else resolve_config_path(str(name), f"{path}: {DEFAULTS_KEY}")
+        if base.resolve() in seen:
+            raise ValueError(f"{path}: {DEFAULTS_KEY} names {name}, which extends {path.name} itself")
+        bases.append(load_yaml(base, seen))
+    return merge_configs(*bases, config)
+
+
+def merge_configs(*configs: Any) -> Any:
+    """OmegaConf's merge, left to right, with one rule of ours: where a later config names another ``target`` for
+    a section, that section is replaced whole, not merged key by key, since the earlier ``params`` belong to
+    another class (``--base train.yaml shards.yaml``: the shards' ``WebDatasetInpainting`` params replace the image
+    folder's ``root`` instead of keeping it beside them)."""
+    import copy
+
+    from omegaconf import DictConfig, OmegaConf
+
+    def drop_replaced(base: Any, new: Any) -> None:
+        for key in list(new.keys()) if isinstance(new, DictConfig) else []:
+            old, nxt = base.get(key) if isinstance(base, DictConfig) else None, new[key]
+            if not (isinstance(old, DictConfig) and isinstance(nxt, DictConfig)):
+                continue
+            if "target" in nxt and "target" in old and nxt["target"] != old["target"]:
+                del base[key]
+            else:
+                drop_replaced(old, nxt)
+
+    merged = copy.deepcopy(configs[0])
+    for config in configs[1:]:
+        drop_replaced(merged, config)
+        merged = OmegaConf.merge(merged, config)
+    return merged

@@ -55,15 +55,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ldm import metrics
 from ldm.cli.common import pick_device
 from ldm.fast import FastDecode, FastSettings, apply_settings, cpu_has_native_bf16, fast_settings, fast_training
-from ldm.image_io import to_uint8
-from ldm.models.autoencoder import FUSED_ADAM_DEVICES
+from ldm.measure import PeakMemory, psnr_8bit, sync
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.tiling import tiled_decode
 from ldm.modules.losses.reference import ldm_generator_loss
 from ldm.project import REPO_ROOT as REPO
+from ldm.project import load_yaml
+from ldm.training.recipe import FUSED_ADAM_DEVICES
 from ldm.util import instantiate_from_config, write_atomically
 
 CONFIGS = {
@@ -88,7 +88,7 @@ def build_model(variant: str, device: Any = "cpu"):
     """Our AutoencoderKL of ``variant`` with seeded random weights (the same in every process)."""
     from omegaconf import OmegaConf
 
-    config = OmegaConf.to_container(OmegaConf.load(REPO / CONFIGS[variant]), resolve=True)["model"]
+    config = OmegaConf.to_container(load_yaml(REPO / CONFIGS[variant]), resolve=True)["model"]
     if variant == "narrow":
         config["params"]["ddconfig"]["ch"] = NARROW["ch"]
         config["params"]["decoder_overrides"] = dict(NARROW)
@@ -138,56 +138,16 @@ def decode_fn(impl: str, model, condition: bool, tile: Optional[int], overlap: i
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
-
-
-class PeakMemory:
-    """Peak memory of a block of code, in MiB above what was in use when it started (CUDA: allocator; CPU: RSS)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.mib: Optional[float] = None
-
-    def __enter__(self) -> "PeakMemory":
-        _sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.start = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _sync(self.device)
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_kib("VmHWM") * 1024
-        self.mib = (peak - self.start) / 2 ** 20
-
-
 def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> List[float]:
     """Wall-clock milliseconds of ``repeats`` calls after ``warmup`` untimed ones (device synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -244,12 +204,12 @@ class AttentionClock:
 
     def _start(self, *_) -> None:
         if self.active:
-            _sync(self.device)
+            sync(self.device)
             self._t0 = time.perf_counter()
 
     def _stop(self, *_) -> None:
         if self.active:
-            _sync(self.device)
+            sync(self.device)
             self.ms += (time.perf_counter() - self._t0) * 1e3
 
 
@@ -289,12 +249,6 @@ def prepare_decoder(impl: str, model, settings: FastSettings, device: torch.devi
     return None
 
 
-def psnr_8bit(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two images in [-1,1] after quantising both to 8 bits as the scripts write them."""
-    qa, qb = (torch.from_numpy(to_uint8(t)).double() for t in (a, b))
-    return float(metrics.psnr_from_mse(((qa - qb) ** 2).mean(), data_range=255.0))
-
-
 # ------------------------------------------------------------------------------------------------ training step
 def build_training_loss(device: torch.device) -> Tuple[torch.nn.Module, str]:
     """The training configs' ``LPIPSWithDiscriminator`` (kl_weight 1e-6, disc_weight 0.8), with the discriminator on
@@ -323,10 +277,10 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         yield
-        _sync(self.device)
+        sync(self.device)
         self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
 
 

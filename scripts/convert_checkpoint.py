@@ -66,6 +66,7 @@ from ldm.checkpoints.tensors import (
     to_bfl_flux2_layout,
 )
 from ldm.latent_spaces import LATENT_SPACES, SD, describe_latent_layout
+from ldm.project import load_yaml
 from ldm.util import WriteError, check_output, remove_stale_temporaries
 
 VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")
@@ -85,7 +86,7 @@ def load_config(path: Path) -> Dict[str, Any]:
 
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: file not found")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    cfg = OmegaConf.to_container(load_yaml(path), resolve=True)
     params = (cfg.get("model", cfg) or {}).get("params", {})
     if "ddconfig" not in params:
         raise ValueError(f"--config {path}: no model.params.ddconfig (not an autoencoder config)")

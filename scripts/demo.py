@@ -48,8 +48,11 @@ if str(REPO) not in sys.path:  # `python scripts/demo.py`: scripts/evaluate.py i
     sys.path.insert(0, str(REPO))
 
 from ldm import metrics  # noqa: E402
-from ldm.checkpoints.loading import load_model  # noqa: E402
+from ldm.fast import cpu_has_native_bf16  # noqa: E402
 from ldm.image_io import quantize, to_uint8, write_png  # noqa: E402
+from ldm.loading import load_model  # noqa: E402
+from ldm.modules.mask_edges import edge_pixels  # noqa: E402
+from ldm.project import load_yaml  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
 from scripts import evaluate as evaluation  # noqa: E402
 
@@ -127,16 +130,6 @@ def data_overrides(train_dir: Path, heldout_dir: Path) -> List[str]:
     return [f"data.params.train.params.root={train_dir}", f"data.params.validation.params.root={heldout_dir}"]
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU has bfloat16 instructions (x86 AVX-512 BF16 or AMX; read from /proc/cpuinfo, so Linux
-    only). Without them oneDNN emulates bfloat16 and mixed precision is no faster than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def train_stage(config: Path, name: str, logdir: Path, steps: int, precision: str,
                 overrides: Sequence[str]) -> Tuple[Path, float]:
     """Run ``main.py`` on ``config`` in a subprocess; returns (run folder, wall seconds including start-up)."""
@@ -157,10 +150,9 @@ def train_stage(config: Path, name: str, logdir: Path, steps: int, precision: st
 
 def load_trained(run_dir: Path) -> torch.nn.Module:
     """The model of a run from its saved config and last.ckpt, without its training loss."""
-    from omegaconf import OmegaConf
 
     project = sorted((run_dir / "configs").glob("*-project.yaml"))[-1]
-    config = OmegaConf.load(project).model
+    config = load_yaml(project).model
     config.params.lossconfig = {"target": "torch.nn.Identity"}
     config.params.ckpt_path = None
     return load_model(config, run_dir / "checkpoints" / "last.ckpt")
@@ -338,14 +330,11 @@ GAP = 6
 
 def edge_window(mask: torch.Tensor, height: int, width: int) -> Tuple[int, int]:
     """Top-left corner of a ``height`` x ``width`` window centred on the mask-edge pixel nearest the image centre
-    (a pixel whose left or upper neighbour lies in the other region; the centre when the mask has no edge): a
+    (:func:`ldm.modules.mask_edges.edge_pixels`; the centre when the mask has no edge): a
     stretch of mask edge chosen without looking at any output."""
-    m = mask[0] >= 0.5
-    edge = torch.zeros_like(m)
-    edge[:, 1:] |= m[:, 1:] != m[:, :-1]
-    edge[1:, :] |= m[1:, :] != m[:-1, :]
+    edge = edge_pixels(mask[0])
     ys, xs = torch.nonzero(edge, as_tuple=True)
-    H, W = m.shape
+    H, W = edge.shape
     if len(ys) == 0:
         cy, cx = H // 2, W // 2
     else:
@@ -460,9 +449,8 @@ def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path, figure: Path
                   ) -> Tuple[Dict[str, Dict[str, float]], List[str], Dict[str, Dict[str, Dict[str, float]]]]:
     """Evaluate the two trained runs on the held-out photos: print the table, the verdict and the robustness
     table, write the figure. Returns (table, verdict lines, robustness)."""
-    from omegaconf import OmegaConf
 
-    mask_config = OmegaConf.load(STAGE2_CONFIG).data.params.validation.params.mask_config
+    mask_config = load_yaml(STAGE2_CONFIG).data.params.validation.params.mask_config
     photos = load_heldout(heldout_dir)
     x, mask, names = heldout_batch(photos, mask_config)
     vanilla, asymmetric = load_trained(stage1), load_trained(stage2)
@@ -494,7 +482,7 @@ def main(argv: Sequence[str] = None) -> int:
                         help="stage 2's seam fix (off by default, the paper's loss): the L1 term weighs 1 + W at the "
                              "pixels within 2 px of the mask edge (LPIPSWithDiscriminator boundary_weight)")
     args = parser.parse_args(argv)
-    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if cpu_has_bf16() else "32")
+    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if cpu_has_native_bf16() else "32")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     seconds = {}

@@ -55,7 +55,6 @@ from tqdm import tqdm
 
 from ldm import metrics
 from ldm.checkpoints.files import CheckpointError
-from ldm.checkpoints.loading import load_model
 from ldm.cli.common import pick_device, precision_scope, prepare_outdir, refuse_overlap, seed_everything
 from ldm.data.inpainting import find_images
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
@@ -76,7 +75,8 @@ from ldm.image_io import (
     write_png,
 )
 from ldm.latent_spaces import latent_space_of
-from ldm.modules.mask_edges import coarsen_mask
+from ldm.loading import load_model
+from ldm.modules.mask_edges import coarsen_mask, edge_pixels
 from ldm.project import FAST_HELP
 from ldm.util import WriteError, write_atomically
 
@@ -536,24 +536,12 @@ def example_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Ten
     return np.asarray(canvas)
 
 
-def edge_pixels(mask: torch.Tensor) -> torch.Tensor:
-    """(H,W) 1 on every pixel that has a 4-neighbour on the other side of the mask edge."""
-    m = mask[0] >= 0.5
-    edge = torch.zeros_like(m)
-    dx, dy = m[:, 1:] != m[:, :-1], m[1:] != m[:-1]
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[1:] |= dy
-    edge[:-1] |= dy
-    return edge
-
-
 def boundary_window(samples: Sequence[Sample], n: int, crop: int) -> Optional[Tuple[int, int, int]]:
     """(image index, top, left) of the ``crop`` x ``crop`` window, among the first ``n`` images, that holds the
     most mask-edge pixels (the first such window in reading order); None when no image has an edge."""
     best, where = 0, None
     for i in range(n):
-        edge = edge_pixels(samples[i].mask).float()[None, None]
+        edge = edge_pixels(samples[i].mask[0]).float()[None, None]
         size = min(crop, *edge.shape[-2:])
         counts = F.avg_pool2d(edge, size, stride=1) * size * size
         value = float(counts.max())
@@ -581,7 +569,7 @@ def boundary_figure(samples: Sequence[Sample], examples: Dict[str, List[torch.Te
         x = x[:, top:top + size, left:left + size]
         return x.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)
 
-    edge = edge_pixels(s.mask)[None].float()
+    edge = edge_pixels(s.mask[0])[None].float()
     masked = s.image * (1 - s.mask) + 0.5 * s.mask
     masked = masked * (1 - edge) + edge * torch.tensor([1.0, 0.0, 0.0])[:, None, None]
     lines = [("original / mask edge", [s.image, masked])]

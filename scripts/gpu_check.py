@@ -24,6 +24,8 @@ from typing import Any, List, Optional, Sequence
 
 import pytorch_lightning as pl
 
+from ldm.project import load_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = "configs/autoencoder/autoencoder_kl_32x32x4_train.yaml"
 TINY_CONFIG = "configs/tiny/autoencoder_kl_tiny.yaml"
@@ -73,11 +75,11 @@ def prepare(work: Path, smoke: bool) -> None:
                 buf = io.BytesIO()
                 small.resize((side * 4 // 3, side), Image.BILINEAR).save(buf, format="JPEG", quality=90)
                 sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": "synthetic"})
-    config = OmegaConf.load(REPO / TRAIN_CONFIG)
+    config = load_yaml(REPO / TRAIN_CONFIG)
     config.model.params.ckpt_path = None
     config.model.params.lossconfig.params.disc_start = 0
     if smoke:
-        config.model.params.ddconfig = OmegaConf.load(REPO / TINY_CONFIG).model.params.ddconfig
+        config.model.params.ddconfig = load_yaml(REPO / TINY_CONFIG).model.params.ddconfig
         config.model.params.lossconfig.params.perceptual_weight = 0
         config.data.params.batch_size = 2
         config.data.params.num_workers = 1

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
+from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG
 
 # three levels (f = 4) so that the area resize acts at two scales; branch widths [32, 64, 64, 64]
@@ -172,12 +173,11 @@ def test_area_resize_marks_every_touched_latent_pixel_generated():
 
 def test_full_size_asuka_layout():
     """Shapes of ASUKA's released decoder (their code with condition_decoder.yaml) in our asuka.yaml."""
-    from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
 
     with torch.device("meta"):
-        model = instantiate_from_config(OmegaConf.load("configs/autoencoder/flux/asuka.yaml").model)
+        model = instantiate_from_config(load_yaml("configs/autoencoder/flux/asuka.yaml").model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     branch = {k: v for k, v in shapes.items() if k.startswith("decoder.encoder.")}
     assert branch == {

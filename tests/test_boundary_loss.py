@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator, boundary_band
+from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
+from ldm.modules.mask_edges import edge_band as boundary_band
 
 
 def _band_numpy(mask: np.ndarray, r: int) -> np.ndarray:
@@ -106,3 +107,20 @@ def test_model_passes_the_mask_only_when_the_option_is_on(tiny_ddconfig):
         with torch.no_grad():
             model.validation_step({"image": x, "mask": mask}, 0)
     assert seen[0] is None and seen[1] is mask
+
+
+def test_edge_pixels_are_the_pixels_with_a_neighbour_across_the_edge():
+    """The one definition of the mask edge (ldm.modules.mask_edges.edge_pixels) against a numpy loop."""
+    from ldm.modules.mask_edges import edge_pixels
+
+    _, _, mask, _ = _data()
+    m = mask[:, 0].numpy() >= 0.5
+    want = np.zeros_like(m)
+    for b, y, x in np.ndindex(*m.shape):
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            yy, xx = y + dy, x + dx
+            if 0 <= yy < m.shape[1] and 0 <= xx < m.shape[2] and m[b, yy, xx] != m[b, y, x]:
+                want[b, y, x] = True
+    np.testing.assert_array_equal(edge_pixels(mask[:, 0]).numpy(), want)
+    np.testing.assert_array_equal(edge_pixels(mask)[:, 0].numpy(), want)  # (B,1,H,W) too
+    assert not edge_pixels(torch.ones(1, 8, 8)).any()

@@ -11,7 +11,7 @@ import torch
 
 from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.checkpoints.keys import read_state_dict
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors, make_autoencoder
 
 
@@ -341,7 +341,7 @@ def test_training_model_loads_a_release_checkpoint_whose_lpips_has_no_lins_alias
 
 _PEAK_CHILD = """
 import json, re, sys, torch
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
 config = json.loads(sys.argv[2])
 
 def peak_since_reset():  # the kernel's resident high-water mark (VmHWM), reset by writing 5 to clear_refs
@@ -416,3 +416,23 @@ def test_the_variant_hint_reads_the_condition_branch_as_the_config_reader_does()
     broken = dict(plain)
     broken["decoder.encoder.layers.0.weight"] = broken["decoder.encoder.layers.0.weight"][:, :2]
     assert "condition branch unreadable" in describe_decoder_checkpoint(broken)
+
+
+def test_load_autoencoder_reads_the_file_once(tmp_path, monkeypatch):
+    """The config is read off the tensors and the same tensors are loaded: one read of the file, not two."""
+    import ldm.checkpoints.autoencoder_weights as weights
+    import ldm.loading as loading
+
+    model = make_autoencoder()
+    save_state_dict(model.state_dict(), tmp_path / "base.safetensors")
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return read_state_dict(path, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "read_state_dict", counted)
+    monkeypatch.setattr(weights, "read_state_dict", counted)
+    loaded = loading.load_autoencoder(tmp_path / "base.safetensors")
+    assert reads == ["base.safetensors"]
+    assert_same_tensors(loaded.state_dict(), model.state_dict())

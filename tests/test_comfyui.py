@@ -10,20 +10,20 @@ import types
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ldm.checkpoints.architecture import autoencoder_config
 from ldm.checkpoints.diffusers import write_diffusers_folder
 from ldm.checkpoints.files import CheckpointError, save_state_dict
-from ldm.checkpoints.loading import load_autoencoder
 from ldm.integrations import comfyui as integration
+from ldm.loading import load_autoencoder
+from ldm.project import load_yaml
 from ldm.util import instantiate_from_config
 from tests.conftest import REPO, make_autoencoder
 
 
 def tiny(config: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "tiny" / config).model).eval()
+    model = instantiate_from_config(load_yaml(REPO / "configs" / "tiny" / config).model).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:

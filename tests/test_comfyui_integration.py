@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ldm.project import load_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "comfyui_nodes" / "workflows"
 # files the example workflows name, substituted by tiny stand-ins: (ComfyUI model folder, file name)
@@ -56,7 +58,6 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     import execution
     import folder_paths
     import nodes
-    from omegaconf import OmegaConf
 
     from ldm.checkpoints.files import save_state_dict
     from ldm.integrations.comfyui import decode_with_prior
@@ -82,7 +83,7 @@ def _run_in_comfyui(comfy_dir: Path, base: Path) -> dict:
     models = {}
     tiny = {"base.ckpt": "autoencoder_kl_tiny.yaml", "asuka_decoder.ckpt": "autoencoder_kl_flux_tiny.yaml"}
     for name, config in tiny.items():
-        model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "tiny" / config).model).eval()
+        model = instantiate_from_config(load_yaml(REPO / "configs" / "tiny" / config).model).eval()
         with torch.no_grad():  # random norms and biases too, so the condition branch matters
             for p in model.parameters():
                 if p.ndim == 1:

@@ -15,6 +15,7 @@ from ldm.data.inpainting import ImageFolderInpainting, ImageNetSRTrain, ImageNet
 from ldm.data.masks import DEFAULT_MASK_CONFIG, MaskGenerator
 from ldm.image_io import InputError as UnreadableImageError
 from ldm.image_io import read_image as load_image
+from ldm.project import load_yaml
 
 P_BOX = 0.3 / 1.3
 
@@ -115,7 +116,7 @@ def _kwargs() -> dict:
     from omegaconf import OmegaConf
 
     from ldm.data.masks import resolve_config_path
-    config = OmegaConf.to_container(OmegaConf.load(resolve_config_path(DEFAULT_MASK_CONFIG)))
+    config = OmegaConf.to_container(load_yaml(resolve_config_path(DEFAULT_MASK_CONFIG)))
     return dict(config["mask_generator_kwargs"])
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ldm.checkpoints.files import CheckpointError, save_state_dict
-from ldm.checkpoints.loading import load_model
+from ldm.loading import load_model
+from ldm.project import load_yaml
 from ldm.util import instantiate_from_config
 
 from .conftest import REPO
@@ -27,7 +28,7 @@ POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
 def build(config_path, seed=0, **overrides):
-    config = OmegaConf.load(config_path).model
+    config = load_yaml(config_path).model
     for key, value in overrides.items():
         config.params[key] = value
     torch.manual_seed(seed)
@@ -53,7 +54,7 @@ def inpaint_model():
 def test_full_size_configs_build_sd_v1(name, unet_params):
     """SD v1.x sizes: UNet 859.52M (+14,400 for the inpainting UNet's 5 extra input channels), VAE 83,653,863,
     CLIP ViT-L/14 text 123,060,480 (built on the meta device: no memory)."""
-    params = OmegaConf.load(REPO / "configs/autoencoder" / name).model.params
+    params = load_yaml(REPO / "configs/autoencoder" / name).model.params
     with torch.device("meta"):
         counts = [sum(p.numel() for p in instantiate_from_config(params[k]).parameters())
                   for k in ("unet_config", "first_stage_config", "cond_stage_config")]
@@ -170,7 +171,7 @@ def test_stages(inpaint_model):
 
 
 def test_bad_constructor_arguments():
-    config = OmegaConf.load(TINY_INPAINT).model
+    config = load_yaml(TINY_INPAINT).model
     bad = copy.deepcopy(config)
     bad.params.masked_image_key = "image"
     with pytest.raises(ValueError, match="masked_image_key"):
@@ -219,7 +220,7 @@ def diffusers_parts(model, config_path):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    original_config = OmegaConf.to_container(OmegaConf.load(config_path))
+    original_config = OmegaConf.to_container(load_yaml(config_path))
     sd = model.state_dict()
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original_config, sd)
     unet = UNet2DConditionModel(**unet_config)

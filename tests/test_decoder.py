@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from ldm.project import load_yaml
 from ldm.util import instantiate_from_config
 from tests.conftest import make_autoencoder
 
@@ -22,7 +22,7 @@ PARAM_COUNTS = {
 
 
 def build_meta(name: str):
-    cfg = OmegaConf.load(f"{CONFIGS}/{name}.yaml")
+    cfg = load_yaml(f"{CONFIGS}/{name}.yaml")
     with torch.device("meta"):
         return instantiate_from_config(cfg.model)
 
@@ -44,8 +44,8 @@ def test_full_size_parameter_counts(name):
 @pytest.mark.parametrize("name", ["autoencoder_kl_32x32x4_train", "autoencoder_kl_32x32x4_large_train",
                                   "autoencoder_kl_32x32x4_large2_train"])
 def test_train_configs_describe_the_same_decoder_as_inference(name):
-    train = OmegaConf.load(f"{CONFIGS}/{name}.yaml").model.params
-    infer = OmegaConf.load(f"{CONFIGS}/{name.replace('_train', '')}.yaml").model.params
+    train = load_yaml(f"{CONFIGS}/{name}.yaml").model.params
+    infer = load_yaml(f"{CONFIGS}/{name.replace('_train', '')}.yaml").model.params
     assert train.ddconfig == infer.ddconfig
     assert train.decoder_overrides == infer.decoder_overrides
 
@@ -214,7 +214,7 @@ def test_inputs_of_another_float_dtype_are_named(tiny_autoencoder, which):
 def test_real_base_configs_build_and_decode(name):
     """The shipped inference configs themselves (not tiny stand-ins), at 64 px: full-size random weights."""
     torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(f"{CONFIGS}/{name}.yaml").model).eval()
+    model = instantiate_from_config(load_yaml(f"{CONFIGS}/{name}.yaml").model).eval()
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., 16:48, 16:48] = 1
@@ -247,7 +247,7 @@ def test_attention_runs_the_fused_kernel_not_the_math_one():
 def test_attention_peak_memory_stays_far_below_the_attention_matrix():
     """One AttnBlock call at 96 x 96 = 9216 tokens: the HW x HW float32 matrix alone is 324 MiB; with the fused
     kernel the call needs a few MiB (peak resident set over the call, reset through /proc/self/clear_refs)."""
-    from scripts.benchmark import PeakMemory
+    from ldm.measure import PeakMemory
 
     try:
         with open("/proc/self/clear_refs", "w") as f:

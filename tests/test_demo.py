@@ -75,7 +75,7 @@ def test_edge_window_is_centred_on_the_mask_edge_nearest_the_centre():
     mask = torch.zeros(1, 40, 60)
     mask[:, :, 45:] = 1  # a vertical edge between columns 44 and 45
     y0, x0 = demo.edge_window(mask, 10, 16)
-    assert (y0, x0) == (15, 37)  # centred on the pixel (20, 45)
+    assert (y0, x0) == (15, 36)  # centred on the edge pixel (20, 44), of the two sides the one nearer the centre
     assert demo.edge_window(torch.ones(1, 40, 60), 10, 16) == (15, 22)  # no edge: the centre
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-from PIL import Image
+
+from ldm.project import load_yaml
 
 from .conftest import REPO
 
@@ -49,7 +48,7 @@ def random_weights(config: str, seed: int = 0) -> Callable[[Path], None]:
         from ldm.util import instantiate_from_config
 
         torch.manual_seed(seed)
-        state_dict = instantiate_from_config(OmegaConf.load(REPO / config).model).state_dict()
+        state_dict = instantiate_from_config(load_yaml(REPO / config).model).state_dict()
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -59,62 +58,9 @@ def random_weights(config: str, seed: int = 0) -> Callable[[Path], None]:
     return make
 
 
-def random_image(h: int = 32, w: int = 48, mask: bool = False) -> Callable[[Path], None]:
-    def make(path: Path) -> None:
-        rng = np.random.default_rng(0)
-        if mask:  # white = generate: a box in the middle
-            pixels = np.zeros((h, w), np.uint8)
-            pixels[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
-        else:
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(path)
-    return make
-
-
-def tiny_flux_fill_pipeline(path: Path) -> None:
-    """A ``save_pretrained`` folder of a FluxFillPipeline with tiny random components (tests/test_pipelines.py's),
-    text encoders and tokenizers included (a 4-word vocabulary: every prompt is unknown words)."""
-    import diffusers
-    import transformers
-    from tokenizers import Tokenizer, models
-
-    from ldm.latent_spaces import LATENT_SPACES
-
-    from .test_pipelines import TEXT_DIM, build_flux, export_vae, make_decoder
-
-    words = ["<unk>", "<pad>", "<s>", "</s>"]
-
-    def tokenizer(cls, model, **special):
-        return cls(tokenizer_object=Tokenizer(model), unk_token="<unk>", pad_token="<pad>", eos_token="</s>", **special)
-
-    pipe = build_flux(export_vae(make_decoder(LATENT_SPACES["flux"], condition=False)))
-    torch.manual_seed(0)
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2))
-    t5 = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=len(words), d_model=TEXT_DIM, d_ff=37, d_kv=8, num_layers=1, num_heads=4))
-    diffusers.FluxFillPipeline(**{
-        **pipe.components, "text_encoder": clip, "text_encoder_2": t5,
-        "tokenizer": tokenizer(transformers.CLIPTokenizerFast, models.BPE(
-            {w: i for i, w in enumerate(words)}, [], unk_token="<unk>", end_of_word_suffix=""),
-            bos_token="<s>", model_max_length=77),
-        "tokenizer_2": tokenizer(transformers.T5TokenizerFast, models.Unigram([(w, 0.0) for w in words], unk_id=0),
-                                 model_max_length=512, extra_ids=0)}).save_pretrained(path)
-
-
 # a user's file named in a docs block -> how its tiny stand-in is made (fits the CONFIG_STAND_INS counterparts)
 FILE_STAND_INS: Dict[str, Callable[[Path], None]] = {
     "base.ckpt": random_weights("configs/tiny/autoencoder_kl_tiny.yaml"),
-    "larger1.5.ckpt": random_weights("configs/tiny/autoencoder_kl_tiny.yaml", seed=1),
-    "larger2.ckpt": random_weights("configs/tiny/autoencoder_kl_tiny.yaml", seed=2),
-    "base.safetensors": random_weights("configs/tiny/autoencoder_kl_tiny.yaml"),
-    "stable_vqgan.ckpt": random_weights("configs/tiny/autoencoder_kl_woc_tiny.yaml"),
-    "asuka_decoder.ckpt": random_weights("configs/tiny/autoencoder_kl_flux_tiny.yaml"),
-    "sd-v1-5-inpainting.ckpt": random_weights("configs/tiny/v1-inpainting-tiny.yaml"),
-    "v1-5-pruned-emaonly.ckpt": random_weights("configs/tiny/v1-t2i-tiny.yaml"),
-    "models/FLUX.1-Fill-dev": tiny_flux_fill_pipeline,
-    "photo.png": random_image(),
-    "photo_mask.png": random_image(mask=True),
 }
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
@@ -249,3 +195,38 @@ def test_the_checks_see_a_broken_example():
         ["python", "a.py", "--x", "1", "--y", "2"]]
     assert with_stand_in_configs('"configs/autoencoder/autoencoder_kl_32x32x4_large.yaml"') == (
         '"configs/tiny/autoencoder_kl_tiny.yaml"')
+
+
+# ------------------------------------------------------------------------------------------------ the pages' facts
+def test_every_stand_in_is_used_by_a_block():
+    """A stand-in no block names is a doc example that went away: drop it (docs/tests.md lists the stand-ins)."""
+    code = "\n".join(PYTHON_BLOCKS.values())
+    unused = [name for name in FILE_STAND_INS if not re.search(rf"[\"']{re.escape(name)}[\"']", code)]
+    assert unused == []
+
+
+def test_every_docs_page_is_in_the_readme_table():
+    readme = (REPO / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme))
+    assert {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")} <= linked
+
+
+# a backquoted path of this repository: a top-level folder of the project, then a file or folder name
+REPO_PATH = re.compile(r"`((?:configs|scripts|ldm|tests|docs|comfyui_nodes)/[\w./-]*\w)`")
+
+
+def repo_paths(text: str) -> List[str]:
+    """The repository paths a page names in backquotes (no wildcards, braces or placeholders)."""
+    return [p for p in REPO_PATH.findall(text) if not re.search(r"[*{}<>]|\.\.\.|/N\b|/X\b", p)]
+
+
+def test_every_file_a_page_names_exists():
+    missing = [f"{page.relative_to(REPO)}: {path}" for page in pages() for path in repo_paths(page.read_text())
+               if not (REPO / path).exists()]
+    assert missing == []
+
+
+def test_the_path_check_sees_a_missing_file():
+    assert repo_paths("see `docs/nowhere.md`, `configs/autoencoder/{sdxl,sd3}/` and `ldm/x/*.py`") == [
+        "docs/nowhere.md"]
+    assert not (REPO / "docs/nowhere.md").exists()

@@ -7,7 +7,7 @@ import torch
 
 from ldm import fast
 from ldm.fast import EXACT, FastDecode, FastSettings
-from scripts.benchmark import psnr_8bit
+from ldm.measure import psnr_8bit
 from tests.conftest import make_autoencoder
 
 # Stated bounds of the fast path against float32 (tiny model, random weights, outputs of magnitude ~1): bfloat16

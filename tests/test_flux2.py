@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.test_interop import randomize_
 from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
@@ -284,13 +285,12 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
                                                                                   monkeypatch):
     """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
     ae.safetensors, the statistics kept as loaded, a fresh condition branch, a few steps."""
-    from omegaconf import OmegaConf
 
     from tests.test_latent_spaces import train_with_main
 
     images = request.getfixturevalue("image_folder")
     vae = bfl_file(tmp_path / "ae.safetensors")
-    config = OmegaConf.load(TINY_FLUX2)
+    config = load_yaml(TINY_FLUX2)
     params = config.model.params
     params.ckpt_path = str(tmp_path / "ae.safetensors")
     params.pretrained_lr_factor = 0.1
@@ -319,7 +319,7 @@ def test_evaluate_tiling_and_benchmark_in_the_flux2_space(tmp_path):
     from PIL import Image
 
     from ldm.checkpoints.files import save_state_dict
-    from ldm.checkpoints.loading import load_model
+    from ldm.loading import load_model
     from scripts import benchmark, evaluate
 
     model = set_statistics_(randomize_(load_model(TINY_FLUX2), 0))

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import inpaint_st
 from ldm.latent_spaces import LATENT_SPACES
+from ldm.project import load_yaml
 from scripts import inpaint_diffusers
 
 from .test_pipelines import build_sd, export_vae, make_decoder
@@ -81,7 +82,7 @@ def test_inpaint_diffusers_end_to_end_as_inpaint_st(files, pipeline_dir, tmp_pat
 
 
 def test_inpaint_diffusers_refuses_what_cannot_work(files, pipeline_dir, tmp_path, capsys):  # noqa: F811
-    config = OmegaConf.load(DECODER)
+    config = load_yaml(DECODER)
     config.model.params.scaling_factor = 0.13025  # SDXL's latent space, 4 channels as well
     sdxl_config = tmp_path / "sdxl_tiny.yaml"
     OmegaConf.save(config, sdxl_config)

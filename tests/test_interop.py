@@ -25,6 +25,7 @@ from ldm.checkpoints.diffusers import (
 from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.checkpoints.keys import read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.project import load_yaml
 
 from .conftest import REPO, TINY_DDCONFIG, assert_same_tensors
 
@@ -210,7 +211,7 @@ def test_full_size_variants_map_onto_diffusers(config_name, expected):
     every converted key and shape fits the diffusers model (built on meta, no memory)."""
     from omegaconf import OmegaConf
 
-    params = OmegaConf.to_container(OmegaConf.load(REPO / "configs/autoencoder" / config_name))["model"]["params"]
+    params = OmegaConf.to_container(load_yaml(REPO / "configs/autoencoder" / config_name))["model"]["params"]
     with torch.device("meta"):
         model = AutoencoderKL(**params)
     sd, config = ldm_to_diffusers(model.state_dict(), params["ddconfig"], params["decoder_overrides"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.test_interop import randomize_
 from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
@@ -66,11 +67,10 @@ def test_without_quant_convs_embed_dim_must_equal_z_channels():
 def test_diffusion_model_scales_through_its_first_stage():
     """LatentDiffusion's scale_factor (its config) becomes the first stage's scaling_factor, and encoding /
     decoding go through the first stage's scale_latents / unscale_latents (shift included)."""
-    from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
 
-    cfg = OmegaConf.load("configs/tiny/v1-t2i-tiny.yaml").model
+    cfg = load_yaml("configs/tiny/v1-t2i-tiny.yaml").model
     cfg.params.scale_factor = 0.5
     cfg.params.first_stage_config.params.shift_factor = 0.25
     model = instantiate_from_config(cfg).eval()
@@ -95,7 +95,7 @@ SPACE_CONFIGS = ["vanilla", "asymmetric_base", "asymmetric_large", "asymmetric_l
 def load_params(path: str):
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path).model.params, resolve=True)
+    return OmegaConf.to_container(load_yaml(path).model.params, resolve=True)
 
 
 @pytest.mark.parametrize("space", sorted(RELEASED))
@@ -161,12 +161,11 @@ def numel(module) -> int:
 
 
 def build_meta(path: str):
-    from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
 
     with torch.device("meta"):
-        return instantiate_from_config(OmegaConf.load(path).model)
+        return instantiate_from_config(load_yaml(path).model)
 
 
 @pytest.mark.parametrize("space", sorted(RELEASED))
@@ -431,7 +430,7 @@ def test_evaluate_reconstruction_in_a_16_channel_space_untiled_and_tiled(tmp_pat
     from PIL import Image
 
     from ldm.checkpoints.files import save_state_dict
-    from ldm.checkpoints.loading import load_model
+    from ldm.loading import load_model
     from scripts import evaluate
 
     torch.manual_seed(3)
@@ -458,7 +457,7 @@ def math_finite(x) -> bool:
 
 def test_tiled_decode_of_a_16_channel_asuka_style_decoder():
     """One tile covering everything = the untiled decode, exactly; several tiles keep the image size."""
-    from ldm.checkpoints.loading import load_model
+    from ldm.loading import load_model
 
     torch.manual_seed(4)
     model = randomize_(load_model(TINY_FLUX), 0)

@@ -18,12 +18,16 @@ def import_graph() -> Dict[str, Set[str]]:
     files = {_module_name(p): p for p in (REPO / "ldm").rglob("*.py")}
     graph: Dict[str, Set[str]] = {name: set() for name in files}
     for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            elif isinstance(node, ast.ImportFrom):
+                # `from ..x import y` (the package imports itself relatively) is `from ldm.x import y` here
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
                 # `from ldm.x import y` may name the module ldm.x.y or an object of ldm.x
-                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
+                targets = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in files else module
                            for alias in node.names]
             else:
                 continue
@@ -57,6 +61,16 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
 
 
+def test_imports_inside_ldm_are_relative():
+    """The package must load under another name beside a host's own ``ldm`` (ComfyUI's ``comfy/ldm``): inside it,
+    no import names ``ldm`` absolutely."""
+    absolute = [f"{p.relative_to(REPO)}:{node.lineno}" for p in (REPO / "ldm").rglob("*.py")
+                for node in ast.walk(ast.parse(p.read_text()))
+                if (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "ldm")
+                or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "ldm" for a in node.names))]
+    assert absolute == []
+
+
 def test_no_import_cycle_inside_ldm():
     graph = import_graph()
     assert "ldm.checkpoints.keys" in graph and graph["ldm.models.autoencoder"]
@@ -71,7 +85,7 @@ CHECKPOINT_LAYERS = [
     ["ldm.checkpoints.diffusers", "ldm.checkpoints.keys"],        # key layouts; any format into our keys, key checks
     ["ldm.checkpoints.autoencoder_weights"],                      # which weights of a file an autoencoder takes
     ["ldm.models.autoencoder", "ldm.models.diffusion.ddpm"],      # models
-    ["ldm.checkpoints.loading"],                                  # config + checkpoint -> model
+    ["ldm.loading"],                                              # config + checkpoint -> model
 ]
 
 

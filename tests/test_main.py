@@ -17,6 +17,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main
+from ldm.project import load_yaml
+from ldm.training import config as training_config
+from ldm.training import trainer as trainer_setup
 from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.util import instantiate_from_config
 
@@ -91,7 +94,7 @@ def test_main_trains_and_writes_the_run_folder(tmp_path, config_file, monkeypatc
     assert rc == 0
     (run,) = (tmp_path / "logs").glob("*_e2e")
     assert len(list((run / "configs").glob("*-project.yaml"))) == 1
-    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml")))
+    lightning = load_yaml(next((run / "configs").glob("*-lightning.yaml")))
     assert lightning.lightning.trainer.max_steps == 6 and lightning.lightning.trainer.accelerator == "cpu"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
@@ -128,13 +131,13 @@ def test_fast_training_runs_the_device_fast_path_and_saves_ordinary_weights(tmp_
                 "--fast") == 0
     expected = fast_settings(torch.device("cpu"))
     (run,) = (tmp_path / "logs").glob("*_fast")
-    lightning = OmegaConf.load(next((run / "configs").glob("*-lightning.yaml")))
+    lightning = load_yaml(next((run / "configs").glob("*-lightning.yaml")))
     assert lightning.lightning.trainer.precision == TRAINING_PRECISION[expected.dtype]
     # every batch channels_last, weights kept float32; the training steps autocast (the image logger's calls do not)
     assert seen and all(s[:2] == (True, torch.float32) for s in seen)
     assert any(s[2] for s in seen) == (expected.dtype == torch.bfloat16)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    config = OmegaConf.load(config_file).model
+    config = load_yaml(config_file).model
     config.params.lossconfig = {"target": "torch.nn.Identity"}
     # mixed precision keeps float32 master weights, and compiled blocks would show as renamed keys (strict load)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
@@ -187,17 +190,17 @@ def test_bad_command_lines(tmp_path, config_file, monkeypatch):
 
 
 def test_device_flags():
-    assert main.parse_devices(None) == ("cpu", 1, 1)
-    assert main.parse_devices("0,1") == ("gpu", [0, 1], 2)
-    assert main.parse_devices("0,") == ("gpu", [0], 1)
-    assert main.parse_devices("3") == ("gpu", 3, 3)
+    assert trainer_setup.parse_devices(None) == ("cpu", 1, 1)
+    assert trainer_setup.parse_devices("0,1") == ("gpu", [0, 1], 2)
+    assert trainer_setup.parse_devices("0,") == ("gpu", [0], 1)
+    assert trainer_setup.parse_devices("3") == ("gpu", 3, 3)
     opt = main.get_parser().parse_args(["--gpus", "0,1", "--num_nodes", "2", "--precision", "16"])
-    kwargs, world = main.build_trainer_kwargs(opt, OmegaConf.create({"max_epochs": 12}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(opt, OmegaConf.create({"max_epochs": 12}))
     assert world == 4 and kwargs["strategy"] == "ddp_find_unused_parameters_true"
     assert kwargs["precision"] == "16-mixed" and kwargs["devices"] == [0, 1] and kwargs["max_epochs"] == 12
     # PL 1.x config keys of the original
     opt = main.get_parser().parse_args(["--max_steps", "5"])
-    kwargs, world = main.build_trainer_kwargs(opt, OmegaConf.create({"gpus": "0,", "accelerator": "ddp",
+    kwargs, world = trainer_setup.build_trainer_kwargs(opt, OmegaConf.create({"gpus": "0,", "accelerator": "ddp",
                                                                       "max_epochs": 12}))
     assert kwargs["accelerator"] == "gpu" and kwargs["strategy"] == "ddp" and "max_epochs" not in kwargs
     assert world == 1 and kwargs["max_steps"] == 5
@@ -300,23 +303,24 @@ def test_resume_keeps_the_csv_metrics_from_before_the_kill(tmp_path, config_file
 
 def test_config_devices_kept_without_gpus_flag():
     no_flag = main.get_parser().parse_args([])
-    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": 2}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": 2}))
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("cpu", 2, 2)  # two CPU processes
     assert kwargs["strategy"] == "ddp_find_unused_parameters_true"
-    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"accelerator": "gpu", "devices": "0,1"}))
+    gpu = {"accelerator": "gpu"}
+    kwargs, world = trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({**gpu, "devices": "0,1"}))
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0, 1], 2)
-    kwargs, world = main.build_trainer_kwargs(no_flag, OmegaConf.create({"accelerator": "gpu", "devices": "3"}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({**gpu, "devices": "3"}))
     assert (kwargs["devices"], world) == (3, 3)
     flag = main.get_parser().parse_args(["--gpus", "0,"])
-    kwargs, world = main.build_trainer_kwargs(flag, OmegaConf.create({"accelerator": "cpu", "devices": 4}))
+    kwargs, world = trainer_setup.build_trainer_kwargs(flag, OmegaConf.create({"accelerator": "cpu", "devices": 4}))
     assert (kwargs["accelerator"], kwargs["devices"], world) == ("gpu", [0], 1)  # --gpus wins
     with pytest.raises(ValueError, match="lightning.trainer.devices"):
-        main.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": "two"}))
+        trainer_setup.build_trainer_kwargs(no_flag, OmegaConf.create({"devices": "two"}))
 
 
 def test_clear_errors_name_the_argument(tmp_path, config_file, monkeypatch):
     with pytest.raises(ValueError, match="--gpus 'abc'"):
-        main.parse_devices("abc")
+        trainer_setup.parse_devices("abc")
     with pytest.raises(ValueError, match="lightning.callbacks.mine"):
         _run(tmp_path, monkeypatch, "x", "--base", str(config_file), "-t", "lightning.callbacks.mine.params.x=1")
 
@@ -347,7 +351,7 @@ def test_readme_resume_command_trains_and_periodic_checkpoints_are_kept(tmp_path
     (run,) = (tmp_path / "logs").glob("*_r")
     (run / "checkpoints" / ".last.ckpt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
     cfg = next((run / "configs").glob("*-lightning.yaml"))
-    OmegaConf.save(OmegaConf.merge(OmegaConf.load(cfg), {"lightning": {"trainer": {"max_steps": 8}}}), cfg)
+    OmegaConf.save(OmegaConf.merge(load_yaml(cfg), {"lightning": {"trainer": {"max_steps": 8}}}), cfg)
     assert main.main(["--resume", str(run)]) == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -371,7 +375,7 @@ def test_accumulate_grad_batches_in_the_config_trains(tmp_path, config_file, mon
 
 def test_project_configs_are_found_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = main.load_config(["configs/tiny/autoencoder_kl_tiny.yaml"], ["model.params.embed_dim=4"])
+    config = training_config.load_config(["configs/tiny/autoencoder_kl_tiny.yaml"], ["model.params.embed_dim=4"])
     assert config.model.params.embed_dim == 4
     with pytest.raises(FileNotFoundError, match="--base configs/nope.yaml"):
-        main.load_config(["configs/nope.yaml"], [])
+        training_config.load_config(["configs/nope.yaml"], [])

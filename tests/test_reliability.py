@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldm.checkpoints.files import save_state_dict
+from ldm.project import load_yaml
 from tests.conftest import REPO, make_autoencoder
 
 
@@ -143,6 +144,8 @@ def test_inpaint_st_writes_no_black_images_from_nan_outputs(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ 3.-7. main.py: configs, run folders, resume
+from ldm.training import config as training_config  # noqa: E402
+from ldm.training import run_folder  # noqa: E402
 from tests.test_main import config_file, image_folder  # noqa: E402,F401  (fixtures: a tiny run on 10 images)
 
 QUIET = ["lightning.callbacks.image_logger.params.disabled=true", "model.params.monitor=null"]
@@ -167,15 +170,13 @@ def test_misspelt_config_keys_are_errors_naming_the_closest_key(tmp_path, config
 def test_every_project_training_config_passes_the_key_check():
     import glob
 
-    from omegaconf import OmegaConf
 
-    import main
 
     configs = [f for f in glob.glob(str(REPO / "configs/**/*.yaml"), recursive=True)
-               if "lightning" in OmegaConf.load(f)]
+               if "lightning" in load_yaml(f)]
     assert configs
     for f in configs:
-        main.check_config_keys(OmegaConf.load(f))
+        training_config.check_config_keys(load_yaml(f))
 
 
 def test_missing_inputs_are_named_all_at_once_before_anything_is_built(tmp_path, config_file):  # noqa: F811
@@ -220,7 +221,7 @@ def test_same_name_in_the_same_second_gets_its_own_folder(tmp_path, config_file,
     assert snapshot(taken) == {"csv/metrics.csv": b"the other run's rows\n"}
     assert (tmp_path / "logs" / "2020-01-01T00-00-00-1_twin" / "checkpoints" / "last.ckpt").is_file()
     assert main.RUN_FOLDER_ENV not in os.environ  # nothing left for the next main() or its children
-    assert main.claim_run_folder(taken, "2020-01-01T00-00-00")[0].name == "2020-01-01T00-00-00-2_twin"
+    assert run_folder.claim_run_folder(taken, "2020-01-01T00-00-00")[0].name == "2020-01-01T00-00-00-2_twin"
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, config_file, caplog):  # noqa: F811
@@ -236,7 +237,7 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, config_file, capl
               *recorder, "lightning.callbacks.recorder.params.crash_at=9")
     (run,) = (tmp_path / "logs").glob("*_oom")
     ckpts = run / "checkpoints"
-    assert {p.name: main.checkpoint_step(p) for p in ckpts.iterdir()} == {
+    assert {p.name: run_folder.checkpoint_step(p) for p in ckpts.iterdir()} == {
         "last.ckpt": 5, "periodic-e000001-s000000006.ckpt": 6, "periodic-e000001-s000000008.ckpt": 8}
     with pytest.raises(ValueError, match="newer checkpoints .periodic-e000001-s000000008.ckpt at global step 8"):
         train(tmp_path, "--resume", str(ckpts / "last.ckpt"))
@@ -247,7 +248,7 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, config_file, capl
     assert "continuing from periodic-e000001-s000000008.ckpt, global step 8" in caplog.text
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in records.read_text().splitlines()]
     assert steps == [8, 9]  # not 5, 6, 7, ... again
-    assert {p.name: main.checkpoint_step(p) for p in ckpts.iterdir()} == {
+    assert {p.name: run_folder.checkpoint_step(p) for p in ckpts.iterdir()} == {
         "last.ckpt": 10, "periodic-e000001-s000000008.ckpt": 8, "periodic-e000001-s000000010.ckpt": 10}
 
 

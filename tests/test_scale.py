@@ -25,6 +25,7 @@ from ldm.data.hf_datasets import HFDatasetInpainting
 from ldm.data.inpainting import ImageFolderInpainting
 from ldm.data.shards import StreamLoader, WebDatasetInpainting
 from ldm.modules.diffusionmodules.model import Decoder, ResnetBlock
+from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG
 from tests.test_main import Recorder, config_file, image_folder  # noqa: F401  (fixtures)
 
@@ -171,7 +172,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def _data_config(base: Path, train: dict, path: Path) -> Path:
-    config = OmegaConf.load(base)
+    config = load_yaml(base)
     config.data.params.train = train
     config.data.params.pop("validation")
     config.model.params.monitor = None

@@ -341,9 +341,9 @@ def test_txt2img_classifier_free_guidance(files, tmp_path, monkeypatch, scale, f
 
 def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatch):
     decodes, samples, scale = [], [], []
-    import ldm.checkpoints.loading
+    import ldm.loading
 
-    real_load = ldm.checkpoints.loading.load_model
+    real_load = ldm.loading.load_model
 
     def load_model(config, ckpt, **kwargs):
         model = real_load(config, ckpt, **kwargs)
@@ -353,7 +353,7 @@ def test_txt2img_decodes_with_the_asymmetric_decoder(files, tmp_path, monkeypatc
             scale.append(model.scale_factor)
         return model
 
-    monkeypatch.setattr(ldm.checkpoints.loading, "load_model", load_model)
+    monkeypatch.setattr(ldm.loading, "load_model", load_model)
     spy_samples(monkeypatch, samples)
     out = tmp_path / "asym"
     assert txt2img.main(t2i_args(files, out, "--skip_grid")) == 0
@@ -535,11 +535,11 @@ def test_inpaint_st_skips_an_image_above_max_pixels_and_runs_the_rest(files, one
 
 
 def test_missing_decoder_is_reported_by_flag_before_sd_loads(files, one_pair, tmp_path, monkeypatch, capsys):
-    import ldm.checkpoints.loading
+    import ldm.loading
 
     loaded = []
-    real = ldm.checkpoints.loading.load_model
-    monkeypatch.setattr(ldm.checkpoints.loading, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    real = ldm.loading.load_model
+    monkeypatch.setattr(ldm.loading, "load_model", lambda *a, **k: loaded.append(a) or real(*a, **k))
     args = with_flag(with_flag(inpaint_args(files, tmp_path / "o"), "--indir", one_pair), "--ckpt",
                      tmp_path / "nope.ckpt")
     assert "--ckpt " in refused(inpaint_st, args, capsys)

@@ -13,13 +13,14 @@ It reads the model through what every ``AutoencoderKL`` has (``decoder``, ``deco
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Mapping, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 
 from ..checkpoints.files import CheckpointError, PathLike
 from ..checkpoints.keys import load_into, read_state_dict
 from ..checkpoints.tensors import (
+    BRANCH,
     UNUSED_PREFIXES,
     autoencoder_state_dict,
     describe_decoder_checkpoint,
@@ -30,15 +31,16 @@ from ..latent_spaces import describe_latent_layout
 
 log = logging.getLogger(__name__)
 
-BRANCH = "decoder.encoder."  # the condition branch's keys
-
 
 def load_autoencoder_weights(model: Any, path: PathLike, ignore_keys: Sequence[str] = (),
-                             fresh_condition: bool = True) -> None:
+                             fresh_condition: bool = True,
+                             state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Load ``path`` (any format of :func:`ldm.checkpoints.keys.read_state_dict`; a full SD checkpoint gives its
     ``first_stage_model``) into ``model`` strictly, by the rules of the module docstring. ``fresh_condition``:
-    the start of training (a missing condition branch starts fresh) rather than a model to use."""
-    state_dict = autoencoder_state_dict(read_state_dict(path), source=path)
+    the start of training (a missing condition branch starts fresh) rather than a model to use. ``state_dict``:
+    the file's tensors when the caller has read them already (``read_state_dict(path)``), so the file is read
+    once; ``path`` then only names it in messages."""
+    state_dict = autoencoder_state_dict(read_state_dict(path) if state_dict is None else state_dict, source=path)
     check_latent_layout(model, state_dict, path)
     allow_missing = []
     if model.decoder.has_condition and not any(k.startswith(BRANCH) for k in state_dict):

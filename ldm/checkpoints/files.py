@@ -11,7 +11,7 @@ pickled code; nothing here knows a key layout or a model.
 
 The layers above: :mod:`ldm.latent_spaces` (what the tensors are), :mod:`ldm.checkpoints.diffusers` and
 :mod:`ldm.checkpoints.keys` (key layouts; any format into our keys, checked against a model), the models, and
-:mod:`ldm.checkpoints.loading` (config + checkpoint -> model).
+:mod:`ldm.loading` (config + checkpoint -> model).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 :func:`read_state_dict` takes every format a user may bring (:mod:`ldm.checkpoints.files`: ``.ckpt``/``.pt``
 weights-only, ``.safetensors``; a diffusers folder through :mod:`ldm.checkpoints.diffusers`) and returns our keys;
 :func:`load_into` checks them against a model, explains every mismatch and assigns the tensors. Models call these;
-:func:`ldm.checkpoints.loading.load_model` (config + checkpoint -> model) sits above the models.
+:func:`ldm.loading.load_model` (config + checkpoint -> model) sits above the models.
 """
 from __future__ import annotations
 

@@ -159,26 +159,29 @@ def level_widths(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Tuple[L
     return widths, blocks.pop()
 
 
-# where our checkpoints keep the decoder's condition branch (the original release's name)
-BRANCH = "decoder.encoder.layers."
+# where our checkpoints keep the decoder's condition branch (the original release's name): its layers are
+# decoder.encoder.layers.N.{weight,bias}
+BRANCH = "decoder.encoder."
+BRANCH_LAYERS = BRANCH + "layers."
 
 
 def condition_branch(state_dict: Mapping[str, torch.Tensor], out_channels: int) -> Optional[Dict[str, Any]]:
     """``{condition_widths, concat_mask, gate_conv}`` of the decoder's condition branch read off its tensors
     (``out_channels``: the image's channels; ASUKA's ``concat_mask`` reads one more, its ``gate_conv`` doubles the
     outputs), ``None`` without one; :class:`CheckpointError` for a branch of neither shape."""
-    n = len({k[len(BRANCH):].split(".")[0] for k in state_dict if k.startswith(BRANCH)})
+    n = len({k[len(BRANCH_LAYERS):].split(".")[0] for k in state_dict if k.startswith(BRANCH_LAYERS)})
     if n == 0:
         return None
     shapes = []
     for i in range(n):
-        if f"{BRANCH}{i}.weight" not in state_dict:
-            raise CheckpointError(f"condition branch without {BRANCH}{i}.weight (its layers are not 0..{n - 1})")
-        shapes.append(tuple(state_dict[f"{BRANCH}{i}.weight"].shape))
+        if f"{BRANCH_LAYERS}{i}.weight" not in state_dict:
+            raise CheckpointError(f"condition branch without {BRANCH_LAYERS}{i}.weight (its layers are not "
+                                  f"0..{n - 1})")
+        shapes.append(tuple(state_dict[f"{BRANCH_LAYERS}{i}.weight"].shape))
     concat_mask = shapes[0][1] == out_channels + 1
     if shapes[0][1] not in (out_channels, out_channels + 1):
-        raise CheckpointError(f"{BRANCH}0.weight reads {shapes[0][1]} channels: neither the image ({out_channels}) "
-                              f"nor image + mask ({out_channels + 1})")
+        raise CheckpointError(f"{BRANCH_LAYERS}0.weight reads {shapes[0][1]} channels: neither the image "
+                              f"({out_channels}) nor image + mask ({out_channels + 1})")
     gate_conv = n > 1 and shapes[0][0] == 2 * shapes[1][1]
     widths = [s[0] // 2 if gate_conv else s[0] for s in shapes]
     return {"condition_widths": widths, "concat_mask": concat_mask, "gate_conv": gate_conv}

@@ -14,8 +14,8 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
+from .. import loading
 from ..checkpoints import files as checkpoint_files
-from ..checkpoints import loading
 from ..image_io import InputError
 from ..util import PathLike, remove_stale_temporaries
 
@@ -87,7 +87,7 @@ def refuse_overlap(outdir: PathLike, indir: PathLike, out_flag: str = "--outdir"
 
 
 def load_flagged(opt: Any, config_flag: str, ckpt_flag: str, device: torch.device) -> torch.nn.Module:
-    """``ldm.checkpoints.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what
+    """``ldm.loading.load_model`` of the files named by two flags of ``opt``, with a line saying what
     loads; a checkpoint error names both flags."""
     config, ckpt = getattr(opt, config_flag[2:]), getattr(opt, ckpt_flag[2:])
     print(f"loading {ckpt} ({ckpt_flag}) ...", file=sys.stderr, flush=True)

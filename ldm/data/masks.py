@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from omegaconf import OmegaConf
 
-from ..project import resolve_config_path
+from ..project import load_yaml, resolve_config_path
 
 DEFAULT_MASK_CONFIG = "configs/autoencoder/random_thick_256.yaml"
 
@@ -142,7 +142,7 @@ class MaskGenerator:
         if isinstance(config, (str, os.PathLike)):
             path = resolve_config_path(config)
             source = str(path)
-            config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            config = OmegaConf.to_container(load_yaml(path), resolve=True)
         elif OmegaConf.is_config(config):
             config = OmegaConf.to_container(config, resolve=True)
         if not isinstance(config, Mapping):

@@ -1,6 +1,8 @@
-"""The mask's edge: the bands of pixels on either side of it, read by the boundary metrics
-(:mod:`ldm.metrics`) and the boundary-weighted reconstruction loss (:mod:`ldm.modules.losses.contperceptual`); and
-the same mask with jagged edges (:func:`coarsen_mask`, the robustness rows of ``scripts/evaluate.py`` and the demo).
+"""The mask's edge, defined here once: the edge pixels themselves (:func:`edge_pixels`), the bands of pixels on
+either side of it (:func:`band_masks`, :func:`edge_band`), read by the boundary metrics (:mod:`ldm.metrics`), the
+figures of ``scripts/evaluate.py`` and the demo, and the boundary-weighted reconstruction loss
+(:mod:`ldm.modules.losses.contperceptual`); and the same mask with jagged edges (:func:`coarsen_mask`, the
+robustness rows of ``scripts/evaluate.py`` and the demo).
 
 Masks are (B,1,H,W), 1 = generate, 0 = keep, binarised at 0.5.
 """
@@ -27,6 +29,27 @@ def band_masks(mask: torch.Tensor, band_px: int = DEFAULT_BAND_PX) -> Tuple[torc
         raise ValueError(f"band_px must be a whole number >= 1, got {band_px!r}")
     m = (mask >= 0.5).float()
     return m * _within(1 - m, int(band_px)), (1 - m) * _within(m, int(band_px))
+
+
+def edge_band(mask: torch.Tensor, band_px: int) -> torch.Tensor:
+    """(B,1,H,W) 1 at the pixels within ``band_px`` pixels (chessboard distance) of a pixel of the other region,
+    on both sides of the edge: the union of the two bands of :func:`band_masks`; 0 everywhere for a mask of one
+    value."""
+    inner, outer = band_masks(mask, band_px)
+    return inner + outer
+
+
+def edge_pixels(mask: torch.Tensor) -> torch.Tensor:
+    """(...,H,W) bool, True on every pixel that has a 4-neighbour on the other side of the mask edge (both sides
+    of it); ``mask`` (...,H,W) or (B,1,H,W), binarised at 0.5."""
+    m = mask >= 0.5
+    edge = torch.zeros_like(m)
+    dx, dy = m[..., :, 1:] != m[..., :, :-1], m[..., 1:, :] != m[..., :-1, :]
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    return edge
 
 
 def coarsen_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:

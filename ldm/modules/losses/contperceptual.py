@@ -28,7 +28,7 @@ from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from taming.modules.losses.vqperceptual import hinge_d_loss, vanilla_d_loss
 from torch import nn
 
-from ...modules.mask_edges import band_masks
+from ...modules.mask_edges import edge_band
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,6 @@ def build_lpips(vgg_path: Optional[Union[str, Path]] = None) -> nn.Module:
     return model.eval()
 
 
-def boundary_band(mask: torch.Tensor, band_px: int) -> torch.Tensor:
-    """(B,1,H,W) 1 at the pixels within ``band_px`` pixels (chessboard distance) of a pixel of the other region
-    (mask binarised at 0.5), on both sides of the edge: the union of the two bands of
-    :func:`ldm.modules.mask_edges.band_masks`; 0 everywhere for a mask of one value."""
-    inner, outer = band_masks(mask, band_px)
-    return inner + outer
-
-
 class LPIPSWithDiscriminator(nn.Module):
     """LDM's ``LPIPSWithDiscriminator`` with the generator / discriminator halves split.
 
@@ -107,9 +99,10 @@ class LPIPSWithDiscriminator(nn.Module):
 
     Not in the paper (off by default, which is the paper's loss bit for bit): ``boundary_weight`` w > 0 multiplies
     the L1 term by ``1 + w`` at the pixels within ``boundary_px`` pixels (chessboard distance) of the mask edge, on
-    both sides (:func:`boundary_band`), so that training looks harder at the seam between kept and generated
-    pixels, where the decoder's last layers mix the condition branch's features with its own. It needs the mask
-    (``generator_loss(..., mask=)``); samples without a kept region (all-ones mask) have no edge and keep weight 1.
+    both sides (:func:`ldm.modules.mask_edges.edge_band`), so that training looks harder at the seam between kept
+    and generated pixels, where the decoder's last layers mix the condition branch's features with its own. It needs
+    the mask (``generator_loss(..., mask=)``); samples without a kept region (all-ones mask) have no edge and keep
+    weight 1.
     """
 
     def __init__(self, disc_start: int, logvar_init: float = 0.0, kl_weight: float = 1.0,
@@ -154,15 +147,21 @@ class LPIPSWithDiscriminator(nn.Module):
         d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
         return torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
 
+    @property
+    def forward_keys(self) -> Tuple[str, ...]:
+        """What the training step passes besides images and posterior (as sgm's losses declare theirs): the mask
+        (B,1,H,W), 1 = generate, only with ``boundary_weight`` > 0, so losses of the original signature work."""
+        return ("mask",) if self.boundary_weight > 0 else ()
+
     def reconstruction_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
                             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``rec`` per pixel: L1 (times ``1 + boundary_weight`` in the mask edge's band, when set) plus the weighted
         LPIPS distance (B,1,1,1), broadcast."""
         rec_loss = torch.abs(inputs - reconstructions)
-        if self.boundary_weight > 0:
+        if "mask" in self.forward_keys:
             if mask is None:
                 raise ValueError("boundary_weight > 0 needs the mask: call generator_loss(..., mask=mask)")
-            band = boundary_band(mask, self.boundary_px)
+            band = edge_band(mask, self.boundary_px)
             rec_loss = rec_loss * (1 + self.boundary_weight * band).to(rec_loss.dtype)
         if self.perceptual_loss is not None:
             rec_loss = rec_loss + self.perceptual_weight * self.perceptual_loss(inputs, reconstructions)
