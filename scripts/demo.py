@@ -4,16 +4,18 @@ CPU in minutes, with no downloads.
 1. data: crops of the photographs bundled with scikit-image; two photos (chelsea, coffee) are held out whole.
 2. stage 1: a small KL autoencoder (encoder + vanilla decoder, factor-4 latent of 4 channels) trained from scratch
    through main.py (configs/demo/autoencoder_vanilla.yaml).
-3. stage 2: the asymmetric decoder (condition branch reading the masked image) trained on the frozen stage-1
-   encoder, starting from the stage-1 decoder, through main.py (configs/demo/autoencoder_asymmetric.yaml).
+3. stage 2: the asymmetric decoder (condition branch reading the masked image; last_blend: none, docs/decoders.md)
+   trained on the frozen stage-1 encoder, starting from the stage-1 decoder, through main.py
+   (configs/demo/autoencoder_asymmetric.yaml).
 4. evaluation on the held-out photos decoded whole (128 x 192; the models train on 32 px crops, and are
-   convolutional) with fixed masks (1 = generate, 0 = keep), five rows: vanilla, vanilla+paste (the input pasted
-   back where mask = 0, diffusers' apply_overlay), vanilla+paste_blur (the same through a Gaussian-blurred mask,
-   AUTOMATIC1111's mask blur), asymmetric, and asymmetric without the mask (the control: decode(z)). Columns: PSNR
+   convolutional) with fixed masks (1 = generate, 0 = keep), the rows of ROWS: vanilla; vanilla+<recipe> for each
+   blend of BASELINES, composited by scripts/evaluate.py's with_baselines (paste: the input pasted back where
+   mask = 0, diffusers' apply_overlay; paste_blur: the same through a Gaussian-blurred mask, AUTOMATIC1111's mask
+   blur); asymmetric; asymmetric+paste; and asymmetric without the mask (the control: decode(z)). Columns: PSNR
    of the kept and generated regions and of the bands either side of the mask edge, seam_error, pre_error
    (ldm.metrics). A table and a verdict on stdout, outputs/demo/report.json and a figure outputs/demo/comparison.png
    (whole photos side by side, error maps on one scale, a zoom on a stretch of mask edge).
-5. robustness rows (ROBUSTNESS): vanilla+paste, vanilla+paste_blur and asymmetric again with the masks drawn on an
+5. robustness rows (ROBUSTNESS): vanilla+paste, asymmetric and asymmetric+paste again with the masks drawn on an
    8x coarser grid (jagged edges) and with the photos at 1.5x the size, each against the table's own row.
 
     python scripts/demo.py [--out outputs/demo] [--stage1-steps N] [--stage2-steps N] [--precision auto]
