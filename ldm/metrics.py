@@ -284,15 +284,20 @@ def composites(recipes: Union[str, Sequence[str]], output: torch.Tensor, image: 
 
 def other_content(images: Sequence[torch.Tensor], seed: int = 0) -> List[torch.Tensor]:
     """For each (3,H,W) image of a set, content that is not it, for the symmetric recipes' hole: another image of
-    the set, ``images[(i + k) % n]`` with one shift ``1 <= k < n`` drawn from ``seed``, resized to image i's size
-    (bilinear, antialiased); a set of one image gets that image rotated by 180 degrees."""
+    the set, ``images[(i + k) % n]`` with one shift ``1 <= k < n`` drawn from ``seed`` (the next one that differs
+    from image i, where the set repeats an image), resized to image i's size (bilinear, antialiased); an image
+    with no other in the set gets itself rotated by 180 degrees."""
     n = len(images)
-    if n == 1:
-        return [images[0].flip(-1).flip(-2)]
-    k = 1 + int(np.random.default_rng([int(seed), 29]).integers(n - 1))
+    k = 1 + int(np.random.default_rng([int(seed), 29]).integers(n - 1)) if n > 1 else 0
     out = []
     for i, image in enumerate(images):
-        source = images[(i + k) % n]
+        # the next image of the set from i + k on that is not this one (a set may hold one photo under several
+        # masks); none: the image rotated by 180 degrees
+        others = [images[(i + k + j) % n] for j in range(n - 1)] if n > 1 else []
+        source = next((o for o in others if o.shape != image.shape or not torch.equal(o, image)), None)
+        if source is None:
+            out.append(image.flip(-1).flip(-2))
+            continue
         if source.shape[-2:] != image.shape[-2:]:
             source = F.interpolate(source[None].float(), size=tuple(image.shape[-2:]), mode="bilinear",
                                    antialias=True, align_corners=False)[0].clamp(0, 1).to(image.dtype)
