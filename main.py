@@ -45,6 +45,7 @@ from ldm.training.run_folder import (
     RUN_FOLDER_ENV,
     RUN_TIMESTAMP_ENV,
     RunFolder,
+    requeued_run,
     resolve_run,
     resume_step,
     take_run_folder,
@@ -200,7 +201,7 @@ def load_run_configs(opt: argparse.Namespace, overrides: Sequence[str]) -> Tuple
     now = os.environ.get(RUN_TIMESTAMP_ENV) or cluster.run_timestamp(
         datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
     folder = resolve_run(opt, now)
-    if folder.resume is None and cluster.requeued_run(folder.path):  # a requeued Slurm job continues its run folder
+    if folder.resume is None and requeued_run(folder.path):  # a requeued Slurm job continues its run folder
         opt.resume, opt.name = str(folder.path), ""
         folder = resolve_run(opt, now)
     start_step = resume_step(folder.resume) if folder.resume is not None else None  # before anything heavy

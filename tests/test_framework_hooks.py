@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.training.framework_hooks import set_last_lr, step_uncounted
+from ldm.training.framework_hooks import log_batch_row, set_last_lr, step_uncounted
 
 
 class _TwoOptimizers(pl.LightningModule):
@@ -60,6 +60,24 @@ def test_set_last_lr_is_what_get_last_lr_reports():
     opt.step()
     sched.step()  # and torch's own step still writes the same attribute
     assert sched.get_last_lr() == [0.5]
+
+
+def test_log_batch_row_calls_what_lightnings_loop_calls_after_a_batch():
+    """The two private calls exist on this Lightning's trainer, and are what its training loop runs after
+    ``on_train_batch_end`` (a Lightning that renames them fails here, not in a stopped run)."""
+    import inspect
+
+    from pytorch_lightning.loops import training_epoch_loop
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    calls = []
+    for name in ("on_batch_end", "update_train_step_metrics"):
+        setattr(trainer._logger_connector, name, lambda name=name: calls.append(name))
+    log_batch_row(trainer)
+    assert calls == ["on_batch_end", "update_train_step_metrics"]
+    source = inspect.getsource(training_epoch_loop)
+    assert "trainer._logger_connector.on_batch_end()" in source
+    assert "trainer._logger_connector.update_train_step_metrics()" in source
 
 
 def test_no_other_module_reads_a_private_attribute_of_another_object():

@@ -22,7 +22,8 @@ import torch
 from diffusers.modular_pipelines.modular_pipeline import ModularPipelineBlocks, PipelineState
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
 
-from .diffusers_pipelines import batch_like, check_decoder_fits
+from . import pair_batch
+from .diffusers_pipelines import check_decoder_fits
 
 
 class AsymmetricQwenImageDecoderStep(ModularPipelineBlocks):
@@ -75,8 +76,8 @@ class AsymmetricQwenImageDecoderStep(ModularPipelineBlocks):
         z = self.decoder.unscale_latents(latents.to(weight.device, weight.dtype))
         image, mask = block_state.processed_image, block_state.processed_mask_image
         if image is not None and mask is not None:
-            image = batch_like(image.to(weight.device, weight.dtype), z.shape[0])
-            mask = batch_like(mask.to(weight.device, weight.dtype), z.shape[0])
+            image = pair_batch(image.to(weight.device, weight.dtype), z.shape[0], "image")
+            mask = pair_batch(mask.to(weight.device, weight.dtype), z.shape[0], "mask")
             block_state.images = self.decoder.decode(z, image, mask)
         else:
             block_state.images = self.decoder.decode(z)

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ..image_io import NonFiniteError, to_uint8, write_png
 from ..util import PathLike, remove_stale_temporaries, write_atomically
+from .framework_hooks import log_batch_row
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,7 @@ class StopOnSignal(Callback):
                 if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath is not None \
                         and Path(callback.dirpath).resolve() == self.ckpt_path.parent.resolve():
                     callback.last_model_path = str(self.ckpt_path)
-            # this batch's metrics row, which the loop would log after this hook (the resumed run does not redo
-            # the batch): Lightning's own two calls that follow on_train_batch_end
-            trainer._logger_connector.on_batch_end()
-            trainer._logger_connector.update_train_step_metrics()
+            log_batch_row(trainer)  # this batch's metrics row, which the loop would log after this hook
             trainer.save_checkpoint(self.ckpt_path)
             log.warning("saved %s at global step %d; stopping", self.ckpt_path, trainer.global_step)
             if self.received is None:

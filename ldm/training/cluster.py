@@ -31,7 +31,6 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from ..training.callbacks import StopOnSignal, TrainingStopped
-from ..training.run_folder import run_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +55,6 @@ def run_timestamp(default: str) -> str:
     the requeued job), else ``default`` (a timestamp)."""
     job = slurm_job_id()
     return f"slurm-{job}" if job is not None else default
-
-
-def requeued_run(logdir: Path) -> bool:
-    """Whether a new Slurm run's folder already holds a complete checkpoint of any kind (``last.ckpt``,
-    ``periodic-*.ckpt``, a best one: a hard kill may have left only a periodic one): the job was requeued and
-    continues there, main.py then resumes that folder from its newest checkpoint by the step stored inside."""
-    return slurm_job_id() is not None and bool(run_checkpoints(Path(logdir) / "checkpoints"))
 
 
 # seconds a node waits for the others at the start (and torch.distributed's collective timeout); torch's default

@@ -29,3 +29,12 @@ def set_last_lr(scheduler: LRScheduler, lrs: List[float]) -> None:
     (a schedule stretched on resume). torch keeps the value in the private ``_last_lr`` and has no setter; Lightning's
     LearningRateMonitor and our logs read it through ``get_last_lr()``."""
     scheduler._last_lr = list(lrs)
+
+
+def log_batch_row(trainer: Any) -> None:
+    """Write the metrics row of the batch that just ended, now, before its checkpoint: a run stopped by a signal
+    after this batch saves ``last.ckpt`` and raises, so the loop's own logging of the row (Lightning's private
+    ``_logger_connector.on_batch_end`` / ``update_train_step_metrics``, which follow ``on_train_batch_end``) never
+    runs, and the resumed run does not redo the batch."""
+    trainer._logger_connector.on_batch_end()
+    trainer._logger_connector.update_train_step_metrics()

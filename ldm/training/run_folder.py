@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..checkpoints.files import CheckpointError, verify_zip_checksums
+from .cluster import slurm_job_id
 
 log = logging.getLogger("main")
 
@@ -206,6 +207,13 @@ def take_run_folder(folder: RunFolder) -> RunFolder:
     return dataclasses.replace(folder, lock=RunLock.acquire(folder.path))
 
 
+def requeued_run(logdir: Path) -> bool:
+    """Whether a new Slurm run's folder already holds a complete checkpoint of any kind (``last.ckpt``,
+    ``periodic-*.ckpt``, a best one: a hard kill may have left only a periodic one): the job was requeued and
+    continues there, main.py then resumes that folder from its newest checkpoint by the step stored inside."""
+    return slurm_job_id() is not None and bool(run_checkpoints(Path(logdir) / "checkpoints"))
+
+
 LOCK_NAME = "training.lock"
 
 
@@ -220,8 +228,6 @@ class RunLock:
 
     @staticmethod
     def me() -> Dict[str, Any]:
-        from .cluster import slurm_job_id
-
         return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job_id()}
 
     @classmethod
