@@ -9,12 +9,13 @@ CPU in minutes, with no downloads.
    (configs/demo/autoencoder_asymmetric.yaml).
 4. evaluation on the held-out photos decoded whole (128 x 192; the models train on 32 px crops, and are
    convolutional) with fixed masks (1 = generate, 0 = keep), the rows of ROWS: vanilla; vanilla+<recipe> for each
-   blend of BASELINES, composited by scripts/evaluate.py's with_baselines (paste: the input pasted back where
-   mask = 0, diffusers' apply_overlay; paste_blur: the same through a Gaussian-blurred mask, AUTOMATIC1111's mask
-   blur); asymmetric; asymmetric+paste; and asymmetric without the mask (the control: decode(z)). Columns: PSNR
-   of the kept and generated regions and of the bands either side of the mask edge, seam_error, pre_error
-   (ldm.metrics). A table and a verdict on stdout, outputs/demo/report.json and a figure outputs/demo/comparison.png
-   (whole photos side by side, error maps on one scale, a zoom on a stretch of mask edge).
+   blend of BASELINES (every recipe of ldm.metrics: paste = diffusers' apply_overlay, a1111 = AUTOMATIC1111's mask
+   blur, the default blends of Fooocus, InvokeAI, CropAndStitch and BrushNet, colour matching, Poisson and Laplacian
+   blending; none sees the pixels under the mask); asymmetric; asymmetric+paste; and asymmetric without the mask (the
+   control: decode(z)). Columns: PSNR of the kept and generated regions and of the bands either side of the mask
+   edge, seam_error, pre_error (ldm.metrics). A table and a verdict on stdout, outputs/demo/report.json and a figure
+   outputs/demo/comparison.png (whole photos side by side, error maps on one scale, a zoom on a stretch of mask
+   edge).
 5. robustness rows (ROBUSTNESS): vanilla+paste, asymmetric and asymmetric+paste again with the masks drawn on an
    8x coarser grid (jagged edges) and with the photos at 1.5x the size, each against the table's own row.
 
@@ -37,15 +38,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python scripts/demo.py`: scripts/evaluate.py is imported as scripts.evaluate
-    sys.path.insert(0, str(REPO))
 
 from ldm import metrics  # noqa: E402
 from ldm.fast import cpu_has_native_bf16  # noqa: E402
@@ -54,7 +53,6 @@ from ldm.loading import load_model  # noqa: E402
 from ldm.modules.mask_edges import edge_pixels  # noqa: E402
 from ldm.project import load_yaml  # noqa: E402
 from ldm.util import write_atomically  # noqa: E402
-from scripts import evaluate as evaluation  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -68,7 +66,7 @@ PHOTO_SIDE = 128  # short side of every photo; the held-out ones are decoded who
 TRAIN_CROP = 48  # training crops; the dataset takes a random 24..48 square of each and resizes it to 32
 MASKS_PER_PHOTO = 4  # fixed masks per held-out photo: 8 images in the table
 MASK_COVER = (0.1, 0.6)  # held-out masks cover this fraction of the photo
-BLUR_PX = 4.0  # paste_blur: sigma of the Gaussian mask blur, pixels (scripts/evaluate.py's default)
+BLUR_PX = 4.0  # a1111: sigma of the Gaussian mask blur, pixels (scripts/evaluate.py's default)
 BAND_PX = 8  # boundary bands: pixels within this chessboard distance of the other region
 STAGE1_STEPS = 250
 STAGE2_STEPS = 200
@@ -204,11 +202,10 @@ def load_heldout(heldout_dir: Path) -> List[Tuple[str, np.ndarray]]:
     return photos
 
 
-# The blends users apply to a vanilla decoder's output, each a row vanilla+<recipe>: scripts/evaluate.py's
-# --baselines recipes, composited by its with_baselines (one home for every recipe). evaluation.BASELINES is all of
-# them.
-BASELINES = ("paste", "paste_blur")
-# asymmetric+paste: the asymmetric output with the input pasted back where mask = 0 (what a user would save)
+# The blends users apply to a decoder's output, each a row vanilla+<recipe>: every recipe of ldm.metrics (the
+# one home of each, and of the rule that a recipe sees the output, the kept pixels and the mask, never the
+# reference under the mask); asymmetric+paste is what a user of the asymmetric decoder would save.
+BASELINES = metrics.RECIPES
 ROWS = ("vanilla", *(f"vanilla+{b}" for b in BASELINES), "asymmetric", "asymmetric+paste", "asymmetric, no mask")
 
 
@@ -234,44 +231,62 @@ def evaluate(vanilla: torch.nn.Module, asymmetric: torch.nn.Module, x: torch.Ten
              ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, torch.Tensor]]:
     """Every row of ``rows`` (of ``ROWS``) on the held-out images, each decoded whole (the autoencoder is
     convolutional). ``unmasked``: :func:`decode_unmasked` of these images, when another mask set already made it.
-    The ``vanilla+<recipe>`` rows are scripts/evaluate.py's ``--baselines`` composites of the vanilla output
-    (:func:`scripts.evaluate.with_baselines`; ``paste``: the input over the output where mask = 0, diffusers'
-    ``apply_overlay``; ``paste_blur``: through the mask blurred by a Gaussian of sigma ``BLUR_PX``, AUTOMATIC1111's
-    mask blur); ``asymmetric+paste`` is ``paste`` over the asymmetric output. Every row is scored as the 8-bit image
-    a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
+    The ``vanilla+<recipe>`` rows are :func:`ldm.metrics.composites` of the vanilla output by each recipe of
+    ``BASELINES`` (``paste``: diffusers' ``apply_overlay``; ``a1111``: AUTOMATIC1111's mask blur of sigma
+    ``BLUR_PX``; Fooocus', InvokeAI's, CropAndStitch's and BrushNet's default blends; colour matching, Poisson and
+    Laplacian blending: docs/evaluation.md); ``asymmetric+paste`` is ``paste`` over the asymmetric output. Every row
+    is scored as the 8-bit image a user would save. Returns (metrics per row, tensors in [-1, 1] for the figure)."""
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"rows {sorted(unknown)}: not among {ROWS}")
     if unmasked is None:
         unmasked = decode_unmasked(vanilla, asymmetric, x, control="asymmetric, no mask" in rows)
-    # only the recipes of the rows asked for (scripts/evaluate.py's options: --baselines, --blur_px)
-    recipes = {"vanilla": argparse.Namespace(baselines=tuple(b for b in BASELINES if f"vanilla+{b}" in rows),
-                                             blur_px=BLUR_PX),
-               "asymmetric": argparse.Namespace(baselines=("paste",) if "asymmetric+paste" in rows else (),
-                                                blur_px=BLUR_PX)}
     outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in ROWS}
     outputs["vanilla"], outputs["asymmetric, no mask"] = unmasked["vanilla"], unmasked["asymmetric, no mask"]
-    for i in range(len(x)):
-        xi, mi = x[i:i + 1], mask[i:i + 1]
-        decoded = {"vanilla": unmasked["vanilla"][i]}
-        if {"asymmetric", "asymmetric+paste"} & set(rows):
-            decoded["asymmetric"] = asymmetric.decode(unmasked["z"][i], xi, mi)
-        for source, out in decoded.items():  # composited in [0, 1], as users paste
-            composites = evaluation.with_baselines(metrics.to_unit(out), metrics.to_unit(xi), mi, recipes[source])
-            for suffix, composite in composites.items():
-                if suffix:
-                    outputs[source + suffix].append(composite * 2 - 1)
-                elif source == "asymmetric":
-                    outputs[source].append(out)
+    if {"asymmetric", "asymmetric+paste"} & set(rows):
+        outputs["asymmetric"] = [asymmetric.decode(unmasked["z"][i], x[i:i + 1], mask[i:i + 1])
+                                 for i in range(len(x))]
+    # composited in [0, 1] over the whole set at once, as users paste (the symmetric recipes show another photo
+    # of the set in the hole: ldm.metrics.other_content), and scored as the 8-bit images a user would save
+    for source in ("vanilla", "asymmetric"):
+        recipes = [r for r in BASELINES if f"{source}+{r}" in rows]
+        if not recipes:
+            continue
+        out = metrics.to_unit(torch.cat(outputs[source]))
+        for recipe, composite in metrics.composites(recipes, out, metrics.to_unit(x), mask,
+                                                    blur_px=BLUR_PX).items():
+            outputs[f"{source}+{recipe}"] = [quantize(composite) * 2 - 1]
     target = quantize(metrics.to_unit(x))
-    table, tensors = {}, {"image": x, "mask": mask}
+    table, tensors, per_image = {}, {"image": x, "mask": mask}, {}
     for name in rows:
         rec = torch.cat(outputs[name]).clamp(-1, 1)
         tensors[name] = rec
         acc = metrics.RegionMetricAccumulator(band_px=BAND_PX)
         acc.update(quantize(metrics.to_unit(rec)), target, mask)
-        table[name] = acc.summary()
+        table[name], per_image[name] = acc.summary(), acc.values
+    add_intervals(table, per_image)
     return table, tensors
+
+
+# the columns that get a 95 % interval: each row against vanilla, and asymmetric+paste against every blend
+CI_KEYS = ("psnr_kept", "psnr_generated", "psnr_band_outer", "seam_error")
+
+
+def add_intervals(table: Dict[str, Dict[str, Any]], per_image: Dict[str, Dict[str, List[float]]]) -> None:
+    """Paired bootstrap 95 % intervals (:func:`ldm.metrics.paired_bootstrap`, per image, seeded) into ``table``:
+    ``<key>_ci`` of each row is its difference to ``vanilla`` (row - vanilla); ``seam_error_vs_<row>_ci`` of
+    ``asymmetric+paste`` its difference to each ``vanilla+<recipe>`` row."""
+    if "vanilla" in per_image:
+        for name in per_image:
+            if name != "vanilla":
+                for key in CI_KEYS:
+                    table[name][f"{key}_ci"] = metrics.paired_bootstrap(per_image[name][key],
+                                                                        per_image["vanilla"][key])
+    if "asymmetric+paste" in per_image:
+        for name in per_image:
+            if name.startswith("vanilla+"):
+                table["asymmetric+paste"][f"seam_error_vs_{name}_ci"] = metrics.paired_bootstrap(
+                    per_image["asymmetric+paste"]["seam_error"], per_image[name]["seam_error"])
 
 
 # (key, title, format, higher is better)
@@ -295,7 +310,9 @@ def format_table(table: Dict[str, Dict[str, float]]) -> str:
 
 
 def verdict(table: Dict[str, Dict[str, float]]) -> List[str]:
-    """Which row wins where, in plain words; the control row (no mask) is not a candidate."""
+    """Which row scores best where (the point values), in plain words, and asymmetric+paste against every blend at
+    the seam by the 95 % intervals (a verdict word only where the interval excludes 0); the control row (no mask)
+    is not a candidate."""
     lines = []
     candidates = [name for name in table if name != "asymmetric, no mask"]
     for key, _, fmt, higher in COLUMNS:
@@ -314,15 +331,20 @@ def verdict(table: Dict[str, Dict[str, float]]) -> List[str]:
     lines.append("asymmetric against vanilla+paste: better in " + ("; ".join(better) or "nothing")
                  + "; worse in " + ("; ".join(worse) or "nothing"))
     seam = table["asymmetric+paste"]["seam_error"]
-    blends = {name: table[name]["seam_error"] for name in table if name.startswith("vanilla+")}
-    above = [f"{name} {v:.4f}" for name, v in blends.items() if v <= seam]
-    lines.append(f"asymmetric+paste at the seam ({seam:.4f}): "
-                 + (f"below every vanilla+<recipe> row ({len(blends)})" if not above
-                    else "not below " + ", ".join(above)))
+    words: Dict[str, List[str]] = {"wins": [], "loses": [], "no difference measured": [], "no interval": []}
+    for name in table:
+        if name.startswith("vanilla+"):
+            ci = table["asymmetric+paste"].get(f"seam_error_vs_{name}_ci")
+            words[metrics.verdict(ci, higher_is_better=False)].append(
+                f"{name} {table[name]['seam_error']:.4f}" + (f" [{ci['low']:+.4f}, {ci['high']:+.4f}]" if ci else ""))
+    lines.append(f"asymmetric+paste at the seam ({seam:.4f}; 95 % interval of the difference per image): lower than "
+                 + ("; ".join(words["wins"]) or "none") + "; higher than " + ("; ".join(words["loses"]) or "none")
+                 + "; no difference measured against " + ("; ".join(words["no difference measured"]) or "none"))
     return lines
 
 
-FIGURE_ROWS = ("vanilla", *ROWS[1:3], "asymmetric", "asymmetric+paste", "asymmetric, no mask")
+FIGURE_ROWS = ("vanilla", "vanilla+paste", "vanilla+fooocus", "asymmetric", "asymmetric+paste",
+               "asymmetric, no mask")
 ERROR_SCALE = 0.25  # error maps: mean |error| over channels (images in [0, 1]) from 0 to >= ERROR_SCALE, all maps
 ZOOM = 4  # zoom factor of the boundary crops (nearest neighbours)
 GAP = 6
@@ -458,7 +480,7 @@ def evaluate_runs(stage1: Path, stage2: Path, heldout_dir: Path, figure: Path
     table, tensors = evaluate(vanilla, asymmetric, x, mask, unmasked=unmasked)
     print(f"\nheld-out: {', '.join(HELDOUT_PHOTOS)}, whole ({x.shape[-1]}x{x.shape[-2]}), {MASKS_PER_PHOTO} fixed "
           f"masks each (1 = generate), scored as 8-bit images in [0, 1]; PSNR in dB; bands: {BAND_PX} px either "
-          f"side of the mask edge; seam_error: mean |output step - image step| across the edge; paste_blur: "
+          f"side of the mask edge; seam_error: mean |output step - image step| across the edge; a1111: "
           f"Gaussian mask blur, sigma {BLUR_PX:g} px")
     print(format_table(table))
     lines = verdict(table)
