@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# a real ComfyUI each (its server, or its executor in a child process): minutes, not seconds
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "comfyui_nodes" / "workflows"
 # files the example workflows name, substituted by tiny stand-ins: (ComfyUI model folder, file name)

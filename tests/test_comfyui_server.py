@@ -37,6 +37,8 @@ from tests.test_comfyui_integration import comfyui_dir
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "comfyui_nodes" / "workflows"
+# a real ComfyUI server each: minutes, not seconds
+pytestmark = pytest.mark.slow
 OUR_NODES = ["AsymmetricVAEDecode", "AsymmetricVAEDecodeTiled", "AsymmetricVAELoader"]
 FLUX_FILES = [("diffusion_models", "flux1-fill-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
               ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "asuka_decoder.ckpt")]
@@ -56,6 +58,7 @@ spec = importlib.util.spec_from_file_location("ldm", os.path.join(here, "__init_
 sys.modules["ldm"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sys.modules["ldm"])
 import ldm.util
+
 
 class OtherLdmProbe:
     """Which ldm this node sees when the server lists nodes (after every custom node has loaded)."""
