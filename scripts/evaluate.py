@@ -896,6 +896,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--mask_dir: a --benchmark brings its own masks")
     if opt.batch_size < 1:
         p.error("--batch_size must be >= 1")
+    if opt.limit < 0:  # paths[:-1] would drop the last image and still call the report complete
+        p.error(f"--limit {opt.limit}: must be >= 0 (0 = all images)")
     if opt.band_px < 1:
         p.error(f"--band_px {opt.band_px}: must be >= 1")
     if opt.blend_px < 1:

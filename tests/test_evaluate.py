@@ -494,6 +494,7 @@ def test_each_mode_refuses_the_flags_of_the_other(capsys):
         assert evaluate.MODE_PURPOSE[mode] in err
     for extra, needle in ((["--baselines", "paste,crop"], "comma-separated list of paste, a1111"),
                           (["--blur_px", "0"], "--blur_px 0.0"), (["--band_px", "0"], "--band_px 0"),
+                          (["--limit", "-1"], "--limit -1: must be >= 0"),
                           (["--bogus"], "unrecognized arguments: --bogus")):
         with pytest.raises(SystemExit):
             evaluate.parse_args(base["results"] + extra)
