@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 # ComfyUI has no public way to wrap a model of another architecture as its VAE (comfy.sd.VAE(sd=...) picks one of
 # its own from a state dict's keys), so AsymmetricVAE sets the attributes VAE's methods read. Every internal of
-# ComfyUI it touches, in one place, checked against this ComfyUI version (tests/test_comfyui_integration.py compares
+# ComfyUI it touches, in one place, checked against this ComfyUI version
+# (tests/integrations/test_comfyui_integration.py compares
 # them with what comfy.sd.VAE sets itself, so a ComfyUI update that adds or drops one fails there):
 CHECKED_AGAINST = "0.3.64"
 VAE_ATTRIBUTES = (

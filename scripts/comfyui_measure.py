@@ -14,14 +14,14 @@ CPU and reports the process's peak resident memory growth, as a cross-check of t
 ComfyUI's own ``VAEDecode`` on the same latent with the same vanilla SD VAE weights (random, SD's full layout), side
 by side in one process: each repeat runs both, alternating; the medians are printed with the largest pixel
 difference between the two outputs (the same weights and no condition branch: float rounding). The wall time of
-one workflow through ComfyUI's server is printed by tests/test_comfyui_server.py (``-s``;
+one workflow through ComfyUI's server is printed by tests/integrations/test_comfyui_server.py (``-s``;
 ``ASYMMETRIC_VAE_WORKFLOW_SIZE`` / ``_STEPS`` set the image side and sampling steps of its SD 1.5 run, default 64
 and 1).
 
     python scripts/comfyui_measure.py memory --decoders base larger2
     PYTHONPATH=~/ComfyUI python scripts/comfyui_measure.py time-decode --size 512 --repeats 3
     ASYMMETRIC_VAE_WORKFLOW_SIZE=512 ASYMMETRIC_VAE_WORKFLOW_STEPS=20 COMFYUI_DIR=~/ComfyUI \
-        python -m pytest -s -q tests/test_comfyui_server.py -k sd15_workflow
+        python -m pytest -s -q tests/integrations/test_comfyui_server.py -k sd15_workflow
 """
 from __future__ import annotations
 

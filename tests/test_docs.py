@@ -26,8 +26,7 @@ import pytest
 import torch
 
 from ldm.project import load_yaml
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 TINY = REPO / "configs" / "tiny"
 

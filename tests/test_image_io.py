@@ -22,8 +22,7 @@ from ldm.image_io import (
     write_png_numbered,
 )
 from ldm.util import remove_stale_temporaries, write_atomically
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def test_rgba_png_reads_the_same_in_training_data_and_in_inpaint_st(tmp_path):

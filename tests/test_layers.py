@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from typing import Dict, List, Set
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def _module_name(path) -> str:
@@ -23,7 +23,7 @@ def import_graph() -> Dict[str, Set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                # `from ..x import y` (the package imports itself relatively) is `from ldm.x import y` here
+                # `from tests..x import y` (the package imports itself relatively) is `from ldm.x import y` here
                 base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
                 module = ".".join(base + ([node.module] if node.module else []))
                 # `from ldm.x import y` may name the module ldm.x.y or an object of ldm.x

@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def _module_name(path) -> str:

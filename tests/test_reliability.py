@@ -107,7 +107,7 @@ def nan_decoder(path: Path, **overrides) -> Path:
 
 def test_evaluate_writes_no_report_from_nan_outputs(tmp_path, capsys):
     from scripts import evaluate
-    from tests.test_evaluate import TINY, write_png
+    from tests.scripts.test_evaluate import TINY, write_png
 
     images = tmp_path / "images"
     images.mkdir()
@@ -124,8 +124,8 @@ def test_evaluate_writes_no_report_from_nan_outputs(tmp_path, capsys):
 
 def test_inpaint_st_writes_no_black_images_from_nan_outputs(tmp_path, capsys):
     import inpaint_st
-    from tests.test_ddpm import TINY_INPAINT, build, original_layout
-    from tests.test_sd_scripts import DECODER, decoder_original_layout, write_png
+    from tests.models.test_ddpm import TINY_INPAINT, build, original_layout
+    from tests.scripts.test_sd_scripts import DECODER, decoder_original_layout, write_png
 
     sd = save_state_dict(original_layout(build(TINY_INPAINT)), tmp_path / "sd-inpaint.ckpt")
     decoder = decoder_original_layout()
@@ -147,7 +147,7 @@ def test_inpaint_st_writes_no_black_images_from_nan_outputs(tmp_path, capsys):
 # ------------------------------------------------------------------ 3.-7. main.py: configs, run folders, resume
 from ldm.training import config as training_config  # noqa: E402
 from ldm.training import run_folder  # noqa: E402
-from tests.test_main import config_file, image_folder  # noqa: E402,F401  (fixtures: a tiny run on 10 images)
+from tests.training.test_main import config_file, image_folder  # noqa: E402,F401  (fixtures: a tiny run on 10 images)
 
 QUIET = ["lightning.callbacks.image_logger.params.disabled=true", "model.params.monitor=null"]
 
@@ -228,11 +228,11 @@ def test_same_name_in_the_same_second_gets_its_own_folder(tmp_path, config_file,
 @pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, config_file, caplog):  # noqa: F811
     import main
-    from tests.test_main import Recorder  # noqa: F401  (the callback the run names)
+    from tests.training.test_main import Recorder  # noqa: F401  (the callback the run names)
 
     records = tmp_path / "steps.jsonl"
     periodic = ["lightning.periodic_checkpoints.every_n_train_steps=2", "lightning.periodic_checkpoints.keep=2"]
-    recorder = ["lightning.callbacks.recorder.target=tests.test_main.Recorder",
+    recorder = ["lightning.callbacks.recorder.target=tests.training.test_main.Recorder",
                 f"lightning.callbacks.recorder.params.path={records}"]
     with pytest.raises(RuntimeError, match="simulated crash"):  # killed hard at step 9: no save on the way out
         train(tmp_path, "--base", str(config_file), "-t", "-n", "oom", "--max_steps", "10", *QUIET, *periodic,
@@ -315,7 +315,7 @@ def test_a_read_only_outdir_is_found_before_any_model_loads(tmp_path, monkeypatc
     import tempfile
 
     from ldm.cli.pairs import add_pair_arguments, run_pairs
-    from tests.test_sd_scripts import write_png
+    from tests.scripts.test_sd_scripts import write_png
 
     indir, outdir = tmp_path / "in", tmp_path / "out"
     indir.mkdir()
@@ -341,7 +341,7 @@ def test_a_read_only_outdir_is_found_before_any_model_loads(tmp_path, monkeypatc
 
 def test_a_link_loop_in_a_data_folder_counts_each_image_once(tmp_path):
     from ldm.data.inpainting import find_images
-    from tests.test_sd_scripts import write_png
+    from tests.scripts.test_sd_scripts import write_png
 
     root = tmp_path / "data"
     (root / "cats").mkdir(parents=True)
@@ -399,7 +399,7 @@ def _pairs_run(tmp_path, outdir, inpaint_one, capsys):
     import argparse
 
     from ldm.cli.pairs import add_pair_arguments, run_pairs
-    from tests.test_sd_scripts import write_png
+    from tests.scripts.test_sd_scripts import write_png
 
     indir = tmp_path / "in"
     indir.mkdir(exist_ok=True)
@@ -465,7 +465,7 @@ def test_to_diffusers_of_a_flux2_decoder_without_its_statistics_is_refused(conve
     before anything is written, saying what is missing and how to write a plain scale on purpose."""
     import json
 
-    from tests.test_flux2 import make_flux2
+    from tests.models.test_flux2 import make_flux2
 
     sd = {k: v for k, v in make_flux2(condition=True).state_dict().items() if not k.startswith("bn.")}
     src = save_state_dict(sd, tmp_path / "flux2_decoder.ckpt")

@@ -260,7 +260,8 @@ def native_size(pipe: Any) -> int:
 def unpack_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Final latents as the pipeline returns them with ``output_type="latent"`` -> (B,C,h,w). Most return
     (B,C,h,w) already; FLUX-style pipelines return 2x2 patches packed into tokens (B, h*w/4, 4*C), restored by the
-    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/test_pipelines.py`` fails if it changes);
+    pipeline's own ``_unpack_latents`` (private in diffusers: ``tests/integrations/test_pipelines.py`` fails if it
+    changes);
     Qwen-Image's gives one frame (B, C, 1, h, w), taken as the image's latents."""
     if latents.ndim == 4:
         return latents

@@ -1,4 +1,4 @@
-"""Every use of a framework's private API, each with its reason. ``tests/test_framework_hooks.py`` fails when
+"""Every use of a framework's private API, each with its reason. ``tests/training/test_framework_hooks.py`` fails when
 Lightning or torch changes under one of them; nothing else in the project touches a private name of a framework.
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ would be reproduced exactly (tested).
 Limitation (shared with diffusers' ``enable_tiling``): the decoder's GroupNorm layers take their statistics over
 the tile, not over the whole image, and convolutions near a tile border see zero padding instead of the neighbour,
 so a tiled decode differs slightly from an untiled one. The ramps hide the borders; the per-tile statistics remain.
-``tests/test_tiling.py`` bounds the difference. A latent no larger than one tile is decoded in one piece (identical
+``tests/models/test_tiling.py`` bounds the difference. A latent no larger than one tile is decoded in one piece
+(identical
 to the untiled result).
 """
 from __future__ import annotations

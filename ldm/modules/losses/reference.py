@@ -1,5 +1,5 @@
 """LDM's own formulation of the generator loss, kept as the baseline that ``LPIPSWithDiscriminator`` is checked
-against (tests/test_training.py: the same gradients) and timed against (scripts/benchmark.py's ``ldm`` training
+against (tests/training/test_training.py: the same gradients) and timed against (scripts/benchmark.py's ``ldm`` training
 rows). It lives in the package, not in the tests, because the benchmark runs from an installed checkout where
 ``tests/`` is not importable."""
 from __future__ import annotations

@@ -85,7 +85,7 @@ def test_no_other_module_reads_a_private_attribute_of_another_object():
     own)."""
     import ast
 
-    from .conftest import REPO
+    from tests.conftest import REPO
 
     files = [*(REPO / "ldm").rglob("*.py"), REPO / "main.py", REPO / "inpaint_st.py", REPO / "txt2img.py"]
     found = []

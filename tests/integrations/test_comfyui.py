@@ -1,6 +1,7 @@
 """The ComfyUI nodes without ComfyUI: the node classes' contracts, ComfyUI's conventions (IMAGE (B,H,W,C) in [0,1],
 MASK (B,H,W), 1 = inpaint) against our ``AutoencoderKL.decode`` on the same tensors, the resize and batch rules,
-loading every format from the tensors alone, and the errors. tests/test_comfyui_integration.py runs the nodes in
+loading every format from the tensors alone, and the errors. tests/integrations/test_comfyui_integration.py runs the
+nodes in
 the real ComfyUI."""
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def test_latent_of_another_space_names_both():
 
 # ---------------------------------------------------------------------- every format, config from the tensors
 def test_every_format_loads_from_its_tensors_alone(tmp_path):
-    from tests.test_asuka import asuka_layout_checkpoint
+    from tests.models.test_asuka import asuka_layout_checkpoint
 
     sd_model = tiny("autoencoder_kl_tiny.yaml")
     torch.save({"state_dict": {**sd_model.state_dict(), "decoder.up_layers.0.deconv.bias": torch.zeros(2)}},

@@ -7,9 +7,9 @@ import torch
 
 from ldm.latent_spaces import PatchBatchNorm, PerChannel
 from ldm.project import load_yaml
+from tests.checkpoints.test_interop import randomize_
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
-from tests.test_interop import randomize_
-from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
+from tests.training.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY32 = dict(TINY_DDCONFIG, z_channels=32)
 BN = {"patch_size": 2, "batch_norm_eps": 1e-4}
@@ -122,7 +122,7 @@ def test_encode_and_decode_equal_diffusers_autoencoderklflux2(tmp_path):
 
     from ldm.checkpoints.diffusers import write_diffusers_folder
     from ldm.checkpoints.keys import read_state_dict
-    from tests.test_latent_spaces import assert_same_vae
+    from tests.models.test_latent_spaces import assert_same_vae
 
     ours = make_flux2(decoder_ch=decoder_ch).eval()
     folder = write_diffusers_folder(ours.state_dict(), TINY32, {"condition": False, "ch": decoder_ch},
@@ -212,7 +212,7 @@ FLUX2_CONFIGS = ["vanilla", "small_decoder", "asymmetric_base", "asymmetric_larg
 
 def test_flux2_configs_are_the_latent_space_row_and_the_paper_variants():
     from ldm.latent_spaces import LATENT_SPACES, latent_space_of
-    from tests.test_latent_spaces import build_meta, load_params
+    from tests.models.test_latent_spaces import build_meta, load_params
 
     row = LATENT_SPACES["flux2"]
     assert (row.channels, row.quant_conv, row.normalization, row.config_dir) == (
@@ -243,7 +243,7 @@ def test_full_size_flux2_configs_have_diffusers_parameter_counts():
     AsymmetricAutoencoderKL's with the paper's widths and 32 latent channels. All on the meta device."""
     import diffusers
 
-    from tests.test_latent_spaces import build_meta, numel
+    from tests.models.test_latent_spaces import build_meta, numel
 
     with torch.device("meta"):
         vae = diffusers.AutoencoderKLFlux2()
@@ -288,7 +288,7 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
     """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
     ae.safetensors, the statistics kept as loaded, a fresh condition branch, a few steps."""
 
-    from tests.test_latent_spaces import train_with_main
+    from tests.models.test_latent_spaces import train_with_main
 
     images = request.getfixturevalue("image_folder")
     vae = bfl_file(tmp_path / "ae.safetensors")

@@ -235,8 +235,7 @@ def test_a_global_is_refused_whatever_package_it_lives_in(tmp_path, tiny_autoenc
     import pytorch_lightning as pl
 
     from ldm.lr_scheduler import LambdaWarmUpCosineScheduler
-
-    from .conftest import REPO
+    from tests.conftest import REPO
 
     sd = tiny_autoencoder.state_dict()
     odd = {"ours.ckpt": LambdaWarmUpCosineScheduler(warm_up_steps=1, lr_min=0.1, lr_max=1, lr_start=0.1,
@@ -405,9 +404,8 @@ def test_the_variant_hint_reads_the_condition_branch_as_the_config_reader_does()
     the one reader, condition_branch: absent, present, and ASUKA's mask-reading branch."""
     from ldm.checkpoints.architecture import autoencoder_config
     from ldm.checkpoints.tensors import describe_decoder_checkpoint
-    from tests.test_asuka import asuka_layout_checkpoint
-
-    from .conftest import make_autoencoder
+    from tests.conftest import make_autoencoder
+    from tests.models.test_asuka import asuka_layout_checkpoint
 
     plain = make_autoencoder(condition=True).state_dict()
     woc = make_autoencoder(condition=False).state_dict()

@@ -5,7 +5,8 @@ LoadImage -> VAEEncode -> AsymmetricVAEDecode -> SaveImage on tiny random-weight
 Importing ComfyUI rewrites process state (``sys.argv``, ``sys.path``, modules, logging), so everything runs in one
 subprocess (this file run as a script, as this interpreter with no ``PYTHONPATH``), which prints a JSON report that
 the tests read. Nothing imports ``ldm`` before ComfyUI does: ``ldm`` is ComfyUI's ``comfy/ldm`` there, and the node
-pack loads ours under its private name, which the subprocess then uses too. tests/test_comfyui_server.py runs
+pack loads ours under its private name, which the subprocess then uses too. tests/integrations/test_comfyui_server.py
+runs
 ComfyUI's server.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 # a real ComfyUI each (its server, or its executor in a child process): minutes, not seconds
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "comfyui_nodes" / "workflows"
 # files the example workflows name, substituted by tiny stand-ins: (ComfyUI model folder, file name)
 NAMED_FILES = [("checkpoints", "sd-v1-5-inpainting.ckpt"), ("diffusion_models", "flux1-fill-dev.safetensors"),
@@ -319,7 +320,7 @@ def test_comfyui_executor_decodes_with_the_prior_and_the_kept_region_follows_it(
     # ... and the kept pixels are: changing them changes the output there
     assert r["kept_change_in_kept"] > 1
     # the tiled node (64-pixel tiles across the 96-pixel width) is our tiled decode with the prior cropped per tile
-    # (tests/test_tiling.py: it keeps the condition); with random weights the per-tile GroupNorm shows
+    # (tests/models/test_tiling.py: it keeps the condition); with random weights the per-tile GroupNorm shows
     assert r["tiled_max_diff_vs_ours"] <= 1
     assert r["tiled_differs_from_untiled"] > 0
 

@@ -26,8 +26,7 @@ from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.checkpoints.keys import read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.project import load_yaml
-
-from .conftest import REPO, TINY_DDCONFIG, assert_same_tensors
+from tests.conftest import REPO, TINY_DDCONFIG, assert_same_tensors
 
 diffusers = pytest.importorskip("diffusers")
 

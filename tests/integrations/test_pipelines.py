@@ -31,8 +31,7 @@ from ldm.integrations.diffusers_pipelines import (
 )
 from ldm.latent_spaces import LATENT_SPACES, LatentSpace
 from ldm.models.autoencoder import AutoencoderKL
-
-from .conftest import TINY_DDCONFIG
+from tests.conftest import TINY_DDCONFIG
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -4,7 +4,8 @@ A copy of the ComfyUI checkout gets ``custom_nodes/asymmetric_vae`` linked to ``
 install); its ``main.py`` runs on 127.0.0.1 and a free port in this interpreter, with the project installed into it
 (``pip install -e .``, what ``make venv`` does) and no ``PYTHONPATH``. Another custom node that ships a package named
 ``ldm`` of its own (``ldm/util.py`` as SD-derived node packs have) is loaded before ours (from an
-``extra_model_paths.yaml`` custom-nodes folder marked default); tests/test_comfyui_integration.py loads the nodes with
+``extra_model_paths.yaml`` custom-nodes folder marked default); tests/integrations/test_comfyui_integration.py loads
+the nodes with
 only ComfyUI's ``comfy/ldm`` in the way.
 
 Then: ``/object_info`` lists our nodes; each shipped workflow is POSTed to ``/prompt``. The SD 1.5 one runs on
@@ -33,9 +34,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_comfyui_integration import comfyui_dir
+from tests.integrations.test_comfyui_integration import comfyui_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "comfyui_nodes" / "workflows"
 # a real ComfyUI server each: minutes, not seconds
 pytestmark = pytest.mark.slow

@@ -151,7 +151,7 @@ def test_fast_training_runs_the_device_fast_path_and_saves_ordinary_weights(tmp_
 def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path, config_file, monkeypatch):
     common = ["--base", str(config_file), "-t", "--max_steps", "9",
               "lightning.callbacks.image_logger.params.disabled=true",
-              "lightning.callbacks.recorder.target=tests.test_main.Recorder"]
+              "lightning.callbacks.recorder.target=tests.training.test_main.Recorder"]
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     assert _run(tmp_path, monkeypatch, "full", *common, "-n", "full",
@@ -229,7 +229,7 @@ def _kill_and_resume(tmp_path, config_file, monkeypatch, name, kill_at, steps, *
     """Run ``name`` until SIGTERM at ``kill_at``, then resume it to ``steps``; -> the run folder."""
     common = ["-t", "--max_steps", str(steps), "lightning.callbacks.image_logger.params.disabled=true", *extra]
     rc = _run(tmp_path, monkeypatch, name, "--base", str(config_file), "-n", name, *common,
-              "lightning.callbacks.recorder.target=tests.test_main.Recorder",
+              "lightning.callbacks.recorder.target=tests.training.test_main.Recorder",
               f"lightning.callbacks.recorder.params.path={tmp_path / (name + '.jsonl')}",
               f"lightning.callbacks.recorder.params.kill_at={kill_at}")
     assert rc == 128 + signal.SIGTERM
@@ -253,7 +253,7 @@ def test_last_ckpt_written_at_every_epoch_end_without_monitor(tmp_path, config_f
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path, monkeypatch, "crash", "--base", str(config_file), "-t", "-n", "crash", "--max_steps", "9",
              "model.params.monitor=null", "lightning.callbacks.image_logger.params.disabled=true",
-             "lightning.callbacks.recorder.target=tests.test_main.Recorder",
+             "lightning.callbacks.recorder.target=tests.training.test_main.Recorder",
              f"lightning.callbacks.recorder.params.path={tmp_path / 'crash.jsonl'}",
              "lightning.callbacks.recorder.params.crash_at=7")
     (run,) = (tmp_path / "logs").glob("*_crash")
@@ -267,7 +267,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_last_ckpt(tmp_pa
     cmd = [sys.executable, "main.py", "--base", str(config_file), "-t", "-n", "group", "--max_steps", "1000",
            "--logdir", str(tmp_path / "logs"), "--wandb", "off", "data.params.num_workers=1",
            "lightning.callbacks.image_logger.params.disabled=true",
-           "lightning.callbacks.recorder.target=tests.test_main.Recorder",
+           "lightning.callbacks.recorder.target=tests.training.test_main.Recorder",
            f"lightning.callbacks.recorder.params.path={records}"]
     proc = subprocess.Popen(cmd, cwd=Path(main.__file__).parent, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

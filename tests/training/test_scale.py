@@ -27,7 +27,7 @@ from ldm.data.shards import StreamLoader, WebDatasetInpainting
 from ldm.modules.diffusionmodules.model import Decoder, ResnetBlock
 from ldm.project import load_yaml
 from tests.conftest import TINY_DDCONFIG
-from tests.test_main import Recorder, config_file, image_folder  # noqa: F401  (fixtures)
+from tests.training.test_main import Recorder, config_file, image_folder  # noqa: F401  (fixtures)
 
 REPO = Path(main.__file__).resolve().parent
 VALIDATION = dict(size=32, random_crop=False, no_mask_prob=1.0, fixed_masks=True)
@@ -222,7 +222,7 @@ def test_train_from_shards_and_hf_folder_sigterm_resume_within_bound(tmp_path, c
     cfg = _data_config(config_file, _shards_train(urls, 10), tmp_path / "shards.yaml")
     record = tmp_path / "rec.jsonl"
     common = ["-t", "--max_steps", "6", "lightning.callbacks.image_logger.params.disabled=true",
-              "lightning.callbacks.recorder.target=tests.test_scale.SignalRecorder",
+              "lightning.callbacks.recorder.target=tests.training.test_scale.SignalRecorder",
               f"lightning.callbacks.recorder.params.path={record}"]
     monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, "2020-01-01T00-00-00")
     rc = main.main(["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(cfg), "-n", "wds", *common,
@@ -271,7 +271,7 @@ def test_slurm_sigusr1_checkpoints_requeues_and_the_same_command_resumes(tmp_pat
     record = tmp_path / "slurm.jsonl"
     command = ["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(cfg), "-n", "job", "-t",
                "--max_steps", "4", "lightning.callbacks.image_logger.params.disabled=true",
-               "lightning.callbacks.recorder.target=tests.test_scale.SignalRecorder",
+               "lightning.callbacks.recorder.target=tests.training.test_scale.SignalRecorder",
                f"lightning.callbacks.recorder.params.path={record}",
                "lightning.callbacks.recorder.params.kill_at=1", f"lightning.callbacks.recorder.params.signum="
                f"{int(signal.SIGUSR1)}"]
@@ -308,7 +308,7 @@ def test_two_localhost_nodes_train_in_step_on_disjoint_shards(tmp_path, config_f
         cmd = [sys.executable, "main.py", "--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(cfg),
                "-n", "ddp", "-t", "--num_nodes", "2", "--max_steps", "3",
                "lightning.callbacks.image_logger.params.disabled=true",
-               "lightning.callbacks.recorder.target=tests.test_scale.SignalRecorder",
+               "lightning.callbacks.recorder.target=tests.training.test_scale.SignalRecorder",
                f"lightning.callbacks.recorder.params.path={record}"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -467,7 +467,7 @@ def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_m
     command = ["--logdir", str(tmp_path / "logs"), "--wandb", "off", "--base", str(cfg), "-n", "job", "-t",
                "--max_steps", "5", "lightning.callbacks.image_logger.params.disabled=true",
                "lightning.trainer.log_every_n_steps=1",
-               "lightning.callbacks.recorder.target=tests.test_scale.SignalRecorder",
+               "lightning.callbacks.recorder.target=tests.training.test_scale.SignalRecorder",
                f"lightning.callbacks.recorder.params.path={record}",
                "lightning.callbacks.recorder.params.kill_at=2", f"lightning.callbacks.recorder.params.signum="
                f"{int(signal.SIGUSR1)}"]

@@ -9,9 +9,9 @@ import torch
 
 from ldm.latent_spaces import ScaleShift
 from ldm.project import load_yaml
+from tests.checkpoints.test_interop import randomize_
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
-from tests.test_interop import randomize_
-from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
+from tests.training.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY16 = dict(TINY_DDCONFIG, z_channels=16)
 

@@ -12,9 +12,8 @@ import inpaint_st
 import txt2img
 from ldm.checkpoints.files import save_state_dict
 from ldm.checkpoints.keys import read_state_dict
-
-from .conftest import REPO
-from .test_ddpm import TINY_INPAINT, TINY_T2I, build, original_layout
+from tests.conftest import REPO
+from tests.models.test_ddpm import TINY_INPAINT, TINY_T2I, build, original_layout
 
 DECODER = REPO / "configs/tiny/autoencoder_kl_tiny.yaml"
 DECODER_WOC = REPO / "configs/tiny/autoencoder_kl_woc_tiny.yaml"

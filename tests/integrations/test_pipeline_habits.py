@@ -1,5 +1,6 @@
 """What a diffusers user types first, against the real pipelines (tiny random components, as
-tests/test_pipelines.py builds them): ``pipe.vae = decoder`` fails before the denoiser runs, saying what to call;
+tests/integrations/test_pipelines.py builds them): ``pipe.vae = decoder`` fails before the denoiser runs, saying what
+to call;
 ``inpaint`` returns the pipeline's own output type, takes lists of images and masks as the pipeline does, and refuses
 non-finite values naming where they are."""
 from __future__ import annotations
@@ -11,8 +12,7 @@ from PIL import Image
 
 from ldm.image_io import NonFiniteError
 from ldm.integrations.diffusers_pipelines import inpaint
-
-from .test_pipelines import (
+from tests.integrations.test_pipelines import (
     FAST,
     FLUX_,
     SD,

@@ -289,8 +289,8 @@ def test_explicit_hard_last_blend_is_the_papers_decoder_against_diffusers(tmp_pa
     import diffusers
 
     from ldm.checkpoints.diffusers import write_diffusers_folder
+    from tests.checkpoints.test_interop import assert_same_model, randomize_
     from tests.conftest import TINY_DDCONFIG
-    from tests.test_interop import assert_same_model, randomize_
 
     overrides = {"num_res_blocks": 2, "condition": True, "last_blend": "hard"}
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_same_tensors
-from tests.test_main import image_folder  # noqa: F401 - fixture, requested by name below
+from tests.training.test_main import image_folder  # noqa: F401 - fixture, requested by name below
 
 TINY_QWEN = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
 
@@ -119,7 +119,7 @@ def test_our_keys_are_wan_21_names_as_diffusers_converter_reads_them():
 
     from ldm.checkpoints.qwenimage import ours_to_diffusers_keys
     from ldm.util import instantiate_from_config
-    from tests.test_latent_spaces import load_params
+    from tests.models.test_latent_spaces import load_params
 
     params = load_params("configs/autoencoder/qwenimage/vanilla.yaml")
     with torch.device("meta"):
@@ -143,7 +143,7 @@ def test_diffusers_folder_and_wan_single_file_load_through_the_one_loader(tmp_pa
     from ldm.checkpoints.keys import read_state_dict
     from ldm.checkpoints.qwenimage import ddconfig_of_diffusers
     from ldm.models.autoencoder import AutoencoderKL
-    from tests.test_latent_spaces import make_16ch
+    from tests.models.test_latent_spaces import make_16ch
 
     vae = diffusers_qwen(num_res_blocks=2)
     ours = ours_of(vae)
@@ -249,7 +249,7 @@ def test_main_trains_a_tiny_qwenimage_asymmetric_decoder_on_the_frozen_encoder(t
 
     from ldm.checkpoints.keys import read_state_dict
     from ldm.checkpoints.tensors import autoencoder_state_dict
-    from tests.test_latent_spaces import train_with_main
+    from tests.models.test_latent_spaces import train_with_main
 
     images = request.getfixturevalue("image_folder")
     wan_file(diffusers_qwen(seed=4, num_res_blocks=2), tmp_path / "qwen_image_vae.safetensors")
@@ -281,7 +281,7 @@ def test_full_size_configs_have_diffusers_parameter_counts():
     causal kernel at one temporal tap and no time_conv (meta device); the variants' decoders grow as stated."""
     import diffusers
 
-    from tests.test_latent_spaces import build_meta
+    from tests.models.test_latent_spaces import build_meta
 
     with torch.device("meta"):
         vae = diffusers.AutoencoderKLQwenImage()
@@ -392,7 +392,7 @@ def test_modular_inpaint_decode_block_replaces_the_pipelines_decoder_step():
 
     from ldm.integrations.diffusers_modular import AsymmetricQwenImageDecoderStep
     from ldm.integrations.diffusers_pipelines import PipelineError
-    from tests.test_latent_spaces import make_16ch
+    from tests.models.test_latent_spaces import make_16ch
 
     vae = diffusers_qwen(seed=7)
     components = SimpleNamespace(vae=vae)

@@ -328,7 +328,7 @@ def _fit_recording(steps, ckpt=None, save_to=None):
 @pytest.mark.slow
 def test_resume_with_more_steps_stretches_the_schedule(tmp_path):
     """A run of 3 steps resumed with max_steps 8 follows the 8-step schedule from its next step on, as if it had
-    been planned for 8. (Same max_steps -> same next lr: tests/test_main.py, the SIGTERM resume test.)"""
+    been planned for 8. (Same max_steps -> same next lr: tests/training/test_main.py, the SIGTERM resume test.)"""
     full = _fit_recording(8)
     _fit_recording(3, save_to=tmp_path / "three.ckpt")
     longer = _fit_recording(8, ckpt=str(tmp_path / "three.ckpt"))

@@ -1,5 +1,5 @@
 """scripts/inpaint_diffusers.py end to end on a tiny SD inpainting pipeline folder saved here (with a tiny CLIP
-vocabulary written here: nothing comes from a hub), on the input folder of tests/test_sd_scripts.py."""
+vocabulary written here: nothing comes from a hub), on the input folder of tests/scripts/test_sd_scripts.py."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,8 @@ import inpaint_st
 from ldm.latent_spaces import LATENT_SPACES
 from ldm.project import load_yaml
 from scripts import inpaint_diffusers
-
-from .test_pipelines import build_sd, export_vae, make_decoder
-from .test_sd_scripts import DECODER, files, inpaint_args, read  # noqa: F401 - files is a fixture
+from tests.integrations.test_pipelines import build_sd, export_vae, make_decoder
+from tests.scripts.test_sd_scripts import DECODER, files, inpaint_args, read  # noqa: F401 - files is a fixture
 
 transformers = pytest.importorskip("transformers")
 

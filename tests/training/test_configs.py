@@ -13,8 +13,7 @@ from ldm.models.autoencoder import NETWORKS, AutoencoderKL
 from ldm.modules.diffusionmodules.model import ENCODER_ONLY_KEYS
 from ldm.project import load_yaml
 from ldm.util import check_params, get_obj_from_str
-
-from .conftest import REPO, TINY_DDCONFIG
+from tests.conftest import REPO, TINY_DDCONFIG
 
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 # One family per latent space: SD 1.x under the original names, the others one folder each.
@@ -120,12 +119,12 @@ def test_no_number_in_two_places(path):
 
 
 def test_train_configs_resolve_to_what_they_said_before_they_shared_one_recipe():
-    """``tests/data/train_configs_resolved.json``: every ``_train`` config as it read when each file still spelled
+    """``tests/fixtures/train_configs_resolved.json``: every ``_train`` config as it read when each file still spelled
     out the whole recipe. The shared recipe (``configs/autoencoder/recipe/``, through ``defaults:``) changed the
     files, not one resolved value; a deliberate recipe change updates the file."""
     import json
 
-    before = json.loads((REPO / "tests/data/train_configs_resolved.json").read_text())
+    before = json.loads((REPO / "tests/fixtures/train_configs_resolved.json").read_text())
     after = {str(p.relative_to(REPO)): OmegaConf.to_container(load_yaml(p))
              for p in TRAIN_CONFIGS if p.parent != RECIPE}
     assert set(before) <= set(after)  # a latent space added since has no "before"

@@ -13,8 +13,7 @@ from ldm.checkpoints.files import CheckpointError, save_state_dict
 from ldm.loading import load_model
 from ldm.project import load_yaml
 from ldm.util import instantiate_from_config
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 TINY_INPAINT = REPO / "configs/tiny/v1-inpainting-tiny.yaml"
 TINY_T2I = REPO / "configs/tiny/v1-t2i-tiny.yaml"
