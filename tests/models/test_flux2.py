@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from ldm.latent_spaces import PatchBatchNorm, PerChannel
-from ldm.project import load_yaml
 from tests.checkpoints.test_interop import randomize_
 from tests.conftest import TINY_DDCONFIG, assert_same_tensors
 from tests.training.test_main import image_folder  # noqa: F401 - fixture, requested by name below
@@ -287,26 +286,11 @@ def test_main_trains_a_tiny_32_channel_asymmetric_decoder_from_bfl_ae_safetensor
                                                                                   monkeypatch):
     """main.py end to end in FLUX.2's latent space: frozen 32-channel encoder and quant convs from a BFL-layout
     ae.safetensors, the statistics kept as loaded, a fresh condition branch, a few steps."""
-
-    from tests.models.test_latent_spaces import train_with_main
+    from tests.models.test_latent_spaces import tiny_training_config, train_with_main
 
     images = request.getfixturevalue("image_folder")
     vae = bfl_file(tmp_path / "ae.safetensors")
-    config = load_yaml(TINY_FLUX2)
-    params = config.model.params
-    params.ckpt_path = str(tmp_path / "ae.safetensors")
-    params.pretrained_lr_factor = 0.1
-    params.lossconfig = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
-                         "params": {"disc_start": 1, "perceptual_weight": 0, "kl_weight": 1e-6}}
-    config.model.base_learning_rate = 1e-5
-    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
-               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml",
-                          "root": str(images / "train")}}
-    config.data = {"target": "main.DataModuleFromConfig",
-                   "params": {"batch_size": 2, "num_workers": 0, "train": dataset}}
-    config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},
-                        "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
-                                    "enable_progress_bar": False, "limit_val_batches": 0}}
+    config = tiny_training_config(TINY_FLUX2, tmp_path / "ae.safetensors", images)
     sd = train_with_main(tmp_path, monkeypatch, config, "flux2", steps=2)
     frozen = [k for k in vae if k.startswith(("encoder.", "quant_conv.", "post_quant_conv.", "bn."))]
     assert all(torch.equal(sd[k], vae[k]) for k in frozen)

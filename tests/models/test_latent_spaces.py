@@ -382,6 +382,30 @@ def train_with_main(tmp_path: Path, monkeypatch, config, name: str, steps: int):
     return ckpt["state_dict"]
 
 
+def tiny_training_config(config_path, ckpt_path, images: Path):
+    """A tiny model config made trainable by main.py: starting weights ``ckpt_path``, the base recipe's decoder
+    rate (0.1), L1 + KL + GAN from step 1 (no LPIPS weights here), the image folder's ``train`` split, 2 images a
+    batch, no image logger or validation."""
+    from ldm.project import load_yaml
+
+    config = load_yaml(config_path)
+    params = config.model.params
+    params.ckpt_path = str(ckpt_path)
+    params.pretrained_lr_factor = 0.1
+    params.lossconfig = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                         "params": {"disc_start": 1, "perceptual_weight": 0, "kl_weight": 1e-6}}
+    config.model.base_learning_rate = 1e-5
+    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
+               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml",
+                          "root": str(images / "train")}}
+    config.data = {"target": "main.DataModuleFromConfig",
+                   "params": {"batch_size": 2, "num_workers": 0, "train": dataset}}
+    config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},
+                        "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
+                                    "enable_progress_bar": False, "limit_val_batches": 0}}
+    return config
+
+
 @pytest.mark.slow
 def test_main_trains_a_tiny_16_channel_asymmetric_decoder_from_an_ae_safetensors(tmp_path, request,
                                                                                  monkeypatch):

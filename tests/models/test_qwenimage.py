@@ -245,30 +245,16 @@ def wan_file(vae, path) -> dict:
 def test_main_trains_a_tiny_qwenimage_asymmetric_decoder_on_the_frozen_encoder(tmp_path, request, monkeypatch):
     """main.py end to end in Qwen-Image's latent space: starts from a Wan-2.1-layout single file, encoder and quant
     convs frozen (as loaded), the decoder and a fresh condition branch trained, a few steps."""
-    from omegaconf import OmegaConf
 
     from ldm.checkpoints.keys import read_state_dict
     from ldm.checkpoints.tensors import autoencoder_state_dict
-    from tests.models.test_latent_spaces import train_with_main
+    from tests.models.test_latent_spaces import tiny_training_config, train_with_main
 
     images = request.getfixturevalue("image_folder")
     wan_file(diffusers_qwen(seed=4, num_res_blocks=2), tmp_path / "qwen_image_vae.safetensors")
     loaded = autoencoder_state_dict(read_state_dict(tmp_path / "qwen_image_vae.safetensors"))
-    config = OmegaConf.load("configs/tiny/autoencoder_kl_qwenimage_tiny.yaml")
-    params = config.model.params
-    params.ckpt_path = str(tmp_path / "qwen_image_vae.safetensors")
-    params.pretrained_lr_factor = 0.1
-    params.lossconfig = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
-                         "params": {"disc_start": 1, "perceptual_weight": 0, "kl_weight": 1e-6}}
-    config.model.base_learning_rate = 1e-5
-    dataset = {"target": "ldm.data.inpainting.ImageFolderInpainting",
-               "params": {"size": 32, "no_mask_prob": 0.25, "mask_config": "configs/autoencoder/random_thick_256.yaml",
-                          "root": str(images / "train")}}
-    config.data = {"target": "main.DataModuleFromConfig",
-                   "params": {"batch_size": 2, "num_workers": 0, "train": dataset}}
-    config.lightning = {"callbacks": {"image_logger": {"params": {"disabled": True}}},
-                        "trainer": {"log_every_n_steps": 1, "enable_model_summary": False,
-                                    "enable_progress_bar": False, "limit_val_batches": 0}}
+    config = tiny_training_config("configs/tiny/autoencoder_kl_qwenimage_tiny.yaml",
+                                  tmp_path / "qwen_image_vae.safetensors", images)
     sd = train_with_main(tmp_path, monkeypatch, config, "qwenimage", steps=2)
     frozen = [k for k in loaded if k.startswith(("encoder.", "quant_conv.", "post_quant_conv."))]
     assert frozen and all(torch.equal(sd[k], loaded[k]) for k in frozen)
