@@ -10,6 +10,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # Scripts run as child processes as users run them: with the project installed (`make venv` does `pip install -e
 # .`), nothing added to their import path; pytest itself finds the checkout through `pythonpath` in pyproject.toml.
+
+
+def user_env() -> dict:
+    """The environment of a child process run as a user runs it: this one without the ``PYTHONPATH`` a developer's
+    shell may carry (none of our tests sets it), so the child imports the project only through its install, as
+    ComfyUI and the documented commands do."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -2,7 +2,6 @@
 and no import cycle inside ``ldm``."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import tomllib
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, user_env
 
 
 def _module_name(path) -> str:
@@ -62,7 +61,7 @@ def test_editable_install_serves_scripts_from_any_folder(tmp_path):
     script = REPO / "scripts" / "convert_checkpoint.py"
     code = (f"import site, sys, runpy; site.addsitedir({str(site)!r}); sys.argv = [{str(script)!r}, '--help']; "
             f"runpy.run_path({str(script)!r}, run_name='__main__')")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = user_env()
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "to-diffusers" in result.stdout

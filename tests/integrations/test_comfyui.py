@@ -19,7 +19,7 @@ from ldm.integrations import comfyui as integration
 from ldm.loading import load_autoencoder
 from ldm.project import load_yaml
 from ldm.util import instantiate_from_config
-from tests.conftest import REPO, make_autoencoder
+from tests.conftest import REPO, make_autoencoder, user_env
 
 
 def tiny(config: str, seed: int = 0):
@@ -266,7 +266,6 @@ def test_a_copied_node_folder_finds_the_installed_project_and_skips_an_ldm_that_
     no PYTHONPATH, so it needs the project installed from this checkout (make venv)."""
     import importlib.metadata
     import json
-    import os
     import shutil
     import subprocess
 
@@ -279,7 +278,7 @@ def test_a_copied_node_folder_finds_the_installed_project_and_skips_an_ldm_that_
     shutil.copytree(REPO / "comfyui_nodes", tmp_path / "comfyui_nodes", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "ldm").mkdir()
     (tmp_path / "ldm" / "__init__.py").write_text("raise ImportError('not this one')\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = user_env()
     proc = subprocess.run([sys.executable, "-c", FIND_SCRIPT, str(tmp_path / "comfyui_nodes")], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -281,7 +281,9 @@ def report(tmp_path_factory):
     if path is None:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfyui_base")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run ComfyUI
+    from tests.conftest import user_env  # here, not at the top: this file also runs as a script inside ComfyUI
+
+    env = user_env()  # as users run ComfyUI
     run = f"import runpy, sys; sys.argv = [{__file__!r}, {str(path)!r}, {str(base)!r}]; " \
           f"runpy.run_path({__file__!r}, run_name='__main__')"
     proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, env=env, cwd=path,

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import user_env
 from tests.integrations.test_comfyui_integration import comfyui_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,7 +195,7 @@ def server(tmp_path_factory):
     (root / "extra_model_paths.yaml").write_text(f"first:\n  is_default: true\n  custom_nodes: {other.parent}\n")
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as users run it: the install, nothing else
+    env = user_env()  # as users run it: the install, nothing else
     log = tmp / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

@@ -249,11 +249,9 @@ def test_train_from_shards_and_hf_folder_sigterm_resume_within_bound(tmp_path, c
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
-def test_slurm_sigusr1_checkpoints_requeues_and_the_same_command_resumes(tmp_path, config_file,  # noqa: F811
-                                                                         monkeypatch):
-    """Slurm's variables set and a stand-in scontrol on PATH: SIGUSR1 at step 1 -> last.ckpt after that batch ->
-    `scontrol requeue 4242` -> exit 138; the requeued job (same command line, same job id) continues the same run
-    folder from last.ckpt, no step repeated."""
+def slurm_job(tmp_path: Path, monkeypatch) -> Path:
+    """This process inside Slurm batch job 4242 (one task, one node) with a stand-in ``scontrol`` on PATH that
+    logs its arguments; -> the log file."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.log"
@@ -264,6 +262,15 @@ def test_slurm_sigusr1_checkpoints_requeues_and_the_same_command_resumes(tmp_pat
                        "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
                        "SLURM_NODELIST": "localhost", "SLURM_CPUS_ON_NODE": "1"}.items():
         monkeypatch.setenv(key, value)
+    return calls
+
+
+def test_slurm_sigusr1_checkpoints_requeues_and_the_same_command_resumes(tmp_path, config_file,  # noqa: F811
+                                                                         monkeypatch):
+    """Slurm's variables set and a stand-in scontrol on PATH: SIGUSR1 at step 1 -> last.ckpt after that batch ->
+    `scontrol requeue 4242` -> exit 138; the requeued job (same command line, same job id) continues the same run
+    folder from last.ckpt, no step repeated."""
+    calls = slurm_job(tmp_path, monkeypatch)
     monkeypatch.setenv(main.RUN_TIMESTAMP_ENV, "x")
     monkeypatch.delenv(main.RUN_TIMESTAMP_ENV)  # restored (absent) afterwards; main.py sets slurm-4242
     urls = write_shards(tmp_path / "shards", 2, 4)
@@ -450,16 +457,7 @@ def test_slurm_signal_during_setup_hard_kill_and_requeues_keep_one_run_and_all_m
        requeue deleted the first one's rows)."""
     from ldm.training.callbacks import SetupCallback
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol.log"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1",
-                       "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-                       "SLURM_NODELIST": "localhost", "SLURM_CPUS_ON_NODE": "1"}.items():
-        monkeypatch.setenv(key, value)
+    calls = slurm_job(tmp_path, monkeypatch)
     monkeypatch.delenv(main.RUN_TIMESTAMP_ENV, raising=False)
     urls = write_shards(tmp_path / "shards", 2, 4)
     cfg = _data_config(config_file, _shards_train(urls, 8), tmp_path / "slurm.yaml")
